@@ -1,0 +1,117 @@
+//! Command-line arguments. Every flag has an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+use sluice_core::nats::NatsOptions;
+use sluice_core::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Event-driven CI/CD for Kubernetes: webhooks in, Pods out, NATS JetStream in between."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Receive GitHub, GitLab and Standard Webhooks deliveries, verify them and store
+    /// each event in JetStream before answering.
+    Ingest(IngestArgs),
+}
+
+/// Flags every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// NATS server URL(s), comma-separated: nats://, tls://, ws:// or wss://.
+    #[arg(long, global = true, env = "SLUICE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS credentials file (JWT and NKey seed).
+    #[arg(long, global = true, env = "SLUICE_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding an NKey seed to authenticate to NATS.
+    #[arg(long, global = true, env = "SLUICE_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// Extra CA certificate (PEM) to trust for tls:// and wss:// NATS URLs.
+    #[arg(long, global = true, env = "SLUICE_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// Log format: text or json. The level comes from RUST_LOG (default info).
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Global {
+    pub fn nats(&self, name: &str) -> NatsOptions {
+        NatsOptions {
+            creds_file: self.nats_creds.clone(),
+            nkey_file: self.nats_nkey.clone(),
+            ca_file: self.nats_ca.clone(),
+            ..NatsOptions::new(&self.nats_url, name)
+        }
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    sluice_core::duration::parse(s)
+}
+
+fn secret(s: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(s.to_owned()))
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Address to listen on for webhooks, health and metrics.
+    #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// GitHub webhook secret(s), comma-separated to rotate. Prefer the variable.
+    #[arg(long, env = "SLUICE_GITHUB_WEBHOOK_SECRET", hide_env_values = true, value_parser = secret)]
+    pub github_webhook_secret: Option<SecretString>,
+    /// GitLab secret token(s), comma-separated; entries starting `whsec_` are GitLab
+    /// signing tokens. Prefer the variable.
+    #[arg(long, env = "SLUICE_GITLAB_WEBHOOK_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub gitlab_webhook_token: Option<SecretString>,
+    /// Standard Webhooks signing secret(s) (`whsec_…`) for /webhooks/generic,
+    /// comma-separated. Prefer the variable.
+    #[arg(long, env = "SLUICE_WEBHOOK_SIGNING_SECRET", hide_env_values = true, value_parser = secret)]
+    pub webhook_signing_secret: Option<SecretString>,
+    /// YAML file of per-repository and per-organisation/group secrets (see docs/ingest.md).
+    #[arg(long, env = "SLUICE_WEBHOOK_SECRETS_FILE")]
+    pub secrets_file: Option<PathBuf>,
+    /// Accept GitHub's legacy SHA-1 X-Hub-Signature when no SHA-256 signature is sent.
+    #[arg(long, env = "SLUICE_ALLOW_SHA1_SIGNATURES")]
+    pub allow_sha1: bool,
+    /// Largest webhook body accepted, in bytes (the forges send at most 25 MiB).
+    #[arg(long, env = "SLUICE_INGEST_MAX_BODY_BYTES", default_value_t = 25 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Time JetStream has to acknowledge an event before the forge is answered 503.
+    #[arg(long, env = "SLUICE_INGEST_PUBLISH_TIMEOUT", default_value = "4s", value_parser = duration)]
+    pub publish_timeout: Duration,
+    /// Time a client has to send its body.
+    #[arg(long, env = "SLUICE_INGEST_READ_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub read_timeout: Duration,
+    /// Accepted clock difference for Standard Webhooks timestamps, either way.
+    #[arg(long, env = "SLUICE_SIGNATURE_TOLERANCE", default_value = "5m", value_parser = duration)]
+    pub signature_tolerance: Duration,
+    /// How long a delivery id is recognised as a duplicate (GitHub redelivers for 3 days).
+    #[arg(long, env = "SLUICE_DEDUP_WINDOW", default_value = "72h", value_parser = duration)]
+    pub dedup_window: Duration,
+    /// How long events are kept in SLUICE_EVENTS (at least the dedup window).
+    #[arg(long, env = "SLUICE_EVENTS_MAX_AGE", default_value = "7d", value_parser = duration)]
+    pub events_max_age: Duration,
+    /// Replicas of each stream: 1 for one NATS server, 3 for a cluster.
+    #[arg(long, env = "SLUICE_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// Time in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "15s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+}

@@ -1,0 +1,17 @@
+//! `sluice`: every Sluice service and the user commands, in one binary.
+#![forbid(unsafe_code)]
+
+mod args;
+mod ingest;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = args::Cli::parse();
+    sluice_core::telemetry::init(cli.global.log_format)?;
+    let shutdown = sluice_core::shutdown::on_signal();
+    match cli.command {
+        args::Command::Ingest(a) => ingest::run(&cli.global, a, shutdown).await,
+    }
+}

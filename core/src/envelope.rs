@@ -1,0 +1,175 @@
+//! The normalized event envelope published on `SLUICE_EVENTS`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Github,
+    Gitlab,
+    /// Any sender that signs Standard Webhooks.
+    Generic,
+    /// Published by hand (`sluice events publish`, `nats pub`).
+    Manual,
+}
+
+impl Provider {
+    /// The lower-case name used in subjects and event ids.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Github => "github",
+            Provider::Gitlab => "gitlab",
+            Provider::Generic => "generic",
+            Provider::Manual => "manual",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The kinds Sluice understands; any other provider event keeps its own lower-case name.
+pub mod kind {
+    pub const PUSH: &str = "push";
+    pub const TAG: &str = "tag";
+    pub const PULL_REQUEST: &str = "pull_request";
+    pub const COMMENT: &str = "comment";
+    pub const PING: &str = "ping";
+}
+
+/// A webhook body stored beside the event because it is larger than one NATS message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadRef {
+    /// Object store bucket (`SLUICE_PAYLOADS`).
+    pub bucket: String,
+    /// Object name inside the bucket.
+    pub key: String,
+    /// Size of the stored body in bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the stored body, so a reader can check what it fetched.
+    pub sha256: String,
+}
+
+/// One accepted delivery, normalized. Fields a provider does not have are `null`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// `<provider>:<delivery id>`; also the `Nats-Msg-Id`, so a redelivery is a duplicate.
+    pub id: String,
+    pub provider: Provider,
+    /// `push`, `tag`, `pull_request`, `comment`, `ping`, or the provider's own name.
+    pub kind: String,
+    /// The PR/MR action (`opened`, `synchronize`, …) or comment action.
+    pub action: Option<String>,
+    /// `owner/name` (GitLab: the full project path).
+    pub repo: Option<String>,
+    pub clone_url: Option<String>,
+    /// The pushed ref, or a pull request's head ref (`refs/heads/…`, `refs/tags/…`).
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+    /// The commit to build: the pushed head, or the pull request's head.
+    pub sha: Option<String>,
+    /// A pull request's target branch (`refs/heads/…`).
+    pub base_ref: Option<String>,
+    /// Pull/merge request number (GitLab: the `iid`).
+    pub pr: Option<u64>,
+    pub pr_draft: Option<bool>,
+    /// Login of whoever caused the event.
+    pub actor: Option<String>,
+    /// The forge's word on the actor's relation to the repository (`OWNER`, `MEMBER`,
+    /// `COLLABORATOR`, …) when the payload carries it.
+    pub actor_association: Option<String>,
+    /// Paths touched, when the payload lists them; `None` when it does not.
+    pub changed_files: Option<Vec<String>>,
+    /// False when the payload's list may be cut short (the forges cap commit lists).
+    pub changed_files_complete: bool,
+    /// The comment's body for `comment` events.
+    pub comment: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    /// The provider's original payload, unless it was stored by reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Box<RawValue>>,
+    /// Where the original payload is when it was too large for one message.
+    pub payload_ref: Option<PayloadRef>,
+}
+
+impl Event {
+    /// A blank event of a kind, to be filled by a normalizer.
+    pub fn new(provider: Provider, delivery_id: &str, kind: impl Into<String>) -> Self {
+        Event {
+            id: format!("{provider}:{delivery_id}"),
+            provider,
+            kind: kind.into(),
+            action: None,
+            repo: None,
+            clone_url: None,
+            git_ref: None,
+            sha: None,
+            base_ref: None,
+            pr: None,
+            pr_draft: None,
+            actor: None,
+            actor_association: None,
+            changed_files: None,
+            changed_files_complete: false,
+            comment: None,
+            received_at: OffsetDateTime::now_utc(),
+            payload: None,
+            payload_ref: None,
+        }
+    }
+
+    /// Serializes the event with `raw` as its `payload`.
+    ///
+    /// `raw` must be one complete JSON value that the caller has already parsed (ingest
+    /// has read its fields by then): splicing it in saves parsing a large body a second
+    /// time on the hot path. `self.payload` must be `None`.
+    pub fn to_json_with_payload(&self, raw: &[u8]) -> serde_json::Result<Vec<u8>> {
+        debug_assert!(self.payload.is_none());
+        let mut out = Vec::with_capacity(raw.len() + 1024);
+        serde_json::to_writer(&mut out, self)?;
+        // `out` is a JSON object: replace its closing brace with the payload member.
+        out.pop();
+        out.extend_from_slice(br#","payload":"#);
+        out.extend_from_slice(raw);
+        out.push(b'}');
+        Ok(out)
+    }
+
+    /// The subject this event is published on.
+    pub fn subject(&self) -> String {
+        crate::subjects::event(self.provider.as_str(), &crate::subjects::token(&self.kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_with_raw_payload() {
+        let mut e = Event::new(Provider::Github, "d-1", kind::PUSH);
+        e.git_ref = Some("refs/heads/main".into());
+        e.payload = Some(RawValue::from_string(r#"{"a": [1, 2]}"#.into()).expect("raw json"));
+        let json = serde_json::to_string(&e).expect("serialize");
+        assert!(json.contains(r#""ref":"refs/heads/main""#), "{json}");
+        assert!(json.contains(r#""payload":{"a": [1, 2]}"#), "{json}");
+        let back: Event = serde_json::from_str(&json).expect("deserialize");
+        let mut plain = back.clone();
+        plain.payload = None;
+        let spliced = plain
+            .to_json_with_payload(br#"{"a": [1, 2]}"#)
+            .expect("splice");
+        let again: Event = serde_json::from_slice(&spliced).expect("spliced is valid JSON");
+        assert_eq!(again.payload.expect("payload").get(), r#"{"a": [1, 2]}"#);
+        assert_eq!(back.id, "github:d-1");
+        assert_eq!(back.payload.expect("payload").get(), r#"{"a": [1, 2]}"#);
+        assert_eq!(back.subject(), "sluice.events.github.push");
+    }
+}

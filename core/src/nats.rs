@@ -1,0 +1,108 @@
+//! Connecting to NATS the same way from every service.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions};
+
+use crate::{Error, Result};
+
+/// How to reach and authenticate to NATS. Filled from `SLUICE_NATS_*` flags.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// `nats://`, `tls://`, `ws://` or `wss://` URL; several may be comma-separated.
+    pub url: String,
+    /// A `.creds` file (JWT + NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an NKey seed.
+    pub nkey_file: Option<PathBuf>,
+    /// Extra CA certificate (PEM) for `tls://` / `wss://`.
+    pub ca_file: Option<PathBuf>,
+    /// Client name shown in the server's connection list.
+    pub name: String,
+}
+
+impl NatsOptions {
+    /// Options for a plain URL and no credentials.
+    pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
+        NatsOptions {
+            url: url.into(),
+            creds_file: None,
+            nkey_file: None,
+            ca_file: None,
+            name: name.into(),
+        }
+    }
+}
+
+/// Connects, retrying forever with backoff: a service that starts before NATS, or
+/// outlives a NATS restart, keeps running and reconnects on its own.
+///
+/// Returns once the client exists; the first connection may still be pending, in which
+/// case requests fail or wait until it is up.
+pub async fn connect(opts: &NatsOptions) -> Result<Client> {
+    let mut connect = ConnectOptions::new()
+        .name(&opts.name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .ping_interval(Duration::from_secs(10))
+        .reconnect_delay_callback(backoff);
+    if let Some(path) = &opts.creds_file {
+        connect = connect
+            .credentials_file(path)
+            .await
+            .map_err(|source| Error::ReadFile {
+                what: "NATS credentials",
+                path: path.clone(),
+                source,
+            })?;
+    }
+    if let Some(path) = &opts.nkey_file {
+        let seed = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+            what: "NATS NKey seed",
+            path: path.clone(),
+            source,
+        })?;
+        connect = connect.nkey(seed.trim().to_owned());
+    }
+    if let Some(path) = &opts.ca_file {
+        connect = connect.add_root_certificates(path.clone());
+    }
+    let urls: Vec<async_nats::ServerAddr> = opts
+        .url
+        .split(',')
+        .map(|u| {
+            u.trim().parse().map_err(|e: std::io::Error| Error::NatsUrl {
+                url: u.trim().to_owned(),
+                reason: e.to_string(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    connect
+        .connect(urls)
+        .await
+        .map_err(|source| Error::Connect {
+            url: opts.url.clone(),
+            source,
+        })
+}
+
+/// Reconnect delay: quick first retries, then capped at 5 s so a restarted server is
+/// found again within seconds.
+fn backoff(attempt: usize) -> Duration {
+    let millis = 50u64.saturating_mul(1 << attempt.min(7));
+    Duration::from_millis(millis.min(5_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_then_caps() {
+        assert_eq!(backoff(0), Duration::from_millis(50));
+        assert!(backoff(3) > backoff(2));
+        assert_eq!(backoff(50), Duration::from_millis(5_000));
+    }
+}

@@ -1,0 +1,65 @@
+//! Stream and subject names: the public contract on the bus.
+
+/// Normalized events, one per accepted delivery.
+pub const EVENTS_STREAM: &str = "SLUICE_EVENTS";
+/// Run requests, a work queue shared by each cluster's runners.
+pub const RUNS_STREAM: &str = "SLUICE_RUNS";
+/// Every run and step state change.
+pub const STATUS_STREAM: &str = "SLUICE_STATUS";
+/// Step output, in order.
+pub const LOGS_STREAM: &str = "SLUICE_LOGS";
+/// Object store bucket holding webhook bodies too large for one NATS message.
+pub const PAYLOADS_BUCKET: &str = "SLUICE_PAYLOADS";
+
+/// `sluice.events.<provider>.<kind>`.
+pub fn event(provider: &str, kind: &str) -> String {
+    format!("sluice.events.{provider}.{kind}")
+}
+
+/// `sluice.runs.<cluster>`.
+pub fn runs(cluster: &str) -> String {
+    format!("sluice.runs.{cluster}")
+}
+
+/// `sluice.status.<run_id>`.
+pub fn status(run_id: &str) -> String {
+    format!("sluice.status.{run_id}")
+}
+
+/// `sluice.logs.<run_id>`.
+pub fn logs(run_id: &str) -> String {
+    format!("sluice.logs.{run_id}")
+}
+
+/// Turns a forge's event name into one subject token: lower case, and anything that is
+/// not `[a-z0-9_-]` (dots, spaces, wildcards) becomes `_`, so a hostile or odd header
+/// can never add tokens to, or wildcard, a subject.
+pub fn token(raw: &str) -> String {
+    let token: String = raw
+        .trim()
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_' | '-') => c,
+            _ => '_',
+        })
+        .collect();
+    if token.is_empty() {
+        "unknown".to_owned()
+    } else {
+        token
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_never_add_subject_levels_or_wildcards() {
+        assert_eq!(token("Pipeline Hook"), "pipeline_hook");
+        assert_eq!(token("a.b.>"), "a_b__");
+        assert_eq!(token("check_run"), "check_run");
+        assert_eq!(token("  "), "unknown");
+        assert_eq!(event("github", &token("*")), "sluice.events.github._");
+    }
+}

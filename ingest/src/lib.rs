@@ -1,0 +1,144 @@
+//! `sluice ingest`: verifies webhook signatures and stores every event in JetStream
+//! before it answers the forge.
+//!
+//! [`serve`] runs the service on a bound listener until the shutdown token trips;
+//! the `sluice` binary and the tests both start it through here.
+#![forbid(unsafe_code)]
+
+mod error;
+pub mod http;
+pub mod metrics;
+pub mod normalize;
+pub mod publish;
+pub mod secrets;
+pub mod verify;
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::nats::NatsOptions;
+use sluice_core::streams::{self, StreamSettings};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::{Error, Result};
+pub use secrets::{SecretSources, Secrets};
+
+/// Everything `sluice ingest` is configured with.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub listen: SocketAddr,
+    pub nats: NatsOptions,
+    pub secrets: Secrets,
+    pub streams: StreamSettings,
+    pub max_body_bytes: usize,
+    /// Time allowed for JetStream to acknowledge an event before answering 503.
+    pub publish_timeout: Duration,
+    /// Time allowed to receive a request body.
+    pub read_timeout: Duration,
+    pub tolerance: Duration,
+    pub allow_sha1: bool,
+    /// How long in-flight requests may take to finish after shutdown starts.
+    pub shutdown_grace: Duration,
+}
+
+impl IngestConfig {
+    /// Defaults for everything but where to listen, the bus and the secrets.
+    pub fn new(listen: SocketAddr, nats: NatsOptions, secrets: Secrets) -> Self {
+        IngestConfig {
+            listen,
+            nats,
+            secrets,
+            streams: StreamSettings::default(),
+            max_body_bytes: 25 * 1024 * 1024,
+            publish_timeout: Duration::from_secs(4),
+            read_timeout: Duration::from_secs(5),
+            tolerance: Duration::from_secs(300),
+            allow_sha1: false,
+            shutdown_grace: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Binds `config.listen` and serves until `shutdown` trips.
+pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    serve(listener, config, shutdown).await
+}
+
+/// Serves on `listener` until `shutdown` trips, then stops accepting, lets in-flight
+/// requests finish their publish, and returns within `config.shutdown_grace`.
+pub async fn serve(listener: TcpListener, config: IngestConfig, shutdown: CancellationToken) -> Result<()> {
+    for (name, set) in [
+        ("github", &config.secrets.github),
+        ("gitlab", &config.secrets.gitlab),
+        ("generic", &config.secrets.generic),
+    ] {
+        if set.is_empty() {
+            tracing::warn!(endpoint = %format!("/webhooks/{name}"), "no secret configured: this endpoint refuses every request");
+        }
+    }
+    let client = sluice_core::nats::connect(&config.nats).await?;
+    let publisher = publish::Publisher::new(client.clone(), config.streams.clone(), config.publish_timeout);
+    let state = Arc::new(http::AppState {
+        secrets: config.secrets,
+        publisher,
+        metrics: metrics::Metrics::default(),
+        limits: http::Limits {
+            max_body_bytes: config.max_body_bytes,
+            read_timeout: config.read_timeout,
+            tolerance: config.tolerance,
+            allow_sha1: config.allow_sha1,
+            retry_after: Duration::from_secs(10),
+        },
+        provisioned: AtomicBool::new(false),
+    });
+    let provisioning = tokio::spawn(provision(state.clone(), config.streams, shutdown.clone()));
+
+    let addr = listener.local_addr().map_err(Error::Serve)?;
+    tracing::info!(%addr, nats = %config.nats.url, "ingest listening");
+    let server = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        served = server.into_future() => served.map_err(Error::Serve)?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "shutdown grace period over with requests still in flight");
+        }
+    }
+    provisioning.abort();
+    // Whatever was acknowledged is stored; flushing only settles the connection.
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+/// Creates or updates the streams, retrying until NATS answers. Until then `/readyz`
+/// says not ready and webhooks are answered 503, so nothing is lost meanwhile.
+async fn provision(state: Arc<http::AppState>, settings: StreamSettings, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let js = state.publisher.jetstream();
+        match streams::ensure(js, &settings).await {
+            Ok(()) => {
+                state.provisioned.store(true, Ordering::Release);
+                tracing::info!("streams ready");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot provision streams yet"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

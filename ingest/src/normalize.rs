@@ -1,0 +1,459 @@
+//! Turns each forge's payload into the envelope of `sluice_core::Event`.
+//!
+//! Payloads are read into small typed views that name only the fields Sluice uses;
+//! everything else is skipped by the parser, which is much cheaper than building a
+//! `serde_json::Value` of a 30 KB pull request payload on every delivery.
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+use sluice_core::envelope::kind;
+use sluice_core::{subjects, Event, Provider};
+
+/// The payload could not be read as the event it claims to be.
+#[derive(Debug)]
+pub struct Malformed(pub String);
+
+impl From<serde_json::Error> for Malformed {
+    fn from(e: serde_json::Error) -> Self {
+        Malformed(format!("invalid JSON payload: {e}"))
+    }
+}
+
+/// GitHub pushes list at most this many commits; a push listing exactly this many may
+/// have touched files that are not listed.
+const GITHUB_MAX_COMMITS: usize = 2048;
+const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
+
+// === GitHub ===
+
+#[derive(Debug, Deserialize)]
+pub struct GithubPayload {
+    action: Option<String>,
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    ref_type: Option<String>,
+    after: Option<String>,
+    #[serde(default)]
+    created: bool,
+    #[serde(default)]
+    deleted: bool,
+    repository: Option<GhRepo>,
+    organization: Option<GhLogin>,
+    sender: Option<GhLogin>,
+    pull_request: Option<GhPull>,
+    issue: Option<GhIssue>,
+    comment: Option<GhComment>,
+    commits: Option<Vec<Commit>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GhRepo {
+    full_name: Option<String>,
+    clone_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GhLogin {
+    login: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GhPull {
+    number: Option<u64>,
+    draft: Option<bool>,
+    head: Option<GhBranch>,
+    base: Option<GhBranch>,
+    author_association: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GhBranch {
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    sha: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GhIssue {
+    number: Option<u64>,
+    /// Present (an object) only when the issue is a pull request.
+    pull_request: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GhComment {
+    body: Option<String>,
+    author_association: Option<String>,
+    user: Option<GhLogin>,
+}
+
+/// A commit in a push payload; both forges use these field names.
+#[derive(Debug, Deserialize)]
+struct Commit {
+    #[serde(default)]
+    added: Vec<String>,
+    #[serde(default)]
+    removed: Vec<String>,
+    #[serde(default)]
+    modified: Vec<String>,
+}
+
+impl GithubPayload {
+    /// The repository the delivery is about, used to pick its secret.
+    pub fn repo(&self) -> Option<&str> {
+        self.repository.as_ref()?.full_name.as_deref()
+    }
+
+    /// The organisation of an organisation-level hook without a repository.
+    pub fn org(&self) -> Option<&str> {
+        self.organization.as_ref()?.login.as_deref()
+    }
+}
+
+/// Normalizes a GitHub delivery of event `event_name` (`X-GitHub-Event`).
+pub fn github(event_name: &str, delivery: &str, p: GithubPayload) -> Event {
+    let kind = match event_name {
+        "push" if p.git_ref.as_deref().is_some_and(|r| r.starts_with("refs/tags/")) => kind::TAG,
+        "push" => kind::PUSH,
+        "pull_request" => kind::PULL_REQUEST,
+        "issue_comment" | "pull_request_review_comment" | "commit_comment" => kind::COMMENT,
+        "ping" => kind::PING,
+        other => other,
+    };
+    let mut e = Event::new(Provider::Github, delivery, subjects::token(kind));
+    e.repo = p.repo().map(str::to_owned).or_else(|| p.org().map(str::to_owned));
+    e.clone_url = p.repository.as_ref().and_then(|r| r.clone_url.clone());
+    e.actor = p.sender.as_ref().and_then(|s| s.login.clone());
+    e.action = p.action.clone();
+
+    match event_name {
+        "push" => {
+            e.git_ref = p.git_ref;
+            if p.deleted {
+                e.action = Some("deleted".into());
+                e.changed_files = Some(Vec::new());
+                e.changed_files_complete = true;
+            } else {
+                if p.created {
+                    e.action = Some("created".into());
+                }
+                e.sha = p.after.filter(|s| s != ZERO_SHA);
+                if let Some(commits) = &p.commits {
+                    e.changed_files = Some(changed_files(commits));
+                    // A new branch's first push lists only the commits new to the
+                    // repository, not what differs from the default branch.
+                    e.changed_files_complete = commits.len() < GITHUB_MAX_COMMITS && !p.created;
+                }
+            }
+        }
+        "pull_request" => {
+            if let Some(pr) = p.pull_request {
+                e.pr = pr.number;
+                e.pr_draft = pr.draft;
+                e.actor_association = pr.author_association;
+                e.sha = pr.head.and_then(|h| h.sha);
+                e.base_ref = pr.base.and_then(|b| b.git_ref).map(|r| heads(&r));
+                // The PR's head as the base repository serves it: fetchable from
+                // `clone_url` even when the branch lives in a fork.
+                e.git_ref = e.pr.map(|n| format!("refs/pull/{n}/head"));
+            }
+        }
+        "issue_comment" | "pull_request_review_comment" | "commit_comment" => {
+            if let Some(c) = p.comment {
+                e.comment = c.body;
+                e.actor_association = c.author_association;
+                if let Some(login) = c.user.and_then(|u| u.login) {
+                    e.actor = Some(login);
+                }
+            }
+            let pr = match (&p.issue, &p.pull_request) {
+                (Some(issue), _) if issue.pull_request.is_some() => issue.number,
+                (_, Some(pr)) => pr.number,
+                _ => None,
+            };
+            if let Some(pr_payload) = p.pull_request {
+                e.sha = pr_payload.head.and_then(|h| h.sha);
+                e.base_ref = pr_payload.base.and_then(|b| b.git_ref).map(|r| heads(&r));
+            }
+            e.pr = pr;
+            e.git_ref = pr.map(|n| format!("refs/pull/{n}/head"));
+        }
+        "create" | "delete" => {
+            e.git_ref = match (p.ref_type.as_deref(), p.git_ref) {
+                (Some("tag"), Some(r)) => Some(format!("refs/tags/{r}")),
+                (Some("branch"), Some(r)) => Some(heads(&r)),
+                (_, r) => r,
+            };
+        }
+        _ => e.git_ref = p.git_ref,
+    }
+    e
+}
+
+// === GitLab ===
+
+#[derive(Debug, Deserialize)]
+pub struct GitlabPayload {
+    object_kind: Option<String>,
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    after: Option<String>,
+    checkout_sha: Option<String>,
+    user_username: Option<String>,
+    user: Option<GlUser>,
+    project: Option<GlProject>,
+    commits: Option<Vec<Commit>>,
+    total_commits_count: Option<u64>,
+    object_attributes: Option<GlAttributes>,
+    merge_request: Option<GlMergeRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GlUser {
+    username: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GlProject {
+    path_with_namespace: Option<String>,
+    git_http_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GlAttributes {
+    iid: Option<u64>,
+    action: Option<String>,
+    target_branch: Option<String>,
+    last_commit: Option<GlCommitRef>,
+    oldrev: Option<String>,
+    draft: Option<bool>,
+    work_in_progress: Option<bool>,
+    note: Option<String>,
+    noteable_type: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GlMergeRequest {
+    iid: Option<u64>,
+    target_branch: Option<String>,
+    last_commit: Option<GlCommitRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GlCommitRef {
+    id: Option<String>,
+}
+
+impl GitlabPayload {
+    /// The project's full path, used to pick its secret.
+    pub fn repo(&self) -> Option<&str> {
+        self.project.as_ref()?.path_with_namespace.as_deref()
+    }
+}
+
+/// Normalizes a GitLab delivery of `X-Gitlab-Event` `event_name`.
+pub fn gitlab(event_name: &str, delivery: &str, p: GitlabPayload) -> Event {
+    let is_mr_note = p
+        .object_attributes
+        .as_ref()
+        .and_then(|a| a.noteable_type.as_deref())
+        == Some("MergeRequest");
+    let kind = match event_name {
+        "Push Hook" => kind::PUSH.to_owned(),
+        "Tag Push Hook" => kind::TAG.to_owned(),
+        "Merge Request Hook" => kind::PULL_REQUEST.to_owned(),
+        "Note Hook" if is_mr_note => kind::COMMENT.to_owned(),
+        // Other hooks keep their own name: the payload's `object_kind` (`note`,
+        // `pipeline`, `build`, …), else the header's words.
+        other => subjects::token(
+            p.object_kind
+                .as_deref()
+                .unwrap_or(other.trim_end_matches(" Hook")),
+        ),
+    };
+    let mut e = Event::new(Provider::Gitlab, delivery, kind);
+    e.repo = p.repo().map(str::to_owned);
+    e.clone_url = p.project.as_ref().and_then(|p| p.git_http_url.clone());
+    e.actor = p
+        .user_username
+        .clone()
+        .or_else(|| p.user.as_ref().and_then(|u| u.username.clone()));
+
+    match event_name {
+        "Push Hook" | "Tag Push Hook" => {
+            e.git_ref = p.git_ref;
+            let after = p.after.filter(|s| s != ZERO_SHA);
+            if after.is_none() {
+                e.action = Some("deleted".into());
+                e.changed_files = Some(Vec::new());
+                e.changed_files_complete = true;
+            } else {
+                e.sha = p.checkout_sha.or(after);
+                if let Some(commits) = &p.commits {
+                    e.changed_files = Some(changed_files(commits));
+                    // GitLab lists at most 20 commits but counts them all.
+                    e.changed_files_complete =
+                        p.total_commits_count.unwrap_or(0) <= commits.len() as u64;
+                }
+            }
+        }
+        "Merge Request Hook" => {
+            if let Some(a) = p.object_attributes {
+                e.pr = a.iid;
+                e.action = a.action.map(|act| gitlab_action(&act, a.oldrev.is_some()));
+                e.sha = a.last_commit.and_then(|c| c.id);
+                e.base_ref = a.target_branch.map(|b| heads(&b));
+                e.pr_draft = a.draft.or(a.work_in_progress);
+            }
+            e.git_ref = e.pr.map(|n| format!("refs/merge-requests/{n}/head"));
+        }
+        "Note Hook" => {
+            if let Some(a) = p.object_attributes {
+                e.comment = a.note;
+                e.action = Some("created".into());
+            }
+            if let Some(mr) = p.merge_request {
+                e.pr = mr.iid;
+                e.sha = mr.last_commit.and_then(|c| c.id);
+                e.base_ref = mr.target_branch.map(|b| heads(&b));
+                e.git_ref = e.pr.map(|n| format!("refs/merge-requests/{n}/head"));
+            }
+        }
+        _ => e.git_ref = p.git_ref,
+    }
+    e
+}
+
+/// GitLab's merge request actions in GitHub's words, so one trigger can list
+/// `opened, synchronize, reopened` for both forges. An `update` that carries `oldrev`
+/// pushed new commits (`synchronize`); other updates are `edited`.
+fn gitlab_action(action: &str, new_commits: bool) -> String {
+    match action {
+        "open" => "opened",
+        "reopen" => "reopened",
+        "close" => "closed",
+        "merge" => "merged",
+        "update" if new_commits => "synchronize",
+        "update" => "edited",
+        "approved" | "approval" => "approved",
+        "unapproved" | "unapproval" => "unapproved",
+        other => other,
+    }
+    .to_owned()
+}
+
+// === Standard Webhooks (generic) ===
+
+/// A Standard Webhooks body: `type` names the event, `data` describes it with the
+/// envelope's own field names.
+#[derive(Debug, Deserialize)]
+pub struct GenericPayload {
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    data: Option<GenericData>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct GenericData {
+    action: Option<String>,
+    repo: Option<String>,
+    clone_url: Option<String>,
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    sha: Option<String>,
+    base_ref: Option<String>,
+    pr: Option<u64>,
+    actor: Option<String>,
+    changed_files: Option<Vec<String>>,
+    comment: Option<String>,
+}
+
+impl GenericPayload {
+    /// The repository named in `data.repo`, used to pick its secret.
+    pub fn repo(&self) -> Option<&str> {
+        self.data.as_ref()?.repo.as_deref()
+    }
+}
+
+/// Normalizes a Standard Webhooks delivery.
+pub fn generic(delivery: &str, p: GenericPayload) -> Result<Event, Malformed> {
+    let event_type = p
+        .event_type
+        .ok_or_else(|| Malformed("a Standard Webhooks payload needs a `type` field".into()))?;
+    let d = p.data.unwrap_or_default();
+    let mut e = Event::new(Provider::Generic, delivery, subjects::token(&event_type));
+    e.action = d.action;
+    e.repo = d.repo;
+    e.clone_url = d.clone_url;
+    e.git_ref = d.git_ref;
+    e.sha = d.sha;
+    e.base_ref = d.base_ref;
+    e.pr = d.pr;
+    e.actor = d.actor;
+    e.changed_files_complete = d.changed_files.is_some();
+    e.changed_files = d.changed_files;
+    e.comment = d.comment;
+    Ok(e)
+}
+
+// === helpers ===
+
+fn heads(branch: &str) -> String {
+    if branch.starts_with("refs/") {
+        branch.to_owned()
+    } else {
+        format!("refs/heads/{branch}")
+    }
+}
+
+fn changed_files(commits: &[Commit]) -> Vec<String> {
+    let mut set = BTreeSet::new();
+    for c in commits {
+        for f in c.added.iter().chain(&c.removed).chain(&c.modified) {
+            set.insert(f.clone());
+        }
+    }
+    set.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitlab_actions_speak_github() {
+        assert_eq!(gitlab_action("open", false), "opened");
+        assert_eq!(gitlab_action("update", true), "synchronize");
+        assert_eq!(gitlab_action("update", false), "edited");
+        assert_eq!(gitlab_action("weird", false), "weird");
+    }
+
+    #[test]
+    fn github_tag_push_is_a_tag() {
+        let p: GithubPayload = serde_json::from_str(
+            r#"{"ref":"refs/tags/v1","after":"abc","repository":{"full_name":"o/r"},"commits":[]}"#,
+        )
+        .expect("json");
+        let e = github("push", "d", p);
+        assert_eq!(e.kind, "tag");
+        assert_eq!(e.sha.as_deref(), Some("abc"));
+        assert_eq!(e.repo.as_deref(), Some("o/r"));
+    }
+
+    #[test]
+    fn unknown_events_keep_their_name() {
+        let p: GithubPayload = serde_json::from_str(r#"{"action":"completed"}"#).expect("json");
+        assert_eq!(github("check_run", "d", p).kind, "check_run");
+        let p: GitlabPayload = serde_json::from_str(r#"{"object_kind":"pipeline"}"#).expect("json");
+        assert_eq!(gitlab("Pipeline Hook", "d", p).kind, "pipeline");
+        let p: GitlabPayload = serde_json::from_str(r#"{}"#).expect("json");
+        assert_eq!(gitlab("Job Hook", "d", p).kind, "job");
+    }
+
+    #[test]
+    fn generic_needs_a_type() {
+        let p: GenericPayload = serde_json::from_str(r#"{"data":{}}"#).expect("json");
+        assert!(generic("m", p).is_err());
+    }
+}
