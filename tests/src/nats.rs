@@ -1,0 +1,204 @@
+//! Real `nats-server` processes: one per test, on a free port with its own store, that
+//! can be stopped, killed with SIGKILL and restarted on the same port and store; and a
+//! 3-node JetStream cluster on loopback.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::wait_for;
+
+/// The `nats-server` binary: `SLUICE_NATS_SERVER`, else the project's `.tools/`, else
+/// `PATH`.
+pub fn server_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("SLUICE_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let local = crate::workspace_root().join(".tools/nats/bin/nats-server");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("nats-server")
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// One `nats-server` with JetStream.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: PathBuf,
+    extra_args: Vec<String>,
+    _dir: Option<TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free port with a fresh store, and waits until JetStream
+    /// answers.
+    pub async fn start() -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            store: dir.path().to_owned(),
+            extra_args: Vec::new(),
+            _dir: Some(dir),
+        };
+        server.spawn();
+        server.wait_ready().await;
+        server
+    }
+
+    fn with_args(port: u16, store: &Path, extra_args: Vec<String>) -> NatsServer {
+        NatsServer {
+            child: None,
+            port,
+            store: store.to_owned(),
+            extra_args,
+            _dir: None,
+        }
+    }
+
+    fn spawn(&mut self) {
+        let bin = server_binary();
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.store)
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}; run ./scripts/install-nats or set SLUICE_NATS_SERVER",
+                    bin.display()
+                )
+            });
+        self.child = Some(child);
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Waits until a client can connect and JetStream answers.
+    pub async fn wait_ready(&self) {
+        let url = self.url();
+        wait_for("nats-server to serve JetStream", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                let client = async_nats::ConnectOptions::new()
+                    .connection_timeout(Duration::from_millis(500))
+                    .connect(&url)
+                    .await
+                    .ok()?;
+                let js = async_nats::jetstream::new(client);
+                js.query_account().await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL and wait: a crash, nothing flushed beyond what the server already wrote.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Starts the server again without waiting for JetStream (for cluster nodes, which
+    /// need their peers first).
+    pub fn respawn(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A JetStream cluster of three servers on loopback.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+    _dir: TempDir,
+}
+
+impl NatsCluster {
+    /// Starts three routed nodes and waits until JetStream has a meta leader.
+    pub async fn start() -> NatsCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, cport) in cluster_ports.iter().enumerate() {
+            let store = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&store).expect("store dir");
+            let args = vec![
+                "-n".into(),
+                format!("n{i}"),
+                "--cluster_name".into(),
+                "sluice-test".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{cport}"),
+                "--routes".into(),
+                routes.clone(),
+            ];
+            let mut node = NatsServer::with_args(free_port(), &store, args);
+            node.spawn();
+            nodes.push(node);
+        }
+        let cluster = NatsCluster { nodes, _dir: dir };
+        for node in &cluster.nodes {
+            node.wait_ready().await;
+        }
+        cluster
+    }
+
+    /// All client URLs, comma-separated, as `SLUICE_NATS_URL` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
