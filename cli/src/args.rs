@@ -33,7 +33,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct Global {
     /// NATS server URL(s), comma-separated: nats://, tls://, ws:// or wss://.
-    #[arg(long, global = true, env = "SLUICE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
     /// NATS credentials file (JWT and NKey seed).
     #[arg(long, global = true, env = "SLUICE_NATS_CREDS")]

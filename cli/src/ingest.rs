@@ -6,7 +6,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::args::{Global, IngestArgs};
 
-pub async fn run(global: &Global, a: IngestArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    global: &Global,
+    a: IngestArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let secrets = Secrets::load(SecretSources {
         github: a.github_webhook_secret.as_ref(),
         gitlab: a.gitlab_webhook_token.as_ref(),

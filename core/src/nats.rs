@@ -73,10 +73,12 @@ pub async fn connect(opts: &NatsOptions) -> Result<Client> {
         .url
         .split(',')
         .map(|u| {
-            u.trim().parse().map_err(|e: std::io::Error| Error::NatsUrl {
-                url: u.trim().to_owned(),
-                reason: e.to_string(),
-            })
+            u.trim()
+                .parse()
+                .map_err(|e: std::io::Error| Error::NatsUrl {
+                    url: u.trim().to_owned(),
+                    reason: e.to_string(),
+                })
         })
         .collect::<Result<_>>()?;
     connect

@@ -79,7 +79,11 @@ struct Reject {
 }
 
 impl Reject {
-    fn new(status: StatusCode, outcome: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    fn new(
+        status: StatusCode,
+        outcome: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Reject {
             status,
             outcome,
@@ -139,12 +143,23 @@ async fn answer(
     provider: Provider,
     handler: impl std::future::Future<Output = Result<Response, Reject>>,
 ) -> Response {
+    state.metrics.in_flight.inc();
+    // Decrement even if the client goes away and the handler is dropped mid-way.
+    let _in_flight = InFlight(&state.metrics);
     match handler.await {
         Ok(response) => response,
         Err(reject) => {
             state.metrics.request(provider.as_str(), reject.outcome);
             reject.into_response()
         }
+    }
+}
+
+struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
     }
 }
 
@@ -166,7 +181,12 @@ fn body_kind(headers: &HeaderMap, allow_form: bool) -> Result<BodyKind, Reject> 
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match essence.as_str() {
         "application/json" => Ok(BodyKind::Json),
         "application/x-www-form-urlencoded" if allow_form => Ok(BodyKind::Form),
@@ -254,7 +274,11 @@ async fn store(state: &AppState, event: Event, raw: &[u8]) -> Result<Response, R
                 state.metrics.by_reference.inc();
             }
             let outcome = if stored.duplicate {
-                state.metrics.duplicates.get_or_create(&ProviderLabel { provider }).inc();
+                state
+                    .metrics
+                    .duplicates
+                    .get_or_create(&ProviderLabel { provider })
+                    .inc();
                 "duplicate"
             } else {
                 "accepted"
@@ -262,7 +286,11 @@ async fn store(state: &AppState, event: Event, raw: &[u8]) -> Result<Response, R
             state.metrics.request(provider, outcome);
             tracing::info!(event_id = %id, duplicate = stored.duplicate, by_reference = stored.by_reference, "event stored");
             // A ping is answered 200, as the forges expect of a hook that is set up.
-            let status = if is_ping { StatusCode::OK } else { StatusCode::ACCEPTED };
+            let status = if is_ping {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
             Ok((
                 status,
                 axum_json(&Accepted {
@@ -293,12 +321,24 @@ async fn store(state: &AppState, event: Event, raw: &[u8]) -> Result<Response, R
 // === GitHub ===
 
 async fn github(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let delivery = header_str(&headers, "x-github-delivery").unwrap_or("-").to_owned();
+    let delivery = header_str(&headers, "x-github-delivery")
+        .unwrap_or("-")
+        .to_owned();
     let span = tracing::info_span!("webhook", provider = "github", delivery_id = %delivery);
-    answer(&state, Provider::Github, github_inner(&state, &headers, body)).instrument(span).await
+    answer(
+        &state,
+        Provider::Github,
+        github_inner(&state, &headers, body),
+    )
+    .instrument(span)
+    .await
 }
 
-async fn github_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Reject> {
+async fn github_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Reject> {
     let body_kind = body_kind(headers, true)?;
     let body = read_body(headers, body, &state.limits).await?;
     let payload: Result<Cow<'_, [u8]>, Malformed> = match body_kind {
@@ -306,7 +346,9 @@ async fn github_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
         BodyKind::Form => form_payload(&body),
     };
     let parsed = match &payload {
-        Ok(bytes) => serde_json::from_slice::<normalize::GithubPayload>(bytes).map_err(Malformed::from),
+        Ok(bytes) => {
+            serde_json::from_slice::<normalize::GithubPayload>(bytes).map_err(Malformed::from)
+        }
         Err(m) => Err(Malformed(m.0.clone())),
     };
     let repo = parsed.as_ref().ok().and_then(|p| p.repo().or(p.org()));
@@ -326,7 +368,10 @@ async fn github_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
 
     let event_name = header_str(headers, "x-github-event")
         .ok_or_else(|| Reject::bad_request("missing X-GitHub-Event header"))?;
-    let delivery = delivery_id(header_str(headers, "x-github-delivery"), "X-GitHub-Delivery")?;
+    let delivery = delivery_id(
+        header_str(headers, "x-github-delivery"),
+        "X-GitHub-Delivery",
+    )?;
     let parsed = parsed?;
     let payload = payload?;
     let event = normalize::github(event_name, delivery, parsed);
@@ -349,10 +394,20 @@ async fn gitlab(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         .unwrap_or("-")
         .to_owned();
     let span = tracing::info_span!("webhook", provider = "gitlab", delivery_id = %delivery);
-    answer(&state, Provider::Gitlab, gitlab_inner(&state, &headers, body)).instrument(span).await
+    answer(
+        &state,
+        Provider::Gitlab,
+        gitlab_inner(&state, &headers, body),
+    )
+    .instrument(span)
+    .await
 }
 
-async fn gitlab_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Reject> {
+async fn gitlab_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Reject> {
     body_kind(headers, false)?;
     let body = read_body(headers, body, &state.limits).await?;
     let parsed = serde_json::from_slice::<normalize::GitlabPayload>(&body).map_err(Malformed::from);
@@ -361,12 +416,19 @@ async fn gitlab_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
     let verified = if let Some(signature) = header_str(headers, "webhook-signature") {
         // GitLab's signing tokens use the Standard Webhooks scheme.
         let standard = StandardHeaders {
-            id: header_str(headers, "webhook-id").ok_or_else(|| refuse(state, Provider::Gitlab, Failure::Malformed))?,
+            id: header_str(headers, "webhook-id")
+                .ok_or_else(|| refuse(state, Provider::Gitlab, Failure::Malformed))?,
             timestamp: header_str(headers, "webhook-timestamp")
                 .ok_or_else(|| refuse(state, Provider::Gitlab, Failure::Malformed))?,
             signature,
         };
-        verify::standard(secrets, standard, &body, now_unix(), state.limits.tolerance.as_secs() as i64)
+        verify::standard(
+            secrets,
+            standard,
+            &body,
+            now_unix(),
+            state.limits.tolerance.as_secs() as i64,
+        )
     } else if let Some(token) = header_str(headers, "x-gitlab-token") {
         verify::gitlab_token(secrets, token)
     } else {
@@ -398,13 +460,24 @@ async fn gitlab_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
 async fn generic(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let delivery = header_str(&headers, "webhook-id").unwrap_or("-").to_owned();
     let span = tracing::info_span!("webhook", provider = "generic", delivery_id = %delivery);
-    answer(&state, Provider::Generic, generic_inner(&state, &headers, body)).instrument(span).await
+    answer(
+        &state,
+        Provider::Generic,
+        generic_inner(&state, &headers, body),
+    )
+    .instrument(span)
+    .await
 }
 
-async fn generic_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Reject> {
+async fn generic_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Reject> {
     body_kind(headers, false)?;
     let body = read_body(headers, body, &state.limits).await?;
-    let parsed = serde_json::from_slice::<normalize::GenericPayload>(&body).map_err(Malformed::from);
+    let parsed =
+        serde_json::from_slice::<normalize::GenericPayload>(&body).map_err(Malformed::from);
     let repo = parsed.as_ref().ok().and_then(|p| p.repo());
     let secrets = state.secrets.generic.for_repo(repo);
     let (Some(id), Some(timestamp), Some(signature)) = (
@@ -414,9 +487,19 @@ async fn generic_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Res
     ) else {
         return Err(refuse(state, Provider::Generic, Failure::Missing));
     };
-    let standard = StandardHeaders { id, timestamp, signature };
-    verify::standard(secrets, standard, &body, now_unix(), state.limits.tolerance.as_secs() as i64)
-        .map_err(|f| refuse(state, Provider::Generic, f))?;
+    let standard = StandardHeaders {
+        id,
+        timestamp,
+        signature,
+    };
+    verify::standard(
+        secrets,
+        standard,
+        &body,
+        now_unix(),
+        state.limits.tolerance.as_secs() as i64,
+    )
+    .map_err(|f| refuse(state, Provider::Generic, f))?;
     let delivery = delivery_id(Some(id), "webhook-id")?;
     let event = normalize::generic(delivery, parsed?)?;
     store(state, event, &body).await
@@ -426,14 +509,22 @@ async fn generic_inner(state: &AppState, headers: &HeaderMap, body: Body) -> Res
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if !state.provisioned.load(Ordering::Acquire) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "streams not provisioned yet\n").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "streams not provisioned yet\n",
+        )
+            .into_response();
     }
     let js = state.publisher.jetstream();
     let check = tokio::time::timeout(Duration::from_secs(2), sluice_core::streams::check(js)).await;
     match check {
         Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "JetStream did not answer in 2s\n").into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "JetStream did not answer in 2s\n",
+        )
+            .into_response(),
     }
 }
 

@@ -76,7 +76,11 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<()
 
 /// Serves on `listener` until `shutdown` trips, then stops accepting, lets in-flight
 /// requests finish their publish, and returns within `config.shutdown_grace`.
-pub async fn serve(listener: TcpListener, config: IngestConfig, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    config: IngestConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
     for (name, set) in [
         ("github", &config.secrets.github),
         ("gitlab", &config.secrets.gitlab),
@@ -87,7 +91,11 @@ pub async fn serve(listener: TcpListener, config: IngestConfig, shutdown: Cancel
         }
     }
     let client = sluice_core::nats::connect(&config.nats).await?;
-    let publisher = publish::Publisher::new(client.clone(), config.streams.clone(), config.publish_timeout);
+    let publisher = publish::Publisher::new(
+        client.clone(),
+        config.streams.clone(),
+        config.publish_timeout,
+    );
     let state = Arc::new(http::AppState {
         secrets: config.secrets,
         publisher,
@@ -123,7 +131,11 @@ pub async fn serve(listener: TcpListener, config: IngestConfig, shutdown: Cancel
 
 /// Creates or updates the streams, retrying until NATS answers. Until then `/readyz`
 /// says not ready and webhooks are answered 503, so nothing is lost meanwhile.
-async fn provision(state: Arc<http::AppState>, settings: StreamSettings, shutdown: CancellationToken) {
+async fn provision(
+    state: Arc<http::AppState>,
+    settings: StreamSettings,
+    shutdown: CancellationToken,
+) {
     let mut delay = Duration::from_millis(100);
     loop {
         let js = state.publisher.jetstream();

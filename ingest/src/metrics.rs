@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -32,6 +33,7 @@ pub struct Metrics {
     pub duplicates: Family<ProviderLabel, Counter>,
     pub by_reference: Counter,
     pub publish_seconds: Histogram,
+    pub in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -63,6 +65,12 @@ impl Default for Metrics {
             "Webhook bodies too large for one message, stored in the object store",
             by_reference.clone(),
         );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Webhook requests being received, verified or stored right now",
+            in_flight.clone(),
+        );
         registry.register(
             "publish_duration_seconds",
             "Time from publish to JetStream acknowledgement",
@@ -75,6 +83,7 @@ impl Default for Metrics {
             duplicates,
             by_reference,
             publish_seconds,
+            in_flight,
         }
     }
 }
@@ -82,7 +91,9 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts one answered request.
     pub fn request(&self, provider: &'static str, outcome: &'static str) {
-        self.requests.get_or_create(&Outcome { provider, outcome }).inc();
+        self.requests
+            .get_or_create(&Outcome { provider, outcome })
+            .inc();
     }
 
     /// The text exposition format.

@@ -114,7 +114,13 @@ impl GithubPayload {
 /// Normalizes a GitHub delivery of event `event_name` (`X-GitHub-Event`).
 pub fn github(event_name: &str, delivery: &str, p: GithubPayload) -> Event {
     let kind = match event_name {
-        "push" if p.git_ref.as_deref().is_some_and(|r| r.starts_with("refs/tags/")) => kind::TAG,
+        "push"
+            if p.git_ref
+                .as_deref()
+                .is_some_and(|r| r.starts_with("refs/tags/")) =>
+        {
+            kind::TAG
+        }
         "push" => kind::PUSH,
         "pull_request" => kind::PULL_REQUEST,
         "issue_comment" | "pull_request_review_comment" | "commit_comment" => kind::COMMENT,
@@ -122,7 +128,10 @@ pub fn github(event_name: &str, delivery: &str, p: GithubPayload) -> Event {
         other => other,
     };
     let mut e = Event::new(Provider::Github, delivery, subjects::token(kind));
-    e.repo = p.repo().map(str::to_owned).or_else(|| p.org().map(str::to_owned));
+    e.repo = p
+        .repo()
+        .map(str::to_owned)
+        .or_else(|| p.org().map(str::to_owned));
     e.clone_url = p.repository.as_ref().and_then(|r| r.clone_url.clone());
     e.actor = p.sender.as_ref().and_then(|s| s.login.clone());
     e.action = p.action.clone();

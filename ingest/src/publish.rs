@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, message::PublishMessage, object_store::ObjectStore};
 use async_nats::connection::State;
+use async_nats::jetstream::{self, message::PublishMessage, object_store::ObjectStore};
 use sha2::{Digest, Sha256};
 use sluice_core::streams::{self, StreamSettings};
 use sluice_core::{subjects, Event, PayloadRef};
@@ -47,7 +47,9 @@ pub struct Publisher {
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("Publisher")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -74,7 +76,11 @@ impl Publisher {
 
     /// Stores `event` with `raw` (the validated original payload) and returns once
     /// JetStream has acknowledged it, or fails within the publish timeout.
-    pub async fn publish(&self, mut event: Event, raw: &[u8]) -> Result<(Stored, Duration), PublishError> {
+    pub async fn publish(
+        &self,
+        mut event: Event,
+        raw: &[u8],
+    ) -> Result<(Stored, Duration), PublishError> {
         // Fail fast while disconnected: the client would otherwise buffer the message
         // and make the forge wait the whole timeout for a 503.
         if self.client.connection_state() != State::Connected {
@@ -99,7 +105,9 @@ impl Publisher {
             .js
             .send_publish(
                 event.subject(),
-                PublishMessage::build().payload(body.into()).message_id(&event.id),
+                PublishMessage::build()
+                    .payload(body.into())
+                    .message_id(&event.id),
             )
             .await
             .map_err(|e| PublishError::Refused(e.to_string()))?

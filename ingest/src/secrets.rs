@@ -61,7 +61,8 @@ impl SecretSet {
     }
 
     fn merge(&mut self, file: FileSet) {
-        self.default.extend(file.default.into_iter().map(SecretString::from));
+        self.default
+            .extend(file.default.into_iter().map(SecretString::from));
         for (k, v) in file.groups {
             self.groups
                 .entry(k.to_ascii_lowercase())
@@ -201,9 +202,18 @@ mod tests {
             ..Default::default()
         })
         .expect("load");
-        assert_eq!(exposed(secrets.github.for_repo(Some("ACME/app"))), ["repo-new", "repo-old"]);
-        assert_eq!(exposed(secrets.github.for_repo(Some("acme/other"))), ["org"]);
-        assert_eq!(exposed(secrets.github.for_repo(Some("else/x"))), ["d1", "d2"]);
+        assert_eq!(
+            exposed(secrets.github.for_repo(Some("ACME/app"))),
+            ["repo-new", "repo-old"]
+        );
+        assert_eq!(
+            exposed(secrets.github.for_repo(Some("acme/other"))),
+            ["org"]
+        );
+        assert_eq!(
+            exposed(secrets.github.for_repo(Some("else/x"))),
+            ["d1", "d2"]
+        );
         assert_eq!(exposed(secrets.github.for_repo(None)), ["d1", "d2"]);
         assert_eq!(exposed(secrets.gitlab.for_repo(Some("a/b/c/proj"))), ["ab"]);
         assert_eq!(exposed(secrets.gitlab.for_repo(Some("a/z/proj"))), ["a"]);

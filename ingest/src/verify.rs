@@ -46,9 +46,7 @@ impl Failure {
             Failure::Malformed => "malformed signature header",
             Failure::Mismatch => "signature does not match",
             Failure::Expired => "webhook timestamp outside the accepted tolerance",
-            Failure::Sha1Disabled => {
-                "SHA-1 signatures are not accepted: send X-Hub-Signature-256"
-            }
+            Failure::Sha1Disabled => "SHA-1 signatures are not accepted: send X-Hub-Signature-256",
         }
     }
 }
@@ -104,7 +102,11 @@ pub fn standard(
     now_unix: i64,
     tolerance_secs: i64,
 ) -> Result<(), Failure> {
-    let ts: i64 = headers.timestamp.trim().parse().map_err(|_| Failure::Malformed)?;
+    let ts: i64 = headers
+        .timestamp
+        .trim()
+        .parse()
+        .map_err(|_| Failure::Malformed)?;
     if (now_unix - ts).abs() > tolerance_secs {
         return Err(Failure::Expired);
     }
@@ -140,7 +142,10 @@ fn standard_key(secret: &str) -> Option<Vec<u8>> {
 }
 
 fn parse_hex_sig(header: &str, prefix: &str, len: usize) -> Result<Vec<u8>, Failure> {
-    let hex_sig = header.trim().strip_prefix(prefix).ok_or(Failure::Malformed)?;
+    let hex_sig = header
+        .trim()
+        .strip_prefix(prefix)
+        .ok_or(Failure::Malformed)?;
     let bytes = hex::decode(hex_sig).map_err(|_| Failure::Malformed)?;
     if bytes.len() != len {
         return Err(Failure::Malformed);
@@ -164,12 +169,17 @@ mod tests {
     use super::*;
 
     fn secrets(list: &[&str]) -> Vec<SecretString> {
-        list.iter().map(|s| SecretString::from((*s).to_owned())).collect()
+        list.iter()
+            .map(|s| SecretString::from((*s).to_owned()))
+            .collect()
     }
 
     #[test]
     fn no_secret_is_never_a_pass() {
-        assert_eq!(github_sha256(&[], "sha256=00", b""), Err(Failure::Malformed));
+        assert_eq!(
+            github_sha256(&[], "sha256=00", b""),
+            Err(Failure::Malformed)
+        );
         let sig = format!("sha256={}", "0".repeat(64));
         assert_eq!(github_sha256(&[], &sig, b"x"), Err(Failure::NoSecret));
         assert_eq!(gitlab_token(&[], "t"), Err(Failure::NoSecret));

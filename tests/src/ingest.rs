@@ -61,7 +61,9 @@ impl Ingest {
 
     /// Starts ingest with `config` and waits until `/readyz` says ready.
     pub async fn start_with(config: IngestConfig) -> Ingest {
-        let listener = tokio::net::TcpListener::bind(config.listen).await.expect("bind");
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(sluice_ingest::serve(listener, config, shutdown.clone()));
@@ -105,7 +107,10 @@ impl Ingest {
             .header("content-type", "application/json")
             .header("x-github-event", event)
             .header("x-github-delivery", delivery)
-            .header("x-hub-signature-256", crate::sign::github_sha256(GITHUB_SECRET, body))
+            .header(
+                "x-hub-signature-256",
+                crate::sign::github_sha256(GITHUB_SECRET, body),
+            )
             .body(body.to_vec())
             .send()
             .await
@@ -134,7 +139,10 @@ impl Ingest {
             .header("content-type", "application/json")
             .header("webhook-id", id)
             .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", crate::sign::standard(SIGNING_SECRET, id, ts, body))
+            .header(
+                "webhook-signature",
+                crate::sign::standard(SIGNING_SECRET, id, ts, body),
+            )
             .body(body.to_vec())
             .send()
             .await
@@ -150,13 +158,18 @@ impl Drop for Ingest {
 
 /// A JetStream context on a fresh connection.
 pub async fn jetstream(nats_url: &str) -> jetstream::Context {
-    let client = async_nats::connect(nats_url).await.expect("connect to nats");
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to nats");
     jetstream::new(client)
 }
 
 /// Every event in `SLUICE_EVENTS`, in order.
 pub async fn stored_events(js: &jetstream::Context) -> Vec<(String, Event)> {
-    let mut stream = js.get_stream(subjects::EVENTS_STREAM).await.expect("events stream");
+    let mut stream = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .expect("events stream");
     let info = stream.info().await.expect("stream info").clone();
     let mut events = Vec::new();
     for seq in info.state.first_sequence..=info.state.last_sequence {
@@ -164,7 +177,8 @@ pub async fn stored_events(js: &jetstream::Context) -> Vec<(String, Event)> {
             break;
         }
         if let Ok(msg) = stream.get_raw_message(seq).await {
-            let event: Event = serde_json::from_slice(&msg.payload).expect("stored events are envelopes");
+            let event: Event =
+                serde_json::from_slice(&msg.payload).expect("stored events are envelopes");
             events.push((msg.subject.to_string(), event));
         }
     }
@@ -173,6 +187,9 @@ pub async fn stored_events(js: &jetstream::Context) -> Vec<(String, Event)> {
 
 /// How many messages `SLUICE_EVENTS` holds.
 pub async fn stored_count(js: &jetstream::Context) -> u64 {
-    let mut stream = js.get_stream(subjects::EVENTS_STREAM).await.expect("events stream");
+    let mut stream = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .expect("events stream");
     stream.info().await.expect("stream info").state.messages
 }

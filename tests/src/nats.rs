@@ -72,7 +72,14 @@ impl NatsServer {
     fn spawn(&mut self) {
         let bin = server_binary();
         let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(&self.store)
             .args(&self.extra_args)
             .stdout(Stdio::null())
@@ -99,18 +106,22 @@ impl NatsServer {
     /// Waits until a client can connect and JetStream answers.
     pub async fn wait_ready(&self) {
         let url = self.url();
-        wait_for("nats-server to serve JetStream", Duration::from_secs(20), || {
-            let url = url.clone();
-            async move {
-                let client = async_nats::ConnectOptions::new()
-                    .connection_timeout(Duration::from_millis(500))
-                    .connect(&url)
-                    .await
-                    .ok()?;
-                let js = async_nats::jetstream::new(client);
-                js.query_account().await.ok().map(|_| ())
-            }
-        })
+        wait_for(
+            "nats-server to serve JetStream",
+            Duration::from_secs(20),
+            || {
+                let url = url.clone();
+                async move {
+                    let client = async_nats::ConnectOptions::new()
+                        .connection_timeout(Duration::from_millis(500))
+                        .connect(&url)
+                        .await
+                        .ok()?;
+                    let js = async_nats::jetstream::new(client);
+                    js.query_account().await.ok().map(|_| ())
+                }
+            },
+        )
         .await;
     }
 

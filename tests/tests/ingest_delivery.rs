@@ -21,8 +21,18 @@ async fn the_same_delivery_is_one_event_even_after_an_ingest_restart() {
     let body = fixture("github/pull_request.synchronize.json");
 
     let ingest = Ingest::start(&nats.url()).await;
-    let first: Value = ingest.post_github("pull_request", "dup-1", &body).await.json().await.expect("json");
-    let second: Value = ingest.post_github("pull_request", "dup-1", &body).await.json().await.expect("json");
+    let first: Value = ingest
+        .post_github("pull_request", "dup-1", &body)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let second: Value = ingest
+        .post_github("pull_request", "dup-1", &body)
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(first["duplicate"], false);
     assert_eq!(second["duplicate"], true);
     assert_eq!(second["event_id"], "github:dup-1");
@@ -37,11 +47,25 @@ async fn the_same_delivery_is_one_event_even_after_an_ingest_restart() {
     assert_eq!(stored_count(&js).await, 1);
 
     // The window is the configured 72 h, not JetStream's 2 minute default.
-    let mut stream = js.get_stream(subjects::EVENTS_STREAM).await.expect("stream");
+    let mut stream = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .expect("stream");
     let config = stream.info().await.expect("info").config.clone();
     assert_eq!(config.duplicate_window, Duration::from_secs(72 * 3600));
-    let metrics = ingest.http.get(ingest.url("/metrics")).send().await.expect("m").text().await.expect("t");
-    assert!(metrics.contains(r#"sluice_ingest_duplicates_total{provider="github"} 1"#), "{metrics}");
+    let metrics = ingest
+        .http
+        .get(ingest.url("/metrics"))
+        .send()
+        .await
+        .expect("m")
+        .text()
+        .await
+        .expect("t");
+    assert!(
+        metrics.contains(r#"sluice_ingest_duplicates_total{provider="github"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -52,7 +76,8 @@ async fn a_body_larger_than_a_nats_message_is_stored_by_reference() {
     let js = jetstream(&nats.url()).await;
 
     // A real push payload grown past NATS's 1 MiB message limit with extra commits.
-    let mut push: Value = serde_json::from_slice(&fixture("github/push.with-new-branch.json")).expect("json");
+    let mut push: Value =
+        serde_json::from_slice(&fixture("github/push.with-new-branch.json")).expect("json");
     let commit = push["commits"][0].clone();
     let commits = push["commits"].as_array_mut().expect("commits");
     for i in 0..3000 {
@@ -76,11 +101,17 @@ async fn a_body_larger_than_a_nats_message_is_stored_by_reference() {
     assert_eq!(reference.sha256, hex::encode(Sha256::digest(&body)));
     assert_eq!(event.changed_files.as_ref().map(Vec::len), Some(3001));
 
-    let store = js.get_object_store(&reference.bucket).await.expect("bucket");
+    let store = js
+        .get_object_store(&reference.bucket)
+        .await
+        .expect("bucket");
     let mut object = store.get(&reference.key).await.expect("object");
     let mut fetched = Vec::new();
     object.read_to_end(&mut fetched).await.expect("read");
-    assert_eq!(fetched, body, "the stored body is the posted body, byte for byte");
+    assert_eq!(
+        fetched, body,
+        "the stored body is the posted body, byte for byte"
+    );
 }
 
 #[tokio::test]
@@ -110,13 +141,20 @@ async fn nats_killed_mid_flight_never_yields_a_2xx_for_a_lost_event() {
                         .header("x-github-delivery", format!("crash-{i}"))
                         .header(
                             "x-hub-signature-256",
-                            sluice_tests::sign::github_sha256(sluice_tests::ingest::GITHUB_SECRET, &body),
+                            sluice_tests::sign::github_sha256(
+                                sluice_tests::ingest::GITHUB_SECRET,
+                                &body,
+                            ),
                         )
                         .body(body)
                         .send()
                         .await
                         .expect("ingest answers even while NATS is down");
-                    (i, r.status().as_u16(), r.headers().get("retry-after").is_some())
+                    (
+                        i,
+                        r.status().as_u16(),
+                        r.headers().get("retry-after").is_some(),
+                    )
                 }
             });
             let mut answers = requests.buffer_unordered(8);
@@ -161,7 +199,14 @@ async fn nats_killed_mid_flight_never_yields_a_2xx_for_a_lost_event() {
         drop(js);
         jetstream(&nats.url()).await
     };
-    let stored: HashSet<String> = stored_events(&js).await.into_iter().map(|(_, e)| e.id).collect();
+    let stored: HashSet<String> = stored_events(&js)
+        .await
+        .into_iter()
+        .map(|(_, e)| e.id)
+        .collect();
     let lost: Vec<_> = accepted.difference(&stored).collect();
-    assert!(lost.is_empty(), "events answered 202 but not stored: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "events answered 202 but not stored: {lost:?}"
+    );
 }

@@ -63,32 +63,77 @@ fn github_cases() -> Vec<Expect> {
         pr("github/pull_request.reopened.json", "reopened"),
         pr("github/pull_request.synchronize.json", "synchronize"),
         pr("github/pull_request.labeled.json", "labeled"),
-        pr("github/pull_request.converted_to_draft.json", "converted_to_draft"),
+        pr(
+            "github/pull_request.converted_to_draft.json",
+            "converted_to_draft",
+        ),
         // A tag deletion: a `tag`, deleted, nothing to build.
         Expect {
             changed_files: Some(&[]),
             complete: true,
-            ..plain("github/push.json", "push", "sluice.events.github.tag", Some("deleted"), Some("refs/tags/simple-tag"))
+            ..plain(
+                "github/push.json",
+                "push",
+                "sluice.events.github.tag",
+                Some("deleted"),
+                Some("refs/tags/simple-tag"),
+            )
         },
         Expect {
             changed_files: Some(&[]),
             complete: true,
-            ..plain("github/push.with-organization.json", "push", "sluice.events.github.tag", Some("deleted"), Some("refs/tags/simple-tag"))
+            ..plain(
+                "github/push.with-organization.json",
+                "push",
+                "sluice.events.github.tag",
+                Some("deleted"),
+                Some("refs/tags/simple-tag"),
+            )
         },
         // A new branch: its commit list is not a diff against anything.
         Expect {
             sha: Some("6113728f27ae82c7b1a177c8d03f9e96e0adf246"),
             changed_files: Some(&["README.md"]),
             complete: false,
-            ..plain("github/push.with-new-branch.json", "push", "sluice.events.github.push", Some("created"), Some("refs/heads/master"))
+            ..plain(
+                "github/push.with-new-branch.json",
+                "push",
+                "sluice.events.github.push",
+                Some("created"),
+                Some("refs/heads/master"),
+            )
         },
-        plain("github/create.json", "create", "sluice.events.github.create", None, Some("refs/tags/simple-tag")),
-        plain("github/delete.json", "delete", "sluice.events.github.delete", None, Some("refs/tags/simple-tag")),
+        plain(
+            "github/create.json",
+            "create",
+            "sluice.events.github.create",
+            None,
+            Some("refs/tags/simple-tag"),
+        ),
+        plain(
+            "github/delete.json",
+            "delete",
+            "sluice.events.github.delete",
+            None,
+            Some("refs/tags/simple-tag"),
+        ),
         // A comment on an issue, not a pull request: a comment without a PR number.
-        plain("github/issue_comment.created.json", "issue_comment", "sluice.events.github.comment", Some("created"), None),
+        plain(
+            "github/issue_comment.created.json",
+            "issue_comment",
+            "sluice.events.github.comment",
+            Some("created"),
+            None,
+        ),
         Expect {
             repo: "Octocoders/Hello-World",
-            ..plain("github/ping.json", "ping", "sluice.events.github.ping", None, None)
+            ..plain(
+                "github/ping.json",
+                "ping",
+                "sluice.events.github.ping",
+                None,
+                None,
+            )
         },
     ]
 }
@@ -115,7 +160,11 @@ fn gitlab_cases() -> Vec<Expect> {
             sha: Some("da1560886d4f094c3e6c9ef40349f7d38b5d27d7"),
             base_ref: Some("refs/heads/master"),
             pr: Some(1),
-            ..base("gitlab/merge-request-event.json", "Merge Request Hook", "sluice.events.gitlab.pull_request")
+            ..base(
+                "gitlab/merge-request-event.json",
+                "Merge Request Hook",
+                "sluice.events.gitlab.pull_request",
+            )
         },
         Expect {
             repo: "gitlab-org/gitlab-test",
@@ -124,12 +173,20 @@ fn gitlab_cases() -> Vec<Expect> {
             sha: Some("562e173be03b8ff2efb05345d12df18815438a4b"),
             base_ref: Some("refs/heads/markdown"),
             pr: Some(1),
-            ..base("gitlab/comment-merge-request-event.json", "Note Hook", "sluice.events.gitlab.comment")
+            ..base(
+                "gitlab/comment-merge-request-event.json",
+                "Note Hook",
+                "sluice.events.gitlab.comment",
+            )
         },
         // A note on a commit is not a merge request comment: it keeps its own name.
         Expect {
             action: Some("created"),
-            ..base("gitlab/comment-commit-event.json", "Note Hook", "sluice.events.gitlab.note")
+            ..base(
+                "gitlab/comment-commit-event.json",
+                "Note Hook",
+                "sluice.events.gitlab.note",
+            )
         },
         // Four commits pushed, two listed: the list is known to be incomplete.
         Expect {
@@ -139,7 +196,11 @@ fn gitlab_cases() -> Vec<Expect> {
             actor: None,
             changed_files: Some(&["CHANGELOG", "app/controller/application.rb"]),
             complete: false,
-            ..base("gitlab/push-event.json", "Push Hook", "sluice.events.gitlab.push")
+            ..base(
+                "gitlab/push-event.json",
+                "Push Hook",
+                "sluice.events.gitlab.push",
+            )
         },
         Expect {
             repo: "jsmith/example",
@@ -148,7 +209,11 @@ fn gitlab_cases() -> Vec<Expect> {
             actor: None,
             changed_files: Some(&[]),
             complete: true,
-            ..base("gitlab/tag-event.json", "Tag Push Hook", "sluice.events.gitlab.tag")
+            ..base(
+                "gitlab/tag-event.json",
+                "Tag Push Hook",
+                "sluice.events.gitlab.tag",
+            )
         },
     ]
 }
@@ -165,13 +230,23 @@ fn check(subject: &str, e: &Event, want: &Expect, original: &[u8], provider: &st
     assert_eq!(e.base_ref.as_deref(), want.base_ref, "{f}: base_ref");
     assert_eq!(e.pr, want.pr, "{f}: pr");
     assert_eq!(e.actor.as_deref(), want.actor, "{f}: actor");
-    let files: Option<Vec<&str>> = e.changed_files.as_ref().map(|v| v.iter().map(String::as_str).collect());
+    let files: Option<Vec<&str>> = e
+        .changed_files
+        .as_ref()
+        .map(|v| v.iter().map(String::as_str).collect());
     assert_eq!(files.as_deref(), want.changed_files, "{f}: changed_files");
-    assert_eq!(e.changed_files_complete, want.complete, "{f}: changed_files_complete");
-    assert!(e.clone_url.as_deref().is_some_and(|u| u.ends_with(".git")), "{f}: clone_url");
+    assert_eq!(
+        e.changed_files_complete, want.complete,
+        "{f}: changed_files_complete"
+    );
+    assert!(
+        e.clone_url.as_deref().is_some_and(|u| u.ends_with(".git")),
+        "{f}: clone_url"
+    );
     assert!(e.payload_ref.is_none(), "{f}: small payloads are inline");
     // The original payload is carried unchanged.
-    let stored: Value = serde_json::from_str(e.payload.as_ref().expect("payload").get()).expect("json");
+    let stored: Value =
+        serde_json::from_str(e.payload.as_ref().expect("payload").get()).expect("json");
     let posted: Value = serde_json::from_slice(original).expect("fixture json");
     assert_eq!(stored, posted, "{f}: original payload");
 }
@@ -204,7 +279,11 @@ async fn every_fixture_is_stored_normalized() {
     }
 
     let stored = stored_events(&js).await;
-    assert_eq!(stored.len(), expected.len(), "one stored event per delivery");
+    assert_eq!(
+        stored.len(),
+        expected.len(),
+        "one stored event per delivery"
+    );
     for ((subject, event), (provider, delivery, case, body)) in stored.iter().zip(&expected) {
         check(subject, event, case, body, provider, delivery);
     }
@@ -212,11 +291,21 @@ async fn every_fixture_is_stored_normalized() {
     let opened = &stored[0].1;
     assert_eq!(opened.pr_draft, Some(false));
     assert_eq!(opened.actor_association.as_deref(), Some("OWNER"));
-    assert_eq!(stored[5].1.pr_draft, Some(true), "converted_to_draft is a draft");
+    assert_eq!(
+        stored[5].1.pr_draft,
+        Some(true),
+        "converted_to_draft is a draft"
+    );
     let comment = &stored[11].1;
-    assert_eq!(comment.comment.as_deref(), Some("You are totally right! I'll get this fixed right away."));
+    assert_eq!(
+        comment.comment.as_deref(),
+        Some("You are totally right! I'll get this fixed right away.")
+    );
     assert_eq!(comment.actor_association.as_deref(), Some("OWNER"));
-    let gl_note = stored.iter().find(|(s, _)| s == "sluice.events.gitlab.comment").expect("note");
+    let gl_note = stored
+        .iter()
+        .find(|(s, _)| s == "sluice.events.gitlab.comment")
+        .expect("note");
     assert_eq!(gl_note.1.comment.as_deref(), Some("This MR needs work."));
 }
 
@@ -245,16 +334,25 @@ async fn form_encoded_github_deliveries_are_verified_over_the_raw_body() {
     assert_eq!(r.status().as_u16(), 202);
     let stored = stored_events(&js).await;
     assert_eq!(stored.len(), 1);
-    let stored_payload: Value = serde_json::from_str(stored[0].1.payload.as_ref().expect("payload").get()).expect("json");
-    assert_eq!(stored_payload, serde_json::from_slice::<Value>(&json).expect("json"));
-    assert_eq!(stored[0].1.sha.as_deref(), Some("6113728f27ae82c7b1a177c8d03f9e96e0adf246"));
+    let stored_payload: Value =
+        serde_json::from_str(stored[0].1.payload.as_ref().expect("payload").get()).expect("json");
+    assert_eq!(
+        stored_payload,
+        serde_json::from_slice::<Value>(&json).expect("json")
+    );
+    assert_eq!(
+        stored[0].1.sha.as_deref(),
+        Some("6113728f27ae82c7b1a177c8d03f9e96e0adf246")
+    );
 }
 
 fn form_urlencoded_body(json: &[u8]) -> String {
     let mut out = String::from("payload=");
     for b in json {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => out.push(*b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
+                out.push(*b as char)
+            }
             b' ' => out.push('+'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -278,6 +376,9 @@ async fn standard_webhooks_are_stored_with_their_data() {
     assert_eq!(e.id, "generic:msg_1");
     assert_eq!(e.repo.as_deref(), Some("acme/app"));
     assert_eq!(e.sha.as_deref(), Some("abc123"));
-    assert_eq!(e.changed_files.as_deref(), Some(&["src/main.rs".to_owned()][..]));
+    assert_eq!(
+        e.changed_files.as_deref(),
+        Some(&["src/main.rs".to_owned()][..])
+    );
     assert!(e.changed_files_complete);
 }

@@ -34,18 +34,29 @@ async fn secrets_and_bodies_never_appear_in_logs() {
     let nats = NatsServer::start().await;
     let ingest = Ingest::start(&nats.url()).await;
     let marker = "body-marker-3c1d9e";
-    let body = format!(r#"{{"zen":"{marker}","hook_id":1,"repository":{{"full_name":"acme/app"}}}}"#);
+    let body =
+        format!(r#"{{"zen":"{marker}","hook_id":1,"repository":{{"full_name":"acme/app"}}}}"#);
     let wrong_token = "wrong-token-value-55aa";
 
     // Accepted, refused for a bad signature, refused for a bad token, a signed generic.
-    assert_eq!(ingest.post_github("ping", "log-ok-1", body.as_bytes()).await.status().as_u16(), 200);
+    assert_eq!(
+        ingest
+            .post_github("ping", "log-ok-1", body.as_bytes())
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
     let bad = ingest
         .http
         .post(ingest.url("/webhooks/github"))
         .header("content-type", "application/json")
         .header("x-github-event", "ping")
         .header("x-github-delivery", "log-bad-2")
-        .header("x-hub-signature-256", sign::github_sha256("wrong-secret-value-77", body.as_bytes()))
+        .header(
+            "x-hub-signature-256",
+            sign::github_sha256("wrong-secret-value-77", body.as_bytes()),
+        )
         .body(body.clone())
         .send()
         .await
@@ -63,14 +74,37 @@ async fn secrets_and_bodies_never_appear_in_logs() {
         .expect("sent");
     assert_eq!(bad_token.status().as_u16(), 401);
     let generic = format!(r#"{{"type":"push","data":{{"comment":"{marker}"}}}}"#);
-    assert_eq!(ingest.post_generic("log-generic-3", generic.as_bytes()).await.status().as_u16(), 202);
+    assert_eq!(
+        ingest
+            .post_generic("log-generic-3", generic.as_bytes())
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
     ingest.stop().await.expect("stop");
 
     let logs = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf8");
-    assert!(logs.contains("log-ok-1"), "accepted deliveries are logged with their id:\n{logs}");
-    assert!(logs.contains("log-bad-2"), "refused deliveries are logged with their id:\n{logs}");
-    for secret in [GITHUB_SECRET, GITLAB_TOKEN, SIGNING_SECRET, "wrong-secret-value-77", wrong_token, marker] {
-        assert!(!logs.contains(secret), "{secret:?} leaked into the logs:\n{logs}");
+    assert!(
+        logs.contains("log-ok-1"),
+        "accepted deliveries are logged with their id:\n{logs}"
+    );
+    assert!(
+        logs.contains("log-bad-2"),
+        "refused deliveries are logged with their id:\n{logs}"
+    );
+    for secret in [
+        GITHUB_SECRET,
+        GITLAB_TOKEN,
+        SIGNING_SECRET,
+        "wrong-secret-value-77",
+        wrong_token,
+        marker,
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "{secret:?} leaked into the logs:\n{logs}"
+        );
     }
     let whsec_key = SIGNING_SECRET.trim_start_matches("whsec_");
     assert!(!logs.contains(whsec_key));

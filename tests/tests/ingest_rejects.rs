@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use sluice_tests::ingest::{jetstream, stored_count, Ingest, GITHUB_SECRET, GITLAB_TOKEN, SIGNING_SECRET};
+use sluice_tests::ingest::{
+    jetstream, stored_count, Ingest, GITHUB_SECRET, GITLAB_TOKEN, SIGNING_SECRET,
+};
 use sluice_tests::nats::NatsServer;
 use sluice_tests::{fixture, init_logs, sign};
 
@@ -32,7 +34,10 @@ fn cases() -> Vec<Case> {
     let at = tampered.iter().position(|b| *b == b'2').expect("a digit");
     tampered[at] = b'3';
     let without = |name: &str, sig: String| -> Vec<(&'static str, String)> {
-        github_headers(sig).into_iter().filter(|(h, _)| *h != name).collect()
+        github_headers(sig)
+            .into_iter()
+            .filter(|(h, _)| *h != name)
+            .collect()
     };
     let malformed = br#"{"action": "opened", "#.to_vec();
     let ts = sign::now();
@@ -160,7 +165,11 @@ fn cases() -> Vec<Case> {
         Case {
             name: "standard webhook replayed outside the tolerance",
             path: "/webhooks/generic",
-            headers: generic("msg_old", ts - 301, sign::standard(SIGNING_SECRET, "msg_old", ts - 301, &generic_body)),
+            headers: generic(
+                "msg_old",
+                ts - 301,
+                sign::standard(SIGNING_SECRET, "msg_old", ts - 301, &generic_body),
+            ),
             body: generic_body.clone(),
             status: 401,
             message: "outside the accepted tolerance",
@@ -168,7 +177,11 @@ fn cases() -> Vec<Case> {
         Case {
             name: "standard webhook from the future",
             path: "/webhooks/generic",
-            headers: generic("msg_new", ts + 400, sign::standard(SIGNING_SECRET, "msg_new", ts + 400, &generic_body)),
+            headers: generic(
+                "msg_new",
+                ts + 400,
+                sign::standard(SIGNING_SECRET, "msg_new", ts + 400, &generic_body),
+            ),
             body: generic_body.clone(),
             status: 401,
             message: "outside the accepted tolerance",
@@ -176,7 +189,11 @@ fn cases() -> Vec<Case> {
         Case {
             name: "standard webhook with the id changed",
             path: "/webhooks/generic",
-            headers: generic("msg_other", ts, sign::standard(SIGNING_SECRET, "msg_1", ts, &generic_body)),
+            headers: generic(
+                "msg_other",
+                ts,
+                sign::standard(SIGNING_SECRET, "msg_1", ts, &generic_body),
+            ),
             body: generic_body.clone(),
             status: 401,
             message: "signature does not match",
@@ -184,7 +201,11 @@ fn cases() -> Vec<Case> {
         Case {
             name: "standard webhook without a type",
             path: "/webhooks/generic",
-            headers: generic("msg_2", ts, sign::standard(SIGNING_SECRET, "msg_2", ts, b"{}")),
+            headers: generic(
+                "msg_2",
+                ts,
+                sign::standard(SIGNING_SECRET, "msg_2", ts, b"{}"),
+            ),
             body: b"{}".to_vec(),
             status: 400,
             message: "needs a `type` field",
@@ -208,16 +229,34 @@ async fn refused_deliveries_get_the_right_status_and_store_nothing() {
         let text = r.text().await.expect("body");
         assert_eq!(status, case.status, "{}: {text}", case.name);
         assert!(text.contains(case.message), "{}: {text}", case.name);
-        assert!(text.starts_with("{\"error\":"), "{}: JSON error body: {text}", case.name);
+        assert!(
+            text.starts_with("{\"error\":"),
+            "{}: JSON error body: {text}",
+            case.name
+        );
     }
     assert_eq!(stored_count(&js).await, 0, "nothing refused was stored");
 
-    let metrics = ingest.http.get(ingest.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let metrics = ingest
+        .http
+        .get(ingest.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
     assert!(
-        metrics.contains(r#"sluice_ingest_verification_failures_total{provider="github",reason="mismatch"} 3"#),
+        metrics.contains(
+            r#"sluice_ingest_verification_failures_total{provider="github",reason="mismatch"} 3"#
+        ),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"sluice_ingest_requests_total{provider="github",outcome="bad_request"} 3"#), "{metrics}");
+    assert!(
+        metrics
+            .contains(r#"sluice_ingest_requests_total{provider="github",outcome="bad_request"} 3"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -242,7 +281,11 @@ async fn an_endpoint_without_a_secret_refuses_everything() {
         .await
         .expect("sent");
     assert_eq!(r.status().as_u16(), 401);
-    assert!(r.text().await.expect("text").contains("no webhook secret is configured"));
+    assert!(r
+        .text()
+        .await
+        .expect("text")
+        .contains("no webhook secret is configured"));
     assert_eq!(stored_count(&js).await, 0);
 }
 
@@ -260,7 +303,10 @@ async fn oversized_bodies_are_refused_without_being_read_whole() {
     let r = ingest
         .http
         .post(ingest.url("/webhooks/github"))
-        .headers(header_map(github_headers(sign::github_sha256(GITHUB_SECRET, &big))))
+        .headers(header_map(github_headers(sign::github_sha256(
+            GITHUB_SECRET,
+            &big,
+        ))))
         .body(big.clone())
         .send()
         .await
@@ -268,11 +314,15 @@ async fn oversized_bodies_are_refused_without_being_read_whole() {
     assert_eq!(r.status().as_u16(), 413);
 
     // Streamed without a length: refused once the limit is crossed.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
     let r = ingest
         .http
         .post(ingest.url("/webhooks/github"))
-        .headers(header_map(github_headers(sign::github_sha256(GITHUB_SECRET, &big))))
+        .headers(header_map(github_headers(sign::github_sha256(
+            GITHUB_SECRET,
+            &big,
+        ))))
         .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
         .send()
         .await
@@ -289,8 +339,11 @@ async fn a_body_that_never_finishes_is_answered_in_time() {
     config.read_timeout = Duration::from_millis(300);
     let ingest = Ingest::start_with(config).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    tx.send(Ok(b"{\"action\":".to_vec())).await.expect("first chunk");
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    tx.send(Ok(b"{\"action\":".to_vec()))
+        .await
+        .expect("first chunk");
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     let r = ingest
         .http
         .post(ingest.url("/webhooks/github"))
@@ -306,6 +359,11 @@ async fn a_body_that_never_finishes_is_answered_in_time() {
 fn header_map(headers: Vec<(&'static str, String)>) -> reqwest::header::HeaderMap {
     headers
         .into_iter()
-        .map(|(k, v)| (reqwest::header::HeaderName::from_static(k), v.parse().expect("header value")))
+        .map(|(k, v)| {
+            (
+                reqwest::header::HeaderName::from_static(k),
+                v.parse().expect("header value"),
+            )
+        })
         .collect()
 }

@@ -11,15 +11,26 @@ const GITHUB_SECRET: &str = "It's a Secret to Everybody";
 const GITHUB_SIG: &str = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
 
 fn secrets(list: &[&str]) -> Vec<SecretString> {
-    list.iter().map(|s| SecretString::from((*s).to_owned())).collect()
+    list.iter()
+        .map(|s| SecretString::from((*s).to_owned()))
+        .collect()
 }
 
 #[test]
 fn github_vector() {
     let s = secrets(&["rotated-out", GITHUB_SECRET]);
-    assert_eq!(verify::github_sha256(&s, GITHUB_SIG, b"Hello, World!"), Ok(()));
-    assert_eq!(verify::github_sha256(&s, GITHUB_SIG, b"Hello, World?"), Err(Failure::Mismatch));
-    assert_eq!(verify::github_sha256(&secrets(&["other"]), GITHUB_SIG, b"Hello, World!"), Err(Failure::Mismatch));
+    assert_eq!(
+        verify::github_sha256(&s, GITHUB_SIG, b"Hello, World!"),
+        Ok(())
+    );
+    assert_eq!(
+        verify::github_sha256(&s, GITHUB_SIG, b"Hello, World?"),
+        Err(Failure::Mismatch)
+    );
+    assert_eq!(
+        verify::github_sha256(&secrets(&["other"]), GITHUB_SIG, b"Hello, World!"),
+        Err(Failure::Mismatch)
+    );
 }
 
 #[test]
@@ -48,15 +59,34 @@ fn standard_webhooks_vectors() {
             timestamp: &timestamp,
             signature: sig,
         };
-        assert_eq!(verify::standard(&s, h, body.as_bytes(), ts, 300), Ok(()), "{id}");
+        assert_eq!(
+            verify::standard(&s, h, body.as_bytes(), ts, 300),
+            Ok(()),
+            "{id}"
+        );
         // Several signatures in one header: any valid one passes.
         let several = format!("v1,bm90LWl0 {sig}");
-        let h2 = StandardHeaders { signature: &several, ..h };
-        assert_eq!(verify::standard(&s, h2, body.as_bytes(), ts, 300), Ok(()), "{id}");
+        let h2 = StandardHeaders {
+            signature: &several,
+            ..h
+        };
+        assert_eq!(
+            verify::standard(&s, h2, body.as_bytes(), ts, 300),
+            Ok(()),
+            "{id}"
+        );
         // The same delivery replayed six minutes later is refused.
-        assert_eq!(verify::standard(&s, h, body.as_bytes(), ts + 360, 300), Err(Failure::Expired), "{id}");
+        assert_eq!(
+            verify::standard(&s, h, body.as_bytes(), ts + 360, 300),
+            Err(Failure::Expired),
+            "{id}"
+        );
         let tampered = body.replace('2', "3").replace("test_user", "test_usr");
-        assert_eq!(verify::standard(&s, h, tampered.as_bytes(), ts, 300), Err(Failure::Mismatch), "{id}");
+        assert_eq!(
+            verify::standard(&s, h, tampered.as_bytes(), ts, 300),
+            Err(Failure::Mismatch),
+            "{id}"
+        );
     }
 }
 
@@ -81,6 +111,8 @@ async fn github_vector_through_the_router() {
     // The signature checks out, so the (non-JSON) body is then reported as malformed.
     let r = post(GITHUB_SIG).await.expect("sent");
     assert_eq!(r.status().as_u16(), 400);
-    let r = post("sha256=857107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17").await.expect("sent");
+    let r = post("sha256=857107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17")
+        .await
+        .expect("sent");
     assert_eq!(r.status().as_u16(), 401);
 }
