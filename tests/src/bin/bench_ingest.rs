@@ -1,1 +1,287 @@
-fn main() {}
+//! Ingest benchmark: in one run on one machine, (a) raw JetStream publish throughput
+//! with async-nats for a real 28 KB pull_request payload, (b) the same payload as
+//! signed webhooks through a `sluice ingest` process end to end, their ratio, and
+//! ingest's p50/p99 latency and peak RSS at a fixed 1,000 requests/s.
+//!
+//! Run with `./scripts/bench-ingest` (builds the release binaries first).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::{self, message::PublishMessage, stream::Config};
+use sluice_core::streams::StreamSettings;
+use sluice_tests::nats::{free_port, NatsServer};
+use sluice_tests::{fixture, sign, wait_for};
+
+const SECRET: &str = "bench-secret";
+
+struct Args {
+    seconds: u64,
+    concurrency: usize,
+    rate: u64,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        seconds: 10,
+        concurrency: 32,
+        rate: 1000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--seconds" => a.seconds = value.parse()?,
+            "--concurrency" => a.concurrency = value.parse()?,
+            "--rate" => a.rate = value.parse()?,
+            other => bail!("unknown flag {other}: use --seconds, --concurrency, --rate"),
+        }
+    }
+    Ok(a)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    let body = fixture("github/pull_request.opened.json");
+    let nats = NatsServer::start().await;
+    let window = Duration::from_secs(args.seconds);
+    println!(
+        "payload {} bytes, {} s per phase, {} in flight, nats-server {}",
+        body.len(),
+        args.seconds,
+        args.concurrency,
+        nats.url()
+    );
+
+    // (a) Raw JetStream: publish and await the ack, `concurrency` at a time, to a stream
+    // configured like SLUICE_EVENTS (file storage, 72 h duplicate window, msg ids).
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client);
+    js.create_stream(Config {
+        name: "BENCH_RAW".into(),
+        subjects: vec!["bench.raw".into()],
+        ..StreamSettings::default().events()
+    })
+    .await?;
+    let raw = closed_loop(args.concurrency, window, {
+        let js = js.clone();
+        let body = bytes::Bytes::from(body.clone());
+        move |i| {
+            let (js, body) = (js.clone(), body.clone());
+            async move {
+                let ack = js
+                    .send_publish("bench.raw", PublishMessage::build().payload(body).message_id(format!("raw-{i}")))
+                    .await
+                    .ok()?;
+                ack.await.ok().map(|_| ())
+            }
+        }
+    })
+    .await;
+    js.delete_stream("BENCH_RAW").await?;
+
+    // (b) The same payload through a real `sluice ingest` process.
+    let mut ingest = IngestProcess::start(&nats.url()).await?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
+    let url = format!("http://{}/webhooks/github", ingest.addr);
+    let signature = sign::github_sha256(SECRET, &body);
+    let post = {
+        let (http, url, body, signature) = (http.clone(), url.clone(), body.clone(), signature.clone());
+        move |i: u64| {
+            let (http, url, body, signature) = (http.clone(), url.clone(), body.clone(), signature.clone());
+            async move {
+                let r = http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .header("x-github-event", "pull_request")
+                    .header("x-github-delivery", format!("bench-{i}"))
+                    .header("x-hub-signature-256", signature)
+                    .body(body)
+                    .send()
+                    .await
+                    .ok()?;
+                (r.status().as_u16() == 202).then_some(())
+            }
+        }
+    };
+    let through_ingest = closed_loop(args.concurrency, window, post.clone()).await;
+
+    // Latency at a fixed rate, open loop: requests start on schedule whether or not
+    // earlier ones have finished.
+    let latencies = open_loop(args.rate, window, 10_000_000, post).await;
+    let rss = ingest.peak_rss_kib()?;
+    ingest.stop();
+
+    let ratio = through_ingest.per_sec / raw.per_sec;
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| (a) raw JetStream publish+ack | {:.0} msg/s ({} errors) |", raw.per_sec, raw.errors);
+    println!("| (b) signed webhooks through ingest | {:.0} req/s ({} errors) |", through_ingest.per_sec, through_ingest.errors);
+    println!("| ratio (b)/(a) | {:.1}% |", ratio * 100.0);
+    println!(
+        "| ingest latency at {} req/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} requests, {} errors) |",
+        args.rate, latencies.p50_ms, latencies.p99_ms, latencies.max_ms, latencies.count, latencies.errors
+    );
+    println!("| ingest peak RSS (VmHWM) | {:.1} MiB |", rss as f64 / 1024.0);
+    Ok(())
+}
+
+struct Throughput {
+    per_sec: f64,
+    errors: u64,
+}
+
+/// `concurrency` workers each run `op` back to back for `window`.
+async fn closed_loop<F, Fut>(concurrency: usize, window: Duration, op: F) -> Throughput
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Option<()>> + Send,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (op, next, done, errors, stop) = (op.clone(), next.clone(), done.clone(), errors.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    match op(i).await {
+                        Some(()) => done.fetch_add(1, Ordering::Relaxed),
+                        None => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Throughput {
+        per_sec: done.load(Ordering::Relaxed) as f64 / elapsed,
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+struct Latencies {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    count: usize,
+    errors: usize,
+}
+
+/// Starts `op` `rate` times a second for `window`, ids from `first_id`.
+async fn open_loop<F, Fut>(rate: u64, window: Duration, first_id: u64, op: F) -> Latencies
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Option<()>> + Send + 'static,
+{
+    let total = rate * window.as_secs();
+    let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        ticker.tick().await;
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            op(first_id + i).await.map(|()| started.elapsed())
+        }));
+    }
+    let mut samples = Vec::with_capacity(tasks.len());
+    let mut errors = 0;
+    for t in tasks {
+        match t.await.ok().flatten() {
+            Some(d) => samples.push(d),
+            None => errors += 1,
+        }
+    }
+    samples.sort();
+    let pct = |p: f64| {
+        samples
+            .get(((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1)))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    Latencies {
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: samples.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0),
+        count: samples.len(),
+        errors,
+    }
+}
+
+/// `sluice ingest` as its own process, so its memory is measured alone.
+struct IngestProcess {
+    child: Child,
+    addr: String,
+}
+
+impl IngestProcess {
+    async fn start(nats_url: &str) -> anyhow::Result<Self> {
+        let bin = sibling_binary("sluice")?;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(&bin)
+            .arg("ingest")
+            .env("SLUICE_INGEST_LISTEN", &addr)
+            .env("SLUICE_NATS_URL", nats_url)
+            .env("SLUICE_GITHUB_WEBHOOK_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let ready = format!("http://{addr}/readyz");
+        wait_for("ingest to be ready", Duration::from_secs(20), || {
+            let ready = ready.clone();
+            async move {
+                let r = reqwest::get(&ready).await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+        Ok(IngestProcess { child, addr })
+    }
+
+    fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM in /proc status")
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for IngestProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A binary built next to this one (`target/release/sluice`).
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let path = me.parent().context("binary folder")?.join(name);
+    if !path.exists() {
+        bail!("{} not found: build it with `cargo build --release -p sluice`", path.display());
+    }
+    Ok(path)
+}
