@@ -169,7 +169,10 @@ mod tests {
         let again: Event = serde_json::from_slice(&spliced).expect("spliced is valid JSON");
         assert_eq!(again.payload.expect("payload").get(), r#"{"a": [1, 2]}"#);
         assert_eq!(back.id, "github:d-1");
-        assert_eq!(back.payload.as_ref().expect("payload").get(), r#"{"a": [1, 2]}"#);
+        assert_eq!(
+            back.payload.as_ref().expect("payload").get(),
+            r#"{"a": [1, 2]}"#
+        );
         assert_eq!(back.subject(), "sluice.events.github.push");
     }
 }

@@ -68,52 +68,60 @@ async fn main() -> anyhow::Result<()> {
         ..StreamSettings::default().events()
     })
     .await?;
-    let raw = closed_loop(args.concurrency, window, {
+    let publish = {
         let js = js.clone();
         let body = bytes::Bytes::from(body.clone());
         move |i| {
             let (js, body) = (js.clone(), body.clone());
             async move {
                 let ack = js
-                    .send_publish("bench.raw", PublishMessage::build().payload(body).message_id(format!("raw-{i}")))
+                    .send_publish(
+                        "bench.raw",
+                        PublishMessage::build()
+                            .payload(body)
+                            .message_id(format!("raw-{i}")),
+                    )
                     .await
                     .ok()?;
                 ack.await.ok().map(|_| ())
             }
         }
-    })
-    .await;
+    };
+    let raw = closed_loop(args.concurrency, window, publish.clone()).await;
+    // The floor for (b)'s latency: the same publish at the same fixed rate.
+    let raw_latencies = open_loop(args.rate, window, 10_000_000, publish).await;
     js.delete_stream("BENCH_RAW").await?;
 
     // (b) The same payload through a real `sluice ingest` process.
     let mut ingest = IngestProcess::start(&nats.url()).await?;
-    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
-    let url = format!("http://{}/webhooks/github", ingest.addr);
     let signature = sign::github_sha256(SECRET, &body);
-    let post = {
-        let (http, url, body, signature) = (http.clone(), url.clone(), body.clone(), signature.clone());
-        move |i: u64| {
-            let (http, url, body, signature) = (http.clone(), url.clone(), body.clone(), signature.clone());
-            async move {
-                let r = http
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .header("x-github-event", "pull_request")
-                    .header("x-github-delivery", format!("bench-{i}"))
-                    .header("x-hub-signature-256", signature)
-                    .body(body)
-                    .send()
-                    .await
-                    .ok()?;
-                (r.status().as_u16() == 202).then_some(())
-            }
-        }
+    let post = Poster {
+        addr: ingest.addr.clone(),
+        body: bytes::Bytes::from(body.clone()),
+        signature,
     };
-    let through_ingest = closed_loop(args.concurrency, window, post.clone()).await;
+    let through_ingest = closed_loop_conn(args.concurrency, window, post.clone()).await;
 
     // Latency at a fixed rate, open loop: requests start on schedule whether or not
     // earlier ones have finished.
-    let latencies = open_loop(args.rate, window, 10_000_000, post).await;
+    // Keep-alive connections are reused across requests, as a load balancer would.
+    let pool: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
+    let latencies = open_loop(args.rate, window, 10_000_000, move |i| {
+        let (post, pool) = (post.clone(), pool.clone());
+        async move {
+            let idle = pool.lock().ok()?.pop();
+            let mut conn = match idle {
+                Some(c) => c,
+                None => post.connect().await?,
+            };
+            let sent = post.send(&mut conn, i).await;
+            if sent.is_some() {
+                pool.lock().ok()?.push(conn);
+            }
+            sent
+        }
+    })
+    .await;
     let rss = ingest.peak_rss_kib()?;
     ingest.stop();
 
@@ -121,15 +129,119 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| measure | value |");
     println!("|---|---|");
-    println!("| (a) raw JetStream publish+ack | {:.0} msg/s ({} errors) |", raw.per_sec, raw.errors);
-    println!("| (b) signed webhooks through ingest | {:.0} req/s ({} errors) |", through_ingest.per_sec, through_ingest.errors);
+    println!(
+        "| (a) raw JetStream publish+ack | {:.0} msg/s ({} errors) |",
+        raw.per_sec, raw.errors
+    );
+    println!(
+        "| (b) signed webhooks through ingest | {:.0} req/s ({} errors) |",
+        through_ingest.per_sec, through_ingest.errors
+    );
     println!("| ratio (b)/(a) | {:.1}% |", ratio * 100.0);
+    println!(
+        "| raw publish+ack latency at {} msg/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} messages, {} errors) |",
+        args.rate, raw_latencies.p50_ms, raw_latencies.p99_ms, raw_latencies.max_ms, raw_latencies.count, raw_latencies.errors
+    );
     println!(
         "| ingest latency at {} req/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} requests, {} errors) |",
         args.rate, latencies.p50_ms, latencies.p99_ms, latencies.max_ms, latencies.count, latencies.errors
     );
-    println!("| ingest peak RSS (VmHWM) | {:.1} MiB |", rss as f64 / 1024.0);
+    println!(
+        "| ingest peak RSS (VmHWM) | {:.1} MiB |",
+        rss as f64 / 1024.0
+    );
     Ok(())
+}
+
+/// A minimal HTTP/1.1 client (hyper, one connection per worker), so the load generator
+/// takes as little of the shared CPU as it can.
+#[derive(Clone)]
+struct Poster {
+    addr: String,
+    body: bytes::Bytes,
+    signature: String,
+}
+
+type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+impl Poster {
+    async fn connect(&self) -> Option<Conn> {
+        let tcp = tokio::net::TcpStream::connect(&self.addr).await.ok()?;
+        tcp.set_nodelay(true).ok()?;
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        Some(send)
+    }
+
+    async fn send(&self, conn: &mut Conn, i: u64) -> Option<()> {
+        let request = hyper::Request::post("/webhooks/github")
+            .header("host", &self.addr)
+            .header("content-type", "application/json")
+            .header("x-github-event", "pull_request")
+            .header("x-github-delivery", format!("bench-{i}"))
+            .header("x-hub-signature-256", &self.signature)
+            .body(http_body_util::Full::new(self.body.clone()))
+            .ok()?;
+        conn.ready().await.ok()?;
+        let response = conn.send_request(request).await.ok()?;
+        let ok = response.status().as_u16() == 202;
+        // Drain the small JSON answer so the connection can be reused.
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .ok()?;
+        ok.then_some(())
+    }
+}
+
+/// `concurrency` workers, each on its own keep-alive connection, post back to back.
+async fn closed_loop_conn(concurrency: usize, window: Duration, poster: Poster) -> Throughput {
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (poster, next, done, errors, stop) = (
+                poster.clone(),
+                next.clone(),
+                done.clone(),
+                errors.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut conn = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if conn.is_none() {
+                        conn = poster.connect().await;
+                    }
+                    let Some(c) = conn.as_mut() else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    match poster.send(c, i).await {
+                        Some(()) => done.fetch_add(1, Ordering::Relaxed),
+                        None => {
+                            conn = None;
+                            errors.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    Throughput {
+        per_sec: done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
+        errors: errors.load(Ordering::Relaxed),
+    }
 }
 
 struct Throughput {
@@ -150,7 +262,13 @@ where
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (op, next, done, errors, stop) = (op.clone(), next.clone(), done.clone(), errors.clone(), stop.clone());
+            let (op, next, done, errors, stop) = (
+                op.clone(),
+                next.clone(),
+                done.clone(),
+                errors.clone(),
+                stop.clone(),
+            );
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -217,7 +335,9 @@ where
     Latencies {
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
-        max_ms: samples.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0),
+        max_ms: samples
+            .last()
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0),
         count: samples.len(),
         errors,
     }
@@ -264,7 +384,9 @@ impl IngestProcess {
     }
 
     fn stop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -281,7 +403,10 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let path = me.parent().context("binary folder")?.join(name);
     if !path.exists() {
-        bail!("{} not found: build it with `cargo build --release -p sluice`", path.display());
+        bail!(
+            "{} not found: build it with `cargo build --release -p sluice`",
+            path.display()
+        );
     }
     Ok(path)
 }

@@ -1,0 +1,755 @@
+//! Pipelines: the YAML users write, parsed and validated in one pass so that every
+//! error names the file, line and column it comes from.
+//!
+//! Values that can be wrong on their own (names, globs, CEL, durations) are checked by
+//! their own `Deserialize`, so the YAML parser reports the position of the offending
+//! value; checks that need a whole step or pipeline run right after, at the position
+//! of the mapping they belong to.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+
+// === Errors ===
+
+/// A pipeline that cannot be accepted, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub file: String,
+    /// 1-based; 0 when the parser could not tell.
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        } else {
+            write!(f, "{}: {}", self.file, self.message)
+        }
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// Parses every YAML document in `text` (separated by `---`) as a pipeline. Nothing is
+/// returned unless every document is valid: a file is accepted or refused whole.
+pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Pipeline>, SpecError> {
+    let mut pipelines = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let pipeline = Pipeline::deserialize(document).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            SpecError {
+                file: file.to_owned(),
+                line,
+                column,
+                message: clean_message(&e.to_string()),
+            }
+        })?;
+        pipelines.push(pipeline);
+    }
+    if pipelines.is_empty() {
+        return Err(SpecError {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            message: "no pipeline in this file".into(),
+        });
+    }
+    let mut seen = HashSet::new();
+    for p in &pipelines {
+        if !seen.insert(p.name.as_str()) {
+            return Err(SpecError {
+                file: file.to_owned(),
+                line: 0,
+                column: 0,
+                message: format!("pipeline `{}` is defined twice", p.name),
+            });
+        }
+    }
+    Ok(pipelines)
+}
+
+/// serde_yaml appends " at line L column C" to messages; the position is reported
+/// separately.
+fn clean_message(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+// === The pipeline ===
+
+/// A pipeline as stored and served: what `sluice pipelines apply` accepted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "PipelineSpec")]
+pub struct Pipeline {
+    pub name: Name,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<Trigger>,
+    #[serde(default)]
+    pub runtime: Runtime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<HumanDuration>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    pub steps: Vec<Step>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
+}
+
+/// The same fields, before the checks that need the whole pipeline.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineSpec {
+    name: Name,
+    #[serde(default)]
+    triggers: Vec<Trigger>,
+    #[serde(default)]
+    runtime: Runtime,
+    #[serde(default)]
+    concurrency: Option<Concurrency>,
+    #[serde(default)]
+    timeout: Option<HumanDuration>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    steps: Vec<Step>,
+    #[serde(default)]
+    cache: Option<Cache>,
+}
+
+impl TryFrom<PipelineSpec> for Pipeline {
+    type Error = String;
+    fn try_from(s: PipelineSpec) -> Result<Self, String> {
+        if s.steps.is_empty() {
+            return Err(format!("pipeline `{}` has no steps: add at least one under `steps:`", s.name));
+        }
+        let mut names = HashSet::new();
+        for step in &s.steps {
+            if !names.insert(step.name.as_str()) {
+                return Err(format!("pipeline `{}`: two steps are named `{}`", s.name, step.name));
+            }
+        }
+        for key in s.env.keys() {
+            check_env_name(key)?;
+        }
+        if let Some(c) = &s.concurrency {
+            if c.max_running == Some(0) {
+                return Err("concurrency.max_running must be at least 1".into());
+            }
+        }
+        Ok(Pipeline {
+            name: s.name,
+            triggers: s.triggers,
+            runtime: s.runtime,
+            concurrency: s.concurrency,
+            timeout: s.timeout,
+            env: s.env,
+            steps: s.steps,
+            cache: s.cache,
+        })
+    }
+}
+
+/// When a pipeline starts. Every filter that is set must pass; an empty list passes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "TriggerSpec")]
+pub struct Trigger {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderName>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repos: Vec<Glob>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kinds: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<String>,
+    /// Target branch of a pull request, or the pushed branch; `!` excludes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branches: Vec<Glob>,
+    /// Pushed tag names; `!` excludes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<Glob>,
+    /// Changed paths; `!` excludes. Fires if any changed file passes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<Glob>,
+    /// A CEL expression over `event` that must be `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Cel>,
+    /// A comment command such as `/retest`: the comment's first word must be it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Who may run `command` (the forge's author association). Default: owners,
+    /// members and collaborators.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command_authors: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerSpec {
+    #[serde(default)]
+    provider: Option<ProviderName>,
+    #[serde(default)]
+    repos: Vec<Glob>,
+    #[serde(default)]
+    kinds: Vec<String>,
+    #[serde(default)]
+    actions: Vec<String>,
+    #[serde(default)]
+    branches: Vec<Glob>,
+    #[serde(default)]
+    tags: Vec<Glob>,
+    #[serde(default)]
+    paths: Vec<Glob>,
+    #[serde(default)]
+    when: Option<Cel>,
+    #[serde(default)]
+    command: Option<String>,
+    #[serde(default)]
+    command_authors: Vec<String>,
+}
+
+impl TryFrom<TriggerSpec> for Trigger {
+    type Error = String;
+    fn try_from(s: TriggerSpec) -> Result<Self, String> {
+        let mut kinds = s.kinds;
+        if let Some(command) = &s.command {
+            if !command.starts_with('/') || command.contains(char::is_whitespace) {
+                return Err(format!("command `{command}` must be one word starting with `/`, such as /retest"));
+            }
+            // A command only ever comes in a comment.
+            if kinds.is_empty() {
+                kinds.push("comment".into());
+            } else if !kinds.iter().any(|k| k == "comment") {
+                return Err("a trigger with `command` must include the `comment` kind".into());
+            }
+        }
+        for k in &kinds {
+            if k.is_empty() || k.chars().any(|c| !(c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())) {
+                return Err(format!("kind `{k}` is not a lower-case event kind such as push, tag, pull_request or comment"));
+            }
+        }
+        let command_authors = s.command_authors.iter().map(|a| a.to_ascii_uppercase()).collect();
+        Ok(Trigger {
+            provider: s.provider,
+            repos: s.repos,
+            kinds,
+            actions: s.actions,
+            branches: s.branches,
+            tags: s.tags,
+            paths: s.paths,
+            when: s.when,
+            command: s.command,
+            command_authors,
+        })
+    }
+}
+
+/// Where a pipeline runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// A cluster, or a list of clusters to fall back through in order.
+    #[serde(default, skip_serializing_if = "Clusters::is_empty")]
+    pub cluster: Clusters,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+}
+
+/// One cluster name or a fallback list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Clusters(pub Vec<Name>);
+
+impl Clusters {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for Clusters {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Clusters {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(Name),
+            Many(Vec<Name>),
+        }
+        match OneOrMany::deserialize(d) {
+            Ok(OneOrMany::One(n)) => Ok(Clusters(vec![n])),
+            Ok(OneOrMany::Many(v)) => Ok(Clusters(v)),
+            Err(_) => Err(de::Error::custom(
+                "cluster must be a name (lower-case letters, digits, -) or a list of names",
+            )),
+        }
+    }
+}
+
+/// Concurrency groups.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    /// A template over `${repo}`, `${pr}`, `${ref}`, `${branch}`, `${sha}`,
+    /// `${pipeline}`, `${kind}`.
+    pub group: String,
+    #[serde(default)]
+    pub cancel_in_progress: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running: Option<u32>,
+}
+
+/// One step: commands in an image, or a child pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "StepSpec")]
+pub struct Step {
+    pub name: Name,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Kubernetes Secret names, mounted as env (`env`) and files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<HumanDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Cel>,
+    /// Start this pipeline and wait for its result instead of running commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Name>,
+    /// Where the child pipeline runs, when not where its own definition says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepSpec {
+    name: Name,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    commands: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    secrets: Vec<String>,
+    #[serde(default)]
+    resources: Option<Resources>,
+    #[serde(default)]
+    timeout: Option<HumanDuration>,
+    #[serde(default)]
+    when: Option<Cel>,
+    #[serde(default)]
+    pipeline: Option<Name>,
+    #[serde(default)]
+    runtime: Option<Runtime>,
+}
+
+impl TryFrom<StepSpec> for Step {
+    type Error = String;
+    fn try_from(s: StepSpec) -> Result<Self, String> {
+        let name = &s.name;
+        match (&s.image, &s.pipeline) {
+            (None, None) => {
+                return Err(format!(
+                    "step `{name}` has no image: set `image:` (and `commands:`), or `pipeline:` to start another pipeline"
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(format!("step `{name}` sets both `image` and `pipeline`: a step does one or the other"))
+            }
+            (Some(image), None) if image.trim().is_empty() => {
+                return Err(format!("step `{name}` has an empty image"))
+            }
+            (None, Some(_)) if !s.commands.is_empty() => {
+                return Err(format!("step `{name}` starts a pipeline and cannot also have `commands`"))
+            }
+            (Some(_), None) if s.runtime.is_some() => {
+                return Err(format!("step `{name}`: `runtime` is only for `pipeline:` steps"))
+            }
+            _ => {}
+        }
+        for key in s.env.keys() {
+            check_env_name(key)?;
+        }
+        Ok(Step {
+            name: s.name,
+            image: s.image,
+            commands: s.commands,
+            env: s.env,
+            secrets: s.secrets,
+            resources: s.resources,
+            timeout: s.timeout,
+            when: s.when,
+            pipeline: s.pipeline,
+            runtime: s.runtime,
+        })
+    }
+}
+
+/// Container resources, in Kubernetes quantities (`500m`, `1Gi`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<String>,
+}
+
+/// What to keep between runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    /// Template for the cache key; default `${repo}/${branch}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    pub paths: Vec<String>,
+}
+
+fn check_env_name(key: &str) -> Result<(), String> {
+    let ok = !key.is_empty()
+        && !key.starts_with(|c: char| c.is_ascii_digit())
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{key}` is not a valid environment variable name (letters, digits, _)"))
+    }
+}
+
+// === Checked scalar values ===
+
+/// A lower-case DNS label (≤ 63 of `a-z`, `0-9`, `-`): usable in subjects, Pod names
+/// and labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Name(String);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Checks `s` against the naming rule.
+    pub fn parse(s: &str) -> Result<Name, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !s.starts_with('-')
+            && !s.ends_with('-');
+        if ok {
+            Ok(Name(s.to_owned()))
+        } else {
+            Err(format!(
+                "`{s}` is not a valid name: use at most 63 lower-case letters, digits and `-`, starting and ending with a letter or digit"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Name::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// `github`, `gitlab`, `generic` or `manual`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderName {
+    Github,
+    Gitlab,
+    Generic,
+    Manual,
+}
+
+impl ProviderName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderName::Github => "github",
+            ProviderName::Gitlab => "gitlab",
+            ProviderName::Generic => "generic",
+            ProviderName::Manual => "manual",
+        }
+    }
+}
+
+/// A glob (`*` within a path segment, `**` across, `?`, `[a-z]`, `{a,b}`); a leading
+/// `!` makes it an exclusion.
+#[derive(Clone)]
+pub struct Glob {
+    source: String,
+    negated: bool,
+    matcher: globset::GlobMatcher,
+}
+
+impl Glob {
+    pub fn parse(source: &str) -> Result<Glob, String> {
+        let (negated, pattern) = match source.strip_prefix('!') {
+            Some(rest) => (true, rest),
+            None => (false, source),
+        };
+        if pattern.is_empty() {
+            return Err(format!("empty pattern `{source}`"));
+        }
+        let glob = globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| format!("bad glob `{source}`: {}", e.kind()))?;
+        Ok(Glob {
+            source: source.to_owned(),
+            negated,
+            matcher: glob.compile_matcher(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn is_negated(&self) -> bool {
+        self.negated
+    }
+
+    /// True when the pattern (ignoring `!`) matches `text`.
+    pub fn matches(&self, text: &str) -> bool {
+        self.matcher.is_match(text)
+    }
+
+    /// True when the pattern has no glob characters: matching is string equality.
+    pub fn is_literal(&self) -> bool {
+        !self.source.contains(['*', '?', '[', '{', '!'])
+    }
+}
+
+/// True when `text` passes a list of includes and `!` excludes: some include matches (or
+/// there is none) and no exclude does. An empty list passes everything.
+pub fn passes(list: &[Glob], text: &str) -> bool {
+    let mut any_include = false;
+    let mut included = false;
+    for g in list {
+        if g.negated {
+            if g.matches(text) {
+                return false;
+            }
+        } else {
+            any_include = true;
+            included = included || g.matches(text);
+        }
+    }
+    included || !any_include
+}
+
+impl fmt::Debug for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Glob({:?})", self.source)
+    }
+}
+
+impl Serialize for Glob {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for Glob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Glob::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A compiled CEL expression.
+#[derive(Clone)]
+pub struct Cel {
+    source: String,
+    program: Arc<cel::Program>,
+    /// Whether the expression reads `event.payload`; converting a large payload for
+    /// CEL is skipped when it does not.
+    pub uses_payload: bool,
+}
+
+impl Cel {
+    pub fn parse(source: &str) -> Result<Cel, String> {
+        let program = cel::Program::compile(source).map_err(|e| format!("bad CEL `{source}`: {e}"))?;
+        Ok(Cel {
+            source: source.to_owned(),
+            program: Arc::new(program),
+            uses_payload: source.contains("payload"),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn program(&self) -> &cel::Program {
+        &self.program
+    }
+}
+
+impl fmt::Debug for Cel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Cel({:?})", self.source)
+    }
+}
+
+impl Serialize for Cel {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Cel::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A duration written as `30m`, `2h`, …
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", self.0.as_secs()))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::duration::parse(&s).map(HumanDuration).map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> SpecError {
+        parse_documents("p.yaml", text).expect_err("must be refused")
+    }
+
+    const GOOD: &str = r#"
+name: app-ci
+triggers:
+  - provider: github
+    repos: ["acme/app", "acme/lib-*"]
+    kinds: [pull_request]
+    actions: [opened, synchronize, reopened]
+    branches: ["main", "release/*"]
+    paths: ["src/**", "!docs/**"]
+    when: "event.pr_draft == false"
+  - kinds: [comment]
+    command: /retest
+runtime: { cluster: eu-1 }
+concurrency: { group: "${repo}/${pr}", cancel_in_progress: true }
+steps:
+  - { name: test, image: "rust:1.85", commands: ["cargo test"] }
+  - { name: deploy, pipeline: deploy-prod, runtime: { cluster: us-1 }, when: "event.ref == 'refs/heads/main'" }
+"#;
+
+    #[test]
+    fn the_documented_example_is_valid_and_round_trips() {
+        let p = parse_documents("p.yaml", GOOD).expect("valid");
+        assert_eq!(p.len(), 1);
+        let p = &p[0];
+        assert_eq!(p.name.as_str(), "app-ci");
+        assert_eq!(p.triggers[1].kinds, ["comment"]);
+        assert_eq!(p.runtime.cluster.0[0].as_str(), "eu-1");
+        let yaml = serde_yaml::to_string(p).expect("yaml");
+        let again = parse_documents("again.yaml", &yaml).expect("round trip");
+        assert_eq!(serde_json::to_value(&again[0]).ok(), serde_json::to_value(p).ok());
+    }
+
+    #[test]
+    fn errors_point_at_the_offending_value() {
+        let e = err("name: x\nsteps:\n  - name: a\n    image: i\n    comands: [x]\n");
+        assert_eq!((e.line, e.column), (5, 5), "{e}");
+        assert!(e.message.contains("unknown field `comands`"), "{e}");
+
+        let e = err("name: x\ntriggers:\n  - branches: [\"main\", \"rel[ease\"]\nsteps:\n  - {name: a, image: i}\n");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("bad glob `rel[ease`"), "{e}");
+
+        let e = err("name: x\ntriggers:\n  - when: \"event.kind ==\"\nsteps:\n  - {name: a, image: i}\n");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("bad CEL"), "{e}");
+
+        let e = err("name: x\nsteps:\n  - name: a\n    commands: [make]\n");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("step `a` has no image"), "{e}");
+
+        let e = err("name: Bad_Name\nsteps:\n  - {name: a, image: i}\n");
+        assert_eq!((e.line, e.column), (1, 7), "{e}");
+        assert_eq!(e.to_string().split(": ").next(), Some("p.yaml:1:7"));
+    }
+
+    #[test]
+    fn globs_include_and_exclude() {
+        let list: Vec<Glob> = ["src/**", "!src/gen/**"].iter().map(|s| Glob::parse(s).expect("glob")).collect();
+        assert!(passes(&list, "src/main.rs"));
+        assert!(passes(&list, "src/a/b.rs"));
+        assert!(!passes(&list, "src/gen/x.rs"));
+        assert!(!passes(&list, "docs/x.md"));
+        let excludes: Vec<Glob> = ["!docs/**"].iter().map(|s| Glob::parse(s).expect("glob")).collect();
+        assert!(passes(&excludes, "src/x"));
+        assert!(!passes(&excludes, "docs/x"));
+        let branch = Glob::parse("release/*").expect("glob");
+        assert!(branch.matches("release/1.0"));
+        assert!(!branch.matches("release/1/2"));
+        assert!(passes(&[], "anything"));
+    }
+
+    #[test]
+    fn a_file_is_refused_whole() {
+        let text = format!("{GOOD}\n---\nname: second\nsteps: []\n");
+        let e = err(&text);
+        assert!(e.message.contains("has no steps"), "{e}");
+    }
+}
