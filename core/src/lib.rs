@@ -9,6 +9,7 @@ pub mod duration;
 pub mod envelope;
 pub mod error;
 pub mod nats;
+pub mod pipeline;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

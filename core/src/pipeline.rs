@@ -44,12 +44,17 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Pipeline>, SpecErro
     let mut pipelines = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
         let pipeline = Pipeline::deserialize(document).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let at = e.location().map(|l| (l.line(), l.column(), l.index()));
+            let message = clean_message(&e.to_string());
+            let (line, column) = match at {
+                Some((line, column, index)) => value_position(text, index, &message).unwrap_or((line, column)),
+                None => (0, 0),
+            };
             SpecError {
                 file: file.to_owned(),
                 line,
                 column,
-                message: clean_message(&e.to_string()),
+                message,
             }
         })?;
         pipelines.push(pipeline);
@@ -74,6 +79,27 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Pipeline>, SpecErro
         }
     }
     Ok(pipelines)
+}
+
+/// The parser reports errors raised by a value's own checks at the start of the
+/// mapping holding it. Those messages quote the value first (`` `Bad_Name` is not…``,
+/// ``bad glob `…` ``): find that value after the mapping's start to point at it.
+fn value_position(text: &str, from: usize, message: &str) -> Option<(usize, usize)> {
+    // The message may start with the field's path (`triggers[0].branches: …`).
+    let candidates = std::iter::once(message).chain(message.match_indices(": ").map(|(i, _)| &message[i + 2..]));
+    let quoted = candidates.into_iter().find_map(|m| {
+        ["`", "bad glob `", "bad CEL `", "bad duration `", "empty pattern `"]
+            .iter()
+            .find_map(|prefix| m.strip_prefix(prefix))
+    })?;
+    let value = &quoted[..quoted.find('`')?];
+    if value.is_empty() {
+        return None;
+    }
+    let at = from + text.get(from..)?.find(value)?;
+    let line = text[..at].matches('\n').count() + 1;
+    let column = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
+    Some((line, column))
 }
 
 /// serde_yaml appends " at line L column C" to messages; the position is reported
@@ -663,7 +689,9 @@ impl Serialize for HumanDuration {
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        crate::duration::parse(&s).map(HumanDuration).map_err(de::Error::custom)
+        crate::duration::parse(&s)
+            .map(HumanDuration)
+            .map_err(|e| de::Error::custom(format!("bad duration `{s}`: {e}")))
     }
 }
 
@@ -714,11 +742,14 @@ steps:
         assert!(e.message.contains("unknown field `comands`"), "{e}");
 
         let e = err("name: x\ntriggers:\n  - branches: [\"main\", \"rel[ease\"]\nsteps:\n  - {name: a, image: i}\n");
-        assert_eq!(e.line, 3, "{e}");
+        assert_eq!((e.line, e.column), (3, 25), "{e}");
         assert!(e.message.contains("bad glob `rel[ease`"), "{e}");
 
-        let e = err("name: x\ntriggers:\n  - when: \"event.kind ==\"\nsteps:\n  - {name: a, image: i}\n");
-        assert_eq!(e.line, 3, "{e}");
+        let e = err("name: x\ntimeout: 10 minutes\nsteps:\n  - {name: a, image: i}\n");
+        assert_eq!((e.line, e.column), (2, 10), "{e}");
+
+        let e = err("name: x\ntriggers:\n  - kinds: [push]\n    when: \"event.kind ==\"\nsteps:\n  - {name: a, image: i}\n");
+        assert_eq!((e.line, e.column), (4, 12), "{e}");
         assert!(e.message.contains("bad CEL"), "{e}");
 
         let e = err("name: x\nsteps:\n  - name: a\n    commands: [make]\n");
