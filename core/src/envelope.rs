@@ -5,7 +5,7 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 /// Where an event came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     Github,
@@ -13,6 +13,7 @@ pub enum Provider {
     /// Any sender that signs Standard Webhooks.
     Generic,
     /// Published by hand (`sluice events publish`, `nats pub`).
+    #[default]
     Manual,
 }
 
@@ -57,18 +58,27 @@ pub struct PayloadRef {
 }
 
 /// One accepted delivery, normalized. Fields a provider does not have are `null`.
+///
+/// Hand-written (manual) events may leave out anything: the dispatcher takes a missing
+/// `id`, `provider` or `kind` from the message's subject and sequence.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     /// `<provider>:<delivery id>`; also the `Nats-Msg-Id`, so a redelivery is a duplicate.
+    #[serde(default)]
     pub id: String,
+    #[serde(default)]
     pub provider: Provider,
     /// `push`, `tag`, `pull_request`, `comment`, `ping`, or the provider's own name.
+    #[serde(default)]
     pub kind: String,
     /// The PR/MR action (`opened`, `synchronize`, …) or comment action.
     pub action: Option<String>,
     /// `owner/name` (GitLab: the full project path).
     pub repo: Option<String>,
     pub clone_url: Option<String>,
+    /// The repository's default branch, when the payload names it.
+    #[serde(default)]
+    pub default_branch: Option<String>,
     /// The pushed ref, or a pull request's head ref (`refs/heads/…`, `refs/tags/…`).
     #[serde(rename = "ref")]
     pub git_ref: Option<String>,
@@ -87,16 +97,21 @@ pub struct Event {
     /// Paths touched, when the payload lists them; `None` when it does not.
     pub changed_files: Option<Vec<String>>,
     /// False when the payload's list may be cut short (the forges cap commit lists).
+    #[serde(default)]
     pub changed_files_complete: bool,
     /// The comment's body for `comment` events.
     pub comment: Option<String>,
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "time::serde::rfc3339", default = "OffsetDateTime::now_utc")]
     pub received_at: OffsetDateTime,
     /// The provider's original payload, unless it was stored by reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Box<RawValue>>,
     /// Where the original payload is when it was too large for one message.
+    #[serde(default)]
     pub payload_ref: Option<PayloadRef>,
+    /// Manual events only: start this pipeline, whatever its triggers say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
 }
 
 impl Event {
@@ -109,6 +124,7 @@ impl Event {
             action: None,
             repo: None,
             clone_url: None,
+            default_branch: None,
             git_ref: None,
             sha: None,
             base_ref: None,
@@ -122,6 +138,7 @@ impl Event {
             received_at: OffsetDateTime::now_utc(),
             payload: None,
             payload_ref: None,
+            pipeline: None,
         }
     }
 

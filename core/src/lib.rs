@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod error;
 pub mod nats;
 pub mod pipeline;
+pub mod run;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

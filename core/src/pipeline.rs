@@ -29,7 +29,11 @@ pub struct SpecError {
 impl fmt::Display for SpecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line > 0 {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
         } else {
             write!(f, "{}: {}", self.file, self.message)
         }
@@ -47,7 +51,9 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Pipeline>, SpecErro
             let at = e.location().map(|l| (l.line(), l.column(), l.index()));
             let message = clean_message(&e.to_string());
             let (line, column) = match at {
-                Some((line, column, index)) => value_position(text, index, &message).unwrap_or((line, column)),
+                Some((line, column, index)) => {
+                    value_position(text, index, &message).unwrap_or((line, column))
+                }
                 None => (0, 0),
             };
             SpecError {
@@ -86,11 +92,18 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Pipeline>, SpecErro
 /// ``bad glob `…` ``): find that value after the mapping's start to point at it.
 fn value_position(text: &str, from: usize, message: &str) -> Option<(usize, usize)> {
     // The message may start with the field's path (`triggers[0].branches: …`).
-    let candidates = std::iter::once(message).chain(message.match_indices(": ").map(|(i, _)| &message[i + 2..]));
+    let candidates =
+        std::iter::once(message).chain(message.match_indices(": ").map(|(i, _)| &message[i + 2..]));
     let quoted = candidates.into_iter().find_map(|m| {
-        ["`", "bad glob `", "bad CEL `", "bad duration `", "empty pattern `"]
-            .iter()
-            .find_map(|prefix| m.strip_prefix(prefix))
+        [
+            "`",
+            "bad glob `",
+            "bad CEL `",
+            "bad duration `",
+            "empty pattern `",
+        ]
+        .iter()
+        .find_map(|prefix| m.strip_prefix(prefix))
     })?;
     let value = &quoted[..quoted.find('`')?];
     if value.is_empty() {
@@ -158,12 +171,18 @@ impl TryFrom<PipelineSpec> for Pipeline {
     type Error = String;
     fn try_from(s: PipelineSpec) -> Result<Self, String> {
         if s.steps.is_empty() {
-            return Err(format!("pipeline `{}` has no steps: add at least one under `steps:`", s.name));
+            return Err(format!(
+                "pipeline `{}` has no steps: add at least one under `steps:`",
+                s.name
+            ));
         }
         let mut names = HashSet::new();
         for step in &s.steps {
             if !names.insert(step.name.as_str()) {
-                return Err(format!("pipeline `{}`: two steps are named `{}`", s.name, step.name));
+                return Err(format!(
+                    "pipeline `{}`: two steps are named `{}`",
+                    s.name, step.name
+                ));
             }
         }
         for key in s.env.keys() {
@@ -173,6 +192,10 @@ impl TryFrom<PipelineSpec> for Pipeline {
             if c.max_running == Some(0) {
                 return Err("concurrency.max_running must be at least 1".into());
             }
+            check_template(&c.group).map_err(|e| format!("concurrency.group: {e}"))?;
+        }
+        if let Some(key) = s.cache.as_ref().and_then(|c| c.key.as_deref()) {
+            check_template(key).map_err(|e| format!("cache.key: {e}"))?;
         }
         Ok(Pipeline {
             name: s.name,
@@ -251,7 +274,9 @@ impl TryFrom<TriggerSpec> for Trigger {
         let mut kinds = s.kinds;
         if let Some(command) = &s.command {
             if !command.starts_with('/') || command.contains(char::is_whitespace) {
-                return Err(format!("command `{command}` must be one word starting with `/`, such as /retest"));
+                return Err(format!(
+                    "command `{command}` must be one word starting with `/`, such as /retest"
+                ));
             }
             // A command only ever comes in a comment.
             if kinds.is_empty() {
@@ -261,14 +286,27 @@ impl TryFrom<TriggerSpec> for Trigger {
             }
         }
         for k in &kinds {
-            if k.is_empty() || k.chars().any(|c| !(c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())) {
+            if k.is_empty()
+                || k.chars()
+                    .any(|c| !(c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()))
+            {
                 return Err(format!("kind `{k}` is not a lower-case event kind such as push, tag, pull_request or comment"));
             }
         }
-        let command_authors = s.command_authors.iter().map(|a| a.to_ascii_uppercase()).collect();
+        let command_authors = s
+            .command_authors
+            .iter()
+            .map(|a| a.to_ascii_uppercase())
+            .collect();
+        // Forges treat repository names case-insensitively; so does matching.
+        let repos = s
+            .repos
+            .iter()
+            .map(|g| Glob::parse(&g.as_str().to_ascii_lowercase()))
+            .collect::<Result<_, _>>()?;
         Ok(Trigger {
             provider: s.provider,
-            repos: s.repos,
+            repos,
             kinds,
             actions: s.actions,
             branches: s.branches,
@@ -468,6 +506,50 @@ pub struct Cache {
     pub paths: Vec<String>,
 }
 
+/// Variables a `${…}` template may use.
+pub const TEMPLATE_VARS: [&str; 7] = ["repo", "pr", "ref", "branch", "sha", "pipeline", "kind"];
+
+fn check_template(template: &str) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in `{template}`"))?;
+        let var = &after[..end];
+        if !TEMPLATE_VARS.contains(&var) {
+            return Err(format!(
+                "unknown variable `${{{var}}}` in `{template}`: use {}",
+                TEMPLATE_VARS.map(|v| format!("${{{v}}}")).join(", ")
+            ));
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
+/// Fills a checked template; `value` answers each variable (empty when unknown).
+pub fn render_template(template: &str, value: impl Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find('}') {
+            Some(end) => {
+                out.push_str(&value(&after[..end]));
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn check_env_name(key: &str) -> Result<(), String> {
     let ok = !key.is_empty()
         && !key.starts_with(|c: char| c.is_ascii_digit())
@@ -475,7 +557,9 @@ fn check_env_name(key: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("`{key}` is not a valid environment variable name (letters, digits, _)"))
+        Err(format!(
+            "`{key}` is not a valid environment variable name (letters, digits, _)"
+        ))
     }
 }
 
@@ -496,7 +580,8 @@ impl Name {
     pub fn parse(s: &str) -> Result<Name, String> {
         let ok = !s.is_empty()
             && s.len() <= 63
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && !s.starts_with('-')
             && !s.ends_with('-');
         if ok {
@@ -640,7 +725,8 @@ pub struct Cel {
 
 impl Cel {
     pub fn parse(source: &str) -> Result<Cel, String> {
-        let program = cel::Program::compile(source).map_err(|e| format!("bad CEL `{source}`: {e}"))?;
+        let program =
+            cel::Program::compile(source).map_err(|e| format!("bad CEL `{source}`: {e}"))?;
         Ok(Cel {
             source: source.to_owned(),
             program: Arc::new(program),
@@ -732,7 +818,10 @@ steps:
         assert_eq!(p.runtime.cluster.0[0].as_str(), "eu-1");
         let yaml = serde_yaml::to_string(p).expect("yaml");
         let again = parse_documents("again.yaml", &yaml).expect("round trip");
-        assert_eq!(serde_json::to_value(&again[0]).ok(), serde_json::to_value(p).ok());
+        assert_eq!(
+            serde_json::to_value(&again[0]).ok(),
+            serde_json::to_value(p).ok()
+        );
     }
 
     #[test]
@@ -763,18 +852,36 @@ steps:
 
     #[test]
     fn globs_include_and_exclude() {
-        let list: Vec<Glob> = ["src/**", "!src/gen/**"].iter().map(|s| Glob::parse(s).expect("glob")).collect();
+        let list: Vec<Glob> = ["src/**", "!src/gen/**"]
+            .iter()
+            .map(|s| Glob::parse(s).expect("glob"))
+            .collect();
         assert!(passes(&list, "src/main.rs"));
         assert!(passes(&list, "src/a/b.rs"));
         assert!(!passes(&list, "src/gen/x.rs"));
         assert!(!passes(&list, "docs/x.md"));
-        let excludes: Vec<Glob> = ["!docs/**"].iter().map(|s| Glob::parse(s).expect("glob")).collect();
+        let excludes: Vec<Glob> = ["!docs/**"]
+            .iter()
+            .map(|s| Glob::parse(s).expect("glob"))
+            .collect();
         assert!(passes(&excludes, "src/x"));
         assert!(!passes(&excludes, "docs/x"));
         let branch = Glob::parse("release/*").expect("glob");
         assert!(branch.matches("release/1.0"));
         assert!(!branch.matches("release/1/2"));
         assert!(passes(&[], "anything"));
+    }
+
+    #[test]
+    fn templates_are_checked_and_rendered() {
+        let e = err("name: x\nconcurrency: { group: \"${repo}/${prr}\" }\nsteps:\n  - {name: a, image: i}\n");
+        assert!(e.message.contains("unknown variable `${prr}`"), "{e}");
+        let out = render_template("${repo}/${pr}-x", |v| match v {
+            "repo" => "acme/app".into(),
+            "pr" => "7".into(),
+            _ => String::new(),
+        });
+        assert_eq!(out, "acme/app/7-x");
     }
 
     #[test]

@@ -100,9 +100,66 @@ impl StreamSettings {
         }
     }
 
+    /// Dispatch decisions: only the latest per event is kept.
+    pub fn decisions(&self) -> Config {
+        Config {
+            name: subjects::DECISIONS_STREAM.into(),
+            description: Some("Sluice: why each event started the runs it did".into()),
+            subjects: vec!["sluice.decisions.>".into()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            max_age: self.events_max_age.max(self.dedup_window),
+            max_messages_per_subject: 1,
+            allow_direct: true,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        }
+    }
+
+    /// Events the dispatcher could not process, with the reason.
+    pub fn deadletter(&self) -> Config {
+        Config {
+            name: subjects::DEADLETTER_STREAM.into(),
+            description: Some(
+                "Sluice: events that could not be dispatched, with the reason".into(),
+            ),
+            subjects: vec!["sluice.deadletter.>".into()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        }
+    }
+
+    /// Control messages for runners (cancel requests).
+    pub fn control(&self) -> Config {
+        Config {
+            name: subjects::CONTROL_STREAM.into(),
+            description: Some("Sluice: cancel requests for each cluster's runners".into()),
+            subjects: vec!["sluice.control.>".into()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            max_age: self.events_max_age,
+            duplicate_window: Duration::from_secs(3600),
+            ..Default::default()
+        }
+    }
+
     /// Every stream Sluice uses, in the order they are provisioned.
-    pub fn all(&self) -> [Config; 4] {
-        [self.events(), self.runs(), self.status(), self.logs()]
+    pub fn all(&self) -> [Config; 7] {
+        [
+            self.events(),
+            self.runs(),
+            self.status(),
+            self.logs(),
+            self.decisions(),
+            self.deadletter(),
+            self.control(),
+        ]
     }
 }
 
@@ -152,18 +209,71 @@ pub async fn payloads_bucket(
 
 /// Checks that every stream exists; used by readiness probes.
 pub async fn check(js: &jetstream::Context) -> Result<()> {
-    for name in [
-        subjects::EVENTS_STREAM,
-        subjects::RUNS_STREAM,
-        subjects::STATUS_STREAM,
-        subjects::LOGS_STREAM,
-    ] {
-        js.get_stream(name).await.map_err(|e| Error::Stream {
-            stream: name.into(),
-            reason: e.to_string(),
-        })?;
+    for config in StreamSettings::default().all() {
+        js.get_stream(&config.name)
+            .await
+            .map_err(|e| Error::Stream {
+                stream: config.name.clone(),
+                reason: e.to_string(),
+            })?;
     }
     Ok(())
+}
+
+/// Opens a key-value bucket, creating it when missing.
+pub async fn kv_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    bucket: &str,
+    description: &str,
+    history: i64,
+) -> Result<jetstream::kv::Store> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    js.create_key_value(jetstream::kv::Config {
+        bucket: bucket.into(),
+        description: description.into(),
+        history,
+        storage: StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| Error::Stream {
+        stream: bucket.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// The pipeline registry bucket (the last 5 versions of each pipeline are kept).
+pub async fn pipelines_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<jetstream::kv::Store> {
+    kv_bucket(
+        js,
+        settings,
+        subjects::PIPELINES_BUCKET,
+        "Sluice: pipelines by name",
+        5,
+    )
+    .await
+}
+
+/// Concurrency group states.
+pub async fn groups_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<jetstream::kv::Store> {
+    kv_bucket(
+        js,
+        settings,
+        subjects::GROUPS_BUCKET,
+        "Sluice: concurrency group states",
+        1,
+    )
+    .await
 }
 
 #[cfg(test)]

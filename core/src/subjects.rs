@@ -8,6 +8,16 @@ pub const RUNS_STREAM: &str = "SLUICE_RUNS";
 pub const STATUS_STREAM: &str = "SLUICE_STATUS";
 /// Step output, in order.
 pub const LOGS_STREAM: &str = "SLUICE_LOGS";
+/// Dispatch decisions, one per event: why it started the runs it did.
+pub const DECISIONS_STREAM: &str = "SLUICE_DECISIONS";
+/// Events the dispatcher gave up on, with the reason.
+pub const DEADLETTER_STREAM: &str = "SLUICE_DEADLETTER";
+/// Control messages to runners (cancel requests).
+pub const CONTROL_STREAM: &str = "SLUICE_CONTROL";
+/// Key-value bucket of pipelines, keyed by name.
+pub const PIPELINES_BUCKET: &str = "SLUICE_PIPELINES";
+/// Key-value bucket of concurrency group states.
+pub const GROUPS_BUCKET: &str = "SLUICE_GROUPS";
 /// Object store bucket holding webhook bodies too large for one NATS message.
 pub const PAYLOADS_BUCKET: &str = "SLUICE_PAYLOADS";
 
@@ -29,6 +39,19 @@ pub fn status(run_id: &str) -> String {
 /// `sluice.logs.<run_id>`.
 pub fn logs(run_id: &str) -> String {
     format!("sluice.logs.{run_id}")
+}
+
+/// `sluice.decisions.<digest of the event id>`.
+pub fn decision(event_id: &str) -> String {
+    format!("sluice.decisions.{}", crate::run::id_digest(event_id))
+}
+
+/// `sluice.deadletter.events`.
+pub const DEADLETTER_EVENTS: &str = "sluice.deadletter.events";
+
+/// `sluice.control.<cluster>.cancel`.
+pub fn cancel(cluster: &str) -> String {
+    format!("sluice.control.{cluster}.cancel")
 }
 
 /// Turns a forge's event name into one subject token: lower case, and anything that is

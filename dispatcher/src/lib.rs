@@ -1,1 +1,93 @@
+//! `sluice dispatcher`: matches events against pipeline triggers, plans one run per
+//! match on its cluster's subject, and records why for every event.
+//!
+//! Replicas share one durable consumer; run ids are deterministic and carried as
+//! message ids, so a redelivered event, a crashed replica or two replicas racing never
+//! produce a second run.
 #![forbid(unsafe_code)]
+
+mod bus;
+mod error;
+pub mod groups;
+pub mod matcher;
+pub mod plan;
+pub mod registry;
+pub mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::nats::NatsOptions;
+use sluice_core::streams::{self, StreamSettings};
+use tokio_util::sync::CancellationToken;
+
+pub use bus::Bus;
+pub use error::{Error, Result};
+
+/// Everything `sluice dispatcher` is configured with.
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    pub nats: NatsOptions,
+    pub streams: StreamSettings,
+    /// Cluster for pipelines whose runtime names none.
+    pub default_cluster: String,
+    /// Events processed at once.
+    pub concurrency: usize,
+    /// Deliveries of one event before it is dead-lettered.
+    pub max_attempts: i64,
+    pub publish_timeout: Duration,
+}
+
+impl DispatcherConfig {
+    pub fn new(nats: NatsOptions) -> Self {
+        DispatcherConfig {
+            nats,
+            streams: StreamSettings::default(),
+            default_cluster: plan::DEFAULT_CLUSTER.into(),
+            concurrency: 256,
+            max_attempts: 5,
+            publish_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Runs the dispatcher until `shutdown`: stops pulling, finishes the events in hand.
+pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Result<()> {
+    let client = sluice_core::nats::connect(&config.nats).await?;
+    let bus = Bus::new(client.clone(), config.publish_timeout);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match streams::ensure(&bus.js, &config.streams).await {
+            Ok(()) => break,
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot provision streams yet"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    let pipelines = streams::pipelines_bucket(&bus.js, &config.streams).await?;
+    let groups = streams::groups_bucket(&bus.js, &config.streams).await?;
+    let registry = Arc::new(registry::Registry::default());
+    let watcher = registry::load_and_watch(pipelines, registry.clone(), shutdown.clone()).await?;
+    let ctx = Arc::new(service::Context {
+        bus,
+        registry,
+        groups,
+        default_cluster: config.default_cluster,
+        max_attempts: config.max_attempts,
+    });
+    tracing::info!(
+        concurrency = config.concurrency,
+        "dispatcher consuming events"
+    );
+    let (events, statuses) = tokio::join!(
+        service::consume_events(ctx.clone(), config.concurrency, shutdown.clone()),
+        service::consume_statuses(ctx, shutdown.clone()),
+    );
+    watcher.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+    tracing::info!("dispatcher stopped");
+    events.and(statuses)
+}

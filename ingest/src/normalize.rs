@@ -51,6 +51,7 @@ pub struct GithubPayload {
 struct GhRepo {
     full_name: Option<String>,
     clone_url: Option<String>,
+    default_branch: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +134,7 @@ pub fn github(event_name: &str, delivery: &str, p: GithubPayload) -> Event {
         .map(str::to_owned)
         .or_else(|| p.org().map(str::to_owned));
     e.clone_url = p.repository.as_ref().and_then(|r| r.clone_url.clone());
+    e.default_branch = p.repository.as_ref().and_then(|r| r.default_branch.clone());
     e.actor = p.sender.as_ref().and_then(|s| s.login.clone());
     e.action = p.action.clone();
 
@@ -227,6 +229,7 @@ struct GlUser {
 struct GlProject {
     path_with_namespace: Option<String>,
     git_http_url: Option<String>,
+    default_branch: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +287,7 @@ pub fn gitlab(event_name: &str, delivery: &str, p: GitlabPayload) -> Event {
     let mut e = Event::new(Provider::Gitlab, delivery, kind);
     e.repo = p.repo().map(str::to_owned);
     e.clone_url = p.project.as_ref().and_then(|p| p.git_http_url.clone());
+    e.default_branch = p.project.as_ref().and_then(|p| p.default_branch.clone());
     e.actor = p
         .user_username
         .clone()

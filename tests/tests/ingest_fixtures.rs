@@ -382,3 +382,22 @@ async fn standard_webhooks_are_stored_with_their_data() {
     );
     assert!(e.changed_files_complete);
 }
+
+#[tokio::test]
+async fn default_branches_are_carried() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let ingest = Ingest::start(&nats.url()).await;
+    let js = jetstream(&nats.url()).await;
+    let r = ingest
+        .post_github("push", "db-1", &fixture("github/push.with-new-branch.json"))
+        .await;
+    assert_eq!(r.status().as_u16(), 202);
+    let r = ingest
+        .post_gitlab("Push Hook", "db-2", &fixture("gitlab/push-event.json"))
+        .await;
+    assert_eq!(r.status().as_u16(), 202);
+    let stored = stored_events(&js).await;
+    assert_eq!(stored[0].1.default_branch.as_deref(), Some("master"));
+    assert_eq!(stored[1].1.default_branch.as_deref(), Some("master"));
+}
