@@ -27,6 +27,108 @@ pub enum Command {
     /// Receive GitHub, GitLab and Standard Webhooks deliveries, verify them and store
     /// each event in JetStream before answering.
     Ingest(IngestArgs),
+    /// Match events against pipeline triggers and publish one run request per match.
+    Dispatcher(DispatcherArgs),
+    /// Manage pipelines: apply, list, get, delete, validate.
+    #[command(subcommand)]
+    Pipelines(PipelinesCommand),
+    /// Inspect and publish events: why did (or didn't) a pipeline run?
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Args)]
+pub struct DispatcherArgs {
+    /// Cluster for pipelines whose runtime names none.
+    #[arg(long, env = "SLUICE_DEFAULT_CLUSTER", default_value = "default")]
+    pub default_cluster: String,
+    /// Events processed at once.
+    #[arg(long, env = "SLUICE_DISPATCHER_CONCURRENCY", default_value_t = 256)]
+    pub concurrency: usize,
+    /// Deliveries of an event before it is moved to the dead-letter subject.
+    #[arg(long, env = "SLUICE_DISPATCHER_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: i64,
+    /// Replicas of each stream: 1 for one NATS server, 3 for a cluster.
+    #[arg(long, env = "SLUICE_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PipelinesCommand {
+    /// Validate and store pipelines from a YAML file or a folder of them. Nothing is
+    /// stored unless every pipeline is valid.
+    Apply {
+        /// A .yaml/.yml file, or a folder searched for them.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List stored pipelines.
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Print one pipeline.
+    Get {
+        name: String,
+        #[arg(short, long, value_enum, default_value = "yaml")]
+        output: Output,
+    },
+    /// Delete a pipeline.
+    Delete { name: String },
+    /// Check pipelines offline, without NATS.
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Explain what the dispatcher decided for an event, pipeline by pipeline.
+    Why {
+        /// The event id, as ingest answered it (`github:<delivery id>`).
+        event_id: String,
+        /// Explain this pipeline even if it was not considered.
+        #[arg(long)]
+        pipeline: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Recent events and how many runs each started.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Publish a manual event (provider `manual`).
+    Publish {
+        /// Event kind: push, tag, pull_request, comment, or any name.
+        #[arg(long, default_value = "push")]
+        kind: String,
+        /// Start this pipeline directly, whatever its triggers say.
+        #[arg(long)]
+        pipeline: Option<String>,
+        #[arg(long)]
+        repo: Option<String>,
+        #[arg(long)]
+        clone_url: Option<String>,
+        #[arg(long = "ref")]
+        git_ref: Option<String>,
+        #[arg(long)]
+        sha: Option<String>,
+        /// Event id (default: a new one).
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 /// Flags every command takes.

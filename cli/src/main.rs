@@ -2,7 +2,11 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod dispatcher;
+mod events;
 mod ingest;
+mod output;
+mod pipelines;
 
 use clap::Parser;
 
@@ -13,5 +17,8 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = sluice_core::shutdown::on_signal();
     match cli.command {
         args::Command::Ingest(a) => ingest::run(&cli.global, a, shutdown).await,
+        args::Command::Dispatcher(a) => dispatcher::run(&cli.global, a, shutdown).await,
+        args::Command::Pipelines(c) => pipelines::run(&cli.global, c).await,
+        args::Command::Events(c) => events::run(&cli.global, c).await,
     }
 }

@@ -41,13 +41,28 @@ impl NatsOptions {
 /// Returns once the client exists; the first connection may still be pending, in which
 /// case requests fail or wait until it is up.
 pub async fn connect(opts: &NatsOptions) -> Result<Client> {
-    let mut connect = ConnectOptions::new()
-        .name(&opts.name)
+    let connect = ConnectOptions::new()
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .ping_interval(Duration::from_secs(10))
         .reconnect_delay_callback(backoff);
+    connect_with(opts, connect).await
+}
+
+/// Connects once, for command-line tools: fails within `timeout` with an error that
+/// names the URL when NATS cannot be reached.
+pub async fn connect_once(opts: &NatsOptions, timeout: Duration) -> Result<Client> {
+    let connect = ConnectOptions::new().connection_timeout(timeout);
+    match tokio::time::timeout(timeout + Duration::from_secs(1), connect_with(opts, connect)).await {
+        Ok(client) => client,
+        Err(_) => Err(Error::Timeout(timeout)),
+    }
+}
+
+async fn connect_with(opts: &NatsOptions, connect: ConnectOptions) -> Result<Client> {
+    let mut connect = connect
+        .name(&opts.name)
+        .connection_timeout(Duration::from_secs(5))
+        .ping_interval(Duration::from_secs(10));
     if let Some(path) = &opts.creds_file {
         connect = connect
             .credentials_file(path)

@@ -36,6 +36,9 @@ pub struct DispatcherConfig {
     /// Deliveries of one event before it is dead-lettered.
     pub max_attempts: i64,
     pub publish_timeout: Duration,
+    /// How long an event may be in hand before NATS redelivers it (to another replica
+    /// when this one died).
+    pub ack_wait: Duration,
 }
 
 impl DispatcherConfig {
@@ -47,6 +50,7 @@ impl DispatcherConfig {
             concurrency: 256,
             max_attempts: 5,
             publish_timeout: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
         }
     }
 }
@@ -77,6 +81,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         groups,
         default_cluster: config.default_cluster,
         max_attempts: config.max_attempts,
+        ack_wait: config.ack_wait,
     });
     tracing::info!(
         concurrency = config.concurrency,

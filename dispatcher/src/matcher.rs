@@ -119,7 +119,7 @@ pub fn verdict(
             ),
         );
     }
-    if !t.kinds.is_empty() && !t.kinds.iter().any(|k| *k == event.kind) {
+    if !t.kinds.is_empty() && !t.kinds.contains(&event.kind) {
         return fail(
             "kinds",
             format!(

@@ -30,6 +30,7 @@ pub struct Context {
     pub groups: Store,
     pub default_cluster: String,
     pub max_attempts: i64,
+    pub ack_wait: Duration,
 }
 
 /// Durable consumer names: every replica joins the same ones.
@@ -54,7 +55,7 @@ async fn consumer(
             pull::Config {
                 durable_name: Some(name.to_owned()),
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(60),
+                ack_wait: ctx.ack_wait,
                 max_ack_pending,
                 ..Default::default()
             },

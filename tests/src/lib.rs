@@ -2,6 +2,7 @@
 //! socket, webhook signing, and waiting on conditions with deadlines.
 #![forbid(unsafe_code)]
 
+pub mod dispatcher;
 pub mod ingest;
 pub mod nats;
 pub mod sign;

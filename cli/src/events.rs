@@ -1,0 +1,181 @@
+//! `sluice events …`: what happened to an event, and publishing manual ones.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::{self, message::PublishMessage};
+use sluice_core::run::Decision;
+use sluice_core::{subjects, Event, Provider};
+use time::OffsetDateTime;
+
+use crate::args::{EventsCommand, Global, Output};
+use crate::output;
+
+pub async fn run(global: &Global, command: EventsCommand) -> anyhow::Result<()> {
+    let client = sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
+        .await
+        .with_context(|| format!("cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)", global.nats_url))?;
+    let js = jetstream::new(client);
+    match command {
+        EventsCommand::Why {
+            event_id,
+            pipeline,
+            output,
+        } => why(&js, &event_id, pipeline.as_deref(), output).await,
+        EventsCommand::List { limit, output } => list(&js, limit, output).await,
+        EventsCommand::Publish {
+            kind,
+            pipeline,
+            repo,
+            clone_url,
+            git_ref,
+            sha,
+            id,
+        } => {
+            let delivery = id.unwrap_or_else(new_id);
+            let mut event = Event::new(Provider::Manual, &delivery, subjects::token(&kind));
+            event.pipeline = pipeline;
+            event.repo = repo;
+            event.clone_url = clone_url;
+            event.git_ref = git_ref;
+            event.sha = sha;
+            let ack = js
+                .send_publish(
+                    event.subject(),
+                    PublishMessage::build()
+                        .payload(serde_json::to_vec(&event)?.into())
+                        .message_id(&event.id),
+                )
+                .await?
+                .await
+                .context("JetStream did not store the event: is SLUICE_EVENTS provisioned (start ingest or the dispatcher once)?")?;
+            println!("{}{}", event.id, if ack.duplicate { " (duplicate: already stored)" } else { "" });
+            Ok(())
+        }
+    }
+}
+
+async fn decision_for(js: &jetstream::Context, event_id: &str) -> anyhow::Result<Option<Decision>> {
+    let stream = js
+        .get_stream(subjects::DECISIONS_STREAM)
+        .await
+        .context("no SLUICE_DECISIONS stream: has `sluice dispatcher` ever run against this NATS?")?;
+    match stream.get_last_raw_message_by_subject(subjects::decision(event_id).as_str()).await {
+        Ok(msg) => Ok(Some(serde_json::from_slice(&msg.payload)?)),
+        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn why(js: &jetstream::Context, event_id: &str, pipeline: Option<&str>, output: Output) -> anyhow::Result<()> {
+    let Some(d) = decision_for(js, event_id).await? else {
+        bail!(
+            "no decision recorded for {event_id}: the dispatcher has not processed it yet (is `sluice dispatcher` running?), \
+             the id is wrong (ingest answers it as `event_id`), or it is older than the events' retention"
+        );
+    };
+    if output != Output::Table {
+        return output::structured(&d, output);
+    }
+    println!(
+        "event {}  {}{}  {}  {}",
+        d.event_id,
+        d.kind,
+        d.action.as_deref().map(|a| format!(" {a}")).unwrap_or_default(),
+        d.repo.as_deref().unwrap_or("(no repository)"),
+        d.git_ref.as_deref().unwrap_or("")
+    );
+    println!("decided {}", d.decided_at.format(&time::format_description::well_known::Rfc3339)?);
+    if d.runs.is_empty() {
+        println!("runs: none");
+    } else {
+        println!("runs:");
+        for r in &d.runs {
+            println!("  {}  run {}  on cluster {}  ({})", r.pipeline, r.run_id, r.cluster, r.outcome);
+        }
+    }
+    println!(
+        "pipelines considered: {} ({} others do not watch this repository)",
+        d.pipelines.len(),
+        d.not_considered
+    );
+    for p in &d.pipelines {
+        if pipeline.is_some_and(|want| want != p.pipeline) {
+            continue;
+        }
+        let mark = if p.matched { "✓" } else { "✗" };
+        println!("  {mark} {}", p.pipeline);
+        if let Some(note) = &p.note {
+            println!("      {note}");
+        }
+        for t in &p.triggers {
+            match &t.failed {
+                None => println!("      trigger {}: {}", t.index + 1, t.detail),
+                Some(filter) => println!("      trigger {}: {filter}: {}", t.index + 1, t.detail),
+            }
+        }
+        if p.triggers.is_empty() && p.note.is_none() {
+            println!("      has no triggers: it only starts from a manual event or another pipeline");
+        }
+    }
+    if let Some(want) = pipeline {
+        if !d.pipelines.iter().any(|p| p.pipeline == want) {
+            println!(
+                "  pipeline {want} was not considered: none of its triggers names repository {} \
+                 (or it did not exist when the event was dispatched)",
+                d.repo.as_deref().unwrap_or("(none)")
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn list(js: &jetstream::Context, limit: usize, output: Output) -> anyhow::Result<()> {
+    let mut stream = js
+        .get_stream(subjects::DECISIONS_STREAM)
+        .await
+        .context("no SLUICE_DECISIONS stream: has `sluice dispatcher` ever run against this NATS?")?;
+    let state = stream.info().await?.state.clone();
+    let mut decisions = Vec::new();
+    let mut seq = state.last_sequence;
+    // Older decisions for a re-dispatched event are removed, leaving gaps: bound the walk.
+    let mut budget = limit * 20 + 100;
+    while decisions.len() < limit && seq >= state.first_sequence && seq > 0 && budget > 0 {
+        if let Ok(msg) = stream.get_raw_message(seq).await {
+            if let Ok(d) = serde_json::from_slice::<Decision>(&msg.payload) {
+                decisions.push(d);
+            }
+        }
+        seq -= 1;
+        budget -= 1;
+    }
+    if output != Output::Table {
+        return output::structured(&decisions, output);
+    }
+    if decisions.is_empty() {
+        println!("No events dispatched yet.");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = decisions
+        .iter()
+        .map(|d| {
+            vec![
+                d.decided_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                d.event_id.clone(),
+                format!("{}{}", d.kind, d.action.as_deref().map(|a| format!("/{a}")).unwrap_or_default()),
+                d.repo.clone().unwrap_or_default(),
+                d.runs.len().to_string(),
+            ]
+        })
+        .collect();
+    output::table(&["DECIDED", "EVENT", "KIND", "REPO", "RUNS"], &rows);
+    Ok(())
+}
+
+/// A new manual event id: time-ordered, with the process id against collisions.
+fn new_id() -> String {
+    let now = OffsetDateTime::now_utc();
+    format!("{}-{}", now.unix_timestamp_nanos(), std::process::id())
+}

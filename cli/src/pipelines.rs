@@ -1,0 +1,159 @@
+//! `sluice pipelines …`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures::TryStreamExt;
+use sluice_core::pipeline::{parse_documents, Pipeline};
+use sluice_core::streams::{self, StreamSettings};
+
+use crate::args::{Global, Output, PipelinesCommand};
+use crate::output;
+
+pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<()> {
+    match command {
+        PipelinesCommand::Validate { file } => {
+            let pipelines = load(&file)?;
+            for p in &pipelines {
+                println!("pipeline/{} is valid", p.name);
+            }
+            Ok(())
+        }
+        PipelinesCommand::Apply { file } => {
+            let pipelines = load(&file)?;
+            let kv = bucket(global).await?;
+            for p in pipelines {
+                let name = p.name.to_string();
+                let value = serde_json::to_vec(&p)?;
+                let existing = kv.get(&name).await.with_context(|| format!("reading pipeline {name}"))?;
+                let verb = match existing {
+                    Some(old) if old == value.as_slice() => "unchanged",
+                    Some(_) => "configured",
+                    None => "created",
+                };
+                if verb != "unchanged" {
+                    kv.put(&name, value.into()).await.with_context(|| format!("storing pipeline {name}"))?;
+                }
+                println!("pipeline/{name} {verb}");
+            }
+            Ok(())
+        }
+        PipelinesCommand::List { output } => {
+            let kv = bucket(global).await?;
+            let mut names: Vec<String> = kv.keys().await?.try_collect().await?;
+            names.sort();
+            let mut pipelines = Vec::new();
+            for name in names {
+                if let Some(entry) = kv.entry(&name).await? {
+                    if let Ok(p) = serde_json::from_slice::<Pipeline>(&entry.value) {
+                        pipelines.push((p, entry.revision));
+                    }
+                }
+            }
+            if output != Output::Table {
+                let list: Vec<&Pipeline> = pipelines.iter().map(|(p, _)| p).collect();
+                return output::structured(&list, output);
+            }
+            if pipelines.is_empty() {
+                println!("No pipelines. Add one with: sluice pipelines apply -f FILE");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = pipelines
+                .iter()
+                .map(|(p, rev)| {
+                    let clusters: Vec<&str> = p.runtime.cluster.0.iter().map(|c| c.as_str()).collect();
+                    vec![
+                        p.name.to_string(),
+                        p.triggers.len().to_string(),
+                        p.steps.len().to_string(),
+                        if clusters.is_empty() { "(default)".into() } else { clusters.join(",") },
+                        rev.to_string(),
+                    ]
+                })
+                .collect();
+            output::table(&["NAME", "TRIGGERS", "STEPS", "CLUSTER", "REVISION"], &rows);
+            Ok(())
+        }
+        PipelinesCommand::Get { name, output } => {
+            let kv = bucket(global).await?;
+            let Some(value) = kv.get(&name).await? else {
+                bail!("no pipeline named {name:?}; `sluice pipelines list` shows them");
+            };
+            let p: Pipeline = serde_json::from_slice(&value).context("stored pipeline")?;
+            output::structured(&p, output)
+        }
+        PipelinesCommand::Delete { name } => {
+            let kv = bucket(global).await?;
+            if kv.get(&name).await?.is_none() {
+                bail!("no pipeline named {name:?}; `sluice pipelines list` shows them");
+            }
+            kv.delete(&name).await?;
+            println!("pipeline/{name} deleted");
+            Ok(())
+        }
+    }
+}
+
+async fn bucket(global: &Global) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    let client = sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
+        .await
+        .with_context(|| format!("cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)", global.nats_url))?;
+    let js = async_nats::jetstream::new(client);
+    Ok(streams::pipelines_bucket(&js, &StreamSettings::default()).await?)
+}
+
+/// Reads and validates every pipeline in a file or folder; any error refuses all.
+pub fn load(path: &Path) -> anyhow::Result<Vec<Pipeline>> {
+    let files = yaml_files(path)?;
+    if files.is_empty() {
+        bail!("no .yaml or .yml files in {}", path.display());
+    }
+    let mut pipelines = Vec::new();
+    let mut errors = Vec::new();
+    let mut defined_in: HashMap<String, String> = HashMap::new();
+    for file in &files {
+        let shown = file.display().to_string();
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {shown}"))?;
+        match parse_documents(&shown, &text) {
+            Ok(ps) => {
+                for p in ps {
+                    if let Some(other) = defined_in.insert(p.name.to_string(), shown.clone()) {
+                        errors.push(format!("{shown}: pipeline `{}` is also defined in {other}", p.name));
+                    }
+                    pipelines.push(p);
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("error: {e}");
+        }
+        bail!("{} problem(s) found: nothing was applied", errors.len());
+    }
+    Ok(pipelines)
+}
+
+fn yaml_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    let mut dirs = vec![path.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        let entries = std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        for entry in entries {
+            let p = entry?.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
