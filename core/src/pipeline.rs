@@ -284,6 +284,10 @@ impl TryFrom<TriggerSpec> for Trigger {
             } else if !kinds.iter().any(|k| k == "comment") {
                 return Err("a trigger with `command` must include the `comment` kind".into());
             }
+        } else if kinds.is_empty() {
+            // Without `kinds`, a trigger starts builds for code changes, never for
+            // pings, comments or the forge's other events.
+            kinds = DEFAULT_KINDS.iter().map(|k| (*k).to_owned()).collect();
         }
         for k in &kinds {
             if k.is_empty()
@@ -505,6 +509,9 @@ pub struct Cache {
     pub key: Option<String>,
     pub paths: Vec<String>,
 }
+
+/// The kinds a trigger without `kinds` (and without `command`) fires on.
+pub const DEFAULT_KINDS: [&str; 3] = ["push", "tag", "pull_request"];
 
 /// Variables a `${…}` template may use.
 pub const TEMPLATE_VARS: [&str; 7] = ["repo", "pr", "ref", "branch", "sha", "pipeline", "kind"];
