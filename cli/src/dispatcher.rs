@@ -6,7 +6,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::args::{DispatcherArgs, Global};
 
-pub async fn run(global: &Global, a: DispatcherArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    global: &Global,
+    a: DispatcherArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let config = DispatcherConfig {
         streams: StreamSettings {
             replicas: a.stream_replicas,

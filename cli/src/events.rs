@@ -12,9 +12,15 @@ use crate::args::{EventsCommand, Global, Output};
 use crate::output;
 
 pub async fn run(global: &Global, command: EventsCommand) -> anyhow::Result<()> {
-    let client = sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
-        .await
-        .with_context(|| format!("cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)", global.nats_url))?;
+    let client =
+        sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)",
+                    global.nats_url
+                )
+            })?;
     let js = jetstream::new(client);
     match command {
         EventsCommand::Why {
@@ -49,25 +55,45 @@ pub async fn run(global: &Global, command: EventsCommand) -> anyhow::Result<()> 
                 .await?
                 .await
                 .context("JetStream did not store the event: is SLUICE_EVENTS provisioned (start ingest or the dispatcher once)?")?;
-            println!("{}{}", event.id, if ack.duplicate { " (duplicate: already stored)" } else { "" });
+            println!(
+                "{}{}",
+                event.id,
+                if ack.duplicate {
+                    " (duplicate: already stored)"
+                } else {
+                    ""
+                }
+            );
             Ok(())
         }
     }
 }
 
 async fn decision_for(js: &jetstream::Context, event_id: &str) -> anyhow::Result<Option<Decision>> {
-    let stream = js
-        .get_stream(subjects::DECISIONS_STREAM)
+    let stream = js.get_stream(subjects::DECISIONS_STREAM).await.context(
+        "no SLUICE_DECISIONS stream: has `sluice dispatcher` ever run against this NATS?",
+    )?;
+    match stream
+        .get_last_raw_message_by_subject(subjects::decision(event_id).as_str())
         .await
-        .context("no SLUICE_DECISIONS stream: has `sluice dispatcher` ever run against this NATS?")?;
-    match stream.get_last_raw_message_by_subject(subjects::decision(event_id).as_str()).await {
+    {
         Ok(msg) => Ok(Some(serde_json::from_slice(&msg.payload)?)),
-        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e)
+            if e.kind()
+                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(e.into()),
     }
 }
 
-async fn why(js: &jetstream::Context, event_id: &str, pipeline: Option<&str>, output: Output) -> anyhow::Result<()> {
+async fn why(
+    js: &jetstream::Context,
+    event_id: &str,
+    pipeline: Option<&str>,
+    output: Output,
+) -> anyhow::Result<()> {
     let Some(d) = decision_for(js, event_id).await? else {
         bail!(
             "no decision recorded for {event_id}: the dispatcher has not processed it yet (is `sluice dispatcher` running?), \
@@ -81,17 +107,27 @@ async fn why(js: &jetstream::Context, event_id: &str, pipeline: Option<&str>, ou
         "event {}  {}{}  {}  {}",
         d.event_id,
         d.kind,
-        d.action.as_deref().map(|a| format!(" {a}")).unwrap_or_default(),
+        d.action
+            .as_deref()
+            .map(|a| format!(" {a}"))
+            .unwrap_or_default(),
         d.repo.as_deref().unwrap_or("(no repository)"),
         d.git_ref.as_deref().unwrap_or("")
     );
-    println!("decided {}", d.decided_at.format(&time::format_description::well_known::Rfc3339)?);
+    println!(
+        "decided {}",
+        d.decided_at
+            .format(&time::format_description::well_known::Rfc3339)?
+    );
     if d.runs.is_empty() {
         println!("runs: none");
     } else {
         println!("runs:");
         for r in &d.runs {
-            println!("  {}  run {}  on cluster {}  ({})", r.pipeline, r.run_id, r.cluster, r.outcome);
+            println!(
+                "  {}  run {}  on cluster {}  ({})",
+                r.pipeline, r.run_id, r.cluster, r.outcome
+            );
         }
     }
     println!(
@@ -115,7 +151,9 @@ async fn why(js: &jetstream::Context, event_id: &str, pipeline: Option<&str>, ou
             }
         }
         if p.triggers.is_empty() && p.note.is_none() {
-            println!("      has no triggers: it only starts from a manual event or another pipeline");
+            println!(
+                "      has no triggers: it only starts from a manual event or another pipeline"
+            );
         }
     }
     if let Some(want) = pipeline {
@@ -131,10 +169,9 @@ async fn why(js: &jetstream::Context, event_id: &str, pipeline: Option<&str>, ou
 }
 
 async fn list(js: &jetstream::Context, limit: usize, output: Output) -> anyhow::Result<()> {
-    let mut stream = js
-        .get_stream(subjects::DECISIONS_STREAM)
-        .await
-        .context("no SLUICE_DECISIONS stream: has `sluice dispatcher` ever run against this NATS?")?;
+    let mut stream = js.get_stream(subjects::DECISIONS_STREAM).await.context(
+        "no SLUICE_DECISIONS stream: has `sluice dispatcher` ever run against this NATS?",
+    )?;
     let state = stream.info().await?.state.clone();
     let mut decisions = Vec::new();
     let mut seq = state.last_sequence;
@@ -164,7 +201,14 @@ async fn list(js: &jetstream::Context, limit: usize, output: Output) -> anyhow::
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default(),
                 d.event_id.clone(),
-                format!("{}{}", d.kind, d.action.as_deref().map(|a| format!("/{a}")).unwrap_or_default()),
+                format!(
+                    "{}{}",
+                    d.kind,
+                    d.action
+                        .as_deref()
+                        .map(|a| format!("/{a}"))
+                        .unwrap_or_default()
+                ),
                 d.repo.clone().unwrap_or_default(),
                 d.runs.len().to_string(),
             ]

@@ -27,14 +27,19 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
             for p in pipelines {
                 let name = p.name.to_string();
                 let value = serde_json::to_vec(&p)?;
-                let existing = kv.get(&name).await.with_context(|| format!("reading pipeline {name}"))?;
+                let existing = kv
+                    .get(&name)
+                    .await
+                    .with_context(|| format!("reading pipeline {name}"))?;
                 let verb = match existing {
                     Some(old) if old == value.as_slice() => "unchanged",
                     Some(_) => "configured",
                     None => "created",
                 };
                 if verb != "unchanged" {
-                    kv.put(&name, value.into()).await.with_context(|| format!("storing pipeline {name}"))?;
+                    kv.put(&name, value.into())
+                        .await
+                        .with_context(|| format!("storing pipeline {name}"))?;
                 }
                 println!("pipeline/{name} {verb}");
             }
@@ -63,12 +68,17 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
             let rows: Vec<Vec<String>> = pipelines
                 .iter()
                 .map(|(p, rev)| {
-                    let clusters: Vec<&str> = p.runtime.cluster.0.iter().map(|c| c.as_str()).collect();
+                    let clusters: Vec<&str> =
+                        p.runtime.cluster.0.iter().map(|c| c.as_str()).collect();
                     vec![
                         p.name.to_string(),
                         p.triggers.len().to_string(),
                         p.steps.len().to_string(),
-                        if clusters.is_empty() { "(default)".into() } else { clusters.join(",") },
+                        if clusters.is_empty() {
+                            "(default)".into()
+                        } else {
+                            clusters.join(",")
+                        },
                         rev.to_string(),
                     ]
                 })
@@ -97,9 +107,15 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
 }
 
 async fn bucket(global: &Global) -> anyhow::Result<async_nats::jetstream::kv::Store> {
-    let client = sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
-        .await
-        .with_context(|| format!("cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)", global.nats_url))?;
+    let client =
+        sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)",
+                    global.nats_url
+                )
+            })?;
     let js = async_nats::jetstream::new(client);
     Ok(streams::pipelines_bucket(&js, &StreamSettings::default()).await?)
 }
@@ -120,7 +136,10 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<Pipeline>> {
             Ok(ps) => {
                 for p in ps {
                     if let Some(other) = defined_in.insert(p.name.to_string(), shown.clone()) {
-                        errors.push(format!("{shown}: pipeline `{}` is also defined in {other}", p.name));
+                        errors.push(format!(
+                            "{shown}: pipeline `{}` is also defined in {other}",
+                            p.name
+                        ));
                     }
                     pipelines.push(p);
                 }
@@ -144,7 +163,8 @@ fn yaml_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut dirs = vec![path.to_owned()];
     while let Some(dir) = dirs.pop() {
-        let entries = std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
         for entry in entries {
             let p = entry?.path();
             if p.is_dir() {

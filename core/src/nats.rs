@@ -52,7 +52,12 @@ pub async fn connect(opts: &NatsOptions) -> Result<Client> {
 /// names the URL when NATS cannot be reached.
 pub async fn connect_once(opts: &NatsOptions, timeout: Duration) -> Result<Client> {
     let connect = ConnectOptions::new().connection_timeout(timeout);
-    match tokio::time::timeout(timeout + Duration::from_secs(1), connect_with(opts, connect)).await {
+    match tokio::time::timeout(
+        timeout + Duration::from_secs(1),
+        connect_with(opts, connect),
+    )
+    .await
+    {
         Ok(client) => client,
         Err(_) => Err(Error::Timeout(timeout)),
     }

@@ -71,7 +71,9 @@ impl Drop for Dispatcher {
 
 /// Provisions every stream (as ingest and the dispatcher do at start-up).
 pub async fn provision(js: &jetstream::Context) {
-    streams::ensure(js, &StreamSettings::default()).await.expect("streams");
+    streams::ensure(js, &StreamSettings::default())
+        .await
+        .expect("streams");
 }
 
 /// Stores pipelines from YAML as `sluice pipelines apply` does.
@@ -80,9 +82,12 @@ pub async fn apply(js: &jetstream::Context, yaml: &str) {
         .await
         .expect("bucket");
     for p in parse_documents("test.yaml", yaml).expect("valid pipelines") {
-        kv.put(p.name.as_str(), serde_json::to_vec(&p).expect("json").into())
-            .await
-            .expect("put");
+        kv.put(
+            p.name.as_str(),
+            serde_json::to_vec(&p).expect("json").into(),
+        )
+        .await
+        .expect("put");
     }
 }
 
@@ -146,7 +151,13 @@ pub async fn pipeline_names(js: &jetstream::Context) -> Vec<String> {
     let kv = streams::pipelines_bucket(js, &StreamSettings::default())
         .await
         .expect("bucket");
-    let mut names: Vec<String> = kv.keys().await.expect("keys").try_collect().await.expect("keys");
+    let mut names: Vec<String> = kv
+        .keys()
+        .await
+        .expect("keys")
+        .try_collect()
+        .await
+        .expect("keys");
     names.sort();
     names
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use sluice_core::run::{run_id, CancelRequest, RunState, StatusUpdate};
 use sluice_core::{subjects, Event, Provider};
-use sluice_tests::dispatcher::{all_messages, apply, count, decision, provision, publish_event, run_requests, Dispatcher};
+use sluice_tests::dispatcher::{
+    all_messages, apply, count, decision, provision, publish_event, run_requests, Dispatcher,
+};
 use sluice_tests::ingest::{jetstream, Ingest};
 use sluice_tests::nats::NatsServer;
 use sluice_tests::{fixture, init_logs, wait_for};
@@ -68,32 +70,63 @@ async fn webhooks_become_run_requests_on_the_right_clusters() {
     let ingest = Ingest::start(&nats.url()).await;
     let _dispatcher = Dispatcher::start(&nats.url()).await;
 
-    let r = ingest.post_github("pull_request", "pr-1", &fixture("github/pull_request.opened.json")).await;
+    let r = ingest
+        .post_github(
+            "pull_request",
+            "pr-1",
+            &fixture("github/pull_request.opened.json"),
+        )
+        .await;
     assert_eq!(r.status().as_u16(), 202);
-    let r = ingest.post_github("push", "push-1", &fixture("github/push.with-new-branch.json")).await;
+    let r = ingest
+        .post_github(
+            "push",
+            "push-1",
+            &fixture("github/push.with-new-branch.json"),
+        )
+        .await;
     assert_eq!(r.status().as_u16(), 202);
     // Starts nothing: a ping.
-    let r = ingest.post_github("ping", "ping-1", &fixture("github/ping.json")).await;
+    let r = ingest
+        .post_github("ping", "ping-1", &fixture("github/ping.json"))
+        .await;
     assert_eq!(r.status().as_u16(), 200);
 
-    let ping = wait_for("the ping's decision", Duration::from_secs(20), || decision(&js, "github:ping-1")).await;
+    let ping = wait_for("the ping's decision", Duration::from_secs(20), || {
+        decision(&js, "github:ping-1")
+    })
+    .await;
     assert!(ping.runs.is_empty());
-    let pr = wait_for("the PR's decision", Duration::from_secs(20), || decision(&js, "github:pr-1")).await;
-    let push = wait_for("the push's decision", Duration::from_secs(20), || decision(&js, "github:push-1")).await;
+    let pr = wait_for("the PR's decision", Duration::from_secs(20), || {
+        decision(&js, "github:pr-1")
+    })
+    .await;
+    let push = wait_for("the push's decision", Duration::from_secs(20), || {
+        decision(&js, "github:push-1")
+    })
+    .await;
 
     let runs = run_requests(&js).await;
-    let by_pipeline: HashMap<&str, (&str, &sluice_core::run::RunRequest)> =
-        runs.iter().map(|(s, r)| (r.pipeline.as_str(), (s.as_str(), r))).collect();
+    let by_pipeline: HashMap<&str, (&str, &sluice_core::run::RunRequest)> = runs
+        .iter()
+        .map(|(s, r)| (r.pipeline.as_str(), (s.as_str(), r)))
+        .collect();
     assert_eq!(runs.len(), 3, "{runs:?}");
     let (subject, ci) = by_pipeline["app-ci"];
     assert_eq!(subject, "sluice.runs.eu-1");
     assert_eq!(ci.run_id, run_id("github:pr-1", "app-ci", 0));
     assert_eq!(ci.event_id, "github:pr-1");
-    assert_eq!(ci.sha.as_deref(), Some("ec26c3e57ca3a959ca5aad62de7213c562f8c821"));
+    assert_eq!(
+        ci.sha.as_deref(),
+        Some("ec26c3e57ca3a959ca5aad62de7213c562f8c821")
+    );
     assert_eq!(ci.git_ref.as_deref(), Some("refs/pull/2/head"));
     assert_eq!(ci.env.get("CI").map(String::as_str), Some("true"));
     // `deploy`'s `when` is false for a pull request ref.
-    assert_eq!(ci.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["test"]);
+    assert_eq!(
+        ci.steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["test"]
+    );
     assert_eq!(ci.skipped_steps, ["deploy"]);
     let (subject, app_push) = by_pipeline["app-push"];
     assert_eq!(subject, "sluice.runs.us-1", "the first cluster of the list");
@@ -102,11 +135,24 @@ async fn webhooks_become_run_requests_on_the_right_clusters() {
     // trusted to skip, so it fires and the decision says why.
     let (_, docs) = by_pipeline["docs"];
     assert_eq!(docs.event_id, "github:push-1");
-    let docs_verdict = push.pipelines.iter().find(|p| p.pipeline == "docs").expect("docs considered");
-    assert!(docs_verdict.triggers[0].detail.contains("may be incomplete"), "{docs_verdict:?}");
+    let docs_verdict = push
+        .pipelines
+        .iter()
+        .find(|p| p.pipeline == "docs")
+        .expect("docs considered");
+    assert!(
+        docs_verdict.triggers[0]
+            .detail
+            .contains("may be incomplete"),
+        "{docs_verdict:?}"
+    );
 
     // The PR's decision explains the pipelines that did not run.
-    let push_pipeline = pr.pipelines.iter().find(|p| p.pipeline == "app-push").expect("considered");
+    let push_pipeline = pr
+        .pipelines
+        .iter()
+        .find(|p| p.pipeline == "app-push")
+        .expect("considered");
     assert!(!push_pipeline.matched);
     assert_eq!(push_pipeline.triggers[0].failed.as_deref(), Some("kinds"));
     assert!(pr.pipelines.iter().all(|p| p.pipeline != "other-repo"));
@@ -126,11 +172,19 @@ async fn redeliveries_crashes_and_two_replicas_give_one_run_per_match() {
     // docs/**, and the list is complete.
     let total = 300;
     for i in 0..total {
-        publish_event(&js, &push_event(&format!("e-{i}"), "codertocat/hello-world")).await;
+        publish_event(
+            &js,
+            &push_event(&format!("e-{i}"), "codertocat/hello-world"),
+        )
+        .await;
     }
     // The same deliveries again, as a forge redelivering: deduplicated at the stream.
     for i in 0..20 {
-        publish_event(&js, &push_event(&format!("e-{i}"), "codertocat/hello-world")).await;
+        publish_event(
+            &js,
+            &push_event(&format!("e-{i}"), "codertocat/hello-world"),
+        )
+        .await;
     }
     assert_eq!(count(&js, subjects::EVENTS_STREAM).await, total);
 
@@ -145,7 +199,10 @@ async fn redeliveries_crashes_and_two_replicas_give_one_run_per_match() {
     .await;
     first.kill();
     let at_kill = count(&js, subjects::DECISIONS_STREAM).await;
-    assert!(at_kill < total, "killed mid-batch ({at_kill} of {total} decided)");
+    assert!(
+        at_kill < total,
+        "killed mid-batch ({at_kill} of {total} decided)"
+    );
 
     // Two replicas take over and race on the redelivered events.
     let a = Dispatcher::start(&nats.url()).await;
@@ -161,10 +218,17 @@ async fn redeliveries_crashes_and_two_replicas_give_one_run_per_match() {
 
     let runs = run_requests(&js).await;
     let ids: HashSet<&str> = runs.iter().map(|(_, r)| r.run_id.as_str()).collect();
-    assert_eq!(runs.len() as u64, total, "one run request per event and matching pipeline");
+    assert_eq!(
+        runs.len() as u64,
+        total,
+        "one run request per event and matching pipeline"
+    );
     assert_eq!(ids.len() as u64, total, "no run id twice");
     for i in 0..total {
-        assert!(ids.contains(run_id(&format!("github:e-{i}"), "app-push", 0).as_str()), "e-{i}");
+        assert!(
+            ids.contains(run_id(&format!("github:e-{i}"), "app-push", 0).as_str()),
+            "e-{i}"
+        );
     }
 }
 
@@ -177,26 +241,49 @@ async fn pipelines_change_live_and_bad_events_are_dead_lettered() {
     let _dispatcher = Dispatcher::start(&nats.url()).await;
 
     publish_event(&js, &push_event("before", "acme/live")).await;
-    let d = wait_for("first decision", Duration::from_secs(20), || decision(&js, "github:before")).await;
+    let d = wait_for("first decision", Duration::from_secs(20), || {
+        decision(&js, "github:before")
+    })
+    .await;
     assert!(d.runs.is_empty());
 
     // Applied while the dispatcher runs: the next event sees it, no restart.
-    apply(&js, "name: live\ntriggers:\n  - repos: [acme/live]\nsteps:\n  - {name: s, image: alpine}\n").await;
-    let started = wait_for("the new pipeline to be used", Duration::from_secs(20), || async {
-        let id = format!("after-{}", count(&js, subjects::EVENTS_STREAM).await);
-        publish_event(&js, &push_event(&id, "acme/live")).await;
-        let event_id = format!("github:{id}");
-        let d = wait_for("decision", Duration::from_secs(10), || decision(&js, &event_id)).await;
-        (!d.runs.is_empty()).then_some(d)
-    })
+    apply(
+        &js,
+        "name: live\ntriggers:\n  - repos: [acme/live]\nsteps:\n  - {name: s, image: alpine}\n",
+    )
+    .await;
+    let started = wait_for(
+        "the new pipeline to be used",
+        Duration::from_secs(20),
+        || async {
+            let id = format!("after-{}", count(&js, subjects::EVENTS_STREAM).await);
+            publish_event(&js, &push_event(&id, "acme/live")).await;
+            let event_id = format!("github:{id}");
+            let d = wait_for("decision", Duration::from_secs(10), || {
+                decision(&js, &event_id)
+            })
+            .await;
+            (!d.runs.is_empty()).then_some(d)
+        },
+    )
     .await;
     assert_eq!(started.runs[0].pipeline, "live");
 
     // Not an envelope at all: dead-lettered at once with the reason; the events behind
     // it are not held up.
-    js.publish("sluice.events.manual.push", "{not json".into()).await.expect("pub").await.expect("ack");
+    js.publish("sluice.events.manual.push", "{not json".into())
+        .await
+        .expect("pub")
+        .await
+        .expect("ack");
     publish_event(&js, &push_event("behind", "acme/live")).await;
-    wait_for("the event behind to be dispatched", Duration::from_secs(20), || decision(&js, "github:behind")).await;
+    wait_for(
+        "the event behind to be dispatched",
+        Duration::from_secs(20),
+        || decision(&js, "github:behind"),
+    )
+    .await;
     let letters = wait_for("a dead letter", Duration::from_secs(20), || async {
         let m = all_messages(&js, subjects::DEADLETTER_STREAM).await;
         (!m.is_empty()).then_some(m)
@@ -204,7 +291,13 @@ async fn pipelines_change_live_and_bad_events_are_dead_lettered() {
     .await;
     let letter: serde_json::Value = serde_json::from_slice(&letters[0].1).expect("json");
     assert_eq!(letter["subject"], "sluice.events.manual.push");
-    assert!(letter["reason"].as_str().unwrap_or("").contains("not an event envelope"), "{letter}");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not an event envelope"),
+        "{letter}"
+    );
     assert_eq!(letter["message"], "{not json");
 }
 
@@ -241,9 +334,15 @@ steps:
 
     // cancel_in_progress: the second run cancels the first.
     publish_event(&js, &push_event("c-1", "acme/cancel")).await;
-    wait_for("c-1", Duration::from_secs(20), || decision(&js, "github:c-1")).await;
+    wait_for("c-1", Duration::from_secs(20), || {
+        decision(&js, "github:c-1")
+    })
+    .await;
     publish_event(&js, &push_event("c-2", "acme/cancel")).await;
-    wait_for("c-2", Duration::from_secs(20), || decision(&js, "github:c-2")).await;
+    wait_for("c-2", Duration::from_secs(20), || {
+        decision(&js, "github:c-2")
+    })
+    .await;
     let cancels = all_messages(&js, subjects::CONTROL_STREAM).await;
     assert_eq!(cancels.len(), 1);
     assert_eq!(cancels[0].0, "sluice.control.eu-1.cancel");
@@ -253,17 +352,32 @@ steps:
 
     // max_running 1: the second waits until the first finishes.
     publish_event(&js, &push_event("q-1", "acme/queue")).await;
-    let d1 = wait_for("q-1", Duration::from_secs(20), || decision(&js, "github:q-1")).await;
+    let d1 = wait_for("q-1", Duration::from_secs(20), || {
+        decision(&js, "github:q-1")
+    })
+    .await;
     publish_event(&js, &push_event("q-2", "acme/queue")).await;
-    let d2 = wait_for("q-2", Duration::from_secs(20), || decision(&js, "github:q-2")).await;
+    let d2 = wait_for("q-2", Duration::from_secs(20), || {
+        decision(&js, "github:q-2")
+    })
+    .await;
     assert_eq!(d1.runs[0].outcome, "published");
     assert_eq!(d2.runs[0].outcome, "queued");
     let second = run_id("github:q-2", "deploy", 0);
     let published = |id: String| {
         let js = js.clone();
-        async move { run_requests(&js).await.iter().any(|(_, r)| r.run_id == id).then_some(()) }
+        async move {
+            run_requests(&js)
+                .await
+                .iter()
+                .any(|(_, r)| r.run_id == id)
+                .then_some(())
+        }
     };
-    assert!(published(second.clone()).await.is_none(), "queued, not published");
+    assert!(
+        published(second.clone()).await.is_none(),
+        "queued, not published"
+    );
 
     // The runner reports the first run finished: the queued one is published.
     let first = run_id("github:q-1", "deploy", 0);
@@ -279,10 +393,18 @@ steps:
         exit_code: Some(0),
         message: None,
     };
-    js.publish(subjects::status(&first), serde_json::to_vec(&done).expect("json").into())
-        .await
-        .expect("pub")
-        .await
-        .expect("ack");
-    wait_for("the queued run to be published", Duration::from_secs(20), || published(second.clone())).await;
+    js.publish(
+        subjects::status(&first),
+        serde_json::to_vec(&done).expect("json").into(),
+    )
+    .await
+    .expect("pub")
+    .await
+    .expect("ack");
+    wait_for(
+        "the queued run to be published",
+        Duration::from_secs(20),
+        || published(second.clone()),
+    )
+    .await;
 }

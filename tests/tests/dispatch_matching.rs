@@ -13,7 +13,10 @@ use sluice_tests::fixture;
 fn github(file: &str, event: &str) -> Event {
     let p = serde_json::from_slice(&fixture(file)).expect("fixture json");
     let mut e = normalize::github(event, "d-1", p);
-    e.payload = Some(serde_json::value::RawValue::from_string(String::from_utf8(fixture(file)).expect("utf8")).expect("raw"));
+    e.payload = Some(
+        serde_json::value::RawValue::from_string(String::from_utf8(fixture(file)).expect("utf8"))
+            .expect("raw"),
+    );
     e
 }
 
@@ -42,7 +45,8 @@ fn check(event: &Event, trigger: &str) -> Result<String, (String, String)> {
 
 #[track_caller]
 fn matches(event: &Event, trigger: &str) -> String {
-    check(event, trigger).unwrap_or_else(|(f, d)| panic!("{trigger}: expected a match, failed on {f}: {d}"))
+    check(event, trigger)
+        .unwrap_or_else(|(f, d)| panic!("{trigger}: expected a match, failed on {f}: {d}"))
 }
 
 #[track_caller]
@@ -70,19 +74,29 @@ fn github_pull_requests() {
         matches(&e, "{repos: [\"Codertocat/*\"], kinds: [pull_request]}");
         fails_on(&e, "{provider: gitlab}", "provider");
         fails_on(&e, "{repos: [\"acme/*\"]}", "repos");
-        fails_on(&e, "{repos: [\"codertocat/*\", \"!codertocat/hello-world\"]}", "repos");
+        fails_on(
+            &e,
+            "{repos: [\"codertocat/*\", \"!codertocat/hello-world\"]}",
+            "repos",
+        );
         fails_on(&e, "{kinds: [push]}", "kinds");
         fails_on(&e, "{actions: [edited]}", "actions");
         fails_on(&e, "{branches: [main, \"release/*\"]}", "branches");
         fails_on(&e, "{branches: [\"!master\"]}", "branches");
         fails_on(&e, "{tags: [\"v*\"]}", "tags");
         matches(&e, "{when: \"event.pr_draft == false && event.pr == 2\"}");
-        matches(&e, "{when: \"event.payload.pull_request.head.ref == 'changes'\"}");
+        matches(
+            &e,
+            "{when: \"event.payload.pull_request.head.ref == 'changes'\"}",
+        );
         // PR changed files are not in the payload: the trigger fires and says so.
         let d = matches(&e, "{paths: [\"src/**\"]}");
         assert!(d.contains("changed files unknown"), "{d}");
     }
-    let draft = github("github/pull_request.converted_to_draft.json", "pull_request");
+    let draft = github(
+        "github/pull_request.converted_to_draft.json",
+        "pull_request",
+    );
     let d = fails_on(&draft, "{when: \"event.pr_draft == false\"}", "when");
     assert!(d.contains("is false"), "{d}");
 }
@@ -106,11 +120,17 @@ fn github_pushes_and_tags() {
     for file in ["github/push.json", "github/push.with-organization.json"] {
         let tag = github(file, "push");
         assert_eq!(tag.kind, "tag");
-        matches(&tag, "{kinds: [tag], tags: [\"simple-*\"], actions: [deleted]}");
+        matches(
+            &tag,
+            "{kinds: [tag], tags: [\"simple-*\"], actions: [deleted]}",
+        );
         fails_on(&tag, "{tags: [\"v*\"]}", "tags");
         fails_on(&tag, "{branches: [master]}", "branches");
     }
-    for (file, name) in [("github/create.json", "create"), ("github/delete.json", "delete")] {
+    for (file, name) in [
+        ("github/create.json", "create"),
+        ("github/delete.json", "delete"),
+    ] {
         let e = github(file, name);
         matches(&e, &format!("{{kinds: [{name}]}}"));
         fails_on(&e, "{kinds: [push, tag]}", "kinds");
@@ -154,9 +174,15 @@ fn gitlab_events() {
     fails_on(&commit_note, "{kinds: [comment]}", "kinds");
     matches(&commit_note, "{kinds: [note]}");
     let push = gitlab("gitlab/push-event.json", "Push Hook");
-    matches(&push, "{kinds: [push], branches: [master], repos: [mike/diaspora]}");
+    matches(
+        &push,
+        "{kinds: [push], branches: [master], repos: [mike/diaspora]}",
+    );
     let d = matches(&push, "{paths: [\"nothing/**\"]}");
-    assert!(d.contains("may be incomplete"), "four commits pushed, two listed: {d}");
+    assert!(
+        d.contains("may be incomplete"),
+        "four commits pushed, two listed: {d}"
+    );
     let tag = gitlab("gitlab/tag-event.json", "Tag Push Hook");
     matches(&tag, "{tags: [\"v1.*\"]}");
     fails_on(&tag, "{tags: [\"v2.*\"]}", "tags");
@@ -169,7 +195,10 @@ fn cel_errors_and_non_booleans_are_reported_not_matched() {
     assert!(d.contains("evaluation failed"), "{d}");
     let d = fails_on(&e, "{when: \"event.kind\"}", "when");
     assert!(d.contains("not a bool"), "{d}");
-    matches(&e, "{when: \"event.repo.startsWith('Codertocat/') && 'OWNER' == event.actor_association\"}");
+    matches(
+        &e,
+        "{when: \"event.repo.startsWith('Codertocat/') && 'OWNER' == event.actor_association\"}",
+    );
 }
 
 #[test]
@@ -178,8 +207,15 @@ fn the_index_only_considers_pipelines_watching_the_repository() {
     for i in 0..50 {
         yaml.push_str(&format!("---\nname: p{i}\ntriggers:\n  - repos: [acme/app-{i}]\nsteps:\n  - {{name: s, image: i}}\n"));
     }
-    yaml.push_str("---\nname: wide\ntriggers:\n  - repos: [\"acme/*\"]\nsteps:\n  - {name: s, image: i}\n");
-    let index = Index::new(parse_documents("t.yaml", &yaml).expect("valid").into_iter().map(Arc::new));
+    yaml.push_str(
+        "---\nname: wide\ntriggers:\n  - repos: [\"acme/*\"]\nsteps:\n  - {name: s, image: i}\n",
+    );
+    let index = Index::new(
+        parse_documents("t.yaml", &yaml)
+            .expect("valid")
+            .into_iter()
+            .map(Arc::new),
+    );
     let mut e = github("github/push.with-new-branch.json", "push");
     e.repo = Some("Acme/App-7".into());
     let cel = CelEvent::new(&e);
@@ -193,7 +229,12 @@ fn the_index_only_considers_pipelines_watching_the_repository() {
 #[test]
 fn manual_events_can_name_a_pipeline() {
     let yaml = "name: nightly\nsteps:\n  - {name: s, image: i}\n";
-    let index = Index::new(parse_documents("t.yaml", yaml).expect("valid").into_iter().map(Arc::new));
+    let index = Index::new(
+        parse_documents("t.yaml", yaml)
+            .expect("valid")
+            .into_iter()
+            .map(Arc::new),
+    );
     let mut e = Event::new(sluice_core::Provider::Manual, "m-1", "push");
     e.pipeline = Some("nightly".into());
     let cel = CelEvent::new(&e);
@@ -203,5 +244,9 @@ fn manual_events_can_name_a_pipeline() {
     let cel = CelEvent::new(&e);
     let eval = evaluate(&index, &e, &cel);
     assert!(eval.matched.is_empty());
-    assert!(eval.decisions[0].note.as_deref().unwrap_or("").contains("does not exist"));
+    assert!(eval.decisions[0]
+        .note
+        .as_deref()
+        .unwrap_or("")
+        .contains("does not exist"));
 }

@@ -1,0 +1,239 @@
+//! The `sluice` binary as users run it: pipelines and events commands against a real
+//! nats-server, with the messages, positions and exit codes they rely on.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use sluice_core::{Event, Provider};
+use sluice_tests::dispatcher::{decision, pipeline_names, provision, publish_event, Dispatcher};
+use sluice_tests::ingest::jetstream;
+use sluice_tests::nats::NatsServer;
+use sluice_tests::{init_logs, wait_for};
+
+fn sluice(nats_url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("SLUICE_NATS_URL", nats_url)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run sluice")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+fn write(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).expect("write");
+    path.display().to_string()
+}
+
+const GOOD: &str = "name: app-ci\ntriggers:\n  - repos: [acme/app]\n    kinds: [push]\nsteps:\n  - name: test\n    image: alpine\n    commands: [make test]\n";
+
+#[test]
+fn validate_reports_file_line_column_and_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cases = [
+        (
+            "unknown.yaml",
+            "name: a\nsteps:\n  - name: s\n    image: alpine\n    comands: [x]\n",
+            ":5:5: ",
+            "unknown field `comands`",
+        ),
+        (
+            "glob.yaml",
+            "name: a\ntriggers:\n  - branches: [\"rel[ease\"]\nsteps:\n  - {name: s, image: i}\n",
+            ":3:17: ",
+            "bad glob `rel[ease`",
+        ),
+        (
+            "cel.yaml",
+            "name: a\ntriggers:\n  - when: \"event.kind ==\"\nsteps:\n  - {name: s, image: i}\n",
+            ":3:12: ",
+            "bad CEL",
+        ),
+        (
+            "image.yaml",
+            "name: a\nsteps:\n  - name: s\n    commands: [make]\n",
+            ":3:3: ",
+            "step `s` has no image",
+        ),
+    ];
+    for (file, body, position, message) in cases {
+        let path = write(dir.path(), file, body);
+        let out = sluice(
+            "nats://127.0.0.1:1",
+            &["pipelines", "validate", "-f", &path],
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}{position}")),
+            "{file}: {stderr}"
+        );
+        assert!(stderr.contains(message), "{file}: {stderr}");
+        assert!(stderr.contains("nothing was applied"), "{file}: {stderr}");
+    }
+    let good = write(dir.path(), "good.yaml", GOOD);
+    let out = sluice(
+        "nats://127.0.0.1:1",
+        &["pipelines", "validate", "-f", &good],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "pipeline/app-ci is valid\n");
+}
+
+#[tokio::test]
+async fn apply_is_all_or_nothing_and_the_registry_round_trips() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let url = nats.url();
+    let js = jetstream(&url).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    write(dir.path(), "a-good.yaml", GOOD);
+    write(dir.path(), "b-bad.yaml", "name: broken\nsteps: []\n");
+    let folder = dir.path().display().to_string();
+
+    let out = sluice(&url, &["pipelines", "apply", "-f", &folder]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("b-bad.yaml"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        pipeline_names(&js).await.is_empty(),
+        "the good file was not stored either"
+    );
+
+    std::fs::remove_file(dir.path().join("b-bad.yaml")).expect("rm");
+    let out = sluice(&url, &["pipelines", "apply", "-f", &folder]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "pipeline/app-ci created\n");
+    let out = sluice(&url, &["pipelines", "apply", "-f", &folder]);
+    assert_eq!(text(&out.stdout), "pipeline/app-ci unchanged\n");
+    assert_eq!(pipeline_names(&js).await, ["app-ci"]);
+
+    let out = sluice(&url, &["pipelines", "list"]);
+    let listing = text(&out.stdout);
+    assert!(listing.starts_with("NAME"), "{listing}");
+    assert!(
+        listing.lines().nth(1).unwrap_or("").starts_with("app-ci"),
+        "{listing}"
+    );
+
+    let out = sluice(&url, &["pipelines", "get", "app-ci", "-o", "json"]);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(got["steps"][0]["commands"][0], "make test");
+    let out = sluice(&url, &["pipelines", "get", "app-ci"]);
+    let yaml = text(&out.stdout);
+    assert!(yaml.contains("name: app-ci"), "{yaml}");
+
+    let out = sluice(&url, &["pipelines", "delete", "app-ci"]);
+    assert!(out.status.success());
+    let out = sluice(&url, &["pipelines", "get", "app-ci"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no pipeline named \"app-ci\""),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn events_why_explains_each_pipeline() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let url = nats.url();
+    let js = jetstream(&url).await;
+    provision(&js).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = write(
+        dir.path(),
+        "p.yaml",
+        "name: on-main\ntriggers:\n  - repos: [acme/app]\n    branches: [main]\nsteps:\n  - {name: s, image: i}\n---\nname: on-tags\ntriggers:\n  - repos: [acme/app]\n    tags: [\"v*\"]\nsteps:\n  - {name: s, image: i}\n---\nname: elsewhere\ntriggers:\n  - repos: [acme/other]\nsteps:\n  - {name: s, image: i}\n",
+    );
+    assert!(sluice(&url, &["pipelines", "apply", "-f", &file])
+        .status
+        .success());
+    let _dispatcher = Dispatcher::start(&url).await;
+
+    let mut e = Event::new(Provider::Github, "why-1", "push");
+    e.repo = Some("acme/app".into());
+    e.git_ref = Some("refs/heads/main".into());
+    publish_event(&js, &e).await;
+    wait_for("the decision", Duration::from_secs(20), || {
+        decision(&js, "github:why-1")
+    })
+    .await;
+
+    let out = sluice(&url, &["events", "why", "github:why-1"]);
+    let why = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(why.contains("on-main  run "), "{why}");
+    assert!(why.contains("✓ on-main"), "{why}");
+    assert!(why.contains("✗ on-tags"), "{why}");
+    assert!(
+        why.contains("trigger 1: tags: event is on branch main, trigger wants tags"),
+        "{why}"
+    );
+    assert!(
+        why.contains("(1 others do not watch this repository)"),
+        "{why}"
+    );
+
+    let out = sluice(
+        &url,
+        &["events", "why", "github:why-1", "--pipeline", "elsewhere"],
+    );
+    assert!(
+        text(&out.stdout).contains("pipeline elsewhere was not considered"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = sluice(&url, &["events", "why", "github:nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no decision recorded for github:nope"));
+
+    let out = sluice(&url, &["events", "list"]);
+    let list = text(&out.stdout);
+    assert!(
+        list.contains("github:why-1") && list.contains("acme/app"),
+        "{list}"
+    );
+
+    // A manual event naming a pipeline starts it, whatever its triggers.
+    let out = sluice(
+        &url,
+        &[
+            "events",
+            "publish",
+            "--pipeline",
+            "elsewhere",
+            "--id",
+            "m-1",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "manual:m-1\n");
+    let d = wait_for("the manual decision", Duration::from_secs(20), || {
+        decision(&js, "manual:m-1")
+    })
+    .await;
+    assert_eq!(d.runs.len(), 1);
+    assert_eq!(d.runs[0].pipeline, "elsewhere");
+}
+
+#[test]
+fn unreachable_nats_is_named_in_the_error() {
+    let out = sluice("nats://127.0.0.1:1", &["pipelines", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot reach NATS at nats://127.0.0.1:1"),
+        "{}",
+        text(&out.stderr)
+    );
+}
