@@ -69,6 +69,15 @@ pub fn evaluate(index: &Index, event: &Event, cel: &CelEvent<'_>) -> Evaluation 
         if any {
             matched.push(Arc::clone(pipeline));
         }
+        // A pipeline whose repository globs all exclude this repository does not watch
+        // it: counted, not listed, like the pipelines the index skipped.
+        if !triggers.is_empty()
+            && triggers
+                .iter()
+                .all(|t| t.failed.as_deref() == Some("repos"))
+        {
+            continue;
+        }
         decisions.push(PipelineDecision {
             pipeline: pipeline.name.to_string(),
             matched: any,
@@ -76,10 +85,11 @@ pub fn evaluate(index: &Index, event: &Event, cel: &CelEvent<'_>) -> Evaluation 
             note: None,
         });
     }
+    let not_considered = index.len() - decisions.len();
     Evaluation {
         decisions,
         matched,
-        not_considered: index.len() - candidates.len(),
+        not_considered,
     }
 }
 
@@ -306,6 +316,55 @@ thread_local! {
     static CEL_ROOT: cel::Context<'static, 'static> = cel::Context::default();
 }
 
+/// The envelope's fields without the payload, which is added only when needed.
+#[derive(serde::Serialize)]
+struct CelView<'a> {
+    id: &'a str,
+    provider: &'a str,
+    kind: &'a str,
+    action: Option<&'a str>,
+    repo: Option<&'a str>,
+    clone_url: Option<&'a str>,
+    default_branch: Option<&'a str>,
+    #[serde(rename = "ref")]
+    git_ref: Option<&'a str>,
+    sha: Option<&'a str>,
+    base_ref: Option<&'a str>,
+    pr: Option<u64>,
+    pr_draft: Option<bool>,
+    actor: Option<&'a str>,
+    actor_association: Option<&'a str>,
+    changed_files: Option<&'a [String]>,
+    changed_files_complete: bool,
+    comment: Option<&'a str>,
+    pipeline: Option<&'a str>,
+}
+
+impl<'a> From<&'a Event> for CelView<'a> {
+    fn from(e: &'a Event) -> Self {
+        CelView {
+            id: &e.id,
+            provider: e.provider.as_str(),
+            kind: &e.kind,
+            action: e.action.as_deref(),
+            repo: e.repo.as_deref(),
+            clone_url: e.clone_url.as_deref(),
+            default_branch: e.default_branch.as_deref(),
+            git_ref: e.git_ref.as_deref(),
+            sha: e.sha.as_deref(),
+            base_ref: e.base_ref.as_deref(),
+            pr: e.pr,
+            pr_draft: e.pr_draft,
+            actor: e.actor.as_deref(),
+            actor_association: e.actor_association.as_deref(),
+            changed_files: e.changed_files.as_deref(),
+            changed_files_complete: e.changed_files_complete,
+            comment: e.comment.as_deref(),
+            pipeline: e.pipeline.as_deref(),
+        }
+    }
+}
+
 /// The event as CEL sees it (`event.*`), built on first use and only once per event.
 pub struct CelEvent<'e> {
     event: &'e Event,
@@ -337,20 +396,15 @@ impl<'e> CelEvent<'e> {
             &self.plain
         };
         cell.get_or_init(|| {
-            let mut json = serde_json::to_value(self.event).map_err(|e| e.to_string())?;
-            if let Some(obj) = json.as_object_mut() {
-                match (payload, &self.event.payload) {
-                    // The raw payload serialized above is JSON text inside the value;
-                    // parse it so CEL can navigate it.
-                    (true, Some(raw)) => {
-                        let parsed: serde_json::Value =
-                            serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
-                        obj.insert("payload".into(), parsed);
-                    }
-                    _ => {
-                        obj.remove("payload");
-                    }
-                }
+            let mut json =
+                serde_json::to_value(CelView::from(self.event)).map_err(|e| e.to_string())?;
+            if let (true, Some(raw), Some(obj)) =
+                (payload, &self.event.payload, json.as_object_mut())
+            {
+                // Parsed only for expressions that read it: a payload can be large.
+                let parsed: serde_json::Value =
+                    serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+                obj.insert("payload".into(), parsed);
             }
             cel::to_value(json).map_err(|e| e.to_string())
         })

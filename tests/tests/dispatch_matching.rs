@@ -73,11 +73,19 @@ fn github_pull_requests() {
         matches(&e, &format!("{{provider: github, repos: [codertocat/hello-world], kinds: [pull_request], actions: [{action}], branches: [master]}}"));
         matches(&e, "{repos: [\"Codertocat/*\"], kinds: [pull_request]}");
         fails_on(&e, "{provider: gitlab}", "provider");
-        fails_on(&e, "{repos: [\"acme/*\"]}", "repos");
+        // A pipeline whose repository filter excludes the event's repository does not
+        // watch it: it is counted as not considered rather than listed.
+        fails_on(&e, "{repos: [\"acme/*\"]}", "not considered");
         fails_on(
             &e,
             "{repos: [\"codertocat/*\", \"!codertocat/hello-world\"]}",
-            "repos",
+            "not considered",
+        );
+        // Listed (its second trigger watches every repository): the first says why.
+        let d = fails_on(&e, "{repos: [\"acme/*\"]}\n  - {kinds: [push]}", "repos");
+        assert!(
+            d.contains("Codertocat/Hello-World is not in [acme/*]"),
+            "{d}"
         );
         fails_on(&e, "{kinds: [push]}", "kinds");
         fails_on(&e, "{actions: [edited]}", "actions");
@@ -210,6 +218,9 @@ fn the_index_only_considers_pipelines_watching_the_repository() {
     yaml.push_str(
         "---\nname: wide\ntriggers:\n  - repos: [\"acme/*\"]\nsteps:\n  - {name: s, image: i}\n",
     );
+    yaml.push_str(
+        "---\nname: other-org\ntriggers:\n  - repos: [\"other/*\"]\nsteps:\n  - {name: s, image: i}\n",
+    );
     let index = Index::new(
         parse_documents("t.yaml", &yaml)
             .expect("valid")
@@ -221,8 +232,9 @@ fn the_index_only_considers_pipelines_watching_the_repository() {
     let cel = CelEvent::new(&e);
     let eval = evaluate(&index, &e, &cel);
     let considered: Vec<&str> = eval.decisions.iter().map(|d| d.pipeline.as_str()).collect();
+    // other-org's glob is evaluated but excludes the repository: counted, not listed.
     assert_eq!(considered, ["wide", "p7"]);
-    assert_eq!(eval.not_considered, 49);
+    assert_eq!(eval.not_considered, 50);
     assert_eq!(eval.matched.len(), 2);
 }
 
