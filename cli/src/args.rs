@@ -59,6 +59,26 @@ pub struct DispatcherArgs {
     /// Replicas of each stream: 1 for one NATS server, 3 for a cluster.
     #[arg(long, env = "SLUICE_STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,
+    /// GitHub token to read pull requests' changed files. Prefer the variable.
+    #[arg(long, env = "SLUICE_GITHUB_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub github_token: Option<SecretString>,
+    /// GitHub API base URL (GitHub Enterprise: https://HOST/api/v3).
+    #[arg(
+        long,
+        env = "SLUICE_GITHUB_API_URL",
+        default_value = "https://api.github.com"
+    )]
+    pub github_api_url: String,
+    /// GitLab token (read_api) to read merge requests' changed files. Prefer the variable.
+    #[arg(long, env = "SLUICE_GITLAB_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub gitlab_token: Option<SecretString>,
+    /// GitLab API base URL.
+    #[arg(
+        long,
+        env = "SLUICE_GITLAB_API_URL",
+        default_value = "https://gitlab.com/api/v4"
+    )]
+    pub gitlab_api_url: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,6 +1,7 @@
 //! `sluice dispatcher`.
 
 use sluice_core::streams::StreamSettings;
+use sluice_dispatcher::forge::ForgeConfig;
 use sluice_dispatcher::DispatcherConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,13 @@ pub async fn run(
         default_cluster: a.default_cluster,
         concurrency: a.concurrency.max(1),
         max_attempts: a.max_attempts.max(1),
+        forge: ForgeConfig {
+            github_token: a.github_token,
+            github_api_url: a.github_api_url,
+            gitlab_token: a.gitlab_token,
+            gitlab_api_url: a.gitlab_api_url,
+            ..ForgeConfig::default()
+        },
         ..DispatcherConfig::new(global.nats("sluice-dispatcher"))
     };
     sluice_dispatcher::run(config, shutdown).await?;

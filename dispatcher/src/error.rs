@@ -6,6 +6,9 @@ pub enum Error {
     #[error(transparent)]
     Core(#[from] sluice_core::Error),
 
+    #[error("configuration: {0}")]
+    Config(String),
+
     /// NATS refused or did not answer; retried with backoff.
     #[error("NATS: {0}")]
     Nats(String),

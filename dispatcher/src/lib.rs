@@ -8,6 +8,7 @@
 
 mod bus;
 mod error;
+pub mod forge;
 pub mod groups;
 pub mod matcher;
 pub mod plan;
@@ -39,6 +40,8 @@ pub struct DispatcherConfig {
     /// How long an event may be in hand before NATS redelivers it (to another replica
     /// when this one died).
     pub ack_wait: Duration,
+    /// Forge API access for changed-file look-ups.
+    pub forge: forge::ForgeConfig,
 }
 
 impl DispatcherConfig {
@@ -51,12 +54,14 @@ impl DispatcherConfig {
             max_attempts: 5,
             publish_timeout: Duration::from_secs(5),
             ack_wait: Duration::from_secs(30),
+            forge: forge::ForgeConfig::default(),
         }
     }
 }
 
 /// Runs the dispatcher until `shutdown`: stops pulling, finishes the events in hand.
 pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Result<()> {
+    let changed_files = forge::ChangedFiles::new(config.forge.clone()).map_err(Error::Config)?;
     let client = sluice_core::nats::connect(&config.nats).await?;
     let bus = Bus::new(client.clone(), config.publish_timeout);
     let mut delay = Duration::from_millis(100);
@@ -82,6 +87,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         default_cluster: config.default_cluster,
         max_attempts: config.max_attempts,
         ack_wait: config.ack_wait,
+        changed_files,
     });
     tracing::info!(
         concurrency = config.concurrency,

@@ -22,7 +22,14 @@ pub struct Evaluation {
 }
 
 /// Matches `event` against the pipelines of `index` that watch its repository.
-pub fn evaluate(index: &Index, event: &Event, cel: &CelEvent<'_>) -> Evaluation {
+///
+/// `files_note` says why the changed files are unknown when a look-up failed.
+pub fn evaluate(
+    index: &Index,
+    event: &Event,
+    cel: &CelEvent<'_>,
+    files_note: Option<&str>,
+) -> Evaluation {
     // A manual event may name its pipeline: it runs whatever its triggers say.
     if let Some(name) = &event.pipeline {
         let (decisions, matched) = match index.get(name) {
@@ -63,7 +70,7 @@ pub fn evaluate(index: &Index, event: &Event, cel: &CelEvent<'_>) -> Evaluation 
             .triggers
             .iter()
             .enumerate()
-            .map(|(i, t)| verdict(i, t, event, &repo, cel))
+            .map(|(i, t)| verdict(i, t, event, &repo, cel, files_note))
             .collect();
         let any = triggers.iter().any(|t| t.matched);
         if any {
@@ -100,6 +107,7 @@ pub fn verdict(
     event: &Event,
     repo_lower: &str,
     cel: &CelEvent<'_>,
+    files_note: Option<&str>,
 ) -> TriggerVerdict {
     let fail = |filter: &str, detail: String| TriggerVerdict {
         index,
@@ -170,8 +178,14 @@ pub fn verdict(
             (files, _) => {
                 // Firing is safer than silently skipping a build that was needed.
                 caveat = match files {
-                    Some(f) => format!("changed files may be incomplete ({} listed): paths not checked, trigger fires", f.len()),
-                    None => "changed files unknown for this event: paths not checked, trigger fires".into(),
+                    Some(f) => format!(
+                        "changed files may be incomplete ({} listed): paths not checked, trigger fires",
+                        f.len()
+                    ),
+                    None => match files_note {
+                        Some(why) => format!("changed files unknown ({why}): paths not checked, trigger fires"),
+                        None => "changed files unknown for this event: paths not checked, trigger fires".into(),
+                    },
                 };
             }
         }

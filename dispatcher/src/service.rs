@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
+use crate::forge::ChangedFiles;
 use crate::groups::{self, Admission};
 use crate::matcher::{self, CelEvent};
 use crate::plan;
@@ -31,6 +32,7 @@ pub struct Context {
     pub default_cluster: String,
     pub max_attempts: i64,
     pub ack_wait: Duration,
+    pub changed_files: ChangedFiles,
 }
 
 /// Durable consumer names: every replica joins the same ones.
@@ -170,10 +172,27 @@ pub fn read_event(subject: &str, sequence: u64, payload: &[u8]) -> Result<Event>
 /// many runs it started or queued.
 pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
     let index = ctx.registry.current();
+    let mut files_note = None;
+    let mut with_files = None;
+    if needs_changed_files(&index, event) {
+        match ctx.changed_files.pull_request(event).await {
+            Ok(list) => {
+                let mut e = event.clone();
+                e.changed_files = Some(list.files);
+                e.changed_files_complete = list.complete;
+                with_files = Some(e);
+            }
+            Err(why) => {
+                tracing::warn!(event_id = %event.id, reason = %why, "changed files unknown; path filters will fire");
+                files_note = Some(why);
+            }
+        }
+    }
+    let event = with_files.as_ref().unwrap_or(event);
     // CEL evaluation is synchronous; finish it before the first await.
     let (evaluation, planned): (matcher::Evaluation, Vec<(Arc<Pipeline>, RunRequest)>) = {
         let cel = CelEvent::new(event);
-        let evaluation = matcher::evaluate(&index, event, &cel);
+        let evaluation = matcher::evaluate(&index, event, &cel, files_note.as_deref());
         let planned = evaluation
             .matched
             .iter()
@@ -232,6 +251,24 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
         })
         .await?;
     Ok(count)
+}
+
+/// A pull request event without changed files, and a candidate pipeline that filters
+/// on paths: worth asking the forge.
+fn needs_changed_files(index: &crate::registry::Index, event: &Event) -> bool {
+    use sluice_core::envelope::kind;
+    if event.changed_files.is_some()
+        || event.pr.is_none()
+        || !matches!(event.kind.as_str(), kind::PULL_REQUEST | kind::COMMENT)
+        || !matches!(event.provider, Provider::Github | Provider::Gitlab)
+    {
+        return false;
+    }
+    let repo = event.repo.as_deref().unwrap_or("").to_ascii_lowercase();
+    index
+        .candidates(&repo)
+        .iter()
+        .any(|p| p.triggers.iter().any(|t| !t.paths.is_empty()))
 }
 
 /// Consumes `SLUICE_STATUS` to free concurrency slots when runs finish.

@@ -32,7 +32,7 @@ fn check(event: &Event, trigger: &str) -> Result<String, (String, String)> {
     let pipelines = parse_documents("t.yaml", &yaml).unwrap_or_else(|e| panic!("{trigger}: {e}"));
     let index = Index::new(pipelines.into_iter().map(Arc::new));
     let cel = CelEvent::new(event);
-    let eval = evaluate(&index, event, &cel);
+    let eval = evaluate(&index, event, &cel, None);
     if eval.decisions.is_empty() {
         return Err(("not considered".into(), String::new()));
     }
@@ -230,7 +230,7 @@ fn the_index_only_considers_pipelines_watching_the_repository() {
     let mut e = github("github/push.with-new-branch.json", "push");
     e.repo = Some("Acme/App-7".into());
     let cel = CelEvent::new(&e);
-    let eval = evaluate(&index, &e, &cel);
+    let eval = evaluate(&index, &e, &cel, None);
     let considered: Vec<&str> = eval.decisions.iter().map(|d| d.pipeline.as_str()).collect();
     // other-org's glob is evaluated but excludes the repository: counted, not listed.
     assert_eq!(considered, ["wide", "p7"]);
@@ -250,11 +250,11 @@ fn manual_events_can_name_a_pipeline() {
     let mut e = Event::new(sluice_core::Provider::Manual, "m-1", "push");
     e.pipeline = Some("nightly".into());
     let cel = CelEvent::new(&e);
-    let eval = evaluate(&index, &e, &cel);
+    let eval = evaluate(&index, &e, &cel, None);
     assert_eq!(eval.matched.len(), 1);
     e.pipeline = Some("nope".into());
     let cel = CelEvent::new(&e);
-    let eval = evaluate(&index, &e, &cel);
+    let eval = evaluate(&index, &e, &cel, None);
     assert!(eval.matched.is_empty());
     assert!(eval.decisions[0]
         .note
