@@ -261,6 +261,33 @@ pub async fn pipelines_bucket(
     .await
 }
 
+/// How long a runner's heartbeat keeps it listed as alive.
+pub const RUNNER_TTL: Duration = Duration::from_secs(30);
+
+/// Live runners: each runner renews `<cluster>.<runner id>` well within [`RUNNER_TTL`].
+pub async fn runners_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<jetstream::kv::Store> {
+    if let Ok(store) = js.get_key_value(subjects::RUNNERS_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_key_value(jetstream::kv::Config {
+        bucket: subjects::RUNNERS_BUCKET.into(),
+        description: "Sluice: live runners by cluster".into(),
+        history: 1,
+        max_age: RUNNER_TTL,
+        storage: StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| Error::Stream {
+        stream: subjects::RUNNERS_BUCKET.into(),
+        reason: e.to_string(),
+    })
+}
+
 /// Concurrency group states.
 pub async fn groups_bucket(
     js: &jetstream::Context,

@@ -16,6 +16,8 @@ pub const DEADLETTER_STREAM: &str = "SLUICE_DEADLETTER";
 pub const CONTROL_STREAM: &str = "SLUICE_CONTROL";
 /// Key-value bucket of pipelines, keyed by name.
 pub const PIPELINES_BUCKET: &str = "SLUICE_PIPELINES";
+/// Key-value bucket of live runners: `<cluster>.<runner id>`, expiring unless renewed.
+pub const RUNNERS_BUCKET: &str = "SLUICE_RUNNERS";
 /// Key-value bucket of concurrency group states.
 pub const GROUPS_BUCKET: &str = "SLUICE_GROUPS";
 /// Object store bucket holding webhook bodies too large for one NATS message.

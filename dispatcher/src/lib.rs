@@ -10,6 +10,7 @@ mod bus;
 mod error;
 pub mod forge;
 pub mod groups;
+pub mod liveness;
 pub mod matcher;
 pub mod plan;
 pub mod registry;
@@ -78,6 +79,9 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     }
     let pipelines = streams::pipelines_bucket(&bus.js, &config.streams).await?;
     let groups = streams::groups_bucket(&bus.js, &config.streams).await?;
+    let runners = streams::runners_bucket(&bus.js, &config.streams).await?;
+    let liveness = Arc::new(liveness::Liveness::default());
+    let liveness_task = tokio::spawn(liveness::watch(runners, liveness.clone(), shutdown.clone()));
     let registry = Arc::new(registry::Registry::default());
     let watcher = registry::load_and_watch(pipelines, registry.clone(), shutdown.clone()).await?;
     let ctx = Arc::new(service::Context {
@@ -88,6 +92,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         max_attempts: config.max_attempts,
         ack_wait: config.ack_wait,
         changed_files,
+        liveness,
     });
     tracing::info!(
         concurrency = config.concurrency,
@@ -98,6 +103,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         service::consume_statuses(ctx, shutdown.clone()),
     );
     watcher.abort();
+    liveness_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     tracing::info!("dispatcher stopped");
     events.and(statuses)

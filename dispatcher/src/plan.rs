@@ -10,13 +10,18 @@ use crate::matcher::CelEvent;
 /// Where runs go when a pipeline names no cluster.
 pub const DEFAULT_CLUSTER: &str = "default";
 
-/// The run request for `pipeline` started by `event`.
-pub fn plan(
-    pipeline: &Pipeline,
-    event: &Event,
-    cel: &CelEvent<'_>,
-    default_cluster: &str,
-) -> RunRequest {
+/// Picks the cluster: the first of the pipeline's list with a live runner; the first of
+/// the list when none has one (the run waits there); the default when there is no list.
+pub fn cluster(pipeline: &Pipeline, default_cluster: &str, alive: impl Fn(&str) -> bool) -> String {
+    let list = &pipeline.runtime.cluster.0;
+    list.iter()
+        .find(|c| alive(c.as_str()))
+        .or(list.first())
+        .map_or_else(|| default_cluster.to_owned(), |c| c.to_string())
+}
+
+/// The run request for `pipeline` started by `event`, on `cluster`.
+pub fn plan(pipeline: &Pipeline, event: &Event, cel: &CelEvent<'_>, cluster: String) -> RunRequest {
     let vars = |name: &str| template_value(name, pipeline, event);
     let mut steps = Vec::with_capacity(pipeline.steps.len());
     let mut skipped = Vec::new();
@@ -33,12 +38,6 @@ pub fn plan(
             skipped.push(step.name.to_string());
         }
     }
-    let cluster = pipeline
-        .runtime
-        .cluster
-        .0
-        .first()
-        .map_or_else(|| default_cluster.to_owned(), |c| c.to_string());
     let cache = pipeline.cache.as_ref().map(|c| {
         let key_template = c.key.as_deref().unwrap_or("${repo}/${branch}");
         RunCache {

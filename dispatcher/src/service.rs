@@ -33,6 +33,7 @@ pub struct Context {
     pub max_attempts: i64,
     pub ack_wait: Duration,
     pub changed_files: ChangedFiles,
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 /// Durable consumer names: every replica joins the same ones.
@@ -196,7 +197,10 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
         let planned = evaluation
             .matched
             .iter()
-            .map(|p| (p.clone(), plan::plan(p, event, &cel, &ctx.default_cluster)))
+            .map(|p| {
+                let cluster = plan::cluster(p, &ctx.default_cluster, |c| ctx.liveness.is_alive(c));
+                (p.clone(), plan::plan(p, event, &cel, cluster))
+            })
             .collect();
         (evaluation, planned)
     };

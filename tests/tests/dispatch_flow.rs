@@ -408,3 +408,62 @@ steps:
     )
     .await;
 }
+
+#[tokio::test]
+async fn cluster_lists_fall_back_to_a_cluster_with_a_live_runner() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    apply(&js, PIPELINES).await;
+    let runners = sluice_core::streams::runners_bucket(&js, &Default::default())
+        .await
+        .expect("bucket");
+    let _dispatcher = Dispatcher::start(&nats.url()).await;
+
+    // No runner anywhere: the first cluster of [us-1, eu-1], where the run waits.
+    publish_event(&js, &push_event("f-0", "codertocat/hello-world")).await;
+    let d = wait_for("f-0", Duration::from_secs(20), || {
+        decision(&js, "github:f-0")
+    })
+    .await;
+    assert_eq!(d.runs[0].cluster, "us-1");
+
+    // Only eu-1 has a runner: app-push falls back to it.
+    runners
+        .put("eu-1.runner-a", "{}".into())
+        .await
+        .expect("heartbeat");
+    let n = std::sync::atomic::AtomicUsize::new(1);
+    let routed = |want: &'static str| {
+        let (js, n) = (&js, &n);
+        move || async move {
+            let id = format!("f-{}", n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            publish_event(js, &push_event(&id, "codertocat/hello-world")).await;
+            let event_id = format!("github:{id}");
+            let d = wait_for("decision", Duration::from_secs(10), || {
+                decision(js, &event_id)
+            })
+            .await;
+            (d.runs[0].cluster == want).then_some(())
+        }
+    };
+    wait_for(
+        "runs to go to eu-1",
+        Duration::from_secs(20),
+        routed("eu-1"),
+    )
+    .await;
+
+    // us-1's runner comes back: it is first in the list again.
+    runners
+        .put("us-1.runner-b", "{}".into())
+        .await
+        .expect("heartbeat");
+    wait_for(
+        "runs to go to us-1",
+        Duration::from_secs(20),
+        routed("us-1"),
+    )
+    .await;
+}
