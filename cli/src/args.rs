@@ -29,6 +29,8 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Match events against pipeline triggers and publish one run request per match.
     Dispatcher(DispatcherArgs),
+    /// Pull the runs of one cluster and execute them.
+    Runner(RunnerArgs),
     /// Manage pipelines: apply, list, get, delete, validate.
     #[command(subcommand)]
     Pipelines(PipelinesCommand),
@@ -79,6 +81,46 @@ pub struct DispatcherArgs {
         default_value = "https://gitlab.com/api/v4"
     )]
     pub gitlab_api_url: String,
+}
+
+/// Where steps run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorKind {
+    /// Steps as processes on this host (images ignored, nothing isolated).
+    Local,
+    /// Steps as Pods through the Kubernetes API.
+    Kubernetes,
+}
+
+#[derive(Debug, Args)]
+pub struct RunnerArgs {
+    /// The cluster whose runs to take (`sluice.runs.<cluster>`).
+    #[arg(long, env = "SLUICE_CLUSTER")]
+    pub cluster: String,
+    /// Where steps run.
+    #[arg(
+        long,
+        env = "SLUICE_EXECUTOR",
+        value_enum,
+        default_value = "kubernetes"
+    )]
+    pub executor: ExecutorKind,
+    /// Runs executed at once; no more are pulled while this many run.
+    #[arg(long, env = "SLUICE_MAX_RUNNING", default_value_t = 50)]
+    pub max_running: usize,
+    /// Local executor: folder for per-run workspaces.
+    #[arg(
+        long,
+        env = "SLUICE_WORKDIR",
+        default_value = ".sluice-data/workspaces"
+    )]
+    pub workdir: PathBuf,
+    /// Local executor: keep workspaces after runs, for debugging.
+    #[arg(long, env = "SLUICE_KEEP_WORKSPACES")]
+    pub keep_workspaces: bool,
+    /// This replica's name in heartbeats and statuses (default: host name and pid).
+    #[arg(long, env = "SLUICE_RUNNER_ID")]
+    pub runner_id: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

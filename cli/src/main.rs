@@ -7,6 +7,7 @@ mod events;
 mod ingest;
 mod output;
 mod pipelines;
+mod runner;
 
 use clap::Parser;
 
@@ -18,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         args::Command::Ingest(a) => ingest::run(&cli.global, a, shutdown).await,
         args::Command::Dispatcher(a) => dispatcher::run(&cli.global, a, shutdown).await,
+        args::Command::Runner(a) => runner::run(&cli.global, a, shutdown).await,
         args::Command::Pipelines(c) => pipelines::run(&cli.global, c).await,
         args::Command::Events(c) => events::run(&cli.global, c).await,
     }

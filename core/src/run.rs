@@ -147,6 +147,28 @@ pub struct StatusUpdate {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub message: Option<String>,
+    /// The runner replica that reported it.
+    #[serde(default)]
+    pub runner: Option<String>,
+}
+
+/// A batch of output lines of one step, on `sluice.logs.<run_id>`, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogChunk {
+    pub run_id: String,
+    pub step: String,
+    /// Position of this chunk in the step's output, from 0: with the run id and step,
+    /// it is the chunk's message id, so output shipped twice is stored once.
+    pub seq: u64,
+    pub lines: Vec<LogLine>,
+}
+
+/// One line of output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogLine {
+    /// `stdout`, `stderr`, or `sluice` for the runner's own notes.
+    pub stream: String,
+    pub text: String,
 }
 
 /// Asks the runners of a cluster to cancel a run, on `sluice.control.<cluster>.cancel`.

@@ -72,6 +72,7 @@ impl Bus {
             concurrency_group: req.concurrency_group.clone(),
             exit_code: None,
             message,
+            runner: None,
         };
         let id = format!("{}:{}", req.run_id, state.as_str());
         self.publish(subjects::status(&req.run_id), Some(&id), &update)

@@ -5,6 +5,7 @@
 pub mod dispatcher;
 pub mod ingest;
 pub mod nats;
+pub mod runner;
 pub mod sign;
 
 use std::future::Future;

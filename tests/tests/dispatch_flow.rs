@@ -392,6 +392,7 @@ steps:
         concurrency_group: Some("deploy-acme/queue".into()),
         exit_code: Some(0),
         message: None,
+        runner: None,
     };
     js.publish(
         subjects::status(&first),

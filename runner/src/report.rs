@@ -1,0 +1,172 @@
+//! What a run tells the world: state changes on `SLUICE_STATUS` and output on
+//! `SLUICE_LOGS`, each with a message id so a restarted runner repeating itself is
+//! stored once.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use sluice_core::run::{LogChunk, LogLine, RunRequest, RunState, StatusUpdate};
+use sluice_core::subjects;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+/// Lines per log message, and how long a partial batch may wait.
+const BATCH_LINES: usize = 100;
+const BATCH_WAIT: Duration = Duration::from_millis(100);
+
+/// Publishes one run's states and logs.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    js: jetstream::Context,
+    req: RunRequest,
+    runner: String,
+}
+
+impl Reporter {
+    pub fn new(js: jetstream::Context, req: RunRequest, runner: String) -> Self {
+        Reporter { js, req, runner }
+    }
+
+    /// A run (`step` = None) or step state change. Retried a few times: a state must
+    /// not be lost to a NATS blip.
+    pub async fn status(
+        &self,
+        step: Option<&str>,
+        state: RunState,
+        exit_code: Option<i32>,
+        message: Option<String>,
+    ) {
+        let update = StatusUpdate {
+            run_id: self.req.run_id.clone(),
+            pipeline: self.req.pipeline.clone(),
+            state,
+            step: step.map(str::to_owned),
+            at: OffsetDateTime::now_utc(),
+            cluster: Some(self.req.cluster.clone()),
+            event_id: Some(self.req.event_id.clone()),
+            concurrency_group: self.req.concurrency_group.clone(),
+            exit_code,
+            message,
+            runner: Some(self.runner.clone()),
+        };
+        let id = format!(
+            "{}:{}:{}",
+            self.req.run_id,
+            step.unwrap_or("-"),
+            state.as_str()
+        );
+        let body = match serde_json::to_vec(&update) {
+            Ok(b) => b,
+            Err(e) => return tracing::error!(error = %e, "cannot encode a status"),
+        };
+        publish_retrying(&self.js, subjects::status(&self.req.run_id), id, body).await;
+    }
+
+    /// A log writer for one step; lines are batched and shipped in order.
+    pub fn step_log(&self, step: &str) -> StepLog {
+        let (tx, rx) = mpsc::channel::<LogLine>(4096);
+        let shipper = tokio::spawn(ship(
+            self.js.clone(),
+            self.req.run_id.clone(),
+            step.to_owned(),
+            rx,
+        ));
+        StepLog { tx, shipper }
+    }
+}
+
+/// Sends a step's lines to its shipper; [`StepLog::finish`] flushes them all.
+#[derive(Debug)]
+pub struct StepLog {
+    tx: mpsc::Sender<LogLine>,
+    shipper: tokio::task::JoinHandle<()>,
+}
+
+impl StepLog {
+    pub fn sender(&self) -> mpsc::Sender<LogLine> {
+        self.tx.clone()
+    }
+
+    pub async fn line(&self, stream: &str, text: impl Into<String>) {
+        let _ = self
+            .tx
+            .send(LogLine {
+                stream: stream.to_owned(),
+                text: text.into(),
+            })
+            .await;
+    }
+
+    /// Waits until every line sent so far is stored.
+    pub async fn finish(self) {
+        drop(self.tx);
+        let _ = self.shipper.await;
+    }
+}
+
+async fn ship(
+    js: jetstream::Context,
+    run_id: String,
+    step: String,
+    mut rx: mpsc::Receiver<LogLine>,
+) {
+    let mut seq = 0u64;
+    let mut batch = Vec::with_capacity(BATCH_LINES);
+    loop {
+        let first = match rx.recv().await {
+            Some(line) => line,
+            None => break,
+        };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + BATCH_WAIT;
+        while batch.len() < BATCH_LINES {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(line)) => batch.push(line),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let chunk = LogChunk {
+            run_id: run_id.clone(),
+            step: step.clone(),
+            seq,
+            lines: std::mem::take(&mut batch),
+        };
+        if let Ok(body) = serde_json::to_vec(&chunk) {
+            publish_retrying(
+                &js,
+                subjects::logs(&run_id),
+                format!("{run_id}:{step}:{seq}"),
+                body,
+            )
+            .await;
+        }
+        seq += 1;
+    }
+}
+
+async fn publish_retrying(js: &jetstream::Context, subject: String, id: String, body: Vec<u8>) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=10 {
+        let sent = async {
+            js.send_publish(
+                subject.clone(),
+                PublishMessage::build()
+                    .payload(body.clone().into())
+                    .message_id(&id),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+        };
+        match sent.await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(subject = %subject, attempt, error = %e, "publish failed, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::error!(subject = %subject, "giving up publishing after 10 attempts");
+}

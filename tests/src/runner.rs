@@ -1,0 +1,210 @@
+//! An in-process runner with the local executor, a local git repository to clone, and
+//! helpers to read a run's states and logs.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use sluice_core::nats::NatsOptions;
+use sluice_core::run::{LogChunk, RunRequest, RunState, RunStep, StatusUpdate};
+use sluice_core::subjects;
+use sluice_runner::RunnerConfig;
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatcher::all_messages;
+
+/// A running runner.
+#[derive(Debug)]
+pub struct Runner {
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<sluice_runner::Result<()>>>,
+    _workdir: TempDir,
+}
+
+impl Runner {
+    pub fn config(nats_url: &str, cluster: &str, id: &str, workdir: &Path) -> RunnerConfig {
+        let mut c = RunnerConfig::new(
+            NatsOptions::new(nats_url, "sluice-test-runner"),
+            cluster,
+            workdir.to_owned(),
+        );
+        c.runner_id = id.to_owned();
+        // Short, so a killed runner's runs come back quickly.
+        c.ack_wait = Duration::from_secs(2);
+        c
+    }
+
+    pub async fn start(nats_url: &str, cluster: &str, id: &str) -> Runner {
+        Self::start_with(nats_url, cluster, id, |_| {}).await
+    }
+
+    pub async fn start_with(
+        nats_url: &str,
+        cluster: &str,
+        id: &str,
+        tweak: impl FnOnce(&mut RunnerConfig),
+    ) -> Runner {
+        let workdir = tempfile::tempdir().expect("tmp");
+        let mut config = Self::config(nats_url, cluster, id, workdir.path());
+        tweak(&mut config);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(sluice_runner::run(config, shutdown.clone()));
+        Runner {
+            shutdown,
+            task: Some(task),
+            _workdir: workdir,
+        }
+    }
+
+    /// A crash: dropped mid-run, nothing acknowledged.
+    pub fn kill(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("runner stops")
+                .expect("no panic")
+                .expect("clean exit");
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A git repository with one commit; returns it and the commit's SHA.
+pub fn git_repo() -> (TempDir, String) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(dir.path())
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "--quiet", "-b", "main"]);
+    std::fs::write(dir.path().join("hello.txt"), "hello from the repository\n").expect("write");
+    git(&["add", "."]);
+    git(&["commit", "--quiet", "-m", "first"]);
+    let sha = git(&["rev-parse", "HEAD"]);
+    (dir, sha)
+}
+
+/// A run request as the dispatcher would publish it.
+pub fn run_request(
+    run_id: &str,
+    cluster: &str,
+    repo: &Path,
+    sha: &str,
+    steps: Vec<RunStep>,
+) -> RunRequest {
+    RunRequest {
+        run_id: run_id.into(),
+        pipeline: "p".into(),
+        cluster: cluster.into(),
+        event_id: format!("manual:{run_id}"),
+        repo: Some("acme/app".into()),
+        clone_url: Some(repo.display().to_string()),
+        git_ref: Some("refs/heads/main".into()),
+        sha: Some(sha.into()),
+        pr: None,
+        env: [("PIPELINE_VAR".to_owned(), "from-pipeline".to_owned())].into(),
+        steps,
+        skipped_steps: Vec::new(),
+        runtime: Default::default(),
+        timeout_secs: None,
+        cache: None,
+        concurrency_group: None,
+        parent_run: None,
+        attempt: 0,
+        created_at: time::OffsetDateTime::now_utc(),
+    }
+}
+
+/// A step running `commands`.
+pub fn step(name: &str, commands: &[&str]) -> RunStep {
+    RunStep {
+        name: name.into(),
+        image: Some("alpine".into()),
+        commands: commands.iter().map(|c| (*c).to_owned()).collect(),
+        env: Default::default(),
+        secrets: Vec::new(),
+        resources: None,
+        timeout_secs: None,
+        pipeline: None,
+        runtime: None,
+    }
+}
+
+pub async fn publish_run(js: &jetstream::Context, req: &RunRequest) {
+    js.send_publish(
+        subjects::runs(&req.cluster),
+        PublishMessage::build()
+            .payload(serde_json::to_vec(req).expect("json").into())
+            .message_id(&req.run_id),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+}
+
+/// Every status of a run, in order.
+pub async fn statuses(js: &jetstream::Context, run_id: &str) -> Vec<StatusUpdate> {
+    all_messages(js, subjects::STATUS_STREAM)
+        .await
+        .into_iter()
+        .filter(|(s, _)| *s == subjects::status(run_id))
+        .filter_map(|(_, p)| serde_json::from_slice(&p).ok())
+        .collect()
+}
+
+/// The run's final state, once stored.
+pub async fn final_state(js: &jetstream::Context, run_id: &str) -> Option<StatusUpdate> {
+    statuses(js, run_id)
+        .await
+        .into_iter()
+        .find(|u| u.step.is_none() && u.state.is_final())
+}
+
+/// A run's output lines of one step, in order.
+pub async fn log_lines(js: &jetstream::Context, run_id: &str, step: &str) -> Vec<String> {
+    all_messages(js, subjects::LOGS_STREAM)
+        .await
+        .into_iter()
+        .filter(|(s, _)| *s == subjects::logs(run_id))
+        .filter_map(|(_, p)| serde_json::from_slice::<LogChunk>(&p).ok())
+        .filter(|c| c.step == step)
+        .flat_map(|c| c.lines.into_iter().map(|l| l.text))
+        .collect()
+}
+
+/// Step states of a run, as (step, state) in order.
+pub fn step_states(updates: &[StatusUpdate]) -> Vec<(String, RunState)> {
+    updates
+        .iter()
+        .filter_map(|u| u.step.clone().map(|s| (s, u.state)))
+        .collect()
+}
