@@ -76,7 +76,7 @@ async fn success_failure_timeout_and_cancel() {
             "to-stderr"
         ]
     );
-    assert_eq!(log_lines(&js, "ok-1", "second").await, [sha.clone()]);
+    assert_eq!(log_lines(&js, "ok-1", "second").await, vec![sha.clone()]);
 
     // A failing step: its exit code, and the steps after it never run.
     let failing = run_request(
