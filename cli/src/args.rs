@@ -29,11 +29,17 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Match events against pipeline triggers and publish one run request per match.
     Dispatcher(DispatcherArgs),
+    /// Run all of Sluice on this machine: NATS, ingest, dispatcher and a local runner,
+    /// with pipelines from a folder.
+    Dev(DevArgs),
     /// Pull the runs of one cluster and execute them.
     Runner(RunnerArgs),
     /// Manage pipelines: apply, list, get, delete, validate.
     #[command(subcommand)]
     Pipelines(PipelinesCommand),
+    /// Runs: list, get (and wait), logs, cancel.
+    #[command(subcommand)]
+    Runs(RunsCommand),
     /// Inspect and publish events: why did (or didn't) a pipeline run?
     #[command(subcommand)]
     Events(EventsCommand),
@@ -81,6 +87,25 @@ pub struct DispatcherArgs {
         default_value = "https://gitlab.com/api/v4"
     )]
     pub gitlab_api_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Folder of pipeline YAML files, reloaded when it changes.
+    #[arg(long, env = "SLUICE_DEV_PIPELINES", default_value = ".sluice")]
+    pub pipelines: PathBuf,
+    /// Where webhooks are received.
+    #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Data folder: NATS store, workspaces, the generated webhook secret.
+    #[arg(long, env = "SLUICE_DEV_DATA", default_value = ".sluice-data")]
+    pub data: PathBuf,
+    /// Port of the NATS server dev mode starts (unless --nats-url is given).
+    #[arg(long, env = "SLUICE_NATS_PORT", default_value_t = 4222)]
+    pub nats_port: u16,
+    /// Where steps run.
+    #[arg(long, env = "SLUICE_EXECUTOR", value_enum, default_value = "local")]
+    pub executor: ExecutorKind,
 }
 
 /// Where steps run.
@@ -150,6 +175,45 @@ pub enum PipelinesCommand {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Recent runs, newest first.
+    List {
+        #[arg(long)]
+        pipeline: Option<String>,
+        #[arg(long)]
+        repo: Option<String>,
+        /// queued, scheduled, running, succeeded, failed, cancelled or error.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// One run and its steps.
+    Get {
+        run_id: String,
+        /// Wait for the run to end; exit 0 if it succeeded, 3 if cancelled, 1 otherwise.
+        #[arg(long)]
+        wait: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// A run's output.
+    Logs {
+        run_id: String,
+        /// Keep printing until the run ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this step.
+        #[arg(long)]
+        step: Option<String>,
+    },
+    /// Ask the run's cluster to cancel it.
+    Cancel { run_id: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,12 +2,14 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod dev;
 mod dispatcher;
 mod events;
 mod ingest;
 mod output;
 mod pipelines;
 mod runner;
+mod runs;
 
 use clap::Parser;
 
@@ -16,11 +18,18 @@ async fn main() -> anyhow::Result<()> {
     let cli = args::Cli::parse();
     sluice_core::telemetry::init(cli.global.log_format)?;
     let shutdown = sluice_core::shutdown::on_signal();
+    if let args::Command::Runs(c) = cli.command {
+        // Scripts rely on `runs get --wait` exit codes.
+        let code = runs::run(&cli.global, c).await?;
+        std::process::exit(code);
+    }
     match cli.command {
         args::Command::Ingest(a) => ingest::run(&cli.global, a, shutdown).await,
         args::Command::Dispatcher(a) => dispatcher::run(&cli.global, a, shutdown).await,
+        args::Command::Dev(a) => dev::run(&cli.global, a, shutdown).await,
         args::Command::Runner(a) => runner::run(&cli.global, a, shutdown).await,
         args::Command::Pipelines(c) => pipelines::run(&cli.global, c).await,
         args::Command::Events(c) => events::run(&cli.global, c).await,
+        args::Command::Runs(_) => Ok(()),
     }
 }

@@ -150,6 +150,9 @@ pub struct StatusUpdate {
     /// The runner replica that reported it.
     #[serde(default)]
     pub runner: Option<String>,
+    /// The repository the run builds.
+    #[serde(default)]
+    pub repo: Option<String>,
 }
 
 /// A batch of output lines of one step, on `sluice.logs.<run_id>`, in order.

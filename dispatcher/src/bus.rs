@@ -73,6 +73,7 @@ impl Bus {
             exit_code: None,
             message,
             runner: None,
+            repo: req.repo.clone(),
         };
         let id = format!("{}:{}", req.run_id, state.as_str());
         self.publish(subjects::status(&req.run_id), Some(&id), &update)

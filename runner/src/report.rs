@@ -48,6 +48,7 @@ impl Reporter {
             exit_code,
             message,
             runner: Some(self.runner.clone()),
+            repo: self.req.repo.clone(),
         };
         let id = format!(
             "{}:{}:{}",

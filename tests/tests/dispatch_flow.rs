@@ -393,6 +393,7 @@ steps:
         exit_code: Some(0),
         message: None,
         runner: None,
+        repo: None,
     };
     js.publish(
         subjects::status(&first),

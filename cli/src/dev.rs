@@ -1,0 +1,298 @@
+//! `sluice dev`: the whole system on one machine, in one process: a NATS server (the
+//! provisioned one, unless a URL is given), ingest, the dispatcher and a local runner,
+//! with pipelines loaded from a folder and reloaded when it changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use secrecy::SecretString;
+use sluice_core::nats::NatsOptions;
+use sluice_core::streams::{self, StreamSettings};
+use sluice_dispatcher::DispatcherConfig;
+use sluice_ingest::{IngestConfig, SecretSources, Secrets};
+use sluice_runner::RunnerConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::{DevArgs, ExecutorKind, Global};
+
+/// The cluster of the local runner, and of pipelines that name none.
+const LOCAL_CLUSTER: &str = "local";
+
+pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if a.executor == ExecutorKind::Kubernetes {
+        bail!("the Kubernetes executor is not built yet in this version; `sluice dev` runs steps with the local executor");
+    }
+    std::fs::create_dir_all(&a.data)
+        .with_context(|| format!("cannot create {}", a.data.display()))?;
+    let (nats_url, _server) = if nats_url_given() {
+        (global.nats_url.clone(), None)
+    } else {
+        let (url, child) = start_nats(&a.data, a.nats_port).await?;
+        (url, Some(child))
+    };
+    let nats = |name: &str| NatsOptions {
+        url: nats_url.clone(),
+        ..global.nats(name)
+    };
+
+    let secret = match std::env::var("SLUICE_GITHUB_WEBHOOK_SECRET") {
+        Ok(s) if !s.is_empty() => s,
+        _ => dev_secret(&a.data)?,
+    };
+    let github = SecretString::from(secret.clone());
+    let gitlab = std::env::var("SLUICE_GITLAB_WEBHOOK_TOKEN")
+        .ok()
+        .map(SecretString::from);
+    let signing = std::env::var("SLUICE_WEBHOOK_SIGNING_SECRET")
+        .ok()
+        .map(SecretString::from);
+    let secrets = Secrets::load(SecretSources {
+        github: Some(&github),
+        gitlab: gitlab.as_ref(),
+        generic: signing.as_ref(),
+        file: None,
+    })?;
+
+    // Pipelines first, so the dispatcher starts with them.
+    let client =
+        sluice_core::nats::connect_once(&nats("sluice-dev"), Duration::from_secs(10)).await?;
+    let js = async_nats::jetstream::new(client);
+    streams::ensure(&js, &StreamSettings::default()).await?;
+    let kv = streams::pipelines_bucket(&js, &StreamSettings::default()).await?;
+    let mut applied = BTreeSet::new();
+    let clusters = reload(&kv, &a.pipelines, &mut applied).await;
+
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (set --listen)", a.listen))?;
+    let ingest = tokio::spawn(sluice_ingest::serve(
+        listener,
+        IngestConfig::new(a.listen, nats("sluice-ingest"), secrets),
+        shutdown.clone(),
+    ));
+    let dispatcher = tokio::spawn(sluice_dispatcher::run(
+        DispatcherConfig {
+            default_cluster: LOCAL_CLUSTER.into(),
+            ..DispatcherConfig::new(nats("sluice-dispatcher"))
+        },
+        shutdown.clone(),
+    ));
+    let workdir = a.data.join("workspaces");
+    let mut runners = Vec::new();
+    for cluster in &clusters {
+        let mut config = RunnerConfig::new(nats("sluice-runner"), cluster.clone(), workdir.clone());
+        config.runner_id = format!("dev-{cluster}");
+        runners.push(tokio::spawn(sluice_runner::run(config, shutdown.clone())));
+    }
+
+    let base = format!("http://{}", a.listen);
+    println!();
+    println!("Sluice is running (dev mode).");
+    println!("  webhooks   {base}/webhooks/github   secret: {secret}");
+    println!("             {base}/webhooks/gitlab   (set SLUICE_GITLAB_WEBHOOK_TOKEN)");
+    println!("             {base}/webhooks/generic  (set SLUICE_WEBHOOK_SIGNING_SECRET)");
+    println!("  NATS       {nats_url}");
+    println!(
+        "  pipelines  {} ({} loaded; changes are picked up)",
+        a.pipelines.display(),
+        applied.len()
+    );
+    println!(
+        "  runner     local executor for cluster(s) {}: step images are ignored and nothing is isolated",
+        clusters.iter().cloned().collect::<Vec<_>>().join(", ")
+    );
+    println!();
+    println!("Next, in another terminal:");
+    println!("  export SLUICE_NATS_URL={nats_url} SLUICE_GITHUB_WEBHOOK_SECRET={secret}");
+    println!("  ./scripts/send-webhook --url {base}/webhooks/github PAYLOAD.json");
+    println!("  sluice runs list");
+    println!("  sluice events list");
+    println!();
+
+    // Reload pipelines when the folder changes, until shutdown.
+    let mut seen = fingerprint(&a.pipelines);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = fingerprint(&a.pipelines);
+        if now != seen {
+            seen = now;
+            let clusters_now = reload(&kv, &a.pipelines, &mut applied).await;
+            let new: Vec<&String> = clusters_now.difference(&clusters).collect();
+            if !new.is_empty() {
+                eprintln!("note: pipelines now name cluster(s) {new:?}; restart `sluice dev` to run them locally");
+            }
+        }
+    }
+    for task in runners {
+        let _ = task.await;
+    }
+    let _ = dispatcher.await;
+    let _ = ingest.await;
+    Ok(())
+}
+
+/// Validates and applies every pipeline of `dir`; removes the ones that left it.
+/// Returns the clusters to run locally. Errors are printed and the previous pipelines
+/// stay in place.
+async fn reload(
+    kv: &async_nats::jetstream::kv::Store,
+    dir: &Path,
+    applied: &mut BTreeSet<String>,
+) -> BTreeSet<String> {
+    let mut clusters = BTreeSet::from([LOCAL_CLUSTER.to_owned()]);
+    if !dir.exists() {
+        eprintln!(
+            "note: no pipeline folder at {} (set --pipelines)",
+            dir.display()
+        );
+        return clusters;
+    }
+    let pipelines = match crate::pipelines::load(dir) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pipelines not reloaded: {e}");
+            return clusters;
+        }
+    };
+    let mut now = BTreeSet::new();
+    for p in &pipelines {
+        for c in &p.runtime.cluster.0 {
+            clusters.insert(c.to_string());
+        }
+        let name = p.name.to_string();
+        match serde_json::to_vec(p) {
+            Ok(value) => {
+                if let Err(e) = kv.put(&name, value.into()).await {
+                    eprintln!("cannot store pipeline {name}: {e}");
+                }
+            }
+            Err(e) => eprintln!("cannot encode pipeline {name}: {e}"),
+        }
+        now.insert(name);
+    }
+    for gone in applied.difference(&now) {
+        let _ = kv.delete(gone).await;
+        eprintln!("pipeline/{gone} removed");
+    }
+    eprintln!(
+        "pipelines loaded from {}: {}",
+        dir.display(),
+        now.iter().cloned().collect::<Vec<_>>().join(", ")
+    );
+    *applied = now;
+    clusters
+}
+
+/// Names, sizes and modification times of the folder's YAML files.
+fn fingerprint(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.insert(path, (meta.len(), meta.modified().ok()));
+            }
+        }
+    }
+    out
+}
+
+fn nats_url_given() -> bool {
+    std::env::var_os("SLUICE_NATS_URL").is_some()
+        || std::env::args().any(|a| a == "--nats-url" || a.starts_with("--nats-url="))
+}
+
+/// Starts the provisioned `nats-server` with JetStream and its data under `data/`.
+async fn start_nats(data: &Path, port: u16) -> anyhow::Result<(String, tokio::process::Child)> {
+    let bin = nats_binary()
+        .context("no nats-server found: run ./scripts/install-nats, or pass --nats-url")?;
+    if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        bail!("port {port} is taken: pass --nats-port, or --nats-url to use the NATS server already there");
+    }
+    let store = data.join("nats");
+    std::fs::create_dir_all(&store)?;
+    let log = std::fs::File::create(data.join("nats.log"))?;
+    let child = tokio::process::Command::new(&bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(&store)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let opts = NatsOptions::new(&url, "sluice-dev");
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(client) = sluice_core::nats::connect_once(&opts, Duration::from_millis(500)).await
+        {
+            if async_nats::jetstream::new(client)
+                .query_account()
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        if std::time::Instant::now() > until {
+            bail!(
+                "nats-server did not start; see {}",
+                data.join("nats.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "started {} on {url} (data in {})",
+        bin.display(),
+        store.display()
+    );
+    Ok((url, child))
+}
+
+fn nats_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let local = PathBuf::from(".tools/nats/bin/nats-server");
+    if local.exists() {
+        return Some(local);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("nats-server"))
+            .find(|p| p.exists())
+    })
+}
+
+/// A webhook secret for dev mode, made once and kept in the data folder.
+fn dev_secret(data: &Path) -> anyhow::Result<String> {
+    let path = data.join("github-webhook-secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        if !s.trim().is_empty() {
+            return Ok(s.trim().to_owned());
+        }
+    }
+    let mut bytes = [0u8; 20];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom for a secret")?;
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, &secret)?;
+    Ok(secret)
+}

@@ -1,0 +1,446 @@
+//! `sluice runs …`: what ran, how it went, its output; cancel.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use async_nats::jetstream::{self, message::PublishMessage};
+use futures::StreamExt;
+use serde::Serialize;
+use sluice_core::run::{CancelRequest, LogChunk, RunState, StatusUpdate};
+use sluice_core::subjects;
+use time::OffsetDateTime;
+
+use crate::args::{Global, Output, RunsCommand};
+use crate::output;
+
+/// A run as the status stream tells it.
+#[derive(Debug, Clone, Serialize)]
+struct RunView {
+    run_id: String,
+    pipeline: String,
+    state: RunState,
+    repo: Option<String>,
+    cluster: Option<String>,
+    event_id: Option<String>,
+    runner: Option<String>,
+    message: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+    steps: Vec<StepView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct StepView {
+    name: String,
+    state: RunState,
+    exit_code: Option<i32>,
+    message: Option<String>,
+}
+
+impl RunView {
+    fn from_update(u: &StatusUpdate) -> Self {
+        RunView {
+            run_id: u.run_id.clone(),
+            pipeline: u.pipeline.clone(),
+            state: RunState::Queued,
+            repo: None,
+            cluster: None,
+            event_id: None,
+            runner: None,
+            message: None,
+            updated_at: u.at,
+            steps: Vec::new(),
+        }
+    }
+
+    fn apply(&mut self, u: &StatusUpdate) {
+        self.updated_at = u.at;
+        self.repo = u.repo.clone().or(self.repo.take());
+        self.cluster = u.cluster.clone().or(self.cluster.take());
+        self.event_id = u.event_id.clone().or(self.event_id.take());
+        self.runner = u.runner.clone().or(self.runner.take());
+        match &u.step {
+            None => {
+                // A late non-final state never overwrites a final one.
+                if !self.state.is_final() || u.state.is_final() {
+                    self.state = u.state;
+                    self.message = u.message.clone();
+                }
+            }
+            Some(name) => match self.steps.iter_mut().find(|s| &s.name == name) {
+                Some(step) => {
+                    step.state = u.state;
+                    step.exit_code = u.exit_code.or(step.exit_code);
+                    step.message = u.message.clone();
+                }
+                None => self.steps.push(StepView {
+                    name: name.clone(),
+                    state: u.state,
+                    exit_code: u.exit_code,
+                    message: u.message.clone(),
+                }),
+            },
+        }
+    }
+}
+
+pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<i32> {
+    let client =
+        sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)",
+                    global.nats_url
+                )
+            })?;
+    let js = jetstream::new(client);
+    match command {
+        RunsCommand::List {
+            pipeline,
+            repo,
+            state,
+            limit,
+            output,
+        } => {
+            let runs = recent_runs(&js, 20_000).await?;
+            let mut runs: Vec<RunView> = runs
+                .into_values()
+                .filter(|r| pipeline.as_ref().is_none_or(|p| &r.pipeline == p))
+                .filter(|r| repo.as_ref().is_none_or(|p| r.repo.as_ref() == Some(p)))
+                .filter(|r| state.as_ref().is_none_or(|s| r.state.as_str() == s))
+                .collect();
+            runs.sort_by_key(|r| std::cmp::Reverse(r.updated_at));
+            runs.truncate(limit);
+            if output != Output::Table {
+                output::structured(&runs, output)?;
+                return Ok(0);
+            }
+            if runs.is_empty() {
+                println!("No runs yet.");
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = runs
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.run_id.clone(),
+                        r.pipeline.clone(),
+                        paint(r.state),
+                        r.repo.clone().unwrap_or_default(),
+                        r.cluster.clone().unwrap_or_default(),
+                        r.updated_at
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &["RUN", "PIPELINE", "STATE", "REPO", "CLUSTER", "UPDATED"],
+                &rows,
+            );
+            Ok(0)
+        }
+        RunsCommand::Get {
+            run_id,
+            wait,
+            output,
+        } => {
+            let view = if wait {
+                wait_final(&js, &run_id).await?
+            } else {
+                run_view(&js, &run_id).await?.with_context(|| {
+                    format!("no run {run_id}: `sluice runs list` shows recent runs")
+                })?
+            };
+            if output != Output::Table {
+                output::structured(&view, output)?;
+            } else {
+                print_run(&view);
+            }
+            Ok(exit_code(wait, view.state))
+        }
+        RunsCommand::Logs {
+            run_id,
+            follow,
+            step,
+        } => {
+            logs(&js, &run_id, follow, step.as_deref()).await?;
+            Ok(0)
+        }
+        RunsCommand::Cancel { run_id } => {
+            let view = run_view(&js, &run_id).await?.with_context(|| {
+                format!("no run {run_id}: `sluice runs list` shows recent runs")
+            })?;
+            if view.state.is_final() {
+                bail!("run {run_id} already ended: {}", view.state.as_str());
+            }
+            let cluster = view.cluster.context("the run's cluster is unknown")?;
+            let request = CancelRequest {
+                run_id: run_id.clone(),
+                reason: "cancelled by a user".into(),
+                at: OffsetDateTime::now_utc(),
+            };
+            js.send_publish(
+                subjects::cancel(&cluster),
+                PublishMessage::build()
+                    .payload(serde_json::to_vec(&request)?.into())
+                    .message_id(format!("cancel:{run_id}")),
+            )
+            .await?
+            .await?;
+            println!("cancel requested for run {run_id} on cluster {cluster}");
+            Ok(0)
+        }
+    }
+}
+
+/// `runs get --wait` exits 0 only for a run that succeeded, so scripts can rely on it.
+fn exit_code(wait: bool, state: RunState) -> i32 {
+    match (wait, state) {
+        (false, _) | (true, RunState::Succeeded) => 0,
+        (true, RunState::Cancelled) => 3,
+        (true, _) => 1,
+    }
+}
+
+fn paint(state: RunState) -> String {
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    if !colour {
+        return state.as_str().to_owned();
+    }
+    let code = match state {
+        RunState::Succeeded => "32",
+        RunState::Failed | RunState::Error => "31",
+        RunState::Cancelled => "33",
+        _ => "36",
+    };
+    format!("\x1b[{code}m{}\x1b[0m", state.as_str())
+}
+
+fn print_run(v: &RunView) {
+    println!("run       {}", v.run_id);
+    println!("pipeline  {}", v.pipeline);
+    println!(
+        "state     {}{}",
+        paint(v.state),
+        v.message
+            .as_deref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    );
+    if let Some(r) = &v.repo {
+        println!("repo      {r}");
+    }
+    if let Some(e) = &v.event_id {
+        println!("event     {e}");
+    }
+    if let Some(c) = &v.cluster {
+        println!(
+            "cluster   {c}{}",
+            v.runner
+                .as_deref()
+                .map(|r| format!(" (runner {r})"))
+                .unwrap_or_default()
+        );
+    }
+    if !v.steps.is_empty() {
+        println!("steps:");
+        for s in &v.steps {
+            let extra = s
+                .message
+                .as_deref()
+                .map(|m| format!("  {m}"))
+                .unwrap_or_default();
+            println!("  {:<20} {}{extra}", s.name, paint(s.state));
+        }
+    }
+}
+
+async fn ordered(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: String,
+    policy: DeliverPolicy,
+) -> anyhow::Result<(jetstream::consumer::Consumer<OrderedConfig>, u64)> {
+    let stream = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("no {stream} stream: has Sluice run against this NATS?"))?;
+    let mut consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: policy,
+            ..Default::default()
+        })
+        .await?;
+    let pending = consumer.info().await?.num_pending;
+    Ok((consumer, pending))
+}
+
+async fn recent_runs(
+    js: &jetstream::Context,
+    max: u64,
+) -> anyhow::Result<BTreeMap<String, RunView>> {
+    let mut status = js
+        .get_stream(subjects::STATUS_STREAM)
+        .await
+        .context("no SLUICE_STATUS stream")?;
+    let last = status.info().await?.state.last_sequence;
+    let start = last.saturating_sub(max).max(1);
+    let (consumer, pending) = ordered(
+        js,
+        subjects::STATUS_STREAM,
+        "sluice.status.>".into(),
+        DeliverPolicy::ByStartSequence {
+            start_sequence: start,
+        },
+    )
+    .await?;
+    let mut runs: BTreeMap<String, RunView> = BTreeMap::new();
+    let mut messages = consumer.messages().await?.take(pending as usize);
+    while let Some(m) = messages.next().await {
+        let m = m?;
+        if let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m.payload) {
+            runs.entry(u.run_id.clone())
+                .or_insert_with(|| RunView::from_update(&u))
+                .apply(&u);
+        }
+    }
+    Ok(runs)
+}
+
+async fn run_view(js: &jetstream::Context, run_id: &str) -> anyhow::Result<Option<RunView>> {
+    let (consumer, pending) = ordered(
+        js,
+        subjects::STATUS_STREAM,
+        subjects::status(run_id),
+        DeliverPolicy::All,
+    )
+    .await?;
+    let mut view: Option<RunView> = None;
+    let mut messages = consumer.messages().await?.take(pending as usize);
+    while let Some(m) = messages.next().await {
+        if let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m?.payload) {
+            view.get_or_insert_with(|| RunView::from_update(&u))
+                .apply(&u);
+        }
+    }
+    Ok(view)
+}
+
+/// Follows a run's states until a final one, printing each change as it comes.
+async fn wait_final(js: &jetstream::Context, run_id: &str) -> anyhow::Result<RunView> {
+    let (consumer, _) = ordered(
+        js,
+        subjects::STATUS_STREAM,
+        subjects::status(run_id),
+        DeliverPolicy::All,
+    )
+    .await?;
+    let mut messages = consumer.messages().await?;
+    let mut view: Option<RunView> = None;
+    let progress = std::io::stderr().is_terminal();
+    if progress {
+        eprintln!("waiting for run {run_id}…");
+    }
+    while let Some(m) = messages.next().await {
+        let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m?.payload) else {
+            continue;
+        };
+        let v = view.get_or_insert_with(|| RunView::from_update(&u));
+        v.apply(&u);
+        if progress {
+            match &u.step {
+                Some(s) => eprintln!("  step {s}: {}", u.state.as_str()),
+                None => eprintln!("  run: {}", u.state.as_str()),
+            }
+        }
+        if u.step.is_none() && u.state.is_final() {
+            return Ok(v.clone());
+        }
+    }
+    bail!("the status stream ended before run {run_id} finished")
+}
+
+async fn logs(
+    js: &jetstream::Context,
+    run_id: &str,
+    follow: bool,
+    step: Option<&str>,
+) -> anyhow::Result<()> {
+    let (consumer, pending) = ordered(
+        js,
+        subjects::LOGS_STREAM,
+        subjects::logs(run_id),
+        DeliverPolicy::All,
+    )
+    .await?;
+    let mut messages = consumer.messages().await?;
+    let mut printed = 0u64;
+    let mut last_step = String::new();
+    let mut print = |chunk: LogChunk| {
+        if step.is_some_and(|s| s != chunk.step) {
+            return;
+        }
+        for line in chunk.lines {
+            if step.is_none() && chunk.step != last_step {
+                println!("── {} ──", chunk.step);
+                last_step = chunk.step.clone();
+            }
+            println!("{}", line.text);
+        }
+    };
+    while printed < pending {
+        let Some(m) = messages.next().await else {
+            break;
+        };
+        printed += 1;
+        if let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m?.payload) {
+            print(chunk);
+        }
+    }
+    if !follow {
+        if pending == 0 && run_view(js, run_id).await?.is_none() {
+            bail!("no run {run_id}: `sluice runs list` shows recent runs");
+        }
+        return Ok(());
+    }
+    // Follow until the run's final state is stored, then drain what is left.
+    loop {
+        if let Some(v) = run_view(js, run_id).await? {
+            if v.state.is_final() {
+                let (_, rest) = ordered(
+                    js,
+                    subjects::LOGS_STREAM,
+                    subjects::logs(run_id),
+                    DeliverPolicy::All,
+                )
+                .await?;
+                while printed < rest {
+                    let Some(m) = messages.next().await else {
+                        break;
+                    };
+                    printed += 1;
+                    if let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m?.payload) {
+                        print(chunk);
+                    }
+                }
+                return Ok(());
+            }
+        }
+        match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
+            Ok(Some(m)) => {
+                printed += 1;
+                if let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m?.payload) {
+                    print(chunk);
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(_) => {}
+        }
+    }
+}
