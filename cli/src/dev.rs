@@ -27,7 +27,7 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     }
     std::fs::create_dir_all(&a.data)
         .with_context(|| format!("cannot create {}", a.data.display()))?;
-    let (nats_url, _server) = if nats_url_given() {
+    let (nats_url, server) = if nats_url_given() {
         (global.nats_url.clone(), None)
     } else {
         let (url, child) = start_nats(&a.data, a.nats_port).await?;
@@ -135,6 +135,15 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     }
     let _ = dispatcher.await;
     let _ = ingest.await;
+    if let Some(mut server) = server {
+        // SIGTERM: the server flushes its store and exits.
+        if let Some(pid) = server.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), server.wait()).await;
+    }
     Ok(())
 }
 
@@ -231,6 +240,9 @@ async fn start_nats(data: &Path, port: u16) -> anyhow::Result<(String, tokio::pr
         .arg(&store)
         .stdout(Stdio::null())
         .stderr(log)
+        // Its own process group: a Ctrl-C in the terminal reaches `sluice dev`, which
+        // stops the services first and this server last, so runs can report.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;

@@ -26,9 +26,12 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default `info` filter.
+/// Installs the global subscriber. `RUST_LOG` overrides the default filter
+/// (`info`, the NATS client at `warn`).
 pub fn init(format: LogFormat) -> Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The NATS client's connection chatter is noise at info.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     // Colour only for a person at a terminal, and never when NO_COLOR is set.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = fmt()

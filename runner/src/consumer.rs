@@ -123,7 +123,13 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
                 }
             }
         };
-        while let Some(message) = messages.next().await {
+        loop {
+            let message = tokio::select! {
+                // Whatever was pulled but not started is redelivered after its ack wait.
+                () = shutdown.cancelled() => break,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else { break };
             let Ok(message) = message else { continue };
             let Some(permit) = permits.pop() else { break };
             let (js, running, ack_wait) = (js.clone(), running.clone(), config.ack_wait);
