@@ -237,3 +237,73 @@ fn unreachable_nats_is_named_in_the_error() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn runs_commands_show_states_logs_and_exit_codes() {
+    use sluice_tests::runner::{git_repo, publish_run, run_request, step, Runner};
+    init_logs();
+    let nats = NatsServer::start().await;
+    let url = nats.url();
+    let js = jetstream(&url).await;
+    provision(&js).await;
+    let (repo, sha) = git_repo();
+    let _runner = Runner::start(&url, "eu-1", "cli-runner").await;
+    publish_run(
+        &js,
+        &run_request(
+            "cli-ok",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("hello", &["echo hi there"])],
+        ),
+    )
+    .await;
+    publish_run(
+        &js,
+        &run_request(
+            "cli-bad",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("boom", &["exit 7"])],
+        ),
+    )
+    .await;
+
+    // `get --wait` blocks until the end and says how it went in its exit code.
+    let url2 = url.clone();
+    let ok =
+        tokio::task::spawn_blocking(move || sluice(&url2, &["runs", "get", "cli-ok", "--wait"]))
+            .await
+            .expect("join");
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+    let shown = text(&ok.stdout);
+    assert!(
+        shown.contains("state     succeeded")
+            && shown.contains("hello")
+            && shown.contains("runner cli-runner"),
+        "{shown}"
+    );
+    let url3 = url.clone();
+    let bad = tokio::task::spawn_blocking(move || {
+        sluice(&url3, &["runs", "get", "cli-bad", "--wait", "-o", "json"])
+    })
+    .await
+    .expect("join");
+    assert_eq!(bad.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&bad.stdout).expect("json");
+    assert_eq!(json["state"], "failed");
+    assert_eq!(json["steps"][0]["exit_code"], 7);
+
+    let logs = sluice(&url, &["runs", "logs", "cli-ok", "--step", "hello"]);
+    assert_eq!(text(&logs.stdout), "hi there\n");
+    let list = text(&sluice(&url, &["runs", "list", "--state", "failed"]).stdout);
+    assert!(
+        list.contains("cli-bad") && !list.contains("cli-ok"),
+        "{list}"
+    );
+    let missing = sluice(&url, &["runs", "get", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("no run nope"));
+}
