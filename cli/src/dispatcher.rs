@@ -2,6 +2,7 @@
 
 use sluice_core::streams::StreamSettings;
 use sluice_dispatcher::forge::ForgeConfig;
+use sluice_dispatcher::reporter::ReporterConfig;
 use sluice_dispatcher::DispatcherConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +28,11 @@ pub async fn run(
             gitlab_api_url: a.gitlab_api_url,
             ..ForgeConfig::default()
         },
+        reporter: a.report_statuses.then(|| ReporterConfig {
+            link_base_url: a.status_link_base_url.clone(),
+            requests_per_hour: a.forge_requests_per_hour,
+            ..ReporterConfig::default()
+        }),
         ..DispatcherConfig::new(global.nats("sluice-dispatcher"))
     };
     sluice_dispatcher::run(config, shutdown).await?;

@@ -153,6 +153,9 @@ pub struct StatusUpdate {
     /// The repository the run builds.
     #[serde(default)]
     pub repo: Option<String>,
+    /// The commit the run builds.
+    #[serde(default)]
+    pub sha: Option<String>,
 }
 
 /// A batch of output lines of one step, on `sluice.logs.<run_id>`, in order.

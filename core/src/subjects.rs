@@ -18,6 +18,8 @@ pub const CONTROL_STREAM: &str = "SLUICE_CONTROL";
 pub const PIPELINES_BUCKET: &str = "SLUICE_PIPELINES";
 /// Key-value bucket of live runners: `<cluster>.<runner id>`, expiring unless renewed.
 pub const RUNNERS_BUCKET: &str = "SLUICE_RUNNERS";
+/// Key-value bucket of commit statuses waiting to be sent to the forges, by run id.
+pub const REPORTS_BUCKET: &str = "SLUICE_REPORTS";
 /// Key-value bucket of concurrency group states.
 pub const GROUPS_BUCKET: &str = "SLUICE_GROUPS";
 /// Object store bucket holding webhook bodies too large for one NATS message.

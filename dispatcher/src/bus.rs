@@ -74,6 +74,7 @@ impl Bus {
             message,
             runner: None,
             repo: req.repo.clone(),
+            sha: req.sha.clone(),
         };
         let id = format!("{}:{}", req.run_id, state.as_str());
         self.publish(subjects::status(&req.run_id), Some(&id), &update)

@@ -14,6 +14,7 @@ pub mod liveness;
 pub mod matcher;
 pub mod plan;
 pub mod registry;
+pub mod reporter;
 pub mod service;
 
 use std::sync::Arc;
@@ -41,8 +42,10 @@ pub struct DispatcherConfig {
     /// How long an event may be in hand before NATS redelivers it (to another replica
     /// when this one died).
     pub ack_wait: Duration,
-    /// Forge API access for changed-file look-ups.
+    /// Forge API access for changed-file look-ups and commit statuses.
     pub forge: forge::ForgeConfig,
+    /// Commit statuses back to the forges; off when `None`.
+    pub reporter: Option<reporter::ReporterConfig>,
 }
 
 impl DispatcherConfig {
@@ -56,6 +59,7 @@ impl DispatcherConfig {
             publish_timeout: Duration::from_secs(5),
             ack_wait: Duration::from_secs(30),
             forge: forge::ForgeConfig::default(),
+            reporter: None,
         }
     }
 }
@@ -84,6 +88,15 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     let liveness_task = tokio::spawn(liveness::watch(runners, liveness.clone(), shutdown.clone()));
     let registry = Arc::new(registry::Registry::default());
     let watcher = registry::load_and_watch(pipelines, registry.clone(), shutdown.clone()).await?;
+    let reporting = config.reporter.clone().map(|r| {
+        tokio::spawn(reporter::run(
+            bus.js.clone(),
+            config.forge.clone(),
+            r,
+            config.streams.clone(),
+            shutdown.clone(),
+        ))
+    });
     let ctx = Arc::new(service::Context {
         bus,
         registry,
@@ -104,6 +117,13 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     );
     watcher.abort();
     liveness_task.abort();
+    if let Some(task) = reporting {
+        match task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "the commit status reporter failed"),
+            Err(e) => tracing::error!(error = %e, "the commit status reporter panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     tracing::info!("dispatcher stopped");
     events.and(statuses)

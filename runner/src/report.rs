@@ -49,6 +49,7 @@ impl Reporter {
             message,
             runner: Some(self.runner.clone()),
             repo: self.req.repo.clone(),
+            sha: self.req.sha.clone(),
         };
         let id = format!(
             "{}:{}:{}",

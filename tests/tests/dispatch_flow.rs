@@ -394,6 +394,7 @@ steps:
         message: None,
         runner: None,
         repo: None,
+        sha: None,
     };
     js.publish(
         subjects::status(&first),

@@ -1,0 +1,425 @@
+//! Commit statuses back to the forges: one context per pipeline (`sluice/<pipeline>`),
+//! with a link to the run.
+//!
+//! Two loops. *Intake* reads `SLUICE_STATUS` and stores the latest wanted status of each
+//! run in the `SLUICE_REPORTS` bucket before acknowledging: rapid changes coalesce there,
+//! and nothing is lost to a restart. *Flush* sends what the bucket holds within each
+//! forge's rate limit (a token bucket sized from requests per hour), honours
+//! `Retry-After` and GitHub's rate-limit headers, and removes an entry only once it was
+//! sent and not superseded meanwhile. A spike of thousands of runs degrades to later
+//! statuses, never to lost ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::kv::Store;
+use async_nats::jetstream::{self, AckKind};
+use futures::{StreamExt, TryStreamExt};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use sluice_core::run::{RunState, StatusUpdate};
+use sluice_core::streams::{self, StreamSettings};
+use sluice_core::subjects;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::forge::ForgeConfig;
+use crate::{Error, Result};
+
+/// How statuses are reported.
+#[derive(Debug, Clone)]
+pub struct ReporterConfig {
+    /// Links in statuses point at `<base>/runs/<run_id>`.
+    pub link_base_url: String,
+    /// How often pending statuses are sent.
+    pub interval: Duration,
+    /// Budget per forge and token (GitHub allows 5,000 per hour).
+    pub requests_per_hour: u32,
+}
+
+impl Default for ReporterConfig {
+    fn default() -> Self {
+        ReporterConfig {
+            link_base_url: "http://localhost:8080".into(),
+            interval: Duration::from_secs(1),
+            requests_per_hour: 5000,
+        }
+    }
+}
+
+/// A status to send, as stored in `SLUICE_REPORTS`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Wanted {
+    provider: String,
+    repo: String,
+    sha: String,
+    pipeline: String,
+    run_id: String,
+    state: RunState,
+    description: String,
+}
+
+pub const CONSUMER: &str = "sluice-reporter";
+
+/// Runs both loops until `shutdown`.
+pub async fn run(
+    js: jetstream::Context,
+    forge: ForgeConfig,
+    config: ReporterConfig,
+    settings: StreamSettings,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let kv = streams::kv_bucket(
+        &js,
+        &settings,
+        subjects::REPORTS_BUCKET,
+        "Sluice: commit statuses to send",
+        1,
+    )
+    .await?;
+    let sender = Arc::new(Sender::new(forge, &config)?);
+    let intake = tokio::spawn(intake(js, kv.clone(), shutdown.clone()));
+    flush_loop(kv, sender, config.interval, shutdown).await;
+    intake.await.map_err(|e| Error::Nats(e.to_string()))?
+}
+
+async fn intake(js: jetstream::Context, kv: Store, shutdown: CancellationToken) -> Result<()> {
+    let stream = js
+        .get_stream(subjects::STATUS_STREAM)
+        .await
+        .map_err(|e| Error::Nats(format!("status stream: {e}")))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            CONSUMER,
+            pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Error::Nats(format!("consumer {CONSUMER}: {e}")))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| Error::Nats(format!("pull statuses: {e}")))?;
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            next = messages.next() => next,
+        };
+        let Some(message) = next else { return Ok(()) };
+        let Ok(message) = message else { continue };
+        // In order, one at a time: a later state must not be overwritten by an earlier.
+        let stored = match wanted(&message.payload) {
+            Some(w) => match serde_json::to_vec(&w) {
+                Ok(value) => kv
+                    .put(&w.run_id, value.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            None => Ok(()),
+        };
+        let kind = match stored {
+            Ok(()) => AckKind::Ack,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot queue a commit status; will retry");
+                AckKind::Nak(Some(Duration::from_secs(1)))
+            }
+        };
+        let _ = message.ack_with(kind).await;
+    }
+}
+
+/// The commit status a run-level state change asks for, if it is about a forge commit.
+fn wanted(payload: &[u8]) -> Option<Wanted> {
+    let u: StatusUpdate = serde_json::from_slice(payload).ok()?;
+    if u.step.is_some() {
+        return None;
+    }
+    let provider = u.event_id.as_deref()?.split(':').next()?.to_owned();
+    if provider != "github" && provider != "gitlab" {
+        return None;
+    }
+    let description = match (u.state, &u.message) {
+        (RunState::Queued, _) => "queued".to_owned(),
+        (RunState::Scheduled, _) => "starting".to_owned(),
+        (RunState::Running, _) => "running".to_owned(),
+        (RunState::Succeeded, _) => "succeeded".to_owned(),
+        (state, Some(m)) => format!("{}: {m}", state.as_str()),
+        (state, None) => state.as_str().to_owned(),
+    };
+    Some(Wanted {
+        provider,
+        repo: u.repo?,
+        sha: u.sha?,
+        pipeline: u.pipeline,
+        run_id: u.run_id,
+        state: u.state,
+        // The forges cap descriptions (GitHub: 140 characters).
+        description: description.chars().take(140).collect(),
+    })
+}
+
+async fn flush_loop(
+    kv: Store,
+    sender: Arc<Sender>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = flush(&kv, &sender).await {
+            tracing::warn!(error = %e, "sending commit statuses failed; will retry");
+        }
+    }
+}
+
+async fn flush(kv: &Store, sender: &Sender) -> Result<()> {
+    let keys: Vec<String> = kv
+        .keys()
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?
+        .try_collect()
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    for key in keys {
+        let Some(entry) = kv
+            .entry(&key)
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?
+        else {
+            continue;
+        };
+        let Ok(w) = serde_json::from_slice::<Wanted>(&entry.value) else {
+            let _ = kv.delete(&key).await;
+            continue;
+        };
+        match sender.send(&w).await {
+            Sent::Done => {
+                // Removed only if no newer state arrived meanwhile; otherwise the newer
+                // one is sent on the next round.
+                let _ = kv.delete_expect_revision(&key, Some(entry.revision)).await;
+            }
+            Sent::Later => {}
+            Sent::Dropped(why) => {
+                tracing::warn!(run_id = %w.run_id, reason = %why, "commit status cannot be sent; dropping it");
+                let _ = kv.delete_expect_revision(&key, Some(entry.revision)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Sent {
+    Done,
+    /// Rate-limited or failed for now: keep it.
+    Later,
+    /// Can never succeed (no token for this forge, repository gone): log and forget.
+    Dropped(String),
+}
+
+/// A forge client with its rate budget.
+struct Sender {
+    github: Option<octocrab::Octocrab>,
+    gitlab_token: Option<secrecy::SecretString>,
+    gitlab_api_url: String,
+    http: reqwest::Client,
+    link_base_url: String,
+    budgets: Mutex<HashMap<&'static str, Budget>>,
+    requests_per_hour: u32,
+}
+
+/// A token bucket, and a pause when the forge said to wait.
+struct Budget {
+    tokens: f64,
+    refilled: Instant,
+    paused_until: Option<Instant>,
+}
+
+impl Sender {
+    fn new(forge: ForgeConfig, config: &ReporterConfig) -> Result<Self> {
+        let github = match &forge.github_token {
+            Some(token) => Some(
+                octocrab::OctocrabBuilder::new()
+                    .base_uri(forge.github_api_url.as_str())
+                    .map_err(|e| Error::Config(format!("GitHub API URL: {e}")))?
+                    .personal_token(token.expose_secret().to_owned())
+                    .build()
+                    .map_err(|e| Error::Config(format!("GitHub client: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Sender {
+            github,
+            gitlab_token: forge.gitlab_token,
+            gitlab_api_url: forge.gitlab_api_url,
+            http: reqwest::Client::builder()
+                .user_agent("sluice-reporter")
+                .build()
+                .map_err(|e| Error::Config(e.to_string()))?,
+            link_base_url: config.link_base_url.trim_end_matches('/').to_owned(),
+            budgets: Mutex::new(HashMap::new()),
+            requests_per_hour: config.requests_per_hour.max(1),
+        })
+    }
+
+    /// Takes one request from `forge`'s budget, or says to wait.
+    async fn allow(&self, forge: &'static str) -> bool {
+        let per_sec = f64::from(self.requests_per_hour) / 3600.0;
+        let burst = (f64::from(self.requests_per_hour) / 50.0).max(1.0);
+        let mut budgets = self.budgets.lock().await;
+        let b = budgets.entry(forge).or_insert(Budget {
+            tokens: burst,
+            refilled: Instant::now(),
+            paused_until: None,
+        });
+        let now = Instant::now();
+        if b.paused_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        b.tokens = (b.tokens + now.duration_since(b.refilled).as_secs_f64() * per_sec).min(burst);
+        b.refilled = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn pause(&self, forge: &'static str, wait: Duration) {
+        tracing::warn!(
+            forge,
+            ?wait,
+            "forge rate limit reached; pausing commit statuses"
+        );
+        if let Some(b) = self.budgets.lock().await.get_mut(forge) {
+            b.paused_until = Some(Instant::now() + wait);
+        }
+    }
+
+    async fn send(&self, w: &Wanted) -> Sent {
+        let link = format!("{}/runs/{}", self.link_base_url, w.run_id);
+        let context = format!("sluice/{}", w.pipeline);
+        match w.provider.as_str() {
+            "github" => {
+                let Some(client) = &self.github else {
+                    return Sent::Dropped("no GitHub token configured".into());
+                };
+                if !self.allow("github").await {
+                    return Sent::Later;
+                }
+                let state = match w.state {
+                    RunState::Queued | RunState::Scheduled | RunState::Running => "pending",
+                    RunState::Succeeded => "success",
+                    RunState::Failed => "failure",
+                    RunState::Cancelled | RunState::Error => "error",
+                };
+                let body = serde_json::json!({
+                    "state": state,
+                    "target_url": link,
+                    "description": w.description,
+                    "context": context,
+                });
+                let route = format!("/repos/{}/statuses/{}", w.repo, w.sha);
+                match client._post(route.as_str(), Some(&body)).await {
+                    Ok(response) => {
+                        self.outcome("github", response.status().as_u16(), response.headers())
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.to_string().lines().next().unwrap_or(""), "GitHub status request failed");
+                        Sent::Later
+                    }
+                }
+            }
+            "gitlab" => {
+                let Some(token) = &self.gitlab_token else {
+                    return Sent::Dropped("no GitLab token configured".into());
+                };
+                if !self.allow("gitlab").await {
+                    return Sent::Later;
+                }
+                let state = match w.state {
+                    RunState::Queued | RunState::Scheduled => "pending",
+                    RunState::Running => "running",
+                    RunState::Succeeded => "success",
+                    RunState::Failed | RunState::Error => "failed",
+                    RunState::Cancelled => "canceled",
+                };
+                let project: String = w
+                    .repo
+                    .bytes()
+                    .map(|b| match b {
+                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                            (b as char).to_string()
+                        }
+                        _ => format!("%{b:02X}"),
+                    })
+                    .collect();
+                let url = format!(
+                    "{}/projects/{project}/statuses/{}",
+                    self.gitlab_api_url.trim_end_matches('/'),
+                    w.sha
+                );
+                let sent = self
+                    .http
+                    .post(url)
+                    .header("PRIVATE-TOKEN", token.expose_secret())
+                    .form(&[
+                        ("state", state),
+                        ("name", context.as_str()),
+                        ("target_url", link.as_str()),
+                        ("description", w.description.as_str()),
+                    ])
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) => {
+                        self.outcome("gitlab", response.status().as_u16(), response.headers())
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.without_url(), "GitLab status request failed");
+                        Sent::Later
+                    }
+                }
+            }
+            other => Sent::Dropped(format!("no commit statuses for {other}")),
+        }
+    }
+
+    async fn outcome(&self, forge: &'static str, status: u16, headers: &http::HeaderMap) -> Sent {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        match status {
+            200..=299 => Sent::Done,
+            403 | 429 => {
+                // Retry-After (secondary limits), else the primary limit's reset time.
+                let wait = header("retry-after")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .or_else(|| {
+                        let remaining = header("x-ratelimit-remaining")?;
+                        let reset: i64 = header("x-ratelimit-reset")?.parse().ok()?;
+                        (remaining == "0").then(|| {
+                            (reset - time::OffsetDateTime::now_utc().unix_timestamp()).max(1) as u64
+                        })
+                    })
+                    .unwrap_or(60);
+                self.pause(forge, Duration::from_secs(wait)).await;
+                Sent::Later
+            }
+            404 | 422 => Sent::Dropped(format!("{forge} answered {status}")),
+            _ => Sent::Later,
+        }
+    }
+}
