@@ -87,6 +87,19 @@ pub struct DispatcherArgs {
         default_value = "https://gitlab.com/api/v4"
     )]
     pub gitlab_api_url: String,
+    /// Send run states back to the forges as commit statuses (needs the tokens above).
+    #[arg(long, env = "SLUICE_REPORT_STATUSES")]
+    pub report_statuses: bool,
+    /// Commit statuses link to `<URL>/runs/<run id>`.
+    #[arg(
+        long,
+        env = "SLUICE_STATUS_LINK_BASE_URL",
+        default_value = "http://localhost:8080"
+    )]
+    pub status_link_base_url: String,
+    /// Commit status requests per hour and forge token (GitHub allows 5,000).
+    #[arg(long, env = "SLUICE_FORGE_REQUESTS_PER_HOUR", default_value_t = 5000)]
+    pub forge_requests_per_hour: u32,
 }
 
 #[derive(Debug, Args)]
