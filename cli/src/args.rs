@@ -40,6 +40,11 @@ pub enum Command {
     /// Runs: list, get (and wait), logs, cancel.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Streams, each consumer's backlog (per cluster for runners) and the runners alive.
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Inspect and publish events: why did (or didn't) a pipeline run?
     #[command(subcommand)]
     Events(EventsCommand),

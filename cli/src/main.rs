@@ -10,6 +10,7 @@ mod output;
 mod pipelines;
 mod runner;
 mod runs;
+mod status;
 
 use clap::Parser;
 
@@ -31,5 +32,6 @@ async fn main() -> anyhow::Result<()> {
         args::Command::Pipelines(c) => pipelines::run(&cli.global, c).await,
         args::Command::Events(c) => events::run(&cli.global, c).await,
         args::Command::Runs(_) => Ok(()),
+        args::Command::Status { output } => status::run(&cli.global, output).await,
     }
 }

@@ -307,3 +307,61 @@ async fn runs_commands_show_states_logs_and_exit_codes() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("no run nope"));
 }
+
+// Multi-threaded: the `sluice` processes are waited for with blocking calls while the
+// in-process runner must keep running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_backlog_per_cluster_and_live_runners() {
+    use sluice_tests::runner::{git_repo, publish_run, run_request, step};
+    init_logs();
+    let nats = NatsServer::start().await;
+    let url = nats.url();
+    let js = jetstream(&url).await;
+    provision(&js).await;
+    let (repo, sha) = git_repo();
+    // A cluster with a backlog and no runner yet: the consumer exists once a runner
+    // has joined, so start one, stop it, then queue work.
+    let runner = sluice_tests::runner::Runner::start(&url, "eu-9", "status-runner").await;
+    wait_for(
+        "the runner's heartbeat",
+        Duration::from_secs(20),
+        || async {
+            let out = sluice(&url, &["status", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["runners"]
+                .as_array()?
+                .iter()
+                .any(|r| r["runner"] == "status-runner"))
+            .then_some(())
+        },
+    )
+    .await;
+    runner.stop().await;
+    for i in 0..3 {
+        publish_run(
+            &js,
+            &run_request(
+                &format!("q-{i}"),
+                "eu-9",
+                repo.path(),
+                &sha,
+                vec![step("s", &["true"])],
+            ),
+        )
+        .await;
+    }
+    let out = sluice(&url, &["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let consumer = v["consumers"]
+        .as_array()
+        .expect("consumers")
+        .iter()
+        .find(|c| c["name"] == "sluice-runner-eu-9")
+        .expect("the cluster's consumer group");
+    assert_eq!(consumer["pending"], 3, "{consumer}");
+    let table = text(&sluice(&url, &["status"]).stdout);
+    assert!(
+        table.contains("SLUICE_EVENTS") && table.contains("BACKLOG"),
+        "{table}"
+    );
+}
