@@ -1,7 +1,5 @@
 //! `sluice events …`: what happened to an event, and publishing manual ones.
 
-use std::time::Duration;
-
 use anyhow::{bail, Context};
 use async_nats::jetstream::{self, message::PublishMessage};
 use sluice_core::run::Decision;
@@ -12,15 +10,7 @@ use crate::args::{EventsCommand, Global, Output};
 use crate::output;
 
 pub async fn run(global: &Global, command: EventsCommand) -> anyhow::Result<()> {
-    let client =
-        sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)",
-                    global.nats_url
-                )
-            })?;
+    let client = crate::connect(global).await?;
     let js = jetstream::new(client);
     match command {
         EventsCommand::Why {

@@ -12,6 +12,9 @@ mod runner;
 mod runs;
 mod status;
 
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Parser;
 
 #[tokio::main]
@@ -34,4 +37,17 @@ async fn main() -> anyhow::Result<()> {
         args::Command::Runs(_) => Ok(()),
         args::Command::Status { output } => status::run(&cli.global, output).await,
     }
+}
+
+/// Connects for a user command: fails within seconds, naming the URL, when NATS cannot
+/// be reached.
+async fn connect(global: &args::Global) -> anyhow::Result<async_nats::Client> {
+    sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)",
+                global.nats_url
+            )
+        })
 }

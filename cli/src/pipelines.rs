@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::TryStreamExt;
@@ -107,15 +106,7 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
 }
 
 async fn bucket(global: &Global) -> anyhow::Result<async_nats::jetstream::kv::Store> {
-    let client =
-        sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)",
-                    global.nats_url
-                )
-            })?;
+    let client = crate::connect(global).await?;
     let js = async_nats::jetstream::new(client);
     Ok(streams::pipelines_bucket(&js, &StreamSettings::default()).await?)
 }

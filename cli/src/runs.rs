@@ -88,15 +88,7 @@ impl RunView {
 }
 
 pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<i32> {
-    let client =
-        sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)",
-                    global.nats_url
-                )
-            })?;
+    let client = crate::connect(global).await?;
     let js = jetstream::new(client);
     match command {
         RunsCommand::List {

@@ -1,8 +1,5 @@
 //! `sluice status`: the streams, each consumer's backlog, and the runners alive.
 
-use std::time::Duration;
-
-use anyhow::Context;
 use futures::TryStreamExt;
 use serde::Serialize;
 use sluice_core::streams::StreamSettings;
@@ -44,15 +41,7 @@ struct RunnerStatus {
 }
 
 pub async fn run(global: &Global, output: Output) -> anyhow::Result<()> {
-    let client =
-        sluice_core::nats::connect_once(&global.nats("sluice-cli"), Duration::from_secs(5))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach NATS at {} (set --nats-url or SLUICE_NATS_URL)",
-                    global.nats_url
-                )
-            })?;
+    let client = crate::connect(global).await?;
     let js = async_nats::jetstream::new(client);
     let mut status = Status {
         streams: Vec::new(),

@@ -187,15 +187,7 @@ impl ChangedFiles {
         let Some(token) = &self.config.gitlab_token else {
             return Err("no GitLab token configured (SLUICE_GITLAB_TOKEN)".into());
         };
-        let encoded: String = project
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
+        let encoded = gitlab_project(project);
         let base = self.config.gitlab_api_url.trim_end_matches('/');
         let mut files = Vec::new();
         for page in 1..=100 {
@@ -234,6 +226,16 @@ impl ChangedFiles {
             complete: false,
         })
     }
+}
+
+/// A GitLab project path as its API takes it in a URL (`group%2Fsub%2Fproject`).
+pub fn gitlab_project(path: &str) -> String {
+    path.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// octocrab's error text without request details (which could carry a token).

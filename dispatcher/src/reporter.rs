@@ -357,16 +357,7 @@ impl Sender {
                     RunState::Failed | RunState::Error => "failed",
                     RunState::Cancelled => "canceled",
                 };
-                let project: String = w
-                    .repo
-                    .bytes()
-                    .map(|b| match b {
-                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
-                            (b as char).to_string()
-                        }
-                        _ => format!("%{b:02X}"),
-                    })
-                    .collect();
+                let project = crate::forge::gitlab_project(&w.repo);
                 let url = format!(
                     "{}/projects/{project}/statuses/{}",
                     self.gitlab_api_url.trim_end_matches('/'),
