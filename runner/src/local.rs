@@ -29,6 +29,10 @@ pub struct Outcome {
     pub message: Option<String>,
 }
 
+/// The only variables of the runner's environment a step sees: what a shell needs to
+/// find programs and behave.
+const INHERITED_ENV: [&str; 7] = ["PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
 enum StepEnd {
     Exited(i32),
     TimedOut(Duration),
@@ -172,6 +176,15 @@ impl LocalExecutor {
         }
         let script = format!("set -e\n{}\n", step.commands.join("\n"));
         let mut command = Command::new("sh");
+        // Steps run the code under test, which may come from a fork: they get a clean
+        // environment, never the runner's own (NATS credentials, forge tokens, webhook
+        // secrets in `sluice dev`).
+        command.env_clear();
+        for key in INHERITED_ENV {
+            if let Some(value) = std::env::var_os(key) {
+                command.env(key, value);
+            }
+        }
         command
             .arg("-c")
             .arg(&script)

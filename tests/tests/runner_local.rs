@@ -28,6 +28,10 @@ async fn success_failure_timeout_and_cancel() {
     let _runner = Runner::start(&nats.url(), "eu-1", "r1").await;
 
     // Success: the repository is cloned at the commit, env reaches the steps.
+    assert!(
+        std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
+        "the isolation check below needs a variable set in the runner's environment"
+    );
     let ok = run_request(
         "ok-1",
         "eu-1",
@@ -43,6 +47,11 @@ async fn success_failure_timeout_and_cancel() {
                 ],
             ),
             step("second", &["git rev-parse HEAD"]),
+            // The runner's own environment (here cargo's) never reaches a step.
+            step(
+                "isolated",
+                &["test -z \"$CARGO_MANIFEST_DIR\" && echo clean"],
+            ),
         ],
     );
     publish_run(&js, &ok).await;
@@ -66,6 +75,8 @@ async fn success_failure_timeout_and_cancel() {
             ("read".into(), RunState::Succeeded),
             ("second".into(), RunState::Running),
             ("second".into(), RunState::Succeeded),
+            ("isolated".into(), RunState::Running),
+            ("isolated".into(), RunState::Succeeded),
         ]
     );
     assert_eq!(
@@ -77,6 +88,7 @@ async fn success_failure_timeout_and_cancel() {
         ]
     );
     assert_eq!(log_lines(&js, "ok-1", "second").await, vec![sha.clone()]);
+    assert_eq!(log_lines(&js, "ok-1", "isolated").await, ["clean"]);
 
     // A failing step: its exit code, and the steps after it never run.
     let failing = run_request(
