@@ -124,6 +124,8 @@ pub struct DevArgs {
     /// Where steps run.
     #[arg(long, env = "SLUICE_EXECUTOR", value_enum, default_value = "local")]
     pub executor: ExecutorKind,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 /// Where steps run.
@@ -164,6 +166,68 @@ pub struct RunnerArgs {
     /// This replica's name in heartbeats and statuses (default: host name and pid).
     #[arg(long, env = "SLUICE_RUNNER_ID")]
     pub runner_id: Option<String>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+/// The Kubernetes executor's settings.
+#[derive(Debug, Clone, Args)]
+pub struct KubeArgs {
+    /// Namespace of run Pods (default: the kubeconfig context's, or the runner's own
+    /// in a cluster).
+    #[arg(long, env = "SLUICE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Image of steps that name none.
+    #[arg(
+        long,
+        env = "SLUICE_DEFAULT_IMAGE",
+        default_value = "docker.io/library/alpine:3.22"
+    )]
+    pub default_image: String,
+    /// Image of the built-in clone step (needs `sh` and `git`).
+    #[arg(
+        long,
+        env = "SLUICE_CLONE_IMAGE",
+        default_value = "docker.io/alpine/git:2.49.1"
+    )]
+    pub clone_image: String,
+    /// Secret with a `.git-credentials` file for private repositories; only the clone
+    /// step mounts it.
+    #[arg(long, env = "SLUICE_CLONE_SECRET")]
+    pub clone_secret: Option<String>,
+    /// Service account of run Pods whose pipeline names none (its token is not mounted).
+    #[arg(long, env = "SLUICE_POD_SERVICE_ACCOUNT")]
+    pub pod_service_account: Option<String>,
+    /// User and group id steps run as; 0 lets them run as root.
+    #[arg(long, env = "SLUICE_RUN_AS_USER", default_value_t = 1000)]
+    pub run_as_user: i64,
+    /// Storage class of cache volumes (default: the cluster's default class).
+    #[arg(long, env = "SLUICE_CACHE_STORAGE_CLASS")]
+    pub cache_storage_class: Option<String>,
+    /// Size of each cache volume.
+    #[arg(long, env = "SLUICE_CACHE_SIZE", default_value = "10Gi")]
+    pub cache_size: String,
+    /// Access mode of cache volumes: ReadWriteMany lets runs of one branch on
+    /// different nodes share a cache at once.
+    #[arg(
+        long,
+        env = "SLUICE_CACHE_ACCESS_MODE",
+        default_value = "ReadWriteOnce"
+    )]
+    pub cache_access_mode: String,
+    /// How long a run may wait for its next container to start (a node being added,
+    /// an image being pulled) before it fails, e.g. `10m`.
+    #[arg(long, env = "SLUICE_PENDING_TIMEOUT", default_value = "10m", value_parser = duration)]
+    pub pending_timeout: Duration,
+    /// How long finished Pods are kept before they are deleted, e.g. `10m`, `0s`.
+    #[arg(long, env = "SLUICE_DELETE_AFTER", default_value = "10m", value_parser = duration)]
+    pub delete_after: Duration,
+    /// Kubernetes API requests per second.
+    #[arg(long, env = "SLUICE_KUBE_QPS", default_value_t = 20)]
+    pub kube_qps: u32,
+    /// Kubernetes API requests allowed at once above the rate.
+    #[arg(long, env = "SLUICE_KUBE_BURST", default_value_t = 40)]
+    pub kube_burst: u32,
 }
 
 #[derive(Debug, Subcommand)]

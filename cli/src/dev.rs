@@ -22,9 +22,11 @@ use crate::args::{DevArgs, ExecutorKind, Global};
 const LOCAL_CLUSTER: &str = "local";
 
 pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if a.executor == ExecutorKind::Kubernetes {
-        bail!("the Kubernetes executor is not built yet in this version; `sluice dev` runs steps with the local executor");
-    }
+    // The current kubeconfig context's cluster, checked before anything starts.
+    let kube = match a.executor {
+        ExecutorKind::Kubernetes => Some(crate::runner::kube_executor(&a.kube).await?),
+        ExecutorKind::Local => None,
+    };
     std::fs::create_dir_all(&a.data)
         .with_context(|| format!("cannot create {}", a.data.display()))?;
     let (nats_url, server) = if nats_url_given() {
@@ -85,6 +87,9 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     for cluster in &clusters {
         let mut config = RunnerConfig::new(nats("sluice-runner"), cluster.clone(), workdir.clone());
         config.runner_id = format!("dev-{cluster}");
+        if let Some(kube) = &kube {
+            config.executor = sluice_runner::Executor::Kubernetes(kube.clone());
+        }
         runners.push(tokio::spawn(sluice_runner::run(config, shutdown.clone())));
     }
 
@@ -100,10 +105,15 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
         a.pipelines.display(),
         applied.len()
     );
-    println!(
-        "  runner     local executor for cluster(s) {}: step images are ignored and nothing is isolated",
-        clusters.iter().cloned().collect::<Vec<_>>().join(", ")
-    );
+    let names = clusters.iter().cloned().collect::<Vec<_>>().join(", ");
+    match &kube {
+        Some(_) => println!(
+            "  runner     Kubernetes executor (current kubeconfig context) for cluster(s) {names}"
+        ),
+        None => println!(
+            "  runner     local executor for cluster(s) {names}: step images are ignored and nothing is isolated"
+        ),
+    }
     println!();
     println!("Next, in another terminal:");
     println!("  export SLUICE_NATS_URL={nats_url} SLUICE_GITHUB_WEBHOOK_SECRET={secret}");

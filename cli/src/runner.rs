@@ -1,29 +1,70 @@
 //! `sluice runner`.
 
-use anyhow::bail;
-use sluice_runner::RunnerConfig;
+use anyhow::Context;
+use sluice_runner::kubernetes::{KubeExecutor, KubeSettings};
+use sluice_runner::local::LocalExecutor;
+use sluice_runner::{Executor, RunnerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{ExecutorKind, Global, RunnerArgs};
+use crate::args::{ExecutorKind, Global, KubeArgs, RunnerArgs};
 
 pub async fn run(
     global: &Global,
     a: RunnerArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if a.executor == ExecutorKind::Kubernetes {
-        bail!(
-            "the Kubernetes executor is not built yet in this version; run with `--executor local` \
-             (steps as processes on this host, images ignored)"
-        );
-    }
-    tracing::warn!("local executor: step images are ignored and steps run unisolated on this host");
-    let mut config = RunnerConfig::new(global.nats("sluice-runner"), a.cluster, a.workdir);
+    let mut config = RunnerConfig::new(global.nats("sluice-runner"), a.cluster, a.workdir.clone());
     config.max_running = a.max_running.max(1);
-    config.executor.keep_workspaces = a.keep_workspaces;
+    config.executor = match a.executor {
+        ExecutorKind::Local => {
+            tracing::warn!(
+                "local executor: step images are ignored and steps run unisolated on this host"
+            );
+            Executor::Local(LocalExecutor {
+                workdir: a.workdir,
+                keep_workspaces: a.keep_workspaces,
+            })
+        }
+        ExecutorKind::Kubernetes => Executor::Kubernetes(kube_executor(&a.kube).await?),
+    };
     if let Some(id) = a.runner_id {
         config.runner_id = id;
     }
     sluice_runner::run(config, shutdown).await?;
     Ok(())
+}
+
+/// The Kubernetes executor, with credentials found as kubectl finds them: the
+/// in-cluster service account, else `KUBECONFIG` or `~/.kube/config`.
+pub async fn kube_executor(a: &KubeArgs) -> anyhow::Result<KubeExecutor> {
+    let config = kube::Config::infer().await.context(
+        "no Kubernetes credentials: run in a cluster with a service account, or set KUBECONFIG \
+         (or use `--executor local`)",
+    )?;
+    let settings = KubeSettings {
+        namespace: a
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone()),
+        default_image: a.default_image.clone(),
+        clone_image: a.clone_image.clone(),
+        clone_secret: a.clone_secret.clone(),
+        service_account: a.pod_service_account.clone(),
+        run_as_user: a.run_as_user,
+        cache_storage_class: a.cache_storage_class.clone(),
+        cache_size: a.cache_size.clone(),
+        cache_access_mode: a.cache_access_mode.clone(),
+        pending_timeout: a.pending_timeout,
+        delete_after: a.delete_after,
+        qps: a.kube_qps.max(1),
+        burst: a.kube_burst.max(1),
+    };
+    tracing::info!(
+        api = %config.cluster_url,
+        namespace = %settings.namespace,
+        qps = settings.qps,
+        burst = settings.burst,
+        "Kubernetes executor"
+    );
+    Ok(KubeExecutor::new(config, settings)?)
 }

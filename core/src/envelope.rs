@@ -112,6 +112,17 @@ pub struct Event {
     /// Manual events only: start this pipeline, whatever its triggers say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<String>,
+    /// Manual events only: the run whose `pipeline:` step asked for this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_run: Option<String>,
+    /// Manual events only: a rerun of the event's runs counts up from 0, so it gets new
+    /// run ids while a repeated delivery of the same rerun converges on one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Event {
@@ -139,6 +150,8 @@ impl Event {
             payload: None,
             payload_ref: None,
             pipeline: None,
+            parent_run: None,
+            attempt: 0,
         }
     }
 

@@ -52,7 +52,7 @@ pub fn plan(pipeline: &Pipeline, event: &Event, cel: &CelEvent<'_>, cluster: Str
         }
     });
     RunRequest {
-        run_id: run_id(&event.id, pipeline.name.as_str(), 0),
+        run_id: run_id(&event.id, pipeline.name.as_str(), event.attempt),
         pipeline: pipeline.name.to_string(),
         cluster,
         event_id: event.id.clone(),
@@ -71,8 +71,8 @@ pub fn plan(pipeline: &Pipeline, event: &Event, cel: &CelEvent<'_>, cluster: Str
             .concurrency
             .as_ref()
             .map(|c| render_template(&c.group, vars)),
-        parent_run: None,
-        attempt: 0,
+        parent_run: event.parent_run.clone(),
+        attempt: event.attempt,
         created_at: OffsetDateTime::now_utc(),
     }
 }

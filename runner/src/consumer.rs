@@ -67,6 +67,19 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         shutdown.clone(),
     ));
     let heartbeat = tokio::spawn(heartbeat(js.clone(), config.clone(), shutdown.clone()));
+    let pod_watch = match &config.executor {
+        crate::Executor::Kubernetes(kube) => {
+            let watch = kube.start(&config.cluster, shutdown.clone());
+            let stored = js.clone();
+            kube.sweep(&config.cluster, move |run: String| {
+                let js = stored.clone();
+                async move { final_state(&js, &run).await.is_some() }
+            })
+            .await;
+            Some(watch)
+        }
+        crate::Executor::Local(_) => None,
+    };
 
     let name = format!("sluice-runner-{}", config.cluster);
     let stream = js
@@ -148,6 +161,9 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     while tasks.join_next().await.is_some() {}
     cancels.abort();
     heartbeat.abort();
+    if let Some(w) = pod_watch {
+        w.abort();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     Ok(())
 }
@@ -155,7 +171,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
 async fn handle(
     js: jetstream::Context,
     running: Arc<Running>,
-    executor: crate::local::LocalExecutor,
+    executor: crate::Executor,
     message: Message,
     ack_wait: Duration,
     runner_id: String,
@@ -215,6 +231,7 @@ async fn handle(
         .status(None, outcome.state, None, outcome.message.clone())
         .await;
     drop(progress);
+    executor.finished(&req);
     if let Ok(mut t) = running.tokens.lock() {
         t.remove(&req.run_id);
     }

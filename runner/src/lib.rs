@@ -9,6 +9,8 @@
 
 mod consumer;
 mod error;
+pub mod executor;
+pub mod kubernetes;
 pub mod local;
 pub mod report;
 
@@ -35,7 +37,37 @@ pub struct RunnerConfig {
     /// How long a pulled run may go without a progress signal before NATS gives it to
     /// another replica.
     pub ack_wait: Duration,
-    pub executor: local::LocalExecutor,
+    pub executor: Executor,
+}
+
+/// Where steps run.
+#[derive(Debug, Clone)]
+pub enum Executor {
+    /// Host processes: laptops and tests.
+    Local(local::LocalExecutor),
+    /// One Pod per run.
+    Kubernetes(kubernetes::KubeExecutor),
+}
+
+impl Executor {
+    pub(crate) async fn run(
+        &self,
+        req: &sluice_core::run::RunRequest,
+        reporter: &report::Reporter,
+        cancel: &CancellationToken,
+    ) -> executor::Outcome {
+        match self {
+            Executor::Local(local) => local.run(req, reporter, cancel).await,
+            Executor::Kubernetes(kube) => kube.run(req, reporter, cancel).await,
+        }
+    }
+
+    /// After the run's final state is stored.
+    pub(crate) fn finished(&self, req: &sluice_core::run::RunRequest) {
+        if let Executor::Kubernetes(kube) = self {
+            kube.finished(req);
+        }
+    }
 }
 
 impl RunnerConfig {
@@ -47,10 +79,10 @@ impl RunnerConfig {
             runner_id: default_runner_id(),
             max_running: 50,
             ack_wait: Duration::from_secs(30),
-            executor: local::LocalExecutor {
+            executor: Executor::Local(local::LocalExecutor {
                 workdir,
                 keep_workspaces: false,
-            },
+            }),
         }
     }
 }

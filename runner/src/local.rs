@@ -22,12 +22,7 @@ pub struct LocalExecutor {
     pub keep_workspaces: bool,
 }
 
-/// How a run ended, with a message for its final status.
-#[derive(Debug)]
-pub struct Outcome {
-    pub state: RunState,
-    pub message: Option<String>,
-}
+pub use crate::executor::Outcome;
 
 /// The only variables of the runner's environment a step sees: what a shell needs to
 /// find programs and behave.
@@ -106,6 +101,12 @@ impl LocalExecutor {
         }
         reporter.status(None, RunState::Running, None, None).await;
         for step in &req.steps {
+            if step.pipeline.is_some() {
+                match crate::executor::child_step(reporter, step, cancel).await {
+                    Some(outcome) => return outcome,
+                    None => continue,
+                }
+            }
             reporter
                 .status(Some(&step.name), RunState::Running, None, None)
                 .await;
@@ -160,11 +161,6 @@ impl LocalExecutor {
         cancel: &CancellationToken,
         deadline: Option<tokio::time::Instant>,
     ) -> StepEnd {
-        if let Some(child) = &step.pipeline {
-            return StepEnd::SpawnFailed(format!(
-                "step starts pipeline {child}: child pipelines are not supported by the runner yet"
-            ));
-        }
         for secret in &step.secrets {
             log.line(
                 "sluice",

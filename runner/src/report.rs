@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
+use futures::StreamExt;
 use sluice_core::run::{LogChunk, LogLine, RunRequest, RunState, StatusUpdate};
 use sluice_core::subjects;
 use time::OffsetDateTime;
@@ -64,16 +65,88 @@ impl Reporter {
         publish_retrying(&self.js, subjects::status(&self.req.run_id), id, body).await;
     }
 
+    pub fn request(&self) -> &RunRequest {
+        &self.req
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     /// A log writer for one step; lines are batched and shipped in order.
     pub fn step_log(&self, step: &str) -> StepLog {
-        let (tx, rx) = mpsc::channel::<LogLine>(4096);
+        self.step_log_at(step, 0)
+    }
+
+    /// A log writer that continues a step's output at chunk `seq` (after a restart).
+    pub fn step_log_at(&self, step: &str, seq: u64) -> StepLog {
+        let (tx, rx) = mpsc::channel::<LogLine>(1024);
         let shipper = tokio::spawn(ship(
             self.js.clone(),
             self.req.run_id.clone(),
             step.to_owned(),
+            seq,
             rx,
         ));
         StepLog { tx, shipper }
+    }
+
+    /// How much of a step's output is already stored: lines, and the next chunk's
+    /// position. A runner adopting a run resumes from there, so no line is shipped
+    /// twice or lost.
+    pub async fn stored_log(&self, step: &str) -> (u64, u64) {
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..10 {
+            match self.read_stored_log(step).await {
+                Ok(found) => return found,
+                Err(e) => {
+                    tracing::warn!(run_id = %self.req.run_id, error = %e, "cannot read the stored log yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        (0, 0)
+    }
+
+    async fn read_stored_log(&self, step: &str) -> Result<(u64, u64), String> {
+        let stream = self
+            .js
+            .get_stream(subjects::LOGS_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subjects::logs(&self.req.run_id),
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let pending = consumer
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .num_pending;
+        let (mut lines, mut next) = (0u64, 0u64);
+        if pending == 0 {
+            return Ok((0, 0));
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?
+            .take(pending as usize);
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| e.to_string())?;
+            if let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m.payload) {
+                if chunk.step == step {
+                    lines += chunk.lines.len() as u64;
+                    next = next.max(chunk.seq + 1);
+                }
+            }
+        }
+        Ok((lines, next))
     }
 }
 
@@ -110,9 +183,9 @@ async fn ship(
     js: jetstream::Context,
     run_id: String,
     step: String,
+    mut seq: u64,
     mut rx: mpsc::Receiver<LogLine>,
 ) {
-    let mut seq = 0u64;
     let mut batch = Vec::with_capacity(BATCH_LINES);
     loop {
         let first = match rx.recv().await {

@@ -1,0 +1,3 @@
+//! Pod builder snapshots and the reading of Pod statuses.
+
+use super::*;

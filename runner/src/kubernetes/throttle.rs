@@ -1,0 +1,223 @@
+//! A client-side rate limit towards the Kubernetes API, with retries on throttling
+//! and server errors. Every HTTP request the runner makes — creates, deletes, lists,
+//! watch and log-stream starts, and each retry — takes a token first, so a burst of
+//! runs can never exceed the budget a cluster admin gave the runner.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use kube::client::Body;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+/// A token bucket: `rate` tokens a second, up to `burst` at once. Waiters are served
+/// in the order they arrive.
+#[derive(Debug)]
+pub struct TokenBucket {
+    interval: Duration,
+    /// How far ahead of now the schedule may run: `burst - 1` intervals.
+    tolerance: Duration,
+    /// When the next token is due at the steady rate (GCRA's theoretical arrival time).
+    next: std::sync::Mutex<Instant>,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, burst: u32) -> Self {
+        let rate = rate.max(1);
+        let interval = Duration::from_secs(1) / rate;
+        TokenBucket {
+            interval,
+            tolerance: interval * burst.max(1).saturating_sub(1),
+            next: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for a token.
+    pub async fn acquire(&self) {
+        let wait_until = {
+            let mut next = match self.next.lock() {
+                Ok(n) => n,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let now = Instant::now();
+            let due = (*next).max(now);
+            *next = due + self.interval;
+            due.checked_sub(self.tolerance).unwrap_or(now)
+        };
+        if wait_until > Instant::now() {
+            tokio::time::sleep_until(wait_until).await;
+        }
+    }
+}
+
+/// The layer: wraps the kube client's HTTP stack.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    bucket: Arc<TokenBucket>,
+    max_retries: u32,
+}
+
+impl Throttle {
+    pub fn new(rate: u32, burst: u32) -> Self {
+        Throttle {
+            bucket: Arc::new(TokenBucket::new(rate, burst)),
+            max_retries: 8,
+        }
+    }
+}
+
+impl<S> Layer<S> for Throttle {
+    type Service = Throttled<S>;
+
+    fn layer(&self, inner: S) -> Throttled<S> {
+        Throttled {
+            // kube's stack is a boxed service that cannot be cloned; calls only need it
+            // for the instant it takes to start a request.
+            inner: Arc::new(Mutex::new(inner)),
+            bucket: self.bucket.clone(),
+            max_retries: self.max_retries,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Throttled<S> {
+    inner: Arc<Mutex<S>>,
+    bucket: Arc<TokenBucket>,
+    max_retries: u32,
+}
+
+fn retryable(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// The server's `Retry-After` in seconds (the API server sends whole seconds), capped.
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get("retry-after")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs.min(60)))
+}
+
+fn backoff(attempt: u32) -> Duration {
+    (Duration::from_millis(100) * 2u32.saturating_pow(attempt)).min(Duration::from_secs(10))
+}
+
+fn copy(req: &Request<Body>) -> Option<Request<Body>> {
+    let body = req.body().try_clone()?;
+    let mut copy = Request::builder()
+        .method(req.method().clone())
+        .uri(req.uri().clone())
+        .version(req.version())
+        .body(body)
+        .ok()?;
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    Some(copy)
+}
+
+impl<S, B> Service<Request<Body>> for Throttled<S>
+where
+    S: Service<Request<Body>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Readiness is awaited per call, after the token: being ready now says
+        // nothing about when the token comes.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let (inner, bucket, max_retries) =
+            (self.inner.clone(), self.bucket.clone(), self.max_retries);
+        Box::pin(async move {
+            let mut req = req;
+            let mut attempt = 0;
+            loop {
+                let again = (attempt < max_retries).then(|| copy(&req)).flatten();
+                bucket.acquire().await;
+                let sent = {
+                    let mut service = inner.lock().await;
+                    let ready = service.ready().await.map_err(Into::into)?;
+                    ready.call(req)
+                };
+                let response = sent.await.map_err(Into::into)?;
+                let status = response.status();
+                match again {
+                    Some(next) if retryable(status) => {
+                        let wait =
+                            retry_after(response.headers()).unwrap_or_else(|| backoff(attempt));
+                        tracing::debug!(%status, attempt, ?wait, "Kubernetes API asked to retry");
+                        drop(response);
+                        tokio::time::sleep(wait).await;
+                        req = next;
+                        attempt += 1;
+                    }
+                    _ => return Ok(response),
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_allows_the_burst_then_the_rate() {
+        let bucket = TokenBucket::new(20, 40);
+        let start = Instant::now();
+        for _ in 0..40 {
+            bucket.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO, "the burst is free");
+        for _ in 0..20 {
+            bucket.acquire().await;
+        }
+        // 20 more at 20/s: the last is due one second (less one interval) later.
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(950) && elapsed <= Duration::from_millis(1000),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_time_refills_at_most_the_burst() {
+        let bucket = TokenBucket::new(10, 5);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let start = Instant::now();
+        for _ in 0..5 {
+            bucket.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        bucket.acquire().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn retries_throttling_and_server_errors_only() {
+        assert!(retryable(StatusCode::TOO_MANY_REQUESTS));
+        assert!(retryable(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(retryable(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!retryable(StatusCode::CONFLICT));
+        assert!(!retryable(StatusCode::NOT_FOUND));
+        assert!(!retryable(StatusCode::GONE));
+    }
+}
