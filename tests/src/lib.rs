@@ -4,6 +4,7 @@
 
 pub mod dispatcher;
 pub mod ingest;
+pub mod kubeapi;
 pub mod nats;
 pub mod runner;
 pub mod sign;

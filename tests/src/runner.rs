@@ -1,4 +1,4 @@
-//! An in-process runner with the local executor, a local git repository to clone, and
+//! An in-process runner (local or Kubernetes executor), a local git repository to clone, and
 //! helpers to read a run's states and logs.
 
 use std::path::Path;
@@ -9,12 +9,14 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use sluice_core::nats::NatsOptions;
 use sluice_core::run::{LogChunk, RunRequest, RunState, RunStep, StatusUpdate};
 use sluice_core::subjects;
-use sluice_runner::RunnerConfig;
+use sluice_runner::kubernetes::{KubeExecutor, KubeSettings};
+use sluice_runner::{Executor, RunnerConfig};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatcher::all_messages;
+use crate::kubeapi::KubeApi;
 
 /// A running runner.
 #[derive(Debug)]
@@ -57,6 +59,27 @@ impl Runner {
             task: Some(task),
             _workdir: workdir,
         }
+    }
+
+    /// A runner with the Kubernetes executor, talking to `api` (the test double).
+    /// Finished Pods are kept (`delete_after` one hour) so tests can inspect them.
+    pub async fn start_kube(
+        nats_url: &str,
+        cluster: &str,
+        id: &str,
+        api: &KubeApi,
+        tweak: impl FnOnce(&mut KubeSettings),
+    ) -> Runner {
+        let mut settings = KubeSettings {
+            delete_after: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        tweak(&mut settings);
+        let executor = KubeExecutor::new(api.config(), settings).expect("kube client");
+        Self::start_with(nats_url, cluster, id, |c| {
+            c.executor = Executor::Kubernetes(executor);
+        })
+        .await
     }
 
     /// A crash: dropped mid-run, nothing acknowledged.

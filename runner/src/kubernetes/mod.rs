@@ -453,10 +453,11 @@ impl KubeExecutor {
                                 let _ = log.await;
                             }
                             let ok = *code == 0;
+                            // Killed for the run's activeDeadlineSeconds: the Pod says so.
+                            let deadline = pod.status.as_ref().and_then(|s| s.reason.as_deref())
+                                == Some("DeadlineExceeded");
                             let message = (!ok).then(|| match reason.as_deref() {
-                                Some("DeadlineExceeded") => {
-                                    "the run's timeout was reached".to_owned()
-                                }
+                                _ if deadline => "the run's timeout was reached".to_owned(),
                                 Some("OOMKilled") => format!("exited with {code} (out of memory)"),
                                 _ => format!("exited with {code}"),
                             });
@@ -464,6 +465,13 @@ impl KubeExecutor {
                                 if !*started {
                                     *started = true;
                                     reporter.status(None, RunState::Running, None, None).await;
+                                }
+                                // Ran and ended between two looks: it still ran.
+                                if !p.running_reported {
+                                    p.running_reported = true;
+                                    reporter
+                                        .status(Some(&step_names[i]), RunState::Running, None, None)
+                                        .await;
                                 }
                                 let state = if ok {
                                     RunState::Succeeded
@@ -481,7 +489,12 @@ impl KubeExecutor {
                             }
                             if !ok {
                                 self.finish_logs(&mut progress).await;
-                                return Some(if is_step {
+                                return Some(if deadline {
+                                    Outcome {
+                                        state: RunState::Failed,
+                                        message,
+                                    }
+                                } else if is_step {
                                     Outcome {
                                         state: RunState::Failed,
                                         message: message

@@ -248,7 +248,7 @@ fn sub_path(path: &str) -> String {
         .trim_matches('/')
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+            if c.is_ascii_alphanumeric() || c == '-' {
                 c
             } else {
                 '_'
@@ -297,19 +297,24 @@ fn run_env(req: &RunRequest) -> Vec<EnvVar> {
     ]
 }
 
-/// The script of the clone container: the exact commit when known, else the ref.
-pub fn clone_script(req: &RunRequest) -> String {
-    let checkout = match (&req.sha, &req.git_ref) {
-        (Some(_), _) => "git checkout -q --detach \"$SLUICE_SHA\"".to_owned(),
-        (None, Some(_)) => {
-            "git fetch -q origin \"$SLUICE_REF\"\ngit checkout -q --detach FETCH_HEAD".to_owned()
-        }
-        (None, None) => "git checkout -q --detach HEAD".to_owned(),
-    };
-    format!(
-        "set -e\nmkdir -p \"$HOME\"\ngit clone -q --no-checkout \"$SLUICE_CLONE_URL\" .\n{checkout}\necho \"checked out $(git rev-parse HEAD)\"\n"
-    )
-}
+/// The script of the clone container. `git init` + `fetch` rather than `clone`: cache
+/// volumes mounted inside the workspace make it non-empty. The ref is fetched first
+/// (it works on every forge, pull request refs included); the commit alone only if
+/// the ref has moved past it.
+pub const CLONE_SCRIPT: &str = r#"set -e
+git init -q .
+echo .home >> .git/info/exclude
+mkdir -p "$HOME"
+git remote add origin "$SLUICE_CLONE_URL"
+if [ -n "$SLUICE_REF" ]; then git fetch -q origin "$SLUICE_REF"; else git fetch -q origin; fi
+if [ -n "$SLUICE_SHA" ]; then
+  git cat-file -e "$SLUICE_SHA^{commit}" 2>/dev/null || git fetch -q origin "$SLUICE_SHA"
+  git checkout -q --detach "$SLUICE_SHA"
+else
+  git checkout -q --detach FETCH_HEAD
+fi
+echo "checked out $(git rev-parse HEAD)"
+"#;
 
 fn clone_container(
     req: &RunRequest,
@@ -339,7 +344,7 @@ fn clone_container(
     Container {
         name: CLONE_CONTAINER.into(),
         image: Some(settings.clone_image.clone()),
-        command: Some(vec!["sh".into(), "-c".into(), clone_script(req)]),
+        command: Some(vec!["sh".into(), "-c".into(), CLONE_SCRIPT.into()]),
         working_dir: Some(WORKSPACE.into()),
         env: Some(env),
         volume_mounts: Some(mounts),

@@ -1,0 +1,432 @@
+//! The runner with the Kubernetes executor: the real kube-rs client against the HTTP
+//! test double of the Kubernetes API (which runs containers as local processes), and a
+//! real nats-server. Run requests in, Pods with the right spec out, states and logs
+//! in the streams: success, a failing step, step and run timeouts, a cancel, secrets,
+//! caches, a Pod that never gets a node, API faults and a NATS restart mid-run.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use sluice_core::run::{CancelRequest, RunCache, RunState};
+use sluice_core::subjects;
+use sluice_tests::dispatcher::{count, provision};
+use sluice_tests::ingest::jetstream;
+use sluice_tests::kubeapi::KubeApi;
+use sluice_tests::nats::NatsServer;
+use sluice_tests::runner::{
+    final_state, git_repo, log_lines, publish_run, run_request, statuses, step, step_states, Runner,
+};
+use sluice_tests::{init_logs, wait_for};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn containers(pod: &Pod) -> (Vec<String>, Vec<String>) {
+    let spec = pod.spec.as_ref().expect("spec");
+    (
+        spec.init_containers
+            .iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect(),
+        spec.containers.iter().map(|c| c.name.clone()).collect(),
+    )
+}
+
+async fn cancel(js: &async_nats::jetstream::Context, cluster: &str, run_id: &str) {
+    let request = CancelRequest {
+        run_id: run_id.into(),
+        reason: "superseded".into(),
+        at: time::OffsetDateTime::now_utc(),
+    };
+    js.publish(
+        subjects::cancel(cluster),
+        serde_json::to_vec(&request).expect("json").into(),
+    )
+    .await
+    .expect("pub")
+    .await
+    .expect("ack");
+}
+
+#[tokio::test]
+async fn pods_states_and_logs_for_success_failure_timeouts_and_cancel() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    api.put_secret("crates-token", &[("TOKEN", "s3cret-value")]);
+    let (repo, sha) = git_repo();
+    let _runner = Runner::start_kube(&nats.url(), "eu-1", "r1", &api, |_| {}).await;
+
+    // Success: cloned at the commit by the built-in step, env and Secrets reach the
+    // steps, each step's log in order.
+    let mut with_secret = step(
+        "secret",
+        &[
+            "test \"$TOKEN\" = s3cret-value",
+            "cat /var/run/secrets/sluice/crates-token/TOKEN",
+        ],
+    );
+    with_secret.secrets = vec!["crates-token".into()];
+    let mut ok = run_request(
+        "ok-1",
+        "eu-1",
+        repo.path(),
+        &sha,
+        vec![
+            step(
+                "read",
+                &[
+                    "cat hello.txt",
+                    "echo \"var=$PIPELINE_VAR run=$SLUICE_RUN_ID\"",
+                ],
+            ),
+            with_secret,
+            step("last", &["git rev-parse HEAD"]),
+        ],
+    );
+    ok.timeout_secs = Some(600);
+    publish_run(&js, &ok).await;
+    let done = wait_for("ok-1 to finish", DEADLINE, || final_state(&js, "ok-1")).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert_eq!(
+        log_lines(&js, "ok-1", "read").await,
+        ["hello from the repository", "var=from-pipeline run=ok-1"]
+    );
+    assert_eq!(log_lines(&js, "ok-1", "secret").await, ["s3cret-value"]);
+    assert_eq!(log_lines(&js, "ok-1", "last").await, [sha.clone()]);
+    assert_eq!(
+        log_lines(&js, "ok-1", "clone").await,
+        [format!("checked out {sha}")]
+    );
+    let updates = statuses(&js, "ok-1").await;
+    let run_states: Vec<RunState> = updates
+        .iter()
+        .filter(|u| u.step.is_none())
+        .map(|u| u.state)
+        .collect();
+    assert_eq!(
+        run_states,
+        [RunState::Scheduled, RunState::Running, RunState::Succeeded]
+    );
+    assert_eq!(
+        step_states(&updates),
+        [
+            ("read".to_owned(), RunState::Running),
+            ("read".to_owned(), RunState::Succeeded),
+            ("secret".to_owned(), RunState::Running),
+            ("secret".to_owned(), RunState::Succeeded),
+            ("last".to_owned(), RunState::Running),
+            ("last".to_owned(), RunState::Succeeded),
+        ]
+    );
+    // The Pod: named from the run id, steps in order after the clone, locked down.
+    let pod = api.pod("sluice-ok-1").expect("the run's Pod is kept");
+    assert_eq!(
+        containers(&pod),
+        (
+            vec!["sluice-clone".into(), "read".into(), "secret".into()],
+            vec!["last".into()]
+        )
+    );
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels["sluice.dev/run"], "ok-1");
+    assert_eq!(labels["sluice.dev/cluster"], "eu-1");
+    assert_eq!(labels["sluice.dev/pipeline"], "p");
+    assert_eq!(labels["sluice.dev/repo"], "acme.app");
+    let spec = pod.spec.as_ref().expect("spec");
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(spec.active_deadline_seconds, Some(600));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let security = spec.security_context.as_ref().expect("security context");
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(api.created(), ["sluice-ok-1"]);
+
+    // A failing step: the run fails with its exit code; later steps never start.
+    publish_run(
+        &js,
+        &run_request(
+            "fail-1",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![
+                step("test", &["echo failing on purpose", "exit 3"]),
+                step("never", &["echo should not run"]),
+            ],
+        ),
+    )
+    .await;
+    // A step over its own timeout: the runner deletes the Pod.
+    let mut slow = step("slow", &["echo starting", "sleep 30"]);
+    slow.timeout_secs = Some(1);
+    publish_run(
+        &js,
+        &run_request("step-timeout-1", "eu-1", repo.path(), &sha, vec![slow]),
+    )
+    .await;
+    // A run over the pipeline's timeout: Kubernetes' activeDeadlineSeconds.
+    let mut deadline = run_request(
+        "run-timeout-1",
+        "eu-1",
+        repo.path(),
+        &sha,
+        vec![step("forever", &["sleep 30"])],
+    );
+    deadline.timeout_secs = Some(1);
+    publish_run(&js, &deadline).await;
+    // A cancel while the step runs.
+    publish_run(
+        &js,
+        &run_request(
+            "cancel-1",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("long", &["echo started", "sleep 30"])],
+        ),
+    )
+    .await;
+
+    let failed = wait_for("fail-1", DEADLINE, || final_state(&js, "fail-1")).await;
+    assert_eq!(failed.state, RunState::Failed);
+    assert_eq!(
+        failed.message.as_deref(),
+        Some("step test: exited with 3"),
+        "{failed:?}"
+    );
+    assert_eq!(
+        log_lines(&js, "fail-1", "test").await,
+        ["failing on purpose"]
+    );
+    let fail_steps = step_states(&statuses(&js, "fail-1").await);
+    assert!(fail_steps.contains(&("test".into(), RunState::Failed)));
+    assert!(
+        !fail_steps.iter().any(|(s, _)| s == "never"),
+        "{fail_steps:?}"
+    );
+    let exit = statuses(&js, "fail-1")
+        .await
+        .into_iter()
+        .find(|u| u.step.as_deref() == Some("test") && u.state == RunState::Failed)
+        .and_then(|u| u.exit_code);
+    assert_eq!(exit, Some(3));
+
+    let timed = wait_for("step-timeout-1", DEADLINE, || {
+        final_state(&js, "step-timeout-1")
+    })
+    .await;
+    assert_eq!(timed.state, RunState::Failed);
+    assert_eq!(
+        timed.message.as_deref(),
+        Some("step slow: timed out after 1s"),
+        "{timed:?}"
+    );
+    assert_eq!(log_lines(&js, "step-timeout-1", "slow").await, ["starting"]);
+    assert!(
+        api.pod("sluice-step-timeout-1").is_none(),
+        "the Pod is deleted"
+    );
+
+    let over = wait_for("run-timeout-1", DEADLINE, || {
+        final_state(&js, "run-timeout-1")
+    })
+    .await;
+    assert_eq!(over.state, RunState::Failed);
+    assert_eq!(
+        over.message.as_deref(),
+        Some("the run's timeout was reached"),
+        "{over:?}"
+    );
+
+    wait_for("cancel-1 to be running", DEADLINE, || async {
+        (log_lines(&js, "cancel-1", "long").await == ["started"]).then_some(())
+    })
+    .await;
+    cancel(&js, "eu-1", "cancel-1").await;
+    let cancelled = wait_for("cancel-1", DEADLINE, || final_state(&js, "cancel-1")).await;
+    assert_eq!(cancelled.state, RunState::Cancelled);
+    assert!(api.pod("sluice-cancel-1").is_none(), "the Pod is deleted");
+
+    // Finished runs leave the work queue; every run made exactly one Pod.
+    wait_for("the queue to drain", DEADLINE, || async {
+        (count(&js, subjects::RUNS_STREAM).await == 0).then_some(())
+    })
+    .await;
+    let created = api.created();
+    let unique: HashSet<&String> = created.iter().collect();
+    assert_eq!(created.len(), 5, "{created:?}");
+    assert_eq!(unique.len(), 5, "{created:?}");
+}
+
+#[tokio::test]
+async fn caches_are_claims_per_branch_seeded_from_the_default_branch() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    let (repo, sha) = git_repo();
+    let _runner = Runner::start_kube(&nats.url(), "eu-1", "r1", &api, |_| {}).await;
+
+    // The default branch fills its cache.
+    let mut main = run_request(
+        "cache-main",
+        "eu-1",
+        repo.path(),
+        &sha,
+        vec![step(
+            "fill",
+            &["echo built-on-main > .cache/artifact", "ls .cache"],
+        )],
+    );
+    main.cache = Some(RunCache {
+        key: "acme/app/main".into(),
+        fallback_key: Some("acme/app/main".into()),
+        paths: vec![".cache".into()],
+    });
+    publish_run(&js, &main).await;
+    let done = wait_for("cache-main", DEADLINE, || final_state(&js, "cache-main")).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+
+    // A new branch starts from a copy of it, and writes only its own.
+    let mut feature = run_request(
+        "cache-feature",
+        "eu-1",
+        repo.path(),
+        &sha,
+        vec![step(
+            "use",
+            &["cat .cache/artifact", "echo feature-only > .cache/mine"],
+        )],
+    );
+    feature.cache = Some(RunCache {
+        key: "acme/app/feature".into(),
+        fallback_key: Some("acme/app/main".into()),
+        paths: vec![".cache".into()],
+    });
+    publish_run(&js, &feature).await;
+    let done = wait_for("cache-feature", DEADLINE, || {
+        final_state(&js, "cache-feature")
+    })
+    .await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert_eq!(
+        log_lines(&js, "cache-feature", "use").await,
+        ["built-on-main"]
+    );
+
+    let claims = api.claims();
+    assert_eq!(claims.len(), 2, "one claim per branch");
+    let main_claim = sluice_runner::kubernetes::pod::cache_claim_name("acme/app/main");
+    let feature_claim = sluice_runner::kubernetes::pod::cache_claim_name("acme/app/feature");
+    let cloned_from = claims
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some(feature_claim.as_str()))
+        .and_then(|c| c.spec.as_ref()?.data_source.as_ref())
+        .map(|s| s.name.clone());
+    assert_eq!(cloned_from.as_deref(), Some(main_claim.as_str()));
+    assert!(!api.claim_dir(&main_claim).join("_cache/mine").exists());
+    assert!(api.claim_dir(&feature_claim).join("_cache/mine").exists());
+}
+
+#[tokio::test]
+async fn a_pod_that_never_gets_a_node_fails_after_the_pending_limit() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    api.set_unschedulable(true);
+    let (repo, sha) = git_repo();
+    let _runner = Runner::start_kube(&nats.url(), "eu-1", "r1", &api, |s| {
+        s.pending_timeout = Duration::from_secs(1);
+    })
+    .await;
+    publish_run(
+        &js,
+        &run_request(
+            "stuck-1",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("s", &["true"])],
+        ),
+    )
+    .await;
+    let done = wait_for("stuck-1", DEADLINE, || final_state(&js, "stuck-1")).await;
+    assert_eq!(done.state, RunState::Error);
+    let message = done.message.unwrap_or_default();
+    assert!(
+        message.contains("pending timeout") && message.contains("Unschedulable"),
+        "{message}"
+    );
+    assert!(api.pod("sluice-stuck-1").is_none(), "the Pod is deleted");
+}
+
+#[tokio::test]
+async fn api_throttling_watch_drops_and_a_nats_restart_lose_nothing() {
+    init_logs();
+    let mut nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    let (repo, sha) = git_repo();
+    let _runner = Runner::start_kube(&nats.url(), "eu-1", "r1", &api, |_| {}).await;
+
+    // A 429 storm and server errors on the very first Pod creates.
+    api.fail_next(12, 429, "/pods");
+    api.fail_next(3, 503, "/pods");
+    api.fail_next(2, 500, "/pods");
+    let runs: Vec<String> = (0..6).map(|i| format!("faults-{i}")).collect();
+    for id in &runs {
+        publish_run(
+            &js,
+            &run_request(
+                id,
+                "eu-1",
+                repo.path(),
+                &sha,
+                vec![step(
+                    "count",
+                    &["for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; sleep 0.2; done"],
+                )],
+            ),
+        )
+        .await;
+    }
+    wait_for("every run to be running", DEADLINE, || async {
+        for id in &runs {
+            if log_lines(&js, id, "count").await.is_empty() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    // Watches drop, history is compacted (the watcher's resume gets 410 Gone and it
+    // must list again), and NATS restarts while the steps write.
+    api.drop_watches();
+    api.compact();
+    api.drop_watches();
+    nats.restart().await;
+
+    let expected: Vec<String> = (1..=10).map(|i| format!("line {i}")).collect();
+    for id in &runs {
+        let done = wait_for(id, Duration::from_secs(60), || final_state(&js, id)).await;
+        assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+        assert_eq!(log_lines(&js, id, "count").await, expected, "{id}");
+    }
+    let created = api.created();
+    assert_eq!(created.len(), runs.len(), "one Pod per run: {created:?}");
+    // Every injected fault was answered, and retried past.
+    let requests = api.requests();
+    let answered = |code: u16| requests.iter().filter(|r| r.status == code).count();
+    assert_eq!(
+        (answered(429), answered(503), answered(500)),
+        (12, 3, 2),
+        "the faults were hit"
+    );
+}
