@@ -119,6 +119,10 @@ pub struct Event {
     /// run ids while a repeated delivery of the same rerun converges on one.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempt: u32,
+    /// Manual events only: run on these clusters (the first with a live runner)
+    /// instead of the pipeline's own list: a child step's `runtime.cluster`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -152,6 +156,7 @@ impl Event {
             pipeline: None,
             parent_run: None,
             attempt: 0,
+            clusters: Vec::new(),
         }
     }
 

@@ -10,14 +10,31 @@ use crate::matcher::CelEvent;
 /// Where runs go when a pipeline names no cluster.
 pub const DEFAULT_CLUSTER: &str = "default";
 
-/// Picks the cluster: the first of the pipeline's list with a live runner; the first of
-/// the list when none has one (the run waits there); the default when there is no list.
-pub fn cluster(pipeline: &Pipeline, default_cluster: &str, alive: impl Fn(&str) -> bool) -> String {
-    let list = &pipeline.runtime.cluster.0;
+/// Picks the cluster: the first of the list with a live runner; the first of the list
+/// when none has one (the run waits there); the default when there is no list. The
+/// list is the event's when it names one (a child step's `runtime.cluster`), else the
+/// pipeline's.
+pub fn cluster(
+    pipeline: &Pipeline,
+    event: &Event,
+    default_cluster: &str,
+    alive: impl Fn(&str) -> bool,
+) -> String {
+    let list: Vec<&str> = if event.clusters.is_empty() {
+        pipeline
+            .runtime
+            .cluster
+            .0
+            .iter()
+            .map(|c| c.as_str())
+            .collect()
+    } else {
+        event.clusters.iter().map(String::as_str).collect()
+    };
     list.iter()
-        .find(|c| alive(c.as_str()))
+        .find(|c| alive(c))
         .or(list.first())
-        .map_or_else(|| default_cluster.to_owned(), |c| c.to_string())
+        .map_or_else(|| default_cluster.to_owned(), |c| (*c).to_owned())
 }
 
 /// The run request for `pipeline` started by `event`, on `cluster`.

@@ -198,7 +198,8 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
             .matched
             .iter()
             .map(|p| {
-                let cluster = plan::cluster(p, &ctx.default_cluster, |c| ctx.liveness.is_alive(c));
+                let cluster =
+                    plan::cluster(p, event, &ctx.default_cluster, |c| ctx.liveness.is_alive(c));
                 (p.clone(), plan::plan(p, event, &cel, cluster))
             })
             .collect();

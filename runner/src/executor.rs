@@ -76,6 +76,9 @@ pub async fn child_step(
     event.git_ref = req.git_ref.clone();
     event.sha = req.sha.clone();
     event.pr = req.pr;
+    if let Some(runtime) = &step.runtime {
+        event.clusters = runtime.cluster.0.iter().map(|c| c.to_string()).collect();
+    }
     let child_run = sluice_core::run::run_id(&event.id, child, 0);
 
     let end = async {

@@ -70,6 +70,18 @@ impl Runner {
         api: &KubeApi,
         tweak: impl FnOnce(&mut KubeSettings),
     ) -> Runner {
+        Self::start_kube_with(nats_url, cluster, id, api, tweak, |_| {}).await
+    }
+
+    /// [`Runner::start_kube`], with the runner's own configuration tweaked too.
+    pub async fn start_kube_with(
+        nats_url: &str,
+        cluster: &str,
+        id: &str,
+        api: &KubeApi,
+        tweak: impl FnOnce(&mut KubeSettings),
+        tweak_runner: impl FnOnce(&mut RunnerConfig),
+    ) -> Runner {
         let mut settings = KubeSettings {
             delete_after: Duration::from_secs(3600),
             ..Default::default()
@@ -78,6 +90,7 @@ impl Runner {
         let executor = KubeExecutor::new(api.config(), settings).expect("kube client");
         Self::start_with(nats_url, cluster, id, |c| {
             c.executor = Executor::Kubernetes(executor);
+            tweak_runner(c);
         })
         .await
     }

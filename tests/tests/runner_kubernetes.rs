@@ -430,3 +430,165 @@ async fn api_throttling_watch_drops_and_a_nats_restart_lose_nothing() {
         "the faults were hit"
     );
 }
+
+const FAMILY: &str = r#"
+name: parent
+triggers: [{ kinds: [push] }]
+runtime: { cluster: eu-1 }
+steps:
+  - { name: build, image: alpine, commands: ["echo building"] }
+  - { name: ship, pipeline: deploy, runtime: { cluster: us-1 } }
+  - { name: after, image: alpine, commands: ["echo after the child", "cat hello.txt"] }
+---
+name: deploy
+triggers: [{ kinds: [deploy] }]
+runtime: { cluster: eu-1 }
+steps:
+  - { name: release, image: alpine, commands: ["echo releasing $SLUICE_SHA"] }
+---
+name: parent-of-failure
+triggers: [{ kinds: [push] }]
+runtime: { cluster: eu-1 }
+steps:
+  - { name: ship, pipeline: broken, runtime: { cluster: us-1 } }
+  - { name: never, image: alpine, commands: ["echo should not run"] }
+---
+name: broken
+triggers: [{ kinds: [deploy] }]
+steps:
+  - { name: oops, image: alpine, commands: ["exit 7"] }
+"#;
+
+#[tokio::test]
+async fn a_child_pipeline_runs_on_a_second_cluster_and_its_result_decides_the_step() {
+    use sluice_core::envelope::{Event, Provider};
+    use sluice_core::run::run_id;
+    use sluice_tests::dispatcher::{apply, decision, publish_event, Dispatcher};
+
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    apply(&js, FAMILY).await;
+    let api = KubeApi::start().await;
+    let (repo, sha) = git_repo();
+    let _dispatcher = Dispatcher::start(&nats.url()).await;
+    let _eu = Runner::start_kube(&nats.url(), "eu-1", "r-eu", &api, |_| {}).await;
+    let _us = Runner::start_kube(&nats.url(), "us-1", "r-us", &api, |_| {}).await;
+
+    let start = |delivery: &str, pipeline: &str| {
+        let mut e = Event::new(Provider::Manual, delivery, "push");
+        e.pipeline = Some(pipeline.into());
+        e.repo = Some("acme/app".into());
+        e.clone_url = Some(repo.path().display().to_string());
+        e.git_ref = Some("refs/heads/main".into());
+        e.sha = Some(sha.clone());
+        e
+    };
+    publish_event(&js, &start("fam-1", "parent")).await;
+    publish_event(&js, &start("fam-2", "parent-of-failure")).await;
+
+    let parent = run_id("manual:fam-1", "parent", 0);
+    let child_event = format!("manual:{parent}-ship");
+    let child = run_id(&child_event, "deploy", 0);
+    let done = wait_for("the parent", DEADLINE, || final_state(&js, &parent)).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    let child_done = final_state(&js, &child)
+        .await
+        .expect("the child finished first");
+    assert_eq!(child_done.state, RunState::Succeeded);
+    assert_eq!(
+        child_done.cluster.as_deref(),
+        Some("us-1"),
+        "the step's runtime wins"
+    );
+    assert_eq!(child_done.runner.as_deref(), Some("r-us"));
+    assert_eq!(
+        log_lines(&js, &child, "release").await,
+        [format!("releasing {sha}")]
+    );
+    assert_eq!(
+        log_lines(&js, &parent, "after").await,
+        ["after the child", "hello from the repository"]
+    );
+    let planned = decision(&js, &child_event)
+        .await
+        .expect("the child's decision");
+    assert_eq!(planned.runs.len(), 1);
+    assert_eq!(planned.runs[0].cluster, "us-1");
+    // The parent's steps before and after the child are two Pods on eu-1; the child
+    // is one Pod on us-1.
+    let cluster_of = |name: &str| {
+        api.pod(name)
+            .and_then(|p| p.metadata.labels?.get("sluice.dev/cluster").cloned())
+    };
+    assert_eq!(
+        cluster_of(&format!("sluice-{parent}")).as_deref(),
+        Some("eu-1")
+    );
+    assert_eq!(
+        cluster_of(&format!("sluice-{parent}-2")).as_deref(),
+        Some("eu-1")
+    );
+    assert_eq!(
+        cluster_of(&format!("sluice-{child}")).as_deref(),
+        Some("us-1")
+    );
+    assert!(step_states(&statuses(&js, &parent).await)
+        .contains(&("ship".to_owned(), RunState::Succeeded)));
+
+    // A failing child fails its step and the parent; later steps never run.
+    let parent = run_id("manual:fam-2", "parent-of-failure", 0);
+    let child = run_id(&format!("manual:{parent}-ship"), "broken", 0);
+    let done = wait_for("the failing parent", DEADLINE, || final_state(&js, &parent)).await;
+    assert_eq!(done.state, RunState::Failed, "{done:?}");
+    assert_eq!(
+        done.message,
+        Some(format!(
+            "step ship: child run {child} of broken ended failed"
+        ))
+    );
+    assert!(!step_states(&statuses(&js, &parent).await)
+        .iter()
+        .any(|(s, _)| s == "never"));
+}
+
+#[tokio::test]
+async fn replicas_share_a_cluster_and_other_clusters_never_see_it() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    let (repo, sha) = git_repo();
+    let two = |c: &mut sluice_runner::RunnerConfig| c.max_running = 2;
+    let _a = Runner::start_kube_with(&nats.url(), "eu-1", "replica-a", &api, |_| {}, two).await;
+    let _b = Runner::start_kube_with(&nats.url(), "eu-1", "replica-b", &api, |_| {}, two).await;
+    let _other = Runner::start_kube(&nats.url(), "us-1", "other-cluster", &api, |_| {}).await;
+    let ids: Vec<String> = (0..8).map(|i| format!("share-{i}")).collect();
+    for id in &ids {
+        publish_run(
+            &js,
+            &run_request(
+                id,
+                "eu-1",
+                repo.path(),
+                &sha,
+                vec![step("s", &["sleep 0.5"])],
+            ),
+        )
+        .await;
+    }
+    let mut runners = HashSet::new();
+    for id in &ids {
+        let done = wait_for("a shared run", DEADLINE, || final_state(&js, id)).await;
+        assert_eq!(done.state, RunState::Succeeded);
+        runners.insert(done.runner.expect("runner named"));
+    }
+    assert_eq!(
+        runners,
+        HashSet::from(["replica-a".to_owned(), "replica-b".to_owned()]),
+        "both replicas took work, the other cluster none"
+    );
+    assert_eq!(api.created().len(), ids.len(), "one Pod per run");
+}
