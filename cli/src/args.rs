@@ -166,6 +166,10 @@ pub struct RunnerArgs {
     /// This replica's name in heartbeats and statuses (default: host name and pid).
     #[arg(long, env = "SLUICE_RUNNER_ID")]
     pub runner_id: Option<String>,
+    /// How long a run may go without this runner's progress signal before NATS hands
+    /// it to another replica (or to this one restarted), e.g. `30s`.
+    #[arg(long, env = "SLUICE_ACK_WAIT", default_value = "30s", value_parser = duration)]
+    pub ack_wait: Duration,
     #[command(flatten)]
     pub kube: KubeArgs,
 }

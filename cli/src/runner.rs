@@ -15,6 +15,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut config = RunnerConfig::new(global.nats("sluice-runner"), a.cluster, a.workdir.clone());
     config.max_running = a.max_running.max(1);
+    config.ack_wait = a.ack_wait.max(std::time::Duration::from_secs(1));
     config.executor = match a.executor {
         ExecutorKind::Local => {
             tracing::warn!(
