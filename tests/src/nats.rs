@@ -162,6 +162,100 @@ impl Drop for NatsServer {
     }
 }
 
+/// A server that only speaks TLS (`tls://`) and secure WebSocket (`wss://`, as
+/// through a proxy that only allows 443), and only to a user with an NKey: the way a
+/// runner in a locked-down cluster reaches NATS.
+#[derive(Debug)]
+pub struct SecureNats {
+    pub server: NatsServer,
+    pub tls_url: String,
+    pub wss_url: String,
+    /// The CA that signed the server's certificate (PEM).
+    pub ca_file: PathBuf,
+    /// The user's NKey seed.
+    pub nkey_file: PathBuf,
+    _dir: TempDir,
+}
+
+impl SecureNats {
+    pub async fn start() -> SecureNats {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = |name: &str| dir.path().join(name);
+        // A CA, and a certificate for 127.0.0.1 signed by it.
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "sluice test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("server params");
+        let cert = params.signed_by(&key, &issuer).expect("server cert");
+        std::fs::write(path("ca.pem"), ca_cert.pem()).expect("write");
+        std::fs::write(path("server.pem"), cert.pem()).expect("write");
+        std::fs::write(path("server-key.pem"), key.serialize_pem()).expect("write");
+
+        let user = nkeys::KeyPair::new_user();
+        std::fs::write(path("user.nk"), user.seed().expect("seed")).expect("write");
+        let (port, ws_port) = (free_port(), free_port());
+        let tls = format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+            path("server.pem").display(),
+            path("server-key.pem").display()
+        );
+        let config = format!(
+            "{tls}\nwebsocket {{ host: 127.0.0.1, port: {ws_port}, {tls} }}\nauthorization {{ users: [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        );
+        std::fs::write(path("server.conf"), config).expect("write");
+        let store = path("store");
+        let mut server = NatsServer::with_args(
+            port,
+            &store,
+            vec!["-c".into(), path("server.conf").display().to_string()],
+        );
+        server.spawn();
+        let secure = SecureNats {
+            server,
+            tls_url: format!("tls://127.0.0.1:{port}"),
+            wss_url: format!("wss://127.0.0.1:{ws_port}"),
+            ca_file: path("ca.pem"),
+            nkey_file: path("user.nk"),
+            _dir: dir,
+        };
+        let options = secure.options(&secure.tls_url);
+        wait_for(
+            "the TLS server to serve JetStream",
+            Duration::from_secs(20),
+            || {
+                let options = options.clone();
+                async move {
+                    let client =
+                        sluice_core::nats::connect_once(&options, Duration::from_millis(500))
+                            .await
+                            .ok()?;
+                    let js = async_nats::jetstream::new(client);
+                    js.query_account().await.ok().map(|_| ())
+                }
+            },
+        )
+        .await;
+        secure
+    }
+
+    /// Client options for `url` with this server's CA and the user's NKey.
+    pub fn options(&self, url: &str) -> sluice_core::nats::NatsOptions {
+        sluice_core::nats::NatsOptions {
+            ca_file: Some(self.ca_file.clone()),
+            nkey_file: Some(self.nkey_file.clone()),
+            ..sluice_core::nats::NatsOptions::new(url, "sluice-test")
+        }
+    }
+}
+
 /// A JetStream cluster of three servers on loopback.
 #[derive(Debug)]
 pub struct NatsCluster {

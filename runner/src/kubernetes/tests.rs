@@ -93,8 +93,14 @@ fn full_pod() {
 
 #[test]
 fn pod_names_come_from_the_run_id_alone() {
-    assert_eq!(pod::pod_name("4f1c2a9e0b7d3c5a8e21", 0), "sluice-4f1c2a9e0b7d3c5a8e21");
-    assert_eq!(pod::pod_name("4f1c2a9e0b7d3c5a8e21", 2), "sluice-4f1c2a9e0b7d3c5a8e21-2");
+    assert_eq!(
+        pod::pod_name("4f1c2a9e0b7d3c5a8e21", 0),
+        "sluice-4f1c2a9e0b7d3c5a8e21"
+    );
+    assert_eq!(
+        pod::pod_name("4f1c2a9e0b7d3c5a8e21", 2),
+        "sluice-4f1c2a9e0b7d3c5a8e21-2"
+    );
     // DNS labels: at most 63 characters.
     assert!(pod::pod_name("4f1c2a9e0b7d3c5a8e21", 99).len() <= 63);
 }
