@@ -44,6 +44,9 @@ pub enum Command {
     Status {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+        /// Redraw every 2 seconds until Ctrl-C.
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Inspect and publish events: why did (or didn't) a pipeline run?
     #[command(subcommand)]
@@ -278,6 +281,9 @@ pub enum RunsCommand {
         limit: usize,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+        /// Redraw every 2 seconds until Ctrl-C.
+        #[arg(short, long)]
+        watch: bool,
     },
     /// One run and its steps.
     Get {
@@ -300,6 +306,14 @@ pub enum RunsCommand {
     },
     /// Ask the run's cluster to cancel it.
     Cancel { run_id: String },
+    /// Run the run's pipeline again (as it is now) for the same event: a new run with
+    /// its own id, reported to the forge like the first.
+    Rerun {
+        run_id: String,
+        /// Wait for the new run to end; exit codes as for `runs get --wait`.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -35,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
         args::Command::Pipelines(c) => pipelines::run(&cli.global, c).await,
         args::Command::Events(c) => events::run(&cli.global, c).await,
         args::Command::Runs(_) => Ok(()),
-        args::Command::Status { output } => status::run(&cli.global, output).await,
+        args::Command::Status { output, watch } => status::run(&cli.global, output, watch).await,
     }
 }
 

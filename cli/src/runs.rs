@@ -29,6 +29,9 @@ struct RunView {
     message: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     updated_at: OffsetDateTime,
+    /// When the first state change was seen (to find the run's event).
+    #[serde(skip)]
+    first_seen: OffsetDateTime,
     steps: Vec<StepView>,
 }
 
@@ -52,6 +55,7 @@ impl RunView {
             runner: None,
             message: None,
             updated_at: u.at,
+            first_seen: u.at,
             steps: Vec::new(),
         }
     }
@@ -97,43 +101,19 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<i32> {
             state,
             limit,
             output,
+            watch,
         } => {
-            let runs = recent_runs(&js, 20_000).await?;
-            let mut runs: Vec<RunView> = runs
-                .into_values()
-                .filter(|r| pipeline.as_ref().is_none_or(|p| &r.pipeline == p))
-                .filter(|r| repo.as_ref().is_none_or(|p| r.repo.as_ref() == Some(p)))
-                .filter(|r| state.as_ref().is_none_or(|s| r.state.as_str() == s))
-                .collect();
-            runs.sort_by_key(|r| std::cmp::Reverse(r.updated_at));
-            runs.truncate(limit);
-            if output != Output::Table {
-                output::structured(&runs, output)?;
-                return Ok(0);
+            let filter = Filter {
+                pipeline,
+                repo,
+                state,
+                limit,
+            };
+            if watch {
+                crate::output::watch(|| list(&js, &filter, output)).await?;
+            } else {
+                list(&js, &filter, output).await?;
             }
-            if runs.is_empty() {
-                println!("No runs yet.");
-                return Ok(0);
-            }
-            let rows: Vec<Vec<String>> = runs
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.run_id.clone(),
-                        r.pipeline.clone(),
-                        paint(r.state),
-                        r.repo.clone().unwrap_or_default(),
-                        r.cluster.clone().unwrap_or_default(),
-                        r.updated_at
-                            .format(&time::format_description::well_known::Rfc3339)
-                            .unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            output::table(
-                &["RUN", "PIPELINE", "STATE", "REPO", "CLUSTER", "UPDATED"],
-                &rows,
-            );
             Ok(0)
         }
         RunsCommand::Get {
@@ -163,6 +143,17 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<i32> {
             logs(&js, &run_id, follow, step.as_deref()).await?;
             Ok(0)
         }
+        RunsCommand::Rerun { run_id, wait } => {
+            let new = rerun(&js, &run_id).await?;
+            println!("{new}");
+            eprintln!("rerun of {run_id} requested: run {new} (`sluice runs get {new} --wait`)");
+            if !wait {
+                return Ok(0);
+            }
+            let view = wait_final(&js, &new).await?;
+            print_run(&view);
+            Ok(exit_code(true, view.state))
+        }
         RunsCommand::Cancel { run_id } => {
             let view = run_view(&js, &run_id).await?.with_context(|| {
                 format!("no run {run_id}: `sluice runs list` shows recent runs")
@@ -188,6 +179,126 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// What `runs list` shows.
+#[derive(Debug)]
+struct Filter {
+    pipeline: Option<String>,
+    repo: Option<String>,
+    state: Option<String>,
+    limit: usize,
+}
+
+async fn list(js: &jetstream::Context, f: &Filter, output: Output) -> anyhow::Result<()> {
+    let runs = recent_runs(js, 20_000).await?;
+    let mut runs: Vec<RunView> = runs
+        .into_values()
+        .filter(|r| f.pipeline.as_ref().is_none_or(|p| &r.pipeline == p))
+        .filter(|r| f.repo.as_ref().is_none_or(|p| r.repo.as_ref() == Some(p)))
+        .filter(|r| f.state.as_ref().is_none_or(|s| r.state.as_str() == s))
+        .collect();
+    runs.sort_by_key(|r| std::cmp::Reverse(r.updated_at));
+    runs.truncate(f.limit);
+    if output != Output::Table {
+        return output::structured(&runs, output);
+    }
+    if runs.is_empty() {
+        println!("No runs yet.");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.run_id.clone(),
+                r.pipeline.clone(),
+                paint(r.state),
+                r.repo.clone().unwrap_or_default(),
+                r.cluster.clone().unwrap_or_default(),
+                r.updated_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &["RUN", "PIPELINE", "STATE", "REPO", "CLUSTER", "UPDATED"],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Starts the run's pipeline again for the event that started it: the stored event,
+/// under a new id (so it is not taken for a duplicate delivery), naming the pipeline.
+/// The dispatcher plans it as for a new delivery — the pipeline as it is now, commit
+/// statuses to the forge — and the new run gets its own id.
+async fn rerun(js: &jetstream::Context, run_id: &str) -> anyhow::Result<String> {
+    let view = run_view(js, run_id)
+        .await?
+        .with_context(|| format!("no run {run_id}: `sluice runs list` shows recent runs"))?;
+    let event_id = view
+        .event_id
+        .clone()
+        .with_context(|| format!("run {run_id} names no event"))?;
+    let mut event = find_event(js, &event_id, view.first_seen).await?;
+    let attempt = event.attempt + 1;
+    let original = event
+        .id
+        .split("~rerun")
+        .next()
+        .unwrap_or(&event.id)
+        .to_owned();
+    event.id = format!(
+        "{original}~rerun{}",
+        OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000
+    );
+    event.pipeline = Some(view.pipeline.clone());
+    event.attempt = attempt;
+    event.received_at = OffsetDateTime::now_utc();
+    js.send_publish(
+        event.subject(),
+        PublishMessage::build()
+            .payload(serde_json::to_vec(&event)?.into())
+            .message_id(&event.id),
+    )
+    .await?
+    .await
+    .context("JetStream did not store the rerun's event")?;
+    Ok(sluice_core::run::run_id(&event.id, &view.pipeline, attempt))
+}
+
+/// The stored event `event_id`, searched from shortly before the run was first seen.
+async fn find_event(
+    js: &jetstream::Context,
+    event_id: &str,
+    around: OffsetDateTime,
+) -> anyhow::Result<sluice_core::Event> {
+    let stream = js.get_stream(subjects::EVENTS_STREAM).await?;
+    let mut consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: "sluice.events.>".into(),
+            deliver_policy: DeliverPolicy::ByStartTime {
+                start_time: around - Duration::from_secs(3600),
+            },
+            ..Default::default()
+        })
+        .await?;
+    let pending = consumer.info().await?.num_pending;
+    let mut messages = consumer.messages().await?.take(pending as usize);
+    while let Some(m) = messages.next().await {
+        let m = m?;
+        let Ok(event) = serde_json::from_slice::<sluice_core::Event>(&m.payload) else {
+            continue;
+        };
+        if event.id == event_id {
+            return Ok(event);
+        }
+    }
+    bail!(
+        "event {event_id} is no longer stored in {} (events are kept for 7 days): it cannot be rerun",
+        subjects::EVENTS_STREAM
+    )
 }
 
 /// `runs get --wait` exits 0 only for a run that succeeded, so scripts can rely on it.
@@ -336,9 +447,7 @@ async fn wait_final(js: &jetstream::Context, run_id: &str) -> anyhow::Result<Run
     let mut messages = consumer.messages().await?;
     let mut view: Option<RunView> = None;
     let progress = std::io::stderr().is_terminal();
-    if progress {
-        eprintln!("waiting for run {run_id}…");
-    }
+    let spinner = crate::output::Spinner::start(format!("run {run_id}: waiting to be queued"));
     while let Some(m) = messages.next().await {
         let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m?.payload) else {
             continue;
@@ -347,9 +456,17 @@ async fn wait_final(js: &jetstream::Context, run_id: &str) -> anyhow::Result<Run
         v.apply(&u);
         if progress {
             match &u.step {
-                Some(s) => eprintln!("  step {s}: {}", u.state.as_str()),
-                None => eprintln!("  run: {}", u.state.as_str()),
+                Some(s) => spinner.println(&format!("  step {s}: {}", u.state.as_str())),
+                None => spinner.println(&format!("  run: {}", u.state.as_str())),
             }
+            let running = v
+                .steps
+                .iter()
+                .rev()
+                .find(|s| s.state == RunState::Running)
+                .map(|s| format!(", step {}", s.name))
+                .unwrap_or_default();
+            spinner.set(format!("run {run_id}: {}{running}", v.state.as_str()));
         }
         if u.step.is_none() && u.state.is_final() {
             return Ok(v.clone());

@@ -40,9 +40,16 @@ struct RunnerStatus {
     seen_seconds_ago: i64,
 }
 
-pub async fn run(global: &Global, output: Output) -> anyhow::Result<()> {
+pub async fn run(global: &Global, output: Output, watch: bool) -> anyhow::Result<()> {
     let client = crate::connect(global).await?;
     let js = async_nats::jetstream::new(client);
+    if watch {
+        return output::watch(|| show(&js, output)).await;
+    }
+    show(&js, output).await
+}
+
+async fn show(js: &async_nats::jetstream::Context, output: Output) -> anyhow::Result<()> {
     let mut status = Status {
         streams: Vec::new(),
         consumers: Vec::new(),

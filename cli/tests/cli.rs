@@ -365,3 +365,93 @@ async fn status_shows_backlog_per_cluster_and_live_runners() {
         "{table}"
     );
 }
+
+const AGAIN: &str = "name: again\ntriggers:\n  - repos: [acme/app]\n    kinds: [push]\nruntime: { cluster: eu-1 }\nsteps:\n  - name: hello\n    image: alpine\n    commands: [\"echo run $SLUICE_RUN_ID\"]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_rerun_starts_the_pipeline_again_for_the_same_event() {
+    use sluice_core::run::{run_id, RunState};
+    use sluice_tests::dispatcher::apply;
+    use sluice_tests::runner::{final_state, git_repo, log_lines};
+
+    init_logs();
+    let nats = NatsServer::start().await;
+    let url = nats.url();
+    let js = jetstream(&url).await;
+    provision(&js).await;
+    apply(&js, AGAIN).await;
+    let (repo, sha) = git_repo();
+    let _dispatcher = Dispatcher::start(&url).await;
+    let _runner = sluice_tests::runner::Runner::start(&url, "eu-1", "rerun-runner").await;
+    let mut event = Event::new(Provider::Manual, "first-push", "push");
+    event.repo = Some("acme/app".into());
+    event.clone_url = Some(repo.path().display().to_string());
+    event.git_ref = Some("refs/heads/main".into());
+    event.sha = Some(sha);
+    publish_event(&js, &event).await;
+    let first = run_id("manual:first-push", "again", 0);
+    let done = wait_for("the first run", Duration::from_secs(30), || {
+        final_state(&js, &first)
+    })
+    .await;
+    assert_eq!(done.state, RunState::Succeeded);
+
+    let url2 = url.clone();
+    let first2 = first.clone();
+    let out =
+        tokio::task::spawn_blocking(move || sluice(&url2, &["runs", "rerun", &first2, "--wait"]))
+            .await
+            .expect("join");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let second = stdout.lines().next().unwrap_or_default().trim().to_owned();
+    assert_eq!(second.len(), 20, "the new run id comes first: {stdout}");
+    assert_ne!(second, first);
+    let rerun = final_state(&js, &second).await.expect("the rerun finished");
+    assert_eq!(rerun.state, RunState::Succeeded);
+    let event_id = rerun.event_id.unwrap_or_default();
+    assert!(
+        event_id.starts_with("manual:first-push~rerun"),
+        "the rerun is of the same event: {event_id}"
+    );
+    assert_eq!(
+        log_lines(&js, &second, "hello").await,
+        [format!("run {second}")]
+    );
+    let missing = sluice(&url, &["runs", "rerun", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("no run nope"));
+}
+
+#[test]
+fn watch_redraws_until_interrupted() {
+    use std::io::{BufRead, BufReader};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let nats = rt.block_on(NatsServer::start());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["status", "--watch"])
+        .env("SLUICE_NATS_URL", nats.url())
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("STREAM") && tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    for frame in 1..=2 {
+        rx.recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("frame {frame} of `status --watch`"));
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("exit");
+    assert!(status.success(), "Ctrl-C ends --watch cleanly: {status:?}");
+}

@@ -23,6 +23,8 @@ const CACHE_ENTRIES: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct ForgeConfig {
     pub github_token: Option<SecretString>,
+    /// A GitHub App to authenticate as instead of the token.
+    pub github_app: Option<crate::github::GitHubApp>,
     /// `https://api.github.com`, or a GitHub Enterprise `https://HOST/api/v3`.
     pub github_api_url: String,
     pub gitlab_token: Option<SecretString>,
@@ -36,6 +38,7 @@ impl Default for ForgeConfig {
     fn default() -> Self {
         ForgeConfig {
             github_token: None,
+            github_app: None,
             github_api_url: "https://api.github.com".into(),
             gitlab_token: None,
             gitlab_api_url: "https://gitlab.com/api/v4".into(),
@@ -55,7 +58,7 @@ pub struct FileList {
 /// Looks up and caches changed files.
 pub struct ChangedFiles {
     config: ForgeConfig,
-    github: Option<octocrab::Octocrab>,
+    github: Option<crate::github::GitHub>,
     http: reqwest::Client,
     cache: Mutex<(HashMap<String, FileList>, VecDeque<String>)>,
 }
@@ -77,17 +80,11 @@ struct GitlabDiff {
 
 impl ChangedFiles {
     pub fn new(config: ForgeConfig) -> Result<Self, String> {
-        let github = match &config.github_token {
-            Some(token) => Some(
-                octocrab::OctocrabBuilder::new()
-                    .base_uri(config.github_api_url.as_str())
-                    .map_err(|e| format!("GitHub API URL {}: {e}", config.github_api_url))?
-                    .personal_token(token.expose_secret().to_owned())
-                    .build()
-                    .map_err(|e| format!("GitHub client: {e}"))?,
-            ),
-            None => None,
-        };
+        let github = crate::github::GitHub::new(
+            &config.github_api_url,
+            config.github_token.as_ref(),
+            config.github_app.as_ref(),
+        )?;
         let http = reqwest::Client::builder()
             .user_agent("sluice-dispatcher")
             .build()
@@ -148,9 +145,12 @@ impl ChangedFiles {
     }
 
     async fn github(&self, repo: &str, number: u64) -> Result<FileList, String> {
-        let Some(client) = &self.github else {
-            return Err("no GitHub token configured (SLUICE_GITHUB_TOKEN)".into());
+        let Some(github) = &self.github else {
+            return Err(
+                "no GitHub credentials configured (SLUICE_GITHUB_TOKEN or a GitHub App)".into(),
+            );
         };
+        let client = github.client(repo).await.map_err(|e| e.to_string())?;
         let mut files = Vec::new();
         for page in 1..=GITHUB_MAX_FILES / PER_PAGE {
             let route = format!("/repos/{repo}/pulls/{number}/files");
@@ -239,7 +239,7 @@ pub fn gitlab_project(path: &str) -> String {
 }
 
 /// octocrab's error text without request details (which could carry a token).
-fn github_error(e: &octocrab::Error) -> String {
+pub(crate) fn github_error(e: &octocrab::Error) -> String {
     match e {
         octocrab::Error::GitHub { source, .. } => {
             format!("{} ({})", source.message, source.status_code)

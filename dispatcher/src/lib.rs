@@ -9,6 +9,7 @@
 mod bus;
 mod error;
 pub mod forge;
+pub mod github;
 pub mod groups;
 pub mod liveness;
 pub mod matcher;

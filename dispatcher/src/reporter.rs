@@ -230,7 +230,7 @@ enum Sent {
 
 /// A forge client with its rate budget.
 struct Sender {
-    github: Option<octocrab::Octocrab>,
+    github: Option<crate::github::GitHub>,
     gitlab_token: Option<secrecy::SecretString>,
     gitlab_api_url: String,
     http: reqwest::Client,
@@ -248,17 +248,12 @@ struct Budget {
 
 impl Sender {
     fn new(forge: ForgeConfig, config: &ReporterConfig) -> Result<Self> {
-        let github = match &forge.github_token {
-            Some(token) => Some(
-                octocrab::OctocrabBuilder::new()
-                    .base_uri(forge.github_api_url.as_str())
-                    .map_err(|e| Error::Config(format!("GitHub API URL: {e}")))?
-                    .personal_token(token.expose_secret().to_owned())
-                    .build()
-                    .map_err(|e| Error::Config(format!("GitHub client: {e}")))?,
-            ),
-            None => None,
-        };
+        let github = crate::github::GitHub::new(
+            &forge.github_api_url,
+            forge.github_token.as_ref(),
+            forge.github_app.as_ref(),
+        )
+        .map_err(Error::Config)?;
         Ok(Sender {
             github,
             gitlab_token: forge.gitlab_token,
@@ -313,12 +308,20 @@ impl Sender {
         let context = format!("sluice/{}", w.pipeline);
         match w.provider.as_str() {
             "github" => {
-                let Some(client) = &self.github else {
-                    return Sent::Dropped("no GitHub token configured".into());
+                let Some(github) = &self.github else {
+                    return Sent::Dropped("no GitHub credentials configured".into());
                 };
                 if !self.allow("github").await {
                     return Sent::Later;
                 }
+                let client = match github.client(&w.repo).await {
+                    Ok(c) => c,
+                    Err(crate::github::ClientError::NotInstalled(e)) => return Sent::Dropped(e),
+                    Err(e) => {
+                        tracing::warn!(repo = %w.repo, error = %e, "no GitHub client for this repository yet");
+                        return Sent::Later;
+                    }
+                };
                 let state = match w.state {
                     RunState::Queued | RunState::Scheduled | RunState::Running => "pending",
                     RunState::Succeeded => "success",

@@ -122,8 +122,9 @@ struct Inner {
     /// Watches may resume from resourceVersions after this one; older get `410 Gone`.
     compacted: u64,
     pods: BTreeMap<(String, String), PodEntry>,
-    /// Every Pod name ever created, for asserting "one Pod per run".
+    /// Every Pod name ever created, for asserting "one Pod per run", and when.
     created: Vec<String>,
+    created_at: HashMap<String, Instant>,
     claims: BTreeMap<(String, String), PersistentVolumeClaim>,
     secrets: BTreeMap<(String, String), BTreeMap<String, String>>,
     history: VecDeque<Change>,
@@ -137,6 +138,9 @@ struct Shared {
     requests: Mutex<Vec<Recorded>>,
     watch_epoch: watch::Sender<u64>,
     root: PathBuf,
+    /// Load tests: containers print one line and run this long instead of running
+    /// their commands.
+    simulate: Option<Duration>,
 }
 
 /// The running double.
@@ -161,6 +165,16 @@ impl Drop for KubeApi {
 
 impl KubeApi {
     pub async fn start() -> KubeApi {
+        Self::start_inner(None).await
+    }
+
+    /// A double whose kubelet does not run commands: every container prints one line
+    /// and exits 0 after `run_for`. For load tests with thousands of Pods.
+    pub async fn start_simulated(run_for: Duration) -> KubeApi {
+        Self::start_inner(Some(run_for)).await
+    }
+
+    async fn start_inner(simulate: Option<Duration>) -> KubeApi {
         let root = tempfile::tempdir().expect("temp dir");
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
@@ -169,6 +183,7 @@ impl KubeApi {
             requests: Mutex::new(Vec::new()),
             watch_epoch: watch::channel(0).0,
             root: root.path().to_owned(),
+            simulate,
         });
         let app = Router::new()
             .route(
@@ -294,6 +309,11 @@ impl KubeApi {
             .pods
             .get(&("default".to_owned(), name.to_owned()))
             .map(|e| e.pod.clone())
+    }
+
+    /// When each Pod was created (the create request reached the double).
+    pub fn created_at(&self) -> HashMap<String, Instant> {
+        self.shared.inner.lock().expect("state").created_at.clone()
     }
 
     /// Names of every Pod ever created (a name twice means a duplicate).
@@ -598,6 +618,7 @@ async fn pod_create(
             },
         );
         inner.created.push(name.clone());
+        inner.created_at.insert(name.clone(), Instant::now());
         record(&mut inner, &shared, "ADDED", pod.clone());
         pod
     };
@@ -855,6 +876,9 @@ async fn kubelet(shared: Arc<Shared>, ns: String, name: String, kill: Cancellati
         .chain(spec.containers.iter())
         .cloned()
         .collect();
+    if let Some(run_for) = shared.simulate {
+        return simulate(&shared, &ns, &name, &kill, &all, inits.len(), run_for).await;
+    }
     let workdir = shared.root.join("pods").join(&name);
     let volumes = match prepare_volumes(&shared, &ns, &pod, &workdir) {
         Ok(v) => v,
@@ -1004,6 +1028,62 @@ async fn kubelet(shared: Arc<Shared>, ns: String, name: String, kill: Cancellati
         if !alive || code != 0 {
             return;
         }
+    }
+}
+
+/// The load-test kubelet: each container prints a line and succeeds after `run_for`.
+async fn simulate(
+    shared: &Shared,
+    ns: &str,
+    name: &str,
+    kill: &CancellationToken,
+    all: &[k8s_openapi::api::core::v1::Container],
+    inits: usize,
+    run_for: Duration,
+) {
+    for (i, container) in all.iter().enumerate() {
+        let log = LogBuf::new();
+        let started = now();
+        {
+            let mut inner = shared.inner.lock().expect("state");
+            if let Some(entry) = inner.pods.get_mut(&(ns.to_owned(), name.to_owned())) {
+                entry.logs.insert(container.name.clone(), log.clone());
+            }
+        }
+        update(shared, ns, name, |pod| {
+            if i >= inits {
+                pod.status.get_or_insert_with(Default::default).phase = Some("Running".into());
+            }
+            let state = ContainerState {
+                running: Some(ContainerStateRunning {
+                    started_at: Some(started.clone()),
+                }),
+                ..Default::default()
+            };
+            set_container(pod, i, inits, &container.name, state);
+        });
+        log.append(format!("simulated {}", container.name).as_bytes());
+        tokio::select! {
+            () = kill.cancelled() => return,
+            () = tokio::time::sleep(run_for) => {}
+        }
+        log.close();
+        update(shared, ns, name, |pod| {
+            let state = ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: 0,
+                    reason: Some("Completed".into()),
+                    started_at: Some(started.clone()),
+                    finished_at: Some(now()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            set_container(pod, i, inits, &container.name, state);
+            if i + 1 == all.len() {
+                pod.status.get_or_insert_with(Default::default).phase = Some("Succeeded".into());
+            }
+        });
     }
 }
 

@@ -105,6 +105,7 @@ async fn github_and_gitlab_changed_files_decide_path_filters() {
         gitlab_token: Some(SecretString::from("gl-token".to_owned())),
         gitlab_api_url: format!("{}/api/v4", gitlab.uri()),
         timeout: Duration::from_secs(5),
+        github_app: None,
     };
     let _dispatcher = Dispatcher::start_with(config).await;
 

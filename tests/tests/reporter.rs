@@ -156,3 +156,123 @@ async fn rate_limits_delay_statuses_but_never_lose_them() {
     .await;
     gitlab.verify().await;
 }
+
+/// A throwaway RSA key made for this test only (`openssl genrsa 2048`).
+const APP_KEY: &str = include_str!("../data/github-app-test-key.pem");
+
+#[tokio::test]
+async fn a_github_app_signs_commit_statuses_with_installation_tokens() {
+    use base64::Engine;
+    use wiremock::matchers::header_regex;
+
+    init_logs();
+    let github = MockServer::start().await;
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    // The installation is looked up once per owner, as the App (a JWT).
+    Mock::given(method("GET"))
+        .and(path("/repos/acme/app/installation"))
+        .and(header_regex(
+            "authorization",
+            "^Bearer [^.]+\\.[^.]+\\.[^.]+$",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": 4242})))
+        .expect(1)
+        .mount(&github)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/app/installations/4242/access_tokens"))
+        .and(header_regex(
+            "authorization",
+            "^Bearer [^.]+\\.[^.]+\\.[^.]+$",
+        ))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({
+            "token": "ghs_installation_token",
+            "expires_at": "2099-01-01T00:00:00Z",
+            "permissions": {"statuses": "write"}
+        })))
+        .expect(1)
+        .mount(&github)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(format!("/repos/acme/app/statuses/{sha}")))
+        .and(header("authorization", "Bearer ghs_installation_token"))
+        .and(body_string_contains("\"state\":\"success\""))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": 1})))
+        .expect(1)
+        .mount(&github)
+        .await;
+    // A repository the App is not installed on: its status is dropped, not retried.
+    Mock::given(method("GET"))
+        .and(path("/repos/other/repo/installation"))
+        .respond_with(ResponseTemplate::new(404).set_body_json(json!({"message": "Not Found"})))
+        .expect(1)
+        .mount(&github)
+        .await;
+
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let mut config = Dispatcher::config(&nats.url());
+    config.forge = ForgeConfig {
+        github_app: Some(sluice_dispatcher::github::GitHubApp {
+            id: 12345,
+            private_key: secrecy::SecretString::from(APP_KEY.to_owned()),
+        }),
+        github_api_url: github.uri(),
+        ..ForgeConfig::default()
+    };
+    config.reporter = Some(ReporterConfig {
+        link_base_url: "https://ci.example.com".into(),
+        interval: Duration::from_millis(100),
+        requests_per_hour: 36_000,
+    });
+    let _dispatcher = Dispatcher::start_with(config).await;
+    publish(
+        &js,
+        &update("run-app", "github:d-9", "acme/app", RunState::Succeeded),
+    )
+    .await;
+    publish(
+        &js,
+        &update(
+            "run-other",
+            "github:d-10",
+            "other/repo",
+            RunState::Succeeded,
+        ),
+    )
+    .await;
+    wait_for(
+        "the status and the refused look-up",
+        Duration::from_secs(20),
+        || async {
+            let requests = github.received_requests().await?;
+            let status = requests.iter().any(|r| r.url.path().contains("/statuses/"));
+            let other = requests
+                .iter()
+                .any(|r| r.url.path() == "/repos/other/repo/installation");
+            (status && other).then_some(())
+        },
+    )
+    .await;
+    // The JWT names the App as its issuer.
+    let requests = github.received_requests().await.expect("recorded");
+    let jwt = requests
+        .iter()
+        .find(|r| r.url.path() == "/app/installations/4242/access_tokens")
+        .and_then(|r| r.headers.get("authorization"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .expect("a JWT")
+        .to_owned();
+    let claims = jwt.split('.').nth(1).expect("claims");
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .expect("base64url"),
+    )
+    .expect("json");
+    assert_eq!(claims["iss"], json!(12345), "{claims}");
+    // Mocks' `expect` counts are verified when the server drops: one look-up per owner,
+    // one token, one status, and no retry for the repository without the App.
+}

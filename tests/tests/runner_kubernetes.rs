@@ -96,7 +96,7 @@ async fn pods_states_and_logs_for_success_failure_timeouts_and_cancel() {
         ["hello from the repository", "var=from-pipeline run=ok-1"]
     );
     assert_eq!(log_lines(&js, "ok-1", "secret").await, ["s3cret-value"]);
-    assert_eq!(log_lines(&js, "ok-1", "last").await, [sha.clone()]);
+    assert_eq!(log_lines(&js, "ok-1", "last").await, [sha.as_str()]);
     assert_eq!(
         log_lines(&js, "ok-1", "clone").await,
         [format!("checked out {sha}")]
