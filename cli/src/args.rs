@@ -78,6 +78,13 @@ pub struct DispatcherArgs {
     /// GitHub token to read pull requests' changed files. Prefer the variable.
     #[arg(long, env = "SLUICE_GITHUB_TOKEN", hide_env_values = true, value_parser = secret)]
     pub github_token: Option<SecretString>,
+    /// Authenticate to GitHub as this GitHub App (with --github-app-key-file) instead
+    /// of with a token: installation tokens are minted and renewed per repository owner.
+    #[arg(long, env = "SLUICE_GITHUB_APP_ID", requires = "github_app_key_file")]
+    pub github_app_id: Option<u64>,
+    /// The GitHub App's private key (PEM), as downloaded from its settings.
+    #[arg(long, env = "SLUICE_GITHUB_APP_KEY_FILE", requires = "github_app_id")]
+    pub github_app_key_file: Option<PathBuf>,
     /// GitHub API base URL (GitHub Enterprise: https://HOST/api/v3).
     #[arg(
         long,

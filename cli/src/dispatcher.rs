@@ -1,5 +1,7 @@
 //! `sluice dispatcher`.
 
+use anyhow::Context;
+use secrecy::SecretString;
 use sluice_core::streams::StreamSettings;
 use sluice_dispatcher::forge::ForgeConfig;
 use sluice_dispatcher::reporter::ReporterConfig;
@@ -13,6 +15,18 @@ pub async fn run(
     a: DispatcherArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let github_app = match (a.github_app_id, &a.github_app_key_file) {
+        (Some(id), Some(path)) => {
+            let pem = std::fs::read_to_string(path).with_context(|| {
+                format!("cannot read the GitHub App private key {}", path.display())
+            })?;
+            Some(sluice_dispatcher::github::GitHubApp {
+                id,
+                private_key: SecretString::from(pem),
+            })
+        }
+        _ => None,
+    };
     let config = DispatcherConfig {
         streams: StreamSettings {
             replicas: a.stream_replicas,
@@ -22,6 +36,7 @@ pub async fn run(
         concurrency: a.concurrency.max(1),
         max_attempts: a.max_attempts.max(1),
         forge: ForgeConfig {
+            github_app,
             github_token: a.github_token,
             github_api_url: a.github_api_url,
             gitlab_token: a.gitlab_token,
