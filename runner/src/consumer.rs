@@ -227,6 +227,17 @@ async fn handle(
     });
     tracing::info!(run_id = %req.run_id, pipeline = %req.pipeline, "run started");
     let outcome = executor.run(&req, &reporter, &token).await;
+    if outcome.state == RunState::Queued {
+        // Handed back by a stopping runner: redelivered at once to another replica,
+        // which adopts the Pod.
+        drop(progress);
+        if let Ok(mut t) = running.tokens.lock() {
+            t.remove(&req.run_id);
+        }
+        tracing::info!(run_id = %req.run_id, "run handed back to the queue");
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+        return;
+    }
     reporter
         .status(None, outcome.state, None, outcome.message.clone())
         .await;

@@ -248,5 +248,5 @@ async fn without_a_token_path_filters_fire_and_say_why() {
     assert_eq!(matched(&d), ["code", "docs"]);
     assert!(d.pipelines[0].triggers[0]
         .detail
-        .contains("no GitHub token configured"));
+        .contains("no GitHub credentials configured"));
 }

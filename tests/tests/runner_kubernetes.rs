@@ -592,3 +592,49 @@ async fn replicas_share_a_cluster_and_other_clusters_never_see_it() {
     );
     assert_eq!(api.created().len(), ids.len(), "one Pod per run");
 }
+
+#[tokio::test]
+async fn a_stopping_runner_hands_its_runs_to_another_without_waiting_for_them() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    let (repo, sha) = git_repo();
+    let first = Runner::start_kube(&nats.url(), "eu-1", "first", &api, |_| {}).await;
+    let count = "i=1; while [ $i -le 40 ]; do echo line $i; i=$((i+1)); sleep 0.2; done";
+    publish_run(
+        &js,
+        &run_request(
+            "handoff-1",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("count", &[count])],
+        ),
+    )
+    .await;
+    wait_for("the run to be writing", DEADLINE, || async {
+        (log_lines(&js, "handoff-1", "count").await.len() >= 3).then_some(())
+    })
+    .await;
+    let second = Runner::start_kube(&nats.url(), "eu-1", "second", &api, |_| {}).await;
+    // A graceful stop returns while the step (8 s of output) still runs.
+    first.stop().await;
+    assert!(
+        final_state(&js, "handoff-1").await.is_none(),
+        "the stopping runner did not wait for the run"
+    );
+    assert!(
+        api.pod("sluice-handoff-1").is_some(),
+        "the Pod keeps running"
+    );
+
+    let done = wait_for("handoff-1", DEADLINE, || final_state(&js, "handoff-1")).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert_eq!(done.runner.as_deref(), Some("second"));
+    let expected: Vec<String> = (1..=40).map(|i| format!("line {i}")).collect();
+    assert_eq!(log_lines(&js, "handoff-1", "count").await, expected);
+    assert_eq!(api.created(), ["sluice-handoff-1"]);
+    second.stop().await;
+}

@@ -87,6 +87,8 @@ pub struct KubeExecutor {
     client: Client,
     settings: Arc<KubeSettings>,
     pods: Arc<PodWatch>,
+    /// Cancelled when the runner stops: runs in hand are handed back, Pods untouched.
+    handoff: CancellationToken,
 }
 
 impl std::fmt::Debug for KubeExecutor {
@@ -114,6 +116,7 @@ impl KubeExecutor {
             client,
             settings: Arc::new(settings),
             pods: Arc::new(PodWatch::default()),
+            handoff: CancellationToken::new(),
         })
     }
 
@@ -121,10 +124,21 @@ impl KubeExecutor {
         Api::namespaced(self.client.clone(), &self.settings.namespace)
     }
 
-    /// Starts the shared Pod watch for `cluster`, until `shutdown`.
+    /// Starts the shared Pod watch for `cluster`, until `shutdown`; from then on, runs
+    /// in hand are handed back (see [`KubeExecutor::run`]).
     pub fn start(&self, cluster: &str, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         let selector = format!("{}={cluster}", pod::LABEL_CLUSTER);
-        tokio::spawn(self.pods.clone().run(self.api(), selector, shutdown))
+        let handoff = self.handoff.clone();
+        let watch = self
+            .pods
+            .clone()
+            .run(self.api(), selector, shutdown.clone());
+        tokio::spawn(async move {
+            tokio::join!(watch, async {
+                shutdown.cancelled().await;
+                handoff.cancel();
+            });
+        })
     }
 
     /// Lists the cluster's Pods at start-up: unfinished ones are adopted when their
@@ -197,6 +211,9 @@ impl KubeExecutor {
         });
     }
 
+    /// Runs `req` to its end — or, when the runner stops first, returns state `queued`:
+    /// the run goes back to the queue with its Pod still running, every log line read
+    /// so far shipped, for a replica to adopt.
     pub async fn run(
         &self,
         req: &RunRequest,
@@ -233,7 +250,11 @@ impl KubeExecutor {
                         reporter.status(None, RunState::Running, None, None).await;
                         started = true;
                     }
-                    child_step(reporter, step, cancel).await
+                    // The child runs elsewhere; waiting for it can resume anywhere.
+                    tokio::select! {
+                        stop = child_step(reporter, step, cancel) => stop,
+                        () = self.handoff.cancelled() => Some(handed_back()),
+                    }
                 }
             };
             if let Some(outcome) = stop {
@@ -410,6 +431,7 @@ impl KubeExecutor {
                             reporter.clone(),
                             adopted,
                             sub.rx.clone(),
+                            self.handoff.clone(),
                         )));
                     }
                     if let CState::Running { started_at } = state {
@@ -559,6 +581,12 @@ impl KubeExecutor {
                     self.finish_logs(&mut progress).await;
                     return Some(cancelled());
                 }
+                () = self.handoff.cancelled() => {
+                    // The followers stop too, after shipping what they read: the
+                    // adopter resumes after the last stored line.
+                    self.finish_logs(&mut progress).await;
+                    return Some(handed_back());
+                }
                 () = sleep_until(next_deadline) => {}
             }
         }
@@ -610,6 +638,13 @@ fn error(message: String) -> Outcome {
     Outcome {
         state: RunState::Error,
         message: Some(message),
+    }
+}
+
+fn handed_back() -> Outcome {
+    Outcome {
+        state: RunState::Queued,
+        message: Some("handed back: the runner is stopping".into()),
     }
 }
 
@@ -760,6 +795,7 @@ async fn follow_log(
     reporter: Reporter,
     adopted: bool,
     pod: tokio::sync::watch::Receiver<PodView>,
+    handoff: CancellationToken,
 ) {
     let (stored, next_seq) = if adopted {
         reporter.stored_log(&step).await
@@ -781,7 +817,14 @@ async fn follow_log(
             Ok(stream) => {
                 let mut lines = stream.lines();
                 loop {
-                    match lines.try_next().await {
+                    let next = tokio::select! {
+                        next = lines.try_next() => next,
+                        () = handoff.cancelled() => {
+                            log.finish().await;
+                            return;
+                        }
+                    };
+                    match next {
                         Ok(Some(text)) => {
                             read += 1;
                             if read > stored {
