@@ -423,16 +423,16 @@ impl KubeExecutor {
                     if matches!(state, CState::Running { .. } | CState::Terminated { .. })
                         && p.log.is_none()
                     {
-                        p.log = Some(tokio::spawn(follow_log(
-                            api.clone(),
-                            name.clone(),
-                            containers[i].clone(),
-                            step_names[i].clone(),
-                            reporter.clone(),
+                        p.log = Some(tokio::spawn(follow_log(LogFollow {
+                            api: api.clone(),
+                            pod_name: name.clone(),
+                            container: containers[i].clone(),
+                            step: step_names[i].clone(),
+                            reporter: reporter.clone(),
                             adopted,
-                            sub.rx.clone(),
-                            self.handoff.clone(),
-                        )));
+                            pod: sub.rx.clone(),
+                            handoff: self.handoff.clone(),
+                        })));
                     }
                     if let CState::Running { started_at } = state {
                         any_running = true;
@@ -784,19 +784,33 @@ fn last_finish(pod: &Pod) -> Option<i64> {
         .max()
 }
 
-/// Ships one container's log to `SLUICE_LOGS` as it is written. Resumes after the
-/// lines already stored when the run was adopted, and re-opens the stream if it drops
-/// while the container still runs.
-async fn follow_log(
+/// One container's log to follow.
+struct LogFollow {
     api: Api<Pod>,
     pod_name: String,
     container: String,
     step: String,
     reporter: Reporter,
+    /// Resume after the lines already stored.
     adopted: bool,
     pod: tokio::sync::watch::Receiver<PodView>,
     handoff: CancellationToken,
-) {
+}
+
+/// Ships one container's log to `SLUICE_LOGS` as it is written. Resumes after the
+/// lines already stored when the run was adopted, and re-opens the stream if it drops
+/// while the container still runs.
+async fn follow_log(f: LogFollow) {
+    let LogFollow {
+        api,
+        pod_name,
+        container,
+        step,
+        reporter,
+        adopted,
+        pod,
+        handoff,
+    } = f;
     let (stored, next_seq) = if adopted {
         reporter.stored_log(&step).await
     } else {
