@@ -111,3 +111,67 @@ async fn kill_9_and_restart_loses_no_run_and_makes_no_second_pod() {
     let _ = second.kill();
     let _ = second.wait();
 }
+
+#[tokio::test]
+async fn sluice_dev_runs_steps_as_pods_with_the_kubernetes_executor() {
+    use sluice_core::run::run_id;
+    use sluice_core::{Event, Provider};
+    use sluice_tests::dispatcher::{pipeline_names, publish_event};
+
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    let api = KubeApi::start().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = kubeconfig(dir.path(), &api);
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(&pipelines).expect("mkdir");
+    std::fs::write(
+        pipelines.join("hello.yaml"),
+        "name: hello\ntriggers:\n  - kinds: [push]\nsteps:\n  - name: greet\n    image: alpine\n    commands: [\"echo hello from a pod\"]\n",
+    )
+    .expect("write");
+    let port = sluice_tests::nats::free_port();
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["dev", "--executor", "kubernetes", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--pipelines")
+        .arg(&pipelines)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .env("SLUICE_NATS_URL", nats.url())
+        .env("KUBECONFIG", &config)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice dev");
+    wait_for(
+        "the pipeline to be applied",
+        Duration::from_secs(30),
+        || async {
+            pipeline_names(&js)
+                .await
+                .contains(&"hello".to_owned())
+                .then_some(())
+        },
+    )
+    .await;
+    let (repo, sha) = git_repo();
+    let mut event = Event::new(Provider::Manual, "dev-1", "push");
+    event.repo = Some("acme/app".into());
+    event.clone_url = Some(repo.path().display().to_string());
+    event.git_ref = Some("refs/heads/main".into());
+    event.sha = Some(sha);
+    publish_event(&js, &event).await;
+    let id = run_id("manual:dev-1", "hello", 0);
+    let done = wait_for("the run", Duration::from_secs(30), || final_state(&js, &id)).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert_eq!(log_lines(&js, &id, "greet").await, ["hello from a pod"]);
+    assert!(
+        api.pod(&format!("sluice-{id}")).is_some(),
+        "the step ran in a Pod through the Kubernetes API"
+    );
+    let _ = Command::new("kill").arg(dev.id().to_string()).status();
+    let _ = dev.wait();
+}

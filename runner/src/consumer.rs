@@ -86,17 +86,19 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         .get_stream(subjects::RUNS_STREAM)
         .await
         .map_err(|e| Error::Nats(format!("runs stream: {e}")))?;
+    // Created or updated, so a changed setting reaches a consumer that exists.
     let consumer = stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: subjects::runs(&config.cluster),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: config.ack_wait,
-                ..Default::default()
-            },
-        )
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: subjects::runs(&config.cluster),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            // Replicas bound their own work with --max-running; JetStream's default of
+            // 1,000 unacknowledged runs per consumer would silently cap the whole
+            // cluster (20 replicas of 50 already reach it).
+            max_ack_pending: -1,
+            ..Default::default()
+        })
         .await
         .map_err(|e| Error::Nats(format!("consumer {name}: {e}")))?;
     tracing::info!(cluster = %config.cluster, runner = %config.runner_id, max_running = config.max_running, "runner pulling runs");

@@ -256,6 +256,131 @@ impl SecureNats {
     }
 }
 
+/// A server in operator mode (decentralized JWT authentication): only users holding a
+/// `.creds` file (a user JWT signed by an account the operator signed, and the user's
+/// NKey seed) get in.
+#[derive(Debug)]
+pub struct OperatorNats {
+    pub server: NatsServer,
+    /// The user's credentials file.
+    pub creds_file: PathBuf,
+    _dir: TempDir,
+}
+
+impl OperatorNats {
+    pub async fn start() -> OperatorNats {
+        use serde_json::json;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let operator = nkeys::KeyPair::new_operator();
+        let account = nkeys::KeyPair::new_account();
+        let system = nkeys::KeyPair::new_account();
+        let user = nkeys::KeyPair::new_user();
+        let unlimited = json!({
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+        });
+        let operator_jwt = jwt(
+            &operator,
+            &operator.public_key(),
+            "sluice-test-operator",
+            json!({"type": "operator", "version": 2}),
+        );
+        let account_jwt = jwt(
+            &operator,
+            &account.public_key(),
+            "SLUICE",
+            json!({"limits": unlimited, "type": "account", "version": 2}),
+        );
+        let system_jwt = jwt(
+            &operator,
+            &system.public_key(),
+            "SYS",
+            json!({"type": "account", "version": 2}),
+        );
+        let user_jwt = jwt(
+            &account,
+            &user.public_key(),
+            "runner",
+            json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+        );
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().expect("seed")
+        );
+        let creds_file = dir.path().join("runner.creds");
+        std::fs::write(&creds_file, creds).expect("write");
+        let config = format!(
+            "operator: {operator_jwt}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt}\n  {}: {system_jwt}\n}}\n",
+            system.public_key(),
+            account.public_key(),
+            system.public_key()
+        );
+        let config_file = dir.path().join("server.conf");
+        std::fs::write(&config_file, config).expect("write");
+        let mut server = NatsServer::with_args(
+            free_port(),
+            &dir.path().join("store"),
+            vec!["-c".into(), config_file.display().to_string()],
+        );
+        server.spawn();
+        let options = sluice_core::nats::NatsOptions {
+            creds_file: Some(creds_file.clone()),
+            ..sluice_core::nats::NatsOptions::new(server.url(), "sluice-test")
+        };
+        wait_for(
+            "the operator-mode server to serve JetStream",
+            Duration::from_secs(20),
+            || {
+                let options = options.clone();
+                async move {
+                    let client =
+                        sluice_core::nats::connect_once(&options, Duration::from_millis(500))
+                            .await
+                            .ok()?;
+                    let js = async_nats::jetstream::new(client);
+                    js.query_account().await.ok().map(|_| ())
+                }
+            },
+        )
+        .await;
+        OperatorNats {
+            server,
+            creds_file,
+            _dir: dir,
+        }
+    }
+
+    pub fn options(&self) -> sluice_core::nats::NatsOptions {
+        sluice_core::nats::NatsOptions {
+            creds_file: Some(self.creds_file.clone()),
+            ..sluice_core::nats::NatsOptions::new(self.server.url(), "sluice-test")
+        }
+    }
+}
+
+/// A NATS JWT: `issuer` signs claims about `subject`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut claims = serde_json::json!({
+        "iat": iat, "iss": issuer.public_key(), "name": name, "sub": subject, "nats": nats,
+    });
+    let digest = sha2::Sha256::digest(claims.to_string().as_bytes());
+    claims["jti"] = serde_json::Value::String(hex::encode(&digest[..16]).to_uppercase());
+    let body = b64(claims.to_string().as_bytes());
+    let signature = issuer
+        .sign(format!("{header}.{body}").as_bytes())
+        .expect("sign");
+    format!("{header}.{body}.{}", b64(&signature))
+}
+
 /// A JetStream cluster of three servers on loopback.
 #[derive(Debug)]
 pub struct NatsCluster {

@@ -638,3 +638,62 @@ async fn a_stopping_runner_hands_its_runs_to_another_without_waiting_for_them() 
     assert_eq!(api.created(), ["sluice-handoff-1"]);
     second.stop().await;
 }
+
+#[tokio::test]
+async fn finished_pods_are_deleted_after_the_delay_and_swept_at_start_up() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    let (repo, sha) = git_repo();
+
+    // A runner that keeps finished Pods for an hour leaves one behind.
+    let keeper = Runner::start_kube(&nats.url(), "eu-1", "keeper", &api, |_| {}).await;
+    publish_run(
+        &js,
+        &run_request(
+            "kept-1",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("s", &["true"])],
+        ),
+    )
+    .await;
+    let done = wait_for("kept-1", DEADLINE, || final_state(&js, "kept-1")).await;
+    assert_eq!(done.state, RunState::Succeeded);
+    keeper.stop().await;
+    assert!(api.pod("sluice-kept-1").is_some());
+
+    // A runner with no delay removes it at start-up (its final state is stored), and
+    // its own runs' Pods once they finish.
+    let _sweeper = Runner::start_kube(&nats.url(), "eu-1", "sweeper", &api, |s| {
+        s.delete_after = Duration::ZERO;
+    })
+    .await;
+    wait_for("the old Pod to be swept", DEADLINE, || async {
+        api.pod("sluice-kept-1").is_none().then_some(())
+    })
+    .await;
+    publish_run(
+        &js,
+        &run_request(
+            "gone-1",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("s", &["echo done"])],
+        ),
+    )
+    .await;
+    let done = wait_for("gone-1", DEADLINE, || final_state(&js, "gone-1")).await;
+    assert_eq!(done.state, RunState::Succeeded);
+    wait_for("the finished Pod to be deleted", DEADLINE, || async {
+        api.pod("sluice-gone-1").is_none().then_some(())
+    })
+    .await;
+    // Its logs outlive it.
+    assert_eq!(log_lines(&js, "gone-1", "s").await, ["done"]);
+    assert_eq!(api.created(), ["sluice-kept-1", "sluice-gone-1"]);
+}

@@ -214,6 +214,17 @@ async fn replicas_share_a_cluster_and_other_clusters_never_see_it() {
         HashSet::from(["replica-a".to_owned(), "replica-b".to_owned()]),
         "both replicas took work, the other cluster none"
     );
+    // The replicas' --max-running bounds the work in hand, not JetStream's default
+    // cap of 1,000 unacknowledged runs per consumer.
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(subjects::RUNS_STREAM)
+        .await
+        .expect("stream")
+        .get_consumer("sluice-runner-eu-1")
+        .await
+        .expect("consumer");
+    let info = consumer.info().await.expect("info");
+    assert_eq!(info.config.max_ack_pending, -1);
     a.stop().await;
     b.stop().await;
     other.stop().await;

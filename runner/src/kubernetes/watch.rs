@@ -49,6 +49,16 @@ impl Drop for Subscription {
     }
 }
 
+/// What runs need of a Pod: its name, creation time and status. The spec (every
+/// container's script and env) is most of a Pod's size and is dropped, so thousands of
+/// runs in flight hold thousands of small statuses, not thousands of Pods.
+fn slim(mut pod: Pod) -> Arc<Pod> {
+    pod.spec = None;
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    Arc::new(pod)
+}
+
 impl PodWatch {
     /// Subscribes to the Pod `name`, before it is created so no update is missed.
     pub fn subscribe(self: &Arc<Self>, name: &str) -> Subscription {
@@ -75,7 +85,7 @@ impl PodWatch {
         if let Some(tx) = self.sender(&name) {
             tx.send_if_modified(|view| {
                 if matches!(view, PodView::Unknown) {
-                    *view = PodView::Present(Arc::new(pod));
+                    *view = PodView::Present(slim(pod));
                     true
                 } else {
                     false
@@ -121,7 +131,7 @@ impl PodWatch {
                         seen.insert(name.clone());
                     }
                     if let Some(name) = pod.metadata.name.clone() {
-                        self.publish(&name, PodView::Present(Arc::new(pod)));
+                        self.publish(&name, PodView::Present(slim(pod)));
                     }
                 }
                 Some(Ok(Event::Delete(pod))) => {
