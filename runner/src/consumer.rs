@@ -190,9 +190,9 @@ async fn handle(
 
     // A redelivery of a run that already finished (its final state was stored, the
     // ack was lost): acknowledge and do nothing.
-    if let Some(state) = final_state(&js, &req.run_id).await {
+    if let Some(state) = Box::pin(final_state(&js, &req.run_id)).await {
         tracing::info!(run_id = %req.run_id, state = state.as_str(), "run already finished; acknowledging");
-        let _ = message.double_ack().await;
+        let _ = Box::pin(message.double_ack()).await;
         return;
     }
     if running.is_cancelled(&req.run_id) {
@@ -204,7 +204,7 @@ async fn handle(
                 Some("cancelled before it started".into()),
             )
             .await;
-        let _ = message.double_ack().await;
+        let _ = Box::pin(message.double_ack()).await;
         return;
     }
 
@@ -221,7 +221,10 @@ async fn handle(
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if message_ack.ack_with(AckKind::Progress).await.is_err() {
+                if Box::pin(message_ack.ack_with(AckKind::Progress))
+                    .await
+                    .is_err()
+                {
                     tracing::warn!("progress signal failed");
                 }
             }
@@ -249,7 +252,7 @@ async fn handle(
         t.remove(&req.run_id);
     }
     tracing::info!(run_id = %req.run_id, state = outcome.state.as_str(), "run finished");
-    if let Err(e) = message.double_ack().await {
+    if let Err(e) = Box::pin(message.double_ack()).await {
         tracing::warn!(error = %e, "acknowledging the run failed; a redelivery will find its final state");
     }
 }

@@ -62,7 +62,13 @@ impl Reporter {
             Ok(b) => b,
             Err(e) => return tracing::error!(error = %e, "cannot encode a status"),
         };
-        publish_retrying(&self.js, subjects::status(&self.req.run_id), id, body).await;
+        Box::pin(publish_retrying(
+            &self.js,
+            subjects::status(&self.req.run_id),
+            id,
+            body,
+        ))
+        .await;
     }
 
     pub fn request(&self) -> &RunRequest {
@@ -207,12 +213,12 @@ async fn ship(
             lines: std::mem::take(&mut batch),
         };
         if let Ok(body) = serde_json::to_vec(&chunk) {
-            publish_retrying(
+            Box::pin(publish_retrying(
                 &js,
                 subjects::logs(&run_id),
                 format!("{run_id}:{step}:{seq}"),
                 body,
-            )
+            ))
             .await;
         }
         seq += 1;

@@ -99,6 +99,11 @@ impl std::fmt::Debug for KubeExecutor {
     }
 }
 
+// Calls made once or rarely per run (API requests, publishes) are boxed where they
+// are awaited: a future is as large as its largest await point, and with thousands of
+// runs in flight each would otherwise carry, for its whole life, room for a request it
+// made once.
+
 /// Why a segment's Pod stopped short of success.
 type Stop = Outcome;
 
@@ -183,7 +188,7 @@ impl KubeExecutor {
     }
 
     async fn delete(&self, name: &str) -> bool {
-        match self.api().delete(name, &DeleteParams::default()).await {
+        match Box::pin(self.api().delete(name, &DeleteParams::default())).await {
             Ok(_) => true,
             Err(kube::Error::Api(s)) if s.code == 404 => true,
             Err(e) => {
@@ -222,8 +227,7 @@ impl KubeExecutor {
     ) -> Outcome {
         let claim = match &req.cache {
             Some(cache) => {
-                self.ensure_cache(&cache.key, cache.fallback_key.as_deref(), req)
-                    .await
+                Box::pin(self.ensure_cache(&cache.key, cache.fallback_key.as_deref(), req)).await
             }
             None => None,
         };
@@ -252,7 +256,7 @@ impl KubeExecutor {
                     }
                     // The child runs elsewhere; waiting for it can resume anywhere.
                     tokio::select! {
-                        stop = child_step(reporter, step, cancel) => stop,
+                        stop = Box::pin(child_step(reporter, step, cancel)) => stop,
                         () = self.handoff.cancelled() => Some(handed_back()),
                     }
                 }
@@ -354,14 +358,14 @@ impl KubeExecutor {
         // Subscribed before the create, so no update can slip between.
         let mut sub = self.pods.subscribe(&name);
         let spec = pod::build(req, segment, steps, &self.settings, claim);
-        let adopted = match api.create(&PostParams::default(), &spec).await {
+        let adopted = match Box::pin(api.create(&PostParams::default(), &spec)).await {
             Ok(created) => {
                 self.pods.seed(created);
                 false
             }
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 tracing::info!(run_id = %req.run_id, pod = %name, "Pod already exists; adopting it");
-                match api.get_opt(&name).await {
+                match Box::pin(api.get_opt(&name)).await {
                     Ok(Some(existing)) => self.pods.seed(existing),
                     Ok(None) => {
                         return Some(error(format!("Pod {name} vanished while being adopted")))
@@ -812,7 +816,7 @@ async fn follow_log(f: LogFollow) {
         handoff,
     } = f;
     let (stored, next_seq) = if adopted {
-        reporter.stored_log(&step).await
+        Box::pin(reporter.stored_log(&step)).await
     } else {
         (0, 0)
     };
@@ -827,7 +831,7 @@ async fn follow_log(f: LogFollow) {
             ..Default::default()
         };
         let mut clean = false;
-        match api.log_stream(&pod_name, &params).await {
+        match Box::pin(api.log_stream(&pod_name, &params)).await {
             Ok(stream) => {
                 let mut lines = stream.lines();
                 loop {
