@@ -63,7 +63,7 @@ async fn kill_9_and_restart_loses_no_run_and_makes_no_second_pod() {
     let mut first = runner(&nats.url(), &config, "first");
 
     let ids: Vec<String> = (0..3).map(|i| format!("crash-{i}")).collect();
-    let count = "i=1; while [ $i -le 40 ]; do echo line $i; i=$((i+1)); sleep 0.1; done";
+    let count = "i=1; while [ $i -le 80 ]; do echo line $i; i=$((i+1)); sleep 0.1; done";
     for id in &ids {
         publish_run(
             &js,
@@ -89,7 +89,7 @@ async fn kill_9_and_restart_loses_no_run_and_makes_no_second_pod() {
     first.wait().expect("reaped");
 
     let mut second = runner(&nats.url(), &config, "second");
-    let expected: Vec<String> = (1..=40).map(|i| format!("line {i}")).collect();
+    let expected: Vec<String> = (1..=80).map(|i| format!("line {i}")).collect();
     for id in &ids {
         let done = wait_for(id, Duration::from_secs(60), || final_state(&js, id)).await;
         assert_eq!(done.state, RunState::Succeeded, "{done:?}");
