@@ -357,8 +357,12 @@ impl KubeExecutor {
         let name = pod::pod_name(&req.run_id, segment);
         // Subscribed before the create, so no update can slip between.
         let mut sub = self.pods.subscribe(&name);
-        let spec = pod::build(req, segment, steps, &self.settings, claim);
-        let adopted = match Box::pin(api.create(&PostParams::default(), &spec)).await {
+        // The spec is dropped once sent: the run does not need it again.
+        let created = {
+            let spec = pod::build(req, segment, steps, &self.settings, claim);
+            Box::pin(api.create(&PostParams::default(), &spec)).await
+        };
+        let adopted = match created {
             Ok(created) => {
                 self.pods.seed(created);
                 false
