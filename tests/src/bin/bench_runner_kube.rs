@@ -260,7 +260,7 @@ async fn rss(a: &Args, bin: &PathBuf) -> anyhow::Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     println!(
-        "| runner RSS with {} runs in flight (Pods running, logs followed) | {:.1} MiB (high-water mark {:.1} MiB; {:.1} MiB idle; filled in {:.0} s) |",
+        "| runner RSS with {} runs in flight (Pods running, logs followed) | {:.1} MiB (high-water mark {:.1} MiB; {:.1} MiB idle; all in flight {:.1} s after the last publish) |",
         a.in_flight,
         peak_rss as f64 / 1024.0,
         hwm as f64 / 1024.0,
