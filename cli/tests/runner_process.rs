@@ -17,13 +17,7 @@ use sluice_tests::runner::{final_state, git_repo, log_lines, publish_run, run_re
 use sluice_tests::{init_logs, wait_for};
 
 fn kubeconfig(dir: &Path, api: &KubeApi) -> String {
-    let path = dir.join("kubeconfig");
-    let body = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: http://{}\ncontexts:\n- name: double\n  context:\n    cluster: double\n    user: nobody\n    namespace: default\ncurrent-context: double\nusers:\n- name: nobody\n  user: {{}}\n",
-        api.addr
-    );
-    std::fs::write(&path, body).expect("kubeconfig");
-    path.display().to_string()
+    api.write_kubeconfig(dir).display().to_string()
 }
 
 fn runner(nats_url: &str, kubeconfig: &str, id: &str) -> Child {

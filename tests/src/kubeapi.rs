@@ -239,6 +239,18 @@ impl KubeApi {
         config
     }
 
+    /// Writes a kubeconfig whose current context is the double (namespace `default`,
+    /// no credentials), for processes that find the API as kubectl does.
+    pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let body = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: http://{}\ncontexts:\n- name: double\n  context:\n    cluster: double\n    user: nobody\n    namespace: default\ncurrent-context: double\nusers:\n- name: nobody\n  user: {{}}\n",
+            self.addr
+        );
+        std::fs::write(&path, body).expect("kubeconfig");
+        path
+    }
+
     /// The next `count` requests whose path contains `path` fail with `status`
     /// (with `Retry-After: 0` on 429, so retries are fast but real).
     pub fn fail_next(&self, count: usize, status: u16, path: &str) {

@@ -227,22 +227,7 @@ impl SecureNats {
             _dir: dir,
         };
         let options = secure.options(&secure.tls_url);
-        wait_for(
-            "the TLS server to serve JetStream",
-            Duration::from_secs(20),
-            || {
-                let options = options.clone();
-                async move {
-                    let client =
-                        sluice_core::nats::connect_once(&options, Duration::from_millis(500))
-                            .await
-                            .ok()?;
-                    let js = async_nats::jetstream::new(client);
-                    js.query_account().await.ok().map(|_| ())
-                }
-            },
-        )
-        .await;
+        wait_jetstream("the TLS server", &options).await;
         secure
     }
 
@@ -331,22 +316,7 @@ impl OperatorNats {
             creds_file: Some(creds_file.clone()),
             ..sluice_core::nats::NatsOptions::new(server.url(), "sluice-test")
         };
-        wait_for(
-            "the operator-mode server to serve JetStream",
-            Duration::from_secs(20),
-            || {
-                let options = options.clone();
-                async move {
-                    let client =
-                        sluice_core::nats::connect_once(&options, Duration::from_millis(500))
-                            .await
-                            .ok()?;
-                    let js = async_nats::jetstream::new(client);
-                    js.query_account().await.ok().map(|_| ())
-                }
-            },
-        )
-        .await;
+        wait_jetstream("the operator-mode server", &options).await;
         OperatorNats {
             server,
             creds_file,
@@ -360,6 +330,22 @@ impl OperatorNats {
             ..sluice_core::nats::NatsOptions::new(self.server.url(), "sluice-test")
         }
     }
+}
+
+/// Waits until a client with `options` can connect and JetStream answers.
+async fn wait_jetstream(what: &str, options: &sluice_core::nats::NatsOptions) {
+    wait_for(
+        &format!("{what} to serve JetStream"),
+        Duration::from_secs(20),
+        || async {
+            let client = sluice_core::nats::connect_once(options, Duration::from_millis(500))
+                .await
+                .ok()?;
+            let js = async_nats::jetstream::new(client);
+            js.query_account().await.ok().map(|_| ())
+        },
+    )
+    .await;
 }
 
 /// A NATS JWT: `issuer` signs claims about `subject`.

@@ -210,14 +210,7 @@ async fn rss(a: &Args, bin: &PathBuf) -> anyhow::Result<()> {
     let (nats, js) = nats().await?;
     let api = KubeApi::start_simulated(Duration::from_secs(3600)).await;
     let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: d\n  cluster:\n    server: http://{}\ncontexts:\n- name: d\n  context:\n    cluster: d\n    user: u\n    namespace: default\ncurrent-context: d\nusers:\n- name: u\n  user: {{}}\n",
-            api.addr
-        ),
-    )?;
+    let kubeconfig = api.write_kubeconfig(dir.path());
     let mut child = Command::new(bin)
         .args(["runner", "--cluster", "rss", "--executor", "kubernetes"])
         .args(["--max-running", &a.in_flight.to_string()])
