@@ -20,21 +20,18 @@ pub fn cluster(
     default_cluster: &str,
     alive: impl Fn(&str) -> bool,
 ) -> String {
-    let list: Vec<&str> = if event.clusters.is_empty() {
-        pipeline
-            .runtime
-            .cluster
-            .0
-            .iter()
-            .map(|c| c.as_str())
-            .collect()
+    fn pick<'a>(
+        mut list: impl Iterator<Item = &'a str> + Clone,
+        alive: impl Fn(&str) -> bool,
+    ) -> Option<&'a str> {
+        list.clone().find(|c| alive(c)).or_else(|| list.next())
+    }
+    let chosen = if event.clusters.is_empty() {
+        pick(pipeline.runtime.cluster.0.iter().map(|c| c.as_str()), alive)
     } else {
-        event.clusters.iter().map(String::as_str).collect()
+        pick(event.clusters.iter().map(String::as_str), alive)
     };
-    list.iter()
-        .find(|c| alive(c))
-        .or(list.first())
-        .map_or_else(|| default_cluster.to_owned(), |c| (*c).to_owned())
+    chosen.unwrap_or(default_cluster).to_owned()
 }
 
 /// The run request for `pipeline` started by `event`, on `cluster`.

@@ -103,7 +103,16 @@ pub async fn child_step(
             format!("started pipeline {child} as run {child_run}"),
         )
         .await;
-        let decision = wait_decision(js, &event.id).await?;
+        let deadline = step
+            .timeout_secs
+            .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+        // A cancel or timeout before the dispatcher has decided leaves the child's
+        // cluster unknown, so it cannot be cancelled; it is after that.
+        let decision = tokio::select! {
+            decision = wait_decision(js, &event.id) => decision?,
+            () = cancel.cancelled() => return Err("cancelled".to_owned()),
+            () = sleep_until(deadline) => return Err("timed out".to_owned()),
+        };
         let Some(planned) = decision.runs.iter().find(|r| r.pipeline == child) else {
             let why = decision
                 .pipelines
@@ -116,11 +125,10 @@ pub async fn child_step(
         let cluster = planned.cluster.clone();
         log.line("sluice", format!("run {child_run} is on cluster {cluster}"))
             .await;
-        let limit = step.timeout_secs.map(Duration::from_secs);
         let waited = tokio::select! {
             state = wait_final(js, &child_run) => state,
             () = cancel.cancelled() => Err("cancelled"),
-            () = sleep_for(limit) => Err("timed out"),
+            () = sleep_until(deadline) => Err("timed out"),
         };
         match waited {
             Ok(state) => Ok(state),
@@ -163,9 +171,10 @@ pub async fn child_step(
     })
 }
 
-async fn sleep_for(limit: Option<Duration>) {
-    match limit {
-        Some(d) => tokio::time::sleep(d).await,
+/// Sleeps until `deadline`; forever without one.
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }

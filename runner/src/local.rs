@@ -11,6 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use crate::executor::sleep_until;
 use crate::report::{Reporter, StepLog};
 
 /// Runs steps as host processes.
@@ -240,13 +241,6 @@ impl LocalExecutor {
             let _ = reader.await;
         }
         end
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

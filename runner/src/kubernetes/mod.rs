@@ -27,7 +27,7 @@ use kube::{Api, Client, ResourceExt};
 use sluice_core::run::{RunRequest, RunState, RunStep};
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{child_step, Outcome, Segment};
+use crate::executor::{child_step, sleep_until, Outcome, Segment};
 use crate::report::Reporter;
 use crate::{Error, Result};
 pub use throttle::TokenBucket;
@@ -660,13 +660,6 @@ fn cancelled() -> Outcome {
     Outcome {
         state: RunState::Cancelled,
         message: Some("cancelled".into()),
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
