@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use sluice_core::run::{RunRequest, RunState, RunStep};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
@@ -268,7 +268,7 @@ async fn forward(
     stream: &'static str,
     tx: tokio::sync::mpsc::Sender<sluice_core::run::LogLine>,
 ) {
-    let mut lines = BufReader::new(reader).lines();
+    let mut lines = crate::lines::Lines::new(BufReader::new(reader));
     while let Ok(Some(text)) = lines.next_line().await {
         let line = sluice_core::run::LogLine {
             stream: stream.to_owned(),

@@ -14,6 +14,10 @@ use tokio::sync::mpsc;
 /// Lines per log message, and how long a partial batch may wait.
 const BATCH_LINES: usize = 100;
 const BATCH_WAIT: Duration = Duration::from_millis(100);
+/// Bytes of text per log message. JSON can write a control character in six bytes, so
+/// this times six, or one longest line (64 KiB) times six, stays under NATS's default
+/// `max_payload` of 1 MiB: a message over it is refused and its lines would be lost.
+const BATCH_BYTES: usize = 128 * 1024;
 
 /// Publishes one run's states and logs.
 #[derive(Debug, Clone)]
@@ -193,16 +197,29 @@ async fn ship(
     mut rx: mpsc::Receiver<LogLine>,
 ) {
     let mut batch = Vec::with_capacity(BATCH_LINES);
+    // A line that did not fit in the previous message starts the next.
+    let mut carry: Option<LogLine> = None;
     loop {
-        let first = match rx.recv().await {
+        let first = match carry.take() {
             Some(line) => line,
-            None => break,
+            None => match rx.recv().await {
+                Some(line) => line,
+                None => break,
+            },
         };
+        let mut bytes = first.text.len();
         batch.push(first);
         let deadline = tokio::time::Instant::now() + BATCH_WAIT;
         while batch.len() < BATCH_LINES {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(line)) => batch.push(line),
+                Ok(Some(line)) if bytes + line.text.len() > BATCH_BYTES => {
+                    carry = Some(line);
+                    break;
+                }
+                Ok(Some(line)) => {
+                    bytes += line.text.len();
+                    batch.push(line);
+                }
                 Ok(None) | Err(_) => break,
             }
         }

@@ -1150,9 +1150,16 @@ async fn run_process(
     .map(|reader| {
         let log = log.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(reader).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                log.append(line.as_bytes());
+            // Bytes as written, like a container runtime's log: not necessarily
+            // UTF-8, lines of any length.
+            let mut reader = BufReader::new(reader);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).await.unwrap_or(0) > 0 {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                log.append(&line);
+                line.clear();
             }
         })
     })

@@ -194,6 +194,38 @@ pub fn step(name: &str, commands: &[&str]) -> RunStep {
     }
 }
 
+/// A step whose output is hostile to a line reader: bytes that are not UTF-8, and a
+/// 200,000-byte line, 1.2 MB of 60,000-byte lines, then an ordinary line. See
+/// [`hostile_output_lines`].
+pub fn hostile_output_step(name: &str) -> RunStep {
+    step(
+        name,
+        &[
+            "printf 'bad \\377 byte\\n'",
+            "head -c 200000 /dev/zero | tr '\\0' x; echo",
+            // More than NATS takes in one message, in lines that each fit.
+            "for i in $(seq 20); do head -c 60000 /dev/zero | tr '\\0' y; echo; done",
+            "echo after",
+        ],
+    )
+}
+
+/// What the log of [`hostile_output_step`] must hold: the bad byte replaced, the long
+/// line cut into pieces of at most 64 KiB, nothing after it lost.
+pub fn hostile_output_lines() -> Vec<String> {
+    const MAX_LINE: usize = 64 * 1024;
+    let mut lines = vec!["bad \u{fffd} byte".to_owned()];
+    let mut left = 200_000;
+    while left > 0 {
+        let n = left.min(MAX_LINE);
+        lines.push("x".repeat(n));
+        left -= n;
+    }
+    lines.extend(std::iter::repeat_n("y".repeat(60_000), 20));
+    lines.push("after".to_owned());
+    lines
+}
+
 pub async fn publish_run(js: &jetstream::Context, req: &RunRequest) {
     js.send_publish(
         subjects::runs(&req.cluster),

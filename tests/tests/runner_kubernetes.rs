@@ -15,7 +15,8 @@ use sluice_tests::ingest::jetstream;
 use sluice_tests::kubeapi::KubeApi;
 use sluice_tests::nats::NatsServer;
 use sluice_tests::runner::{
-    final_state, git_repo, log_lines, publish_run, run_request, statuses, step, step_states, Runner,
+    final_state, git_repo, hostile_output_lines, hostile_output_step, log_lines, publish_run,
+    run_request, statuses, step, step_states, Runner,
 };
 use sluice_tests::{init_logs, wait_for};
 
@@ -696,4 +697,34 @@ async fn finished_pods_are_deleted_after_the_delay_and_swept_at_start_up() {
     // Its logs outlive it.
     assert_eq!(log_lines(&js, "gone-1", "s").await, ["done"]);
     assert_eq!(api.created(), ["sluice-kept-1", "sluice-gone-1"]);
+}
+
+#[tokio::test]
+async fn hostile_output_is_cut_and_cleaned_and_nothing_after_it_is_lost() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let (repo, sha) = git_repo();
+    let api = KubeApi::start().await;
+    let _runner = Runner::start_kube(&nats.url(), "eu-1", "r1", &api, |_| {}).await;
+    publish_run(
+        &js,
+        &run_request(
+            "noisy-1",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![hostile_output_step("noisy")],
+        ),
+    )
+    .await;
+    let done = wait_for("noisy-1", DEADLINE, || final_state(&js, "noisy-1")).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    let lines = log_lines(&js, "noisy-1", "noisy").await;
+    let lens: Vec<usize> = lines.iter().map(String::len).collect();
+    let expected = hostile_output_lines();
+    let expected_lens: Vec<usize> = expected.iter().map(String::len).collect();
+    assert_eq!(lens, expected_lens);
+    assert_eq!(lines, expected);
 }

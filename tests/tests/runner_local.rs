@@ -12,7 +12,8 @@ use sluice_tests::dispatcher::{count, provision};
 use sluice_tests::ingest::jetstream;
 use sluice_tests::nats::NatsServer;
 use sluice_tests::runner::{
-    final_state, git_repo, log_lines, publish_run, run_request, statuses, step, step_states, Runner,
+    final_state, git_repo, hostile_output_lines, hostile_output_step, log_lines, publish_run,
+    run_request, statuses, step, step_states, Runner,
 };
 use sluice_tests::{init_logs, wait_for};
 
@@ -278,4 +279,33 @@ async fn a_killed_runners_run_is_finished_by_another() {
         (count(&js, subjects::RUNS_STREAM).await == 0).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn hostile_output_is_cut_and_cleaned_and_nothing_after_it_is_lost() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let (repo, sha) = git_repo();
+    let _runner = Runner::start(&nats.url(), "eu-1", "r1").await;
+    publish_run(
+        &js,
+        &run_request(
+            "noisy-1",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![hostile_output_step("noisy")],
+        ),
+    )
+    .await;
+    let done = wait_for("noisy-1", DEADLINE, || final_state(&js, "noisy-1")).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    let lines = log_lines(&js, "noisy-1", "noisy").await;
+    let lens: Vec<usize> = lines.iter().map(String::len).collect();
+    let expected = hostile_output_lines();
+    let expected_lens: Vec<usize> = expected.iter().map(String::len).collect();
+    assert_eq!(lens, expected_lens);
+    assert_eq!(lines, expected);
 }

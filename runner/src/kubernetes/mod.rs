@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncBufReadExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
     ContainerStatus, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
     TypedLocalObjectReference, VolumeResourceRequirements,
@@ -25,6 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use sluice_core::run::{RunRequest, RunState, RunStep};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::{child_step, sleep_until, Outcome, Segment};
@@ -830,10 +830,10 @@ async fn follow_log(f: LogFollow) {
         let mut clean = false;
         match Box::pin(api.log_stream(&pod_name, &params)).await {
             Ok(stream) => {
-                let mut lines = stream.lines();
+                let mut lines = crate::lines::Lines::new(stream.compat());
                 loop {
                     let next = tokio::select! {
-                        next = lines.try_next() => next,
+                        next = lines.next_line() => next,
                         () = handoff.cancelled() => {
                             log.finish().await;
                             return;

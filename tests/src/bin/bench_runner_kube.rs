@@ -27,6 +27,8 @@ struct Args {
     rate: u64,
     burst_runs: u64,
     in_flight: u64,
+    /// Which of the three parts to run (all by default).
+    only: Option<String>,
     sluice: Option<PathBuf>,
 }
 
@@ -37,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         rate: 5,
         burst_runs: 400,
         in_flight: 5000,
+        only: None,
         sluice: std::env::var_os("SLUICE_BIN").map(PathBuf::from),
     };
     let mut args = std::env::args().skip(1);
@@ -49,19 +52,32 @@ async fn main() -> anyhow::Result<()> {
             "--rate" => a.rate = value.parse()?,
             "--burst-runs" => a.burst_runs = value.parse()?,
             "--in-flight" => a.in_flight = value.parse()?,
+            "--only" => match value.as_str() {
+                "pickup" | "pods" | "rss" => a.only = Some(value),
+                other => anyhow::bail!("--only {other}: use pickup, pods or rss"),
+            },
             other => {
-                anyhow::bail!("unknown flag {other}: use --runs, --rate, --burst-runs, --in-flight")
+                anyhow::bail!(
+                    "unknown flag {other}: use --runs, --rate, --burst-runs, --in-flight, --only"
+                )
             }
         }
     }
     println!();
     println!("| measure | value |");
     println!("|---|---|");
-    pickup(&a).await?;
-    pods_per_second(&a).await?;
-    match &a.sluice {
-        Some(bin) => rss(&a, bin).await?,
-        None => println!("| runner RSS | skipped: set SLUICE_BIN to the sluice binary |"),
+    let part = |name: &str| a.only.as_deref().is_none_or(|only| only == name);
+    if part("pickup") {
+        pickup(&a).await?;
+    }
+    if part("pods") {
+        pods_per_second(&a).await?;
+    }
+    if part("rss") {
+        match &a.sluice {
+            Some(bin) => rss(&a, bin).await?,
+            None => println!("| runner RSS | skipped: set SLUICE_BIN to the sluice binary |"),
+        }
     }
     Ok(())
 }
