@@ -186,7 +186,9 @@ async fn handle(
             return;
         }
     };
-    let reporter = Reporter::new(js.clone(), req.clone(), runner_id);
+    // The reporter keeps the one copy of the request.
+    let reporter = Reporter::new(js.clone(), req, runner_id);
+    let req = reporter.request();
 
     // A redelivery of a run that already finished (its final state was stored, the
     // ack was lost): acknowledge and do nothing.
@@ -231,7 +233,7 @@ async fn handle(
         })
     });
     tracing::info!(run_id = %req.run_id, pipeline = %req.pipeline, "run started");
-    let outcome = executor.run(&req, &reporter, &token).await;
+    let outcome = executor.run(req, &reporter, &token).await;
     if outcome.state == RunState::Queued {
         // Handed back by a stopping runner: redelivered at once to another replica,
         // which adopts the Pod.
@@ -247,7 +249,7 @@ async fn handle(
         .status(None, outcome.state, None, outcome.message.clone())
         .await;
     drop(progress);
-    executor.finished(&req);
+    executor.finished(req);
     if let Ok(mut t) = running.tokens.lock() {
         t.remove(&req.run_id);
     }

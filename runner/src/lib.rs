@@ -57,9 +57,11 @@ impl Executor {
         reporter: &report::Reporter,
         cancel: &CancellationToken,
     ) -> executor::Outcome {
+        // Boxed: a run then carries room for its own executor's work only, sized
+        // exactly, rather than for the larger of the two.
         match self {
-            Executor::Local(local) => local.run(req, reporter, cancel).await,
-            Executor::Kubernetes(kube) => kube.run(req, reporter, cancel).await,
+            Executor::Local(local) => Box::pin(local.run(req, reporter, cancel)).await,
+            Executor::Kubernetes(kube) => Box::pin(kube.run(req, reporter, cancel)).await,
         }
     }
 

@@ -103,7 +103,7 @@ impl LocalExecutor {
         reporter.status(None, RunState::Running, None, None).await;
         for step in &req.steps {
             if step.pipeline.is_some() {
-                match crate::executor::child_step(reporter, step, cancel).await {
+                match Box::pin(crate::executor::child_step(reporter, step, cancel)).await {
                     Some(outcome) => return outcome,
                     None => continue,
                 }

@@ -2,6 +2,7 @@
 //! `SLUICE_LOGS`, each with a message id so a restarted runner repeating itself is
 //! stored once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -19,9 +20,13 @@ const BATCH_WAIT: Duration = Duration::from_millis(100);
 /// `max_payload` of 1 MiB: a message over it is refused and its lines would be lost.
 const BATCH_BYTES: usize = 128 * 1024;
 
-/// Publishes one run's states and logs.
+/// Publishes one run's states and logs. Cheap to clone: each of a run's tasks (its
+/// log followers among them) holds one, and thousands of runs may be in flight.
 #[derive(Debug, Clone)]
-pub struct Reporter {
+pub struct Reporter(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
     js: jetstream::Context,
     req: RunRequest,
     runner: String,
@@ -29,7 +34,7 @@ pub struct Reporter {
 
 impl Reporter {
     pub fn new(js: jetstream::Context, req: RunRequest, runner: String) -> Self {
-        Reporter { js, req, runner }
+        Reporter(Arc::new(Shared { js, req, runner }))
     }
 
     /// A run (`step` = None) or step state change. Retried a few times: a state must
@@ -42,23 +47,23 @@ impl Reporter {
         message: Option<String>,
     ) {
         let update = StatusUpdate {
-            run_id: self.req.run_id.clone(),
-            pipeline: self.req.pipeline.clone(),
+            run_id: self.0.req.run_id.clone(),
+            pipeline: self.0.req.pipeline.clone(),
             state,
             step: step.map(str::to_owned),
             at: OffsetDateTime::now_utc(),
-            cluster: Some(self.req.cluster.clone()),
-            event_id: Some(self.req.event_id.clone()),
-            concurrency_group: self.req.concurrency_group.clone(),
+            cluster: Some(self.0.req.cluster.clone()),
+            event_id: Some(self.0.req.event_id.clone()),
+            concurrency_group: self.0.req.concurrency_group.clone(),
             exit_code,
             message,
-            runner: Some(self.runner.clone()),
-            repo: self.req.repo.clone(),
-            sha: self.req.sha.clone(),
+            runner: Some(self.0.runner.clone()),
+            repo: self.0.req.repo.clone(),
+            sha: self.0.req.sha.clone(),
         };
         let id = format!(
             "{}:{}:{}",
-            self.req.run_id,
+            self.0.req.run_id,
             step.unwrap_or("-"),
             state.as_str()
         );
@@ -67,8 +72,8 @@ impl Reporter {
             Err(e) => return tracing::error!(error = %e, "cannot encode a status"),
         };
         Box::pin(publish_retrying(
-            &self.js,
-            subjects::status(&self.req.run_id),
+            &self.0.js,
+            subjects::status(&self.0.req.run_id),
             id,
             body,
         ))
@@ -76,11 +81,11 @@ impl Reporter {
     }
 
     pub fn request(&self) -> &RunRequest {
-        &self.req
+        &self.0.req
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
-        &self.js
+        &self.0.js
     }
 
     /// A log writer for one step; lines are batched and shipped in order.
@@ -92,8 +97,8 @@ impl Reporter {
     pub fn step_log_at(&self, step: &str, seq: u64) -> StepLog {
         let (tx, rx) = mpsc::channel::<LogLine>(1024);
         let shipper = tokio::spawn(ship(
-            self.js.clone(),
-            self.req.run_id.clone(),
+            self.0.js.clone(),
+            self.0.req.run_id.clone(),
             step.to_owned(),
             seq,
             rx,
@@ -110,7 +115,7 @@ impl Reporter {
             match self.read_stored_log(step).await {
                 Ok(found) => return found,
                 Err(e) => {
-                    tracing::warn!(run_id = %self.req.run_id, error = %e, "cannot read the stored log yet");
+                    tracing::warn!(run_id = %self.0.req.run_id, error = %e, "cannot read the stored log yet");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -121,13 +126,14 @@ impl Reporter {
 
     async fn read_stored_log(&self, step: &str) -> Result<(u64, u64), String> {
         let stream = self
+            .0
             .js
             .get_stream(subjects::LOGS_STREAM)
             .await
             .map_err(|e| e.to_string())?;
         let mut consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subjects::logs(&self.req.run_id),
+                filter_subject: subjects::logs(&self.0.req.run_id),
                 deliver_policy: jetstream::consumer::DeliverPolicy::All,
                 ..Default::default()
             })

@@ -357,28 +357,9 @@ impl KubeExecutor {
         let name = pod::pod_name(&req.run_id, segment);
         // Subscribed before the create, so no update can slip between.
         let mut sub = self.pods.subscribe(&name);
-        // The spec is dropped once sent: the run does not need it again.
-        let created = {
-            let spec = pod::build(req, segment, steps, &self.settings, claim);
-            Box::pin(api.create(&PostParams::default(), &spec)).await
-        };
-        let adopted = match created {
-            Ok(created) => {
-                self.pods.seed(created);
-                false
-            }
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                tracing::info!(run_id = %req.run_id, pod = %name, "Pod already exists; adopting it");
-                match Box::pin(api.get_opt(&name)).await {
-                    Ok(Some(existing)) => self.pods.seed(existing),
-                    Ok(None) => {
-                        return Some(error(format!("Pod {name} vanished while being adopted")))
-                    }
-                    Err(e) => return Some(error(format!("cannot read Pod {name}: {e}"))),
-                }
-                true
-            }
-            Err(e) => return Some(error(format!("cannot create Pod {name}: {e}"))),
+        let adopted = match Box::pin(self.create_or_adopt(&api, req, segment, steps, claim)).await {
+            Ok(adopted) => adopted,
+            Err(outcome) => return Some(outcome),
         };
         if segment == 0 {
             reporter
@@ -597,6 +578,43 @@ impl KubeExecutor {
                 }
                 () = sleep_until(next_deadline) => {}
             }
+        }
+    }
+
+    /// Creates the segment's Pod, or adopts it when it exists (a redelivered request);
+    /// `Ok(true)` when adopted. Awaited boxed: the Pods it handles are large and a run
+    /// waiting on its Pod should not carry room for them.
+    async fn create_or_adopt(
+        &self,
+        api: &Api<Pod>,
+        req: &RunRequest,
+        segment: usize,
+        steps: &[RunStep],
+        claim: Option<&str>,
+    ) -> std::result::Result<bool, Outcome> {
+        let name = pod::pod_name(&req.run_id, segment);
+        // The spec is dropped once sent: the run does not need it again.
+        let created = {
+            let spec = pod::build(req, segment, steps, &self.settings, claim);
+            Box::pin(api.create(&PostParams::default(), &spec)).await
+        };
+        match created {
+            Ok(created) => {
+                self.pods.seed(created);
+                Ok(false)
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                tracing::info!(run_id = %req.run_id, pod = %name, "Pod already exists; adopting it");
+                match Box::pin(api.get_opt(&name)).await {
+                    Ok(Some(existing)) => self.pods.seed(existing),
+                    Ok(None) => {
+                        return Err(error(format!("Pod {name} vanished while being adopted")))
+                    }
+                    Err(e) => return Err(error(format!("cannot read Pod {name}: {e}"))),
+                }
+                Ok(true)
+            }
+            Err(e) => Err(error(format!("cannot create Pod {name}: {e}"))),
         }
     }
 
