@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub at: Instant,
+    pub version: http::Version,
     pub method: Method,
     /// Path and query.
     pub uri: String,
@@ -136,6 +137,9 @@ struct Shared {
     changes: broadcast::Sender<Change>,
     faults: Mutex<Faults>,
     requests: Mutex<Vec<Recorded>>,
+    /// Each accepted connection: the protocol agreed on (ALPN), and whether it is
+    /// still open.
+    connections: Mutex<Vec<(http::Version, bool)>>,
     watch_epoch: watch::Sender<u64>,
     root: PathBuf,
     /// Load tests: containers print one line and run this long instead of running
@@ -147,6 +151,8 @@ struct Shared {
 #[derive(Debug)]
 pub struct KubeApi {
     pub addr: SocketAddr,
+    /// The certificate the double serves (self-signed), to trust.
+    ca_pem: String,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     _root: tempfile::TempDir,
@@ -165,22 +171,28 @@ impl Drop for KubeApi {
 
 impl KubeApi {
     pub async fn start() -> KubeApi {
-        Self::start_inner(None).await
+        Self::start_inner(None, true).await
+    }
+
+    /// A double that does not offer HTTP/2, like a proxy that speaks only HTTP/1.1.
+    pub async fn start_http1_only() -> KubeApi {
+        Self::start_inner(None, false).await
     }
 
     /// A double whose kubelet does not run commands: every container prints one line
     /// and exits 0 after `run_for`. For load tests with thousands of Pods.
     pub async fn start_simulated(run_for: Duration) -> KubeApi {
-        Self::start_inner(Some(run_for)).await
+        Self::start_inner(Some(run_for), true).await
     }
 
-    async fn start_inner(simulate: Option<Duration>) -> KubeApi {
+    async fn start_inner(simulate: Option<Duration>, http2: bool) -> KubeApi {
         let root = tempfile::tempdir().expect("temp dir");
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
             changes: broadcast::channel(65_536).0,
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
+            connections: Mutex::new(Vec::new()),
             watch_epoch: watch::channel(0).0,
             root: root.path().to_owned(),
             simulate,
@@ -216,15 +228,12 @@ impl KubeApi {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let (ca_pem, tls) = tls_config(http2);
         let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        });
+        tokio::spawn(serve(listener, tls, app, shared.clone(), shutdown.clone()));
         KubeApi {
             addr,
+            ca_pem,
             shared,
             shutdown,
             _root: root,
@@ -233,22 +242,35 @@ impl KubeApi {
 
     /// A kube-rs configuration pointing at the double, namespace `default`.
     pub fn config(&self) -> kube::Config {
-        let mut config =
-            kube::Config::new(format!("http://{}", self.addr).parse().expect("double URL"));
+        let mut config = kube::Config::new(self.url().parse().expect("double URL"));
         config.default_namespace = "default".into();
+        config.root_cert = Some(vec![pem_der(&self.ca_pem)]);
         config
     }
 
-    /// Writes a kubeconfig whose current context is the double (namespace `default`,
-    /// no credentials), for processes that find the API as kubectl does.
+    /// `https://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// A kubeconfig file pointing at the double (as `KUBECONFIG` for a `sluice runner`
+    /// process), trusting its certificate.
     pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
+        use base64::Engine;
         let path = dir.join("kubeconfig");
+        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
         let body = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: http://{}\ncontexts:\n- name: double\n  context:\n    cluster: double\n    user: nobody\n    namespace: default\ncurrent-context: double\nusers:\n- name: nobody\n  user: {{}}\n",
-            self.addr
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\ncontexts:\n- name: double\n  context:\n    cluster: double\n    user: nobody\n    namespace: default\ncurrent-context: double\nusers:\n- name: nobody\n  user: {{}}\n",
+            self.url()
         );
         std::fs::write(&path, body).expect("kubeconfig");
         path
+    }
+
+    /// The protocol of each connection accepted so far, in order — `HTTP_2` where
+    /// both sides offered it (ALPN), `HTTP_11` otherwise — and whether it is open.
+    pub fn connections(&self) -> Vec<(http::Version, bool)> {
+        self.shared.connections.lock().expect("connections").clone()
     }
 
     /// The next `count` requests whose path contains `path` fail with `status`
@@ -378,10 +400,11 @@ async fn faults(
     next: axum::middleware::Next,
 ) -> Response {
     let uri = req.uri().to_string();
-    let (at, method) = (Instant::now(), req.method().clone());
+    let (at, method, version) = (Instant::now(), req.method().clone(), req.version());
     let response = respond(&shared, req, next, &uri).await;
     shared.requests.lock().expect("requests").push(Recorded {
         at,
+        version,
         method,
         uri,
         status: response.status().as_u16(),
@@ -1293,6 +1316,86 @@ fn prepare_volumes(
     }
     top.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
     Ok(Volumes { mounts: top })
+}
+
+/// A self-signed certificate for 127.0.0.1 and a TLS configuration offering HTTP/2
+/// and HTTP/1.1, as API servers do (or HTTP/1.1 only).
+fn tls_config(http2: bool) -> (String, Arc<rustls::ServerConfig>) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("certificate");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        cert.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .expect("TLS config");
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    (cert.cert.pem(), Arc::new(config))
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("PEM")
+}
+
+/// Accepts TLS connections until `stop`, serving HTTP/1.1 or HTTP/2 as agreed; the
+/// connections end with it.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let tcp = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(_) => continue,
+            },
+        };
+        let (acceptor, app, shared) = (acceptor.clone(), app.clone(), shared.clone());
+        connections.spawn(async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let version = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => http::Version::HTTP_2,
+                _ => http::Version::HTTP_11,
+            };
+            let index = {
+                let mut all = shared.connections.lock().expect("connections");
+                all.push((version, true));
+                all.len() - 1
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if version == http::Version::HTTP_11 {
+                builder = builder.http1_only();
+            }
+            let _ = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            shared.connections.lock().expect("connections")[index].1 = false;
+        });
+        while connections.try_join_next().is_some() {}
+    }
 }
 
 /// Helper for tests: the streams of a Pod's containers' logs so far.

@@ -728,3 +728,114 @@ async fn hostile_output_is_cut_and_cleaned_and_nothing_after_it_is_lost() {
     assert_eq!(lens, expected_lens);
     assert_eq!(lines, expected);
 }
+
+/// Holds `runs` runs' steps running at once, each waiting for `gate` to exist; every
+/// run has one container (no clone), so one followed log each.
+async fn gated_runs(js: &async_nats::jetstream::Context, runs: usize, gate: &std::path::Path) {
+    let (repo, sha) = git_repo();
+    for i in 0..runs {
+        let wait = format!(
+            "echo waiting; while [ ! -e {} ]; do sleep 0.05; done; echo released",
+            gate.display()
+        );
+        let mut req = run_request(
+            &format!("h2-{i}"),
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("wait", &[wait.as_str()])],
+        );
+        req.clone_url = None;
+        publish_run(js, &req).await;
+    }
+}
+
+#[tokio::test]
+async fn logs_are_followed_over_http2_a_few_streams_per_connection() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    let _runner = Runner::start_kube(&nats.url(), "eu-1", "r1", &api, |s| {
+        s.log_streams_per_connection = 2;
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = dir.path().join("go");
+    gated_runs(&js, 5, &gate).await;
+
+    // All five logs open at once: five streams, two per connection, is three
+    // HTTP/2 connections.
+    wait_for("five followed logs", DEADLINE, || async {
+        let logs = api
+            .requests()
+            .iter()
+            .filter(|r| r.uri.contains("/log"))
+            .count();
+        (logs == 5).then_some(())
+    })
+    .await;
+    let logs: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.uri.contains("/log"))
+        .collect();
+    assert!(
+        logs.iter().all(|r| r.version == http::Version::HTTP_2),
+        "{logs:?}"
+    );
+    let h2 = |open_only: bool| {
+        api.connections()
+            .iter()
+            .filter(|(v, open)| *v == http::Version::HTTP_2 && (*open || !open_only))
+            .count()
+    };
+    assert_eq!(h2(false), 3, "{:?}", api.connections());
+    assert_eq!(h2(true), 3);
+
+    std::fs::write(&gate, "").expect("gate");
+    for i in 0..5 {
+        let run = format!("h2-{i}");
+        let done = wait_for(&run, DEADLINE, || final_state(&js, &run)).await;
+        assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+        assert_eq!(log_lines(&js, &run, "wait").await, ["waiting", "released"]);
+    }
+}
+
+#[tokio::test]
+async fn logs_fall_back_to_http1_where_http2_is_not_offered() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start_http1_only().await;
+    let _runner = Runner::start_kube(&nats.url(), "eu-1", "r1", &api, |_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = dir.path().join("go");
+    gated_runs(&js, 3, &gate).await;
+    wait_for("three followed logs", DEADLINE, || async {
+        let logs = api
+            .requests()
+            .iter()
+            .filter(|r| r.uri.contains("/log"))
+            .count();
+        (logs == 3).then_some(())
+    })
+    .await;
+    std::fs::write(&gate, "").expect("gate");
+    for i in 0..3 {
+        let run = format!("h2-{i}");
+        let done = wait_for(&run, DEADLINE, || final_state(&js, &run)).await;
+        assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+        assert_eq!(log_lines(&js, &run, "wait").await, ["waiting", "released"]);
+    }
+    assert!(api
+        .connections()
+        .iter()
+        .all(|(v, _)| *v == http::Version::HTTP_11));
+    assert!(api
+        .requests()
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_11));
+}

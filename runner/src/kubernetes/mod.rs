@@ -7,6 +7,7 @@
 //! and adopt the Pod instead of creating a second, and the logs resume after the
 //! last line already stored.
 
+mod logs;
 pub mod pod;
 mod throttle;
 mod watch;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::executor::{child_step, sleep_until, Outcome, Segment};
 use crate::report::Reporter;
 use crate::{Error, Result};
+use logs::LogClients;
 pub use throttle::TokenBucket;
 use watch::{PodView, PodWatch};
 
@@ -59,6 +61,8 @@ pub struct KubeSettings {
     /// Kubernetes API requests per second, and burst.
     pub qps: u32,
     pub burst: u32,
+    /// Container logs followed over one HTTP/2 connection at most (see `logs.rs`).
+    pub log_streams_per_connection: usize,
 }
 
 impl Default for KubeSettings {
@@ -77,6 +81,7 @@ impl Default for KubeSettings {
             delete_after: Duration::from_secs(600),
             qps: 20,
             burst: 40,
+            log_streams_per_connection: logs::STREAMS_PER_CONNECTION,
         }
     }
 }
@@ -85,6 +90,7 @@ impl Default for KubeSettings {
 #[derive(Clone)]
 pub struct KubeExecutor {
     client: Client,
+    logs: Arc<LogClients>,
     settings: Arc<KubeSettings>,
     pods: Arc<PodWatch>,
     /// Cancelled when the runner stops: runs in hand are handed back, Pods untouched.
@@ -113,12 +119,21 @@ impl KubeExecutor {
     pub fn new(mut config: kube::Config, settings: KubeSettings) -> Result<Self> {
         // The throttle retries, after taking a token; kube's own retry would not.
         config.default_retry = false;
+        // One budget for every request, log streams' included.
+        let throttle = throttle::Throttle::new(settings.qps, settings.burst);
+        let logs = LogClients::new(
+            config.clone(),
+            throttle.clone(),
+            settings.namespace.clone(),
+            settings.log_streams_per_connection,
+        )?;
         let client = kube::client::ClientBuilder::try_from(config)
             .map_err(|e| Error::Config(format!("Kubernetes client: {e}")))?
-            .with_layer(&throttle::Throttle::new(settings.qps, settings.burst))
+            .with_layer(&throttle)
             .build();
         Ok(KubeExecutor {
             client,
+            logs: Arc::new(logs),
             settings: Arc::new(settings),
             pods: Arc::new(PodWatch::default()),
             handoff: CancellationToken::new(),
@@ -413,7 +428,7 @@ impl KubeExecutor {
                         && p.log.is_none()
                     {
                         p.log = Some(tokio::spawn(follow_log(LogFollow {
-                            api: api.clone(),
+                            logs: self.logs.clone(),
                             pod_name: name.clone(),
                             container: containers[i].clone(),
                             step: step_names[i].clone(),
@@ -805,7 +820,7 @@ fn last_finish(pod: &Pod) -> Option<i64> {
 
 /// One container's log to follow.
 struct LogFollow {
-    api: Api<Pod>,
+    logs: Arc<LogClients>,
     pod_name: String,
     container: String,
     step: String,
@@ -821,7 +836,7 @@ struct LogFollow {
 /// while the container still runs.
 async fn follow_log(f: LogFollow) {
     let LogFollow {
-        api,
+        logs,
         pod_name,
         container,
         step,
@@ -846,7 +861,9 @@ async fn follow_log(f: LogFollow) {
             ..Default::default()
         };
         let mut clean = false;
-        match Box::pin(api.log_stream(&pod_name, &params)).await {
+        // Held while the stream is open: it counts towards its connection's streams.
+        let lease = logs.lease();
+        match Box::pin(lease.log_stream(&pod_name, &params)).await {
             Ok(stream) => {
                 let mut lines = crate::lines::Lines::new(stream.compat());
                 loop {
@@ -880,6 +897,7 @@ async fn follow_log(f: LogFollow) {
                 tracing::debug!(pod = %pod_name, container = %container, error = %e, "cannot open the log")
             }
         }
+        drop(lease);
         // A follow ends when the container does; the watch may report the exit a
         // moment later. If the container still runs after that, the stream dropped.
         let ended = async {
