@@ -242,6 +242,14 @@ pub struct KubeArgs {
     /// Kubernetes API requests allowed at once above the rate.
     #[arg(long, env = "SLUICE_KUBE_BURST", default_value_t = 40)]
     pub kube_burst: u32,
+    /// Container logs followed over one HTTP/2 connection at most; keep it under the
+    /// API server's (or a proxy's) limit of concurrent streams per connection.
+    #[arg(
+        long,
+        env = "SLUICE_KUBE_LOG_STREAMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub kube_log_streams_per_connection: usize,
 }
 
 #[derive(Debug, Subcommand)]

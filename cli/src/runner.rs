@@ -59,6 +59,7 @@ pub async fn kube_executor(a: &KubeArgs) -> anyhow::Result<KubeExecutor> {
         delete_after: a.delete_after,
         qps: a.kube_qps.max(1),
         burst: a.kube_burst.max(1),
+        log_streams_per_connection: a.kube_log_streams_per_connection.max(1),
     };
     tracing::info!(
         api = %config.cluster_url,

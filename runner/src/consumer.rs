@@ -269,28 +269,21 @@ impl Drop for AbortOnDrop {
 
 /// The run's final state, when one is already stored.
 async fn final_state(js: &jetstream::Context, run_id: &str) -> Option<RunState> {
-    let stream = js.get_stream(subjects::STATUS_STREAM).await.ok()?;
-    let mut consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subjects::status(run_id),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .ok()?;
-    let pending = consumer.info().await.ok()?.num_pending;
-    if pending == 0 {
-        return None;
-    }
-    let mut messages = consumer.messages().await.ok()?.take(pending as usize);
     let mut last = None;
-    while let Some(Ok(m)) = messages.next().await {
-        if let Ok(update) = serde_json::from_slice::<StatusUpdate>(&m.payload) {
-            if update.step.is_none() && update.state.is_final() {
-                last = Some(update.state);
+    crate::report::read_subject(
+        js,
+        subjects::STATUS_STREAM,
+        subjects::status(run_id),
+        |payload| {
+            if let Ok(update) = serde_json::from_slice::<StatusUpdate>(payload) {
+                if update.step.is_none() && update.state.is_final() {
+                    last = Some(update.state);
+                }
             }
-        }
-    }
+        },
+    )
+    .await
+    .ok()?;
     last
 }
 

@@ -125,45 +125,60 @@ impl Reporter {
     }
 
     async fn read_stored_log(&self, step: &str) -> Result<(u64, u64), String> {
-        let stream = self
-            .0
-            .js
-            .get_stream(subjects::LOGS_STREAM)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subjects::logs(&self.0.req.run_id),
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let pending = consumer
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .num_pending;
         let (mut lines, mut next) = (0u64, 0u64);
-        if pending == 0 {
-            return Ok((0, 0));
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| e.to_string())?
-            .take(pending as usize);
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| e.to_string())?;
-            if let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m.payload) {
-                if chunk.step == step {
-                    lines += chunk.lines.len() as u64;
-                    next = next.max(chunk.seq + 1);
+        read_subject(
+            &self.0.js,
+            subjects::LOGS_STREAM,
+            subjects::logs(&self.0.req.run_id),
+            |payload| {
+                if let Ok(chunk) = serde_json::from_slice::<LogChunk>(payload) {
+                    if chunk.step == step {
+                        lines += chunk.lines.len() as u64;
+                        next = next.max(chunk.seq + 1);
+                    }
                 }
-            }
-        }
+            },
+        )
+        .await?;
         Ok((lines, next))
     }
+}
+
+/// Reads every message stored on `subject` of `stream`, oldest first, up to what was
+/// there when the read began (an ordered consumer bounded by its pending count, so the
+/// read ends even while more is being written).
+pub(crate) async fn read_subject(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: String,
+    mut each: impl FnMut(&[u8]),
+) -> Result<(), String> {
+    let stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    let mut consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let pending = consumer
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .num_pending;
+    if pending == 0 {
+        return Ok(());
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?
+        .take(pending as usize);
+    while let Some(m) = messages.next().await {
+        each(&m.map_err(|e| e.to_string())?.payload);
+    }
+    Ok(())
 }
 
 /// Sends a step's lines to its shipper; [`StepLog::finish`] flushes them all.
