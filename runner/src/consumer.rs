@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::message::Message;
+use async_nats::jetstream::message::{Acker, Message};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use sluice_core::run::{CancelRequest, RunRequest, RunState, StatusUpdate};
@@ -178,14 +178,19 @@ async fn handle(
     ack_wait: Duration,
     runner_id: String,
 ) {
+    // Only what acknowledging needs is kept while the run goes on, not the payload:
+    // thousands of runs may be in flight.
+    let reply = message.reply.clone();
+    let (message, acker) = message.split();
     let req: RunRequest = match serde_json::from_slice(&message.payload) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, subject = %message.subject, "not a run request; dropping it");
-            let _ = message.ack_with(AckKind::Term).await;
+            let _ = Box::pin(acker.ack_with(AckKind::Term)).await;
             return;
         }
     };
+    drop(message);
     // The reporter keeps the one copy of the request.
     let reporter = Reporter::new(js.clone(), req, runner_id);
     let req = reporter.request();
@@ -194,19 +199,18 @@ async fn handle(
     // ack was lost): acknowledge and do nothing.
     if let Some(state) = Box::pin(final_state(&js, &req.run_id)).await {
         tracing::info!(run_id = %req.run_id, state = state.as_str(), "run already finished; acknowledging");
-        let _ = Box::pin(message.double_ack()).await;
+        let _ = Box::pin(acker.double_ack()).await;
         return;
     }
     if running.is_cancelled(&req.run_id) {
-        reporter
-            .status(
-                None,
-                RunState::Cancelled,
-                None,
-                Some("cancelled before it started".into()),
-            )
-            .await;
-        let _ = Box::pin(message.double_ack()).await;
+        Box::pin(reporter.status(
+            None,
+            RunState::Cancelled,
+            None,
+            Some("cancelled before it started".into()),
+        ))
+        .await;
+        let _ = Box::pin(acker.double_ack()).await;
         return;
     }
 
@@ -217,7 +221,7 @@ async fn handle(
     // Tell NATS the run is still in hand, well within its ack wait. Stopped when this
     // function ends or is dropped, so a run abandoned by a dying runner is redelivered.
     let progress = AbortOnDrop({
-        let message_ack = message.clone();
+        let message_ack = Acker::new(js.clone(), reply);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(ack_wait / 3);
             tick.tick().await;
@@ -242,19 +246,17 @@ async fn handle(
             t.remove(&req.run_id);
         }
         tracing::info!(run_id = %req.run_id, "run handed back to the queue");
-        let _ = message.ack_with(AckKind::Nak(None)).await;
+        let _ = Box::pin(acker.ack_with(AckKind::Nak(None))).await;
         return;
     }
-    reporter
-        .status(None, outcome.state, None, outcome.message.clone())
-        .await;
+    Box::pin(reporter.status(None, outcome.state, None, outcome.message.clone())).await;
     drop(progress);
     executor.finished(req);
     if let Ok(mut t) = running.tokens.lock() {
         t.remove(&req.run_id);
     }
     tracing::info!(run_id = %req.run_id, state = outcome.state.as_str(), "run finished");
-    if let Err(e) = Box::pin(message.double_ack()).await {
+    if let Err(e) = Box::pin(acker.double_ack()).await {
         tracing::warn!(error = %e, "acknowledging the run failed; a redelivery will find its final state");
     }
 }

@@ -93,17 +93,25 @@ impl Reporter {
         self.step_log_at(step, 0)
     }
 
-    /// A log writer that continues a step's output at chunk `seq` (after a restart).
+    /// A log writer that continues a step's output at chunk `seq` (after a restart),
+    /// with a task that ships what is sent to it.
     pub fn step_log_at(&self, step: &str, seq: u64) -> StepLog {
         let (tx, rx) = mpsc::channel::<LogLine>(1024);
-        let shipper = tokio::spawn(ship(
-            self.0.js.clone(),
-            self.0.req.run_id.clone(),
-            step.to_owned(),
-            seq,
-            rx,
-        ));
+        let shipper = tokio::spawn(ship(self.log_writer(step, seq), rx));
         StepLog { tx, shipper }
+    }
+
+    /// A log writer for a reader that ships its own batches, continuing at chunk `seq`.
+    pub fn log_writer(&self, step: &str, seq: u64) -> LogWriter {
+        LogWriter {
+            js: self.0.js.clone(),
+            run_id: self.0.req.run_id.clone(),
+            step: step.to_owned(),
+            seq,
+            batch: Vec::new(),
+            bytes: 0,
+            due: None,
+        }
     }
 
     /// How much of a step's output is already stored: lines, and the next chunk's
@@ -210,56 +218,84 @@ impl StepLog {
     }
 }
 
-async fn ship(
+async fn ship(mut writer: LogWriter, mut rx: mpsc::Receiver<LogLine>) {
+    loop {
+        let next = tokio::select! {
+            next = rx.recv() => next,
+            () = crate::executor::sleep_until(writer.due()) => {
+                writer.flush().await;
+                continue;
+            }
+        };
+        match next {
+            Some(line) => writer.line(line).await,
+            None => break,
+        }
+    }
+    writer.flush().await;
+}
+
+/// A step's log, batched and shipped by whoever reads the output, without a task or a
+/// channel of its own: a Kubernetes log follower writes through one, so thousands of
+/// followed logs cost thousands of small buffers, not thousands of tasks. A batch is
+/// shipped when it has [`BATCH_LINES`] lines, when the next line would take it past
+/// [`BATCH_BYTES`], and [`BATCH_WAIT`] after its first line (the reader waits on
+/// [`LogWriter::due`] for that).
+#[derive(Debug)]
+pub struct LogWriter {
     js: jetstream::Context,
     run_id: String,
     step: String,
-    mut seq: u64,
-    mut rx: mpsc::Receiver<LogLine>,
-) {
-    let mut batch = Vec::with_capacity(BATCH_LINES);
-    // A line that did not fit in the previous message starts the next.
-    let mut carry: Option<LogLine> = None;
-    loop {
-        let first = match carry.take() {
-            Some(line) => line,
-            None => match rx.recv().await {
-                Some(line) => line,
-                None => break,
-            },
-        };
-        let mut bytes = first.text.len();
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + BATCH_WAIT;
-        while batch.len() < BATCH_LINES {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(line)) if bytes + line.text.len() > BATCH_BYTES => {
-                    carry = Some(line);
-                    break;
-                }
-                Ok(Some(line)) => {
-                    bytes += line.text.len();
-                    batch.push(line);
-                }
-                Ok(None) | Err(_) => break,
-            }
+    seq: u64,
+    batch: Vec<LogLine>,
+    bytes: usize,
+    due: Option<tokio::time::Instant>,
+}
+
+impl LogWriter {
+    pub async fn line(&mut self, line: LogLine) {
+        let full = self.batch.len() >= BATCH_LINES || self.bytes + line.text.len() > BATCH_BYTES;
+        if full && !self.batch.is_empty() {
+            self.flush().await;
+        }
+        if self.batch.is_empty() {
+            self.due = Some(tokio::time::Instant::now() + BATCH_WAIT);
+        }
+        self.bytes += line.text.len();
+        self.batch.push(line);
+        if self.batch.len() >= BATCH_LINES {
+            self.flush().await;
+        }
+    }
+
+    /// When the partial batch must be shipped; `None` when there is none.
+    pub fn due(&self) -> Option<tokio::time::Instant> {
+        self.due
+    }
+
+    /// Ships the lines batched so far, and returns once they are stored.
+    pub async fn flush(&mut self) {
+        self.due = None;
+        self.bytes = 0;
+        if self.batch.is_empty() {
+            return;
         }
         let chunk = LogChunk {
-            run_id: run_id.clone(),
-            step: step.clone(),
-            seq,
-            lines: std::mem::take(&mut batch),
+            run_id: self.run_id.clone(),
+            step: self.step.clone(),
+            seq: self.seq,
+            lines: std::mem::take(&mut self.batch),
         };
         if let Ok(body) = serde_json::to_vec(&chunk) {
             Box::pin(publish_retrying(
-                &js,
-                subjects::logs(&run_id),
-                format!("{run_id}:{step}:{seq}"),
+                &self.js,
+                subjects::logs(&self.run_id),
+                format!("{}:{}:{}", self.run_id, self.step, self.seq),
                 body,
             ))
             .await;
         }
-        seq += 1;
+        self.seq += 1;
     }
 }
 

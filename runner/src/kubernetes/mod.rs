@@ -91,6 +91,10 @@ impl Default for KubeSettings {
 pub struct KubeExecutor {
     client: Client,
     logs: Arc<LogClients>,
+    /// Pod creates under way, at most the rate limit's burst: the rest could not be
+    /// sent sooner anyway, and a spike of thousands of runs then waits without
+    /// thousands of Pod specs built in memory.
+    creates: Arc<tokio::sync::Semaphore>,
     settings: Arc<KubeSettings>,
     pods: Arc<PodWatch>,
     /// Cancelled when the runner stops: runs in hand are handed back, Pods untouched.
@@ -134,6 +138,7 @@ impl KubeExecutor {
         Ok(KubeExecutor {
             client,
             logs: Arc::new(logs),
+            creates: Arc::new(tokio::sync::Semaphore::new(settings.burst.max(1) as usize)),
             settings: Arc::new(settings),
             pods: Arc::new(PodWatch::default()),
             handoff: CancellationToken::new(),
@@ -608,6 +613,8 @@ impl KubeExecutor {
         claim: Option<&str>,
     ) -> std::result::Result<bool, Outcome> {
         let name = pod::pod_name(&req.run_id, segment);
+        // Waiters are served in order, so runs keep their pickup order.
+        let _permit = self.creates.acquire().await;
         // The spec is dropped once sent: the run does not need it again.
         let created = {
             let spec = pod::build(req, segment, steps, &self.settings, claim);
@@ -850,7 +857,7 @@ async fn follow_log(f: LogFollow) {
     } else {
         (0, 0)
     };
-    let log = reporter.step_log_at(&step, next_seq);
+    let mut log = reporter.log_writer(&step, next_seq);
     let mut read: u64 = 0;
     let mut delay = Duration::from_millis(200);
     let mut pod = pod;
@@ -867,10 +874,16 @@ async fn follow_log(f: LogFollow) {
             Ok(stream) => {
                 let mut lines = crate::lines::Lines::new(stream.compat());
                 loop {
+                    // `next_line` keeps what it has read when the batch's time
+                    // comes first, so no output is lost to the select.
                     let next = tokio::select! {
                         next = lines.next_line() => next,
+                        () = sleep_until(log.due()) => {
+                            log.flush().await;
+                            continue;
+                        }
                         () = handoff.cancelled() => {
-                            log.finish().await;
+                            log.flush().await;
                             return;
                         }
                     };
@@ -878,7 +891,8 @@ async fn follow_log(f: LogFollow) {
                         Ok(Some(text)) => {
                             read += 1;
                             if read > stored {
-                                log.line("stdout", text).await;
+                                let stream = "stdout".to_owned();
+                                log.line(sluice_core::run::LogLine { stream, text }).await;
                             }
                         }
                         Ok(None) => {
@@ -932,7 +946,7 @@ async fn follow_log(f: LogFollow) {
         // which catches lines written between the drop and the exit; lines already
         // read are skipped.
     }
-    log.finish().await;
+    log.flush().await;
 }
 
 #[cfg(test)]

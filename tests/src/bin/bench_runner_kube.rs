@@ -230,8 +230,9 @@ async fn rss(a: &Args, bin: &PathBuf) -> anyhow::Result<()> {
     let mut child = Command::new(bin)
         .args(["runner", "--cluster", "rss", "--executor", "kubernetes"])
         .args(["--max-running", &a.in_flight.to_string()])
-        // The rate limit is not what this measures: fill up quickly.
-        .args(["--kube-qps", "2000", "--kube-burst", "2000"])
+        // The rate limit is not what this measures: fill up quickly (the burst, and
+        // with it the Pod creates under way at once, stays at its default of 40).
+        .args(["--kube-qps", "2000"])
         .args(["--ack-wait", "60s", "--delete-after", "1h"])
         .env("SLUICE_NATS_URL", nats.url())
         .env("KUBECONFIG", &kubeconfig)
