@@ -33,7 +33,7 @@ use crate::report::Reporter;
 use crate::{Error, Result};
 use logs::LogClients;
 pub use throttle::TokenBucket;
-use watch::{PodView, PodWatch};
+use watch::{PodState, PodView, PodWatch};
 
 /// How the runner makes Pods.
 #[derive(Debug, Clone)]
@@ -726,11 +726,11 @@ enum CState {
     },
 }
 
-fn pod_phase(pod: &Pod) -> Option<&str> {
+fn pod_phase(pod: &PodState) -> Option<&str> {
     pod.status.as_ref()?.phase.as_deref()
 }
 
-fn pod_message(pod: &Pod) -> Option<String> {
+fn pod_message(pod: &PodState) -> Option<String> {
     let status = pod.status.as_ref()?;
     match (&status.reason, &status.message) {
         (Some(r), Some(m)) => Some(format!("{r}: {m}")),
@@ -741,7 +741,7 @@ fn pod_message(pod: &Pod) -> Option<String> {
 }
 
 /// The states of `names`, from the Pod's init and regular container statuses.
-fn container_states(pod: &Pod, names: &[String]) -> Vec<CState> {
+fn container_states(pod: &PodState, names: &[String]) -> Vec<CState> {
     let status = pod.status.as_ref();
     let all: Vec<&ContainerStatus> = status
         .into_iter()
@@ -784,7 +784,7 @@ fn container_states(pod: &Pod, names: &[String]) -> Vec<CState> {
 }
 
 /// Why nothing runs: a container's waiting reason (image pull), else the scheduler's.
-fn waiting_reason(pod: &Pod, states: &[CState]) -> Option<String> {
+fn waiting_reason(pod: &PodState, states: &[CState]) -> Option<String> {
     for s in states {
         if let CState::Waiting {
             reason: Some(r),

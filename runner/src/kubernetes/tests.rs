@@ -138,11 +138,11 @@ fn child_steps_split_a_run_into_segments() {
     assert_eq!(shape, ["a+b", "child:deploy", "c"]);
 }
 
-fn pod_with(status: PodStatus) -> Pod {
-    Pod {
+fn pod_with(status: PodStatus) -> PodState {
+    PodState::from(Pod {
         status: Some(status),
         ..Default::default()
-    }
+    })
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Api;
@@ -18,7 +18,7 @@ pub enum PodView {
     /// Not seen yet.
     #[default]
     Unknown,
-    Present(Arc<Pod>),
+    Present(Arc<PodState>),
     /// Deleted (by the runner on cancel, or by someone else).
     Gone,
 }
@@ -49,14 +49,62 @@ impl Drop for Subscription {
     }
 }
 
-/// What runs need of a Pod: its name, creation time and status. The spec (every
-/// container's script and env) is most of a Pod's size and is dropped, so thousands of
-/// runs in flight hold thousands of small statuses, not thousands of Pods.
-fn slim(mut pod: Pod) -> Arc<Pod> {
-    pod.spec = None;
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
-    Arc::new(pod)
+/// What runs need of a Pod: its creation time and status. The rest (the spec with
+/// every container's script and env, labels, managed fields) is most of a Pod's size
+/// and is dropped, so thousands of runs in flight hold thousands of small statuses,
+/// not thousands of Pods.
+#[derive(Debug, Clone, Default)]
+pub struct PodState {
+    /// Seconds since the epoch.
+    pub created: Option<i64>,
+    pub status: Option<PodStatus>,
+}
+
+impl From<Pod> for PodState {
+    fn from(pod: Pod) -> Self {
+        let status = pod.status.map(|mut status| {
+            // Nothing here reads images, addresses or QoS.
+            for c in status
+                .init_container_statuses
+                .iter_mut()
+                .chain(status.container_statuses.iter_mut())
+                .flatten()
+            {
+                c.image = String::new();
+                c.image_id = String::new();
+                c.container_id = None;
+                c.last_state = None;
+                c.allocated_resources = None;
+                c.resources = None;
+                c.volume_mounts = None;
+                c.user = None;
+                c.allocated_resources_status = None;
+            }
+            status.ephemeral_container_statuses = None;
+            status.host_ip = None;
+            status.host_ips = None;
+            status.pod_ip = None;
+            status.pod_ips = None;
+            status.qos_class = None;
+            status.start_time = None;
+            status.nominated_node_name = None;
+            status.resource_claim_statuses = None;
+            status.resize = None;
+            status
+        });
+        PodState {
+            created: pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second()),
+            status,
+        }
+    }
+}
+
+fn slim(pod: Pod) -> Arc<PodState> {
+    Arc::new(PodState::from(pod))
 }
 
 impl PodWatch {
@@ -165,11 +213,7 @@ impl PodWatch {
                 let PodView::Present(pod) = view else {
                     return false;
                 };
-                let created = pod
-                    .metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .map(|t| t.0.as_second());
+                let created = pod.created;
                 let before = created.is_some_and(|c| c < list_started.unix_timestamp() - 5);
                 if before {
                     *view = PodView::Gone;
