@@ -470,3 +470,72 @@ async fn cluster_lists_fall_back_to_a_cluster_with_a_live_runner() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn an_event_that_keeps_failing_is_dead_lettered_after_its_attempts() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    apply(
+        &js,
+        "name: doomed\ntriggers:\n  - repos: [acme/doomed]\nruntime: { cluster: eu-1 }\nsteps:\n  - {name: s, image: alpine}\n",
+    )
+    .await;
+    let mut config = Dispatcher::config(&nats.url());
+    config.max_attempts = 2;
+    config.publish_timeout = Duration::from_secs(1);
+    let _dispatcher = Dispatcher::start_with(config).await;
+    // Once it has provisioned the streams and joined: runs cannot be stored, so every
+    // attempt to plan the event's run fails, as while JetStream is unavailable.
+    wait_for(
+        "the dispatcher to join",
+        Duration::from_secs(20),
+        || async {
+            let stream = js.get_stream(subjects::EVENTS_STREAM).await.ok()?;
+            stream
+                .consumer_info("sluice-dispatcher")
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    js.delete_stream(subjects::RUNS_STREAM)
+        .await
+        .expect("delete the runs stream");
+
+    publish_event(&js, &push_event("doomed", "acme/doomed")).await;
+    let letters = wait_for("a dead letter", Duration::from_secs(30), || async {
+        let m = all_messages(&js, subjects::DEADLETTER_STREAM).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "dead-lettered once");
+    let letter: serde_json::Value = serde_json::from_slice(&letters[0].1).expect("json");
+    assert_eq!(letter["attempts"], 2, "{letter}");
+    let original: Event =
+        serde_json::from_str(letter["message"].as_str().expect("message")).expect("the event");
+    assert_eq!(original.id, "github:doomed");
+    assert!(
+        !letter["reason"].as_str().unwrap_or("").is_empty(),
+        "{letter}"
+    );
+    // Taken off the queue (terminated), not delivered again.
+    wait_for(
+        "the event to leave the queue",
+        Duration::from_secs(10),
+        || async {
+            let info = js
+                .get_stream(subjects::EVENTS_STREAM)
+                .await
+                .ok()?
+                .consumer_info("sluice-dispatcher")
+                .await
+                .ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        },
+    )
+    .await;
+    assert!(decision(&js, "github:doomed").await.is_none());
+}
