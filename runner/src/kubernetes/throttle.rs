@@ -24,6 +24,21 @@ pub struct TokenBucket {
     tolerance: Duration,
     /// When the next token is due at the steady rate (GCRA's theoretical arrival time).
     next: std::sync::Mutex<Instant>,
+    /// Requests of the first rank waiting for their token, and a signal when none are.
+    urgent: std::sync::atomic::AtomicUsize,
+    no_urgent: tokio::sync::Notify,
+}
+
+/// Which requests go first when tokens are short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rank {
+    /// Everything but log streams: Pod creates and deletes, lists, the watch.
+    First,
+    /// Log stream starts wait while a request of the first rank waits. A log opened
+    /// late is still read in full from its start; a Pod created late is a run started
+    /// late — and under a burst of runs, every created Pod would otherwise also put a
+    /// log stream in the queue before the next Pod.
+    Later,
 }
 
 impl TokenBucket {
@@ -34,11 +49,37 @@ impl TokenBucket {
             interval,
             tolerance: interval * burst.max(1).saturating_sub(1),
             next: std::sync::Mutex::new(Instant::now()),
+            urgent: std::sync::atomic::AtomicUsize::new(0),
+            no_urgent: tokio::sync::Notify::new(),
         }
     }
 
-    /// Waits for a token.
-    pub async fn acquire(&self) {
+    /// Waits for a token, after every waiting request of a higher rank.
+    pub async fn acquire(&self, rank: Rank) {
+        use std::sync::atomic::Ordering;
+        match rank {
+            Rank::First => {
+                self.urgent.fetch_add(1, Ordering::AcqRel);
+                let _done = Urgent(self);
+                self.take().await;
+            }
+            Rank::Later => {
+                loop {
+                    // Registered before the check, so a signal in between is not lost.
+                    let signal = self.no_urgent.notified();
+                    tokio::pin!(signal);
+                    signal.as_mut().enable();
+                    if self.urgent.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                    signal.await;
+                }
+                self.take().await;
+            }
+        }
+    }
+
+    async fn take(&self) {
         let wait_until = {
             let mut next = match self.next.lock() {
                 Ok(n) => n,
@@ -51,6 +92,22 @@ impl TokenBucket {
         };
         if wait_until > Instant::now() {
             tokio::time::sleep_until(wait_until).await;
+        }
+    }
+}
+
+/// Counts a first-rank request out when its token came (or its wait was dropped).
+struct Urgent<'a>(&'a TokenBucket);
+
+impl Drop for Urgent<'_> {
+    fn drop(&mut self) {
+        if self
+            .0
+            .urgent
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.no_urgent.notify_waiters();
         }
     }
 }
@@ -146,11 +203,16 @@ where
         let (inner, bucket, max_retries) =
             (self.inner.clone(), self.bucket.clone(), self.max_retries);
         Box::pin(async move {
+            // kube-rs names each request's kind in its extensions.
+            let rank = match req.extensions().get::<&'static str>() {
+                Some(&"log_stream") => Rank::Later,
+                _ => Rank::First,
+            };
             let mut req = req;
             let mut attempt = 0;
             loop {
                 let again = (attempt < max_retries).then(|| copy(&req)).flatten();
-                bucket.acquire().await;
+                bucket.acquire(rank).await;
                 let sent = {
                     let mut service = inner.lock().await;
                     let ready = service.ready().await.map_err(Into::into)?;
@@ -184,11 +246,11 @@ mod tests {
         let bucket = TokenBucket::new(20, 40);
         let start = Instant::now();
         for _ in 0..40 {
-            bucket.acquire().await;
+            bucket.acquire(Rank::First).await;
         }
         assert_eq!(start.elapsed(), Duration::ZERO, "the burst is free");
         for _ in 0..20 {
-            bucket.acquire().await;
+            bucket.acquire(Rank::First).await;
         }
         // 20 more at 20/s: the last is due one second (less one interval) later.
         let elapsed = start.elapsed();
@@ -204,11 +266,37 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         let start = Instant::now();
         for _ in 0..5 {
-            bucket.acquire().await;
+            bucket.acquire(Rank::First).await;
         }
         assert_eq!(start.elapsed(), Duration::ZERO);
-        bucket.acquire().await;
+        bucket.acquire(Rank::First).await;
         assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn log_streams_wait_while_pod_requests_wait() {
+        let bucket = Arc::new(TokenBucket::new(10, 1));
+        bucket.acquire(Rank::First).await; // the burst is spent
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let waiter = |rank: Rank, name: &'static str| {
+            let (bucket, order) = (bucket.clone(), order.clone());
+            tokio::spawn(async move {
+                bucket.acquire(rank).await;
+                order.lock().unwrap().push(name);
+            })
+        };
+        // Two Pod requests wait, a log stream asks, a third Pod request comes: the
+        // log goes after all three.
+        let mut pods = vec![waiter(Rank::First, "pod-1"), waiter(Rank::First, "pod-2")];
+        tokio::task::yield_now().await;
+        let log = waiter(Rank::Later, "log");
+        tokio::task::yield_now().await;
+        pods.push(waiter(Rank::First, "pod-3"));
+        for p in pods {
+            p.await.unwrap();
+        }
+        log.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["pod-1", "pod-2", "pod-3", "log"]);
     }
 
     #[test]
