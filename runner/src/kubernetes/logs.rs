@@ -99,47 +99,64 @@ impl LogClients {
             per_connection: per_connection.max(1),
             slots: Mutex::new(Vec::new()),
         };
-        // Fail at start-up, not at the first log, on a configuration we cannot use.
-        clients.client()?;
+        // Made now, so a configuration we cannot use fails at start-up, not at the
+        // first log; and there is always a connection to fall back on.
+        let first = clients.slot()?;
+        clients.lock().push(first);
         Ok(clients)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Slot>>> {
+        match self.slots.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn slot(&self) -> Result<Arc<Slot>> {
+        Ok(Arc::new(Slot {
+            api: Api::namespaced(self.client()?, &self.namespace),
+            open: AtomicUsize::new(0),
+            first: tokio::sync::Mutex::new(false),
+        }))
     }
 
     /// A connection with room for one more log, held until the lease is dropped.
     pub fn lease(&self) -> Lease {
-        let slot = {
-            let mut slots = match self.slots.lock() {
-                Ok(s) => s,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            // Connections whose logs have all ended are let go (hyper closes the
-            // idle connection), keeping one.
-            let mut kept = false;
-            slots.retain(|s| {
-                let keep = s.open.load(Ordering::Acquire) > 0 || !kept;
-                kept |= keep;
-                keep
-            });
-            let free = slots
-                .iter()
-                .find(|s| s.open.load(Ordering::Acquire) < self.per_connection)
-                .cloned();
-            match free {
-                Some(slot) => slot,
-                None => match self.client() {
-                    Ok(client) => {
-                        let slot = Arc::new(Slot {
-                            api: Api::namespaced(client, &self.namespace),
-                            open: AtomicUsize::new(0),
-                            first: tokio::sync::Mutex::new(false),
-                        });
-                        slots.push(slot.clone());
-                        slot
-                    }
-                    // Checked in `new`; cannot fail later for the same config.
-                    Err(_) => slots[0].clone(),
-                },
-            }
+        let mut slots = self.lock();
+        // Connections whose logs have all ended are let go (hyper closes the idle
+        // connection), keeping one.
+        let mut kept = false;
+        slots.retain(|s| {
+            let keep = s.open.load(Ordering::Acquire) > 0 || !kept;
+            kept |= keep;
+            keep
+        });
+        let free = slots
+            .iter()
+            .find(|s| s.open.load(Ordering::Acquire) < self.per_connection)
+            .cloned();
+        let slot = match free {
+            Some(slot) => slot,
+            None => match self.slot() {
+                Ok(slot) => {
+                    slots.push(slot.clone());
+                    slot
+                }
+                Err(e) => {
+                    // Credentials that worked at start-up failed (an exec plugin, say):
+                    // over the cap on a working connection beats no log at all.
+                    tracing::warn!(error = %e, "cannot make a new log connection; sharing one");
+                    slots
+                        .iter()
+                        .min_by_key(|s| s.open.load(Ordering::Acquire))
+                        .cloned()
+                        .expect("one connection is always kept")
+                }
+            },
         };
+        // Counted while the list is locked, so two callers never both take the last
+        // free stream of a connection, and a connection is not let go as it is leased.
         slot.open.fetch_add(1, Ordering::AcqRel);
         Lease { slot }
     }
@@ -151,6 +168,8 @@ impl LogClients {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(config.connect_timeout);
+        // Over HTTP/1.1 there are no pings: TCP keepalive finds a dead peer instead.
+        http.set_keepalive(Some(Duration::from_secs(60)));
         let tls = config.rustls_client_config().map_err(fail)?;
         let mut builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
