@@ -194,6 +194,31 @@ pub fn step(name: &str, commands: &[&str]) -> RunStep {
     }
 }
 
+/// Runs [`hostile_output_step`] on cluster `eu-1` (a runner must be there) and checks
+/// its log is [`hostile_output_lines`].
+pub async fn assert_hostile_output_kept(js: &jetstream::Context) {
+    let (repo, sha) = git_repo();
+    let req = run_request(
+        "noisy-1",
+        "eu-1",
+        repo.path(),
+        &sha,
+        vec![hostile_output_step("noisy")],
+    );
+    publish_run(js, &req).await;
+    let done = crate::wait_for("noisy-1", Duration::from_secs(30), || {
+        final_state(js, "noisy-1")
+    })
+    .await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    let lines = log_lines(js, "noisy-1", "noisy").await;
+    let lens: Vec<usize> = lines.iter().map(String::len).collect();
+    let expected = hostile_output_lines();
+    let expected_lens: Vec<usize> = expected.iter().map(String::len).collect();
+    assert_eq!(lens, expected_lens);
+    assert_eq!(lines, expected);
+}
+
 /// A step whose output is hostile to a line reader: bytes that are not UTF-8, and a
 /// 200,000-byte line, 1.2 MB of 60,000-byte lines, then an ordinary line. See
 /// [`hostile_output_lines`].

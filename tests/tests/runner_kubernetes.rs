@@ -15,8 +15,8 @@ use sluice_tests::ingest::jetstream;
 use sluice_tests::kubeapi::KubeApi;
 use sluice_tests::nats::NatsServer;
 use sluice_tests::runner::{
-    final_state, git_repo, hostile_output_lines, hostile_output_step, log_lines, publish_run,
-    run_request, statuses, step, step_states, Runner,
+    assert_hostile_output_kept, final_state, git_repo, log_lines, publish_run, run_request,
+    statuses, step, step_states, Runner,
 };
 use sluice_tests::{init_logs, wait_for};
 
@@ -705,28 +705,40 @@ async fn hostile_output_is_cut_and_cleaned_and_nothing_after_it_is_lost() {
     let nats = NatsServer::start().await;
     let js = jetstream(&nats.url()).await;
     provision(&js).await;
-    let (repo, sha) = git_repo();
     let api = KubeApi::start().await;
     let _runner = Runner::start_kube(&nats.url(), "eu-1", "r1", &api, |_| {}).await;
-    publish_run(
-        &js,
-        &run_request(
-            "noisy-1",
-            "eu-1",
-            repo.path(),
-            &sha,
-            vec![hostile_output_step("noisy")],
-        ),
-    )
+    assert_hostile_output_kept(&js).await;
+}
+
+/// The log requests the double has received.
+fn log_requests(api: &KubeApi) -> Vec<sluice_tests::kubeapi::Recorded> {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.uri.contains("/log"))
+        .collect()
+}
+
+/// Waits until `runs` logs are followed, opens `gate`, and checks every gated run
+/// succeeded with its whole log.
+async fn release_gated_runs(
+    js: &async_nats::jetstream::Context,
+    api: &KubeApi,
+    runs: usize,
+    gate: &std::path::Path,
+    check_while_open: impl FnOnce(),
+) {
+    wait_for("every gated run's log followed", DEADLINE, || async {
+        (log_requests(api).len() == runs).then_some(())
+    })
     .await;
-    let done = wait_for("noisy-1", DEADLINE, || final_state(&js, "noisy-1")).await;
-    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
-    let lines = log_lines(&js, "noisy-1", "noisy").await;
-    let lens: Vec<usize> = lines.iter().map(String::len).collect();
-    let expected = hostile_output_lines();
-    let expected_lens: Vec<usize> = expected.iter().map(String::len).collect();
-    assert_eq!(lens, expected_lens);
-    assert_eq!(lines, expected);
+    check_while_open();
+    std::fs::write(gate, "").expect("gate");
+    for i in 0..runs {
+        let run = format!("h2-{i}");
+        let done = wait_for(&run, DEADLINE, || final_state(js, &run)).await;
+        assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+        assert_eq!(log_lines(js, &run, "wait").await, ["waiting", "released"]);
+    }
 }
 
 /// Holds `runs` runs' steps running at once, each waiting for `gate` to exist; every
@@ -764,43 +776,24 @@ async fn logs_are_followed_over_http2_a_few_streams_per_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gate = dir.path().join("go");
     gated_runs(&js, 5, &gate).await;
-
     // All five logs open at once: five streams, two per connection, is three
     // HTTP/2 connections.
-    wait_for("five followed logs", DEADLINE, || async {
-        let logs = api
-            .requests()
-            .iter()
-            .filter(|r| r.uri.contains("/log"))
-            .count();
-        (logs == 5).then_some(())
+    release_gated_runs(&js, &api, 5, &gate, || {
+        let logs = log_requests(&api);
+        assert!(
+            logs.iter().all(|r| r.version == http::Version::HTTP_2),
+            "{logs:?}"
+        );
+        let h2 = |open_only: bool| {
+            api.connections()
+                .iter()
+                .filter(|(v, open)| *v == http::Version::HTTP_2 && (*open || !open_only))
+                .count()
+        };
+        assert_eq!(h2(false), 3, "{:?}", api.connections());
+        assert_eq!(h2(true), 3);
     })
     .await;
-    let logs: Vec<_> = api
-        .requests()
-        .into_iter()
-        .filter(|r| r.uri.contains("/log"))
-        .collect();
-    assert!(
-        logs.iter().all(|r| r.version == http::Version::HTTP_2),
-        "{logs:?}"
-    );
-    let h2 = |open_only: bool| {
-        api.connections()
-            .iter()
-            .filter(|(v, open)| *v == http::Version::HTTP_2 && (*open || !open_only))
-            .count()
-    };
-    assert_eq!(h2(false), 3, "{:?}", api.connections());
-    assert_eq!(h2(true), 3);
-
-    std::fs::write(&gate, "").expect("gate");
-    for i in 0..5 {
-        let run = format!("h2-{i}");
-        let done = wait_for(&run, DEADLINE, || final_state(&js, &run)).await;
-        assert_eq!(done.state, RunState::Succeeded, "{done:?}");
-        assert_eq!(log_lines(&js, &run, "wait").await, ["waiting", "released"]);
-    }
 }
 
 #[tokio::test]
@@ -814,22 +807,7 @@ async fn logs_fall_back_to_http1_where_http2_is_not_offered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gate = dir.path().join("go");
     gated_runs(&js, 3, &gate).await;
-    wait_for("three followed logs", DEADLINE, || async {
-        let logs = api
-            .requests()
-            .iter()
-            .filter(|r| r.uri.contains("/log"))
-            .count();
-        (logs == 3).then_some(())
-    })
-    .await;
-    std::fs::write(&gate, "").expect("gate");
-    for i in 0..3 {
-        let run = format!("h2-{i}");
-        let done = wait_for(&run, DEADLINE, || final_state(&js, &run)).await;
-        assert_eq!(done.state, RunState::Succeeded, "{done:?}");
-        assert_eq!(log_lines(&js, &run, "wait").await, ["waiting", "released"]);
-    }
+    release_gated_runs(&js, &api, 3, &gate, || {}).await;
     assert!(api
         .connections()
         .iter()

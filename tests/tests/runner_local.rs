@@ -12,8 +12,8 @@ use sluice_tests::dispatcher::{count, provision};
 use sluice_tests::ingest::jetstream;
 use sluice_tests::nats::NatsServer;
 use sluice_tests::runner::{
-    final_state, git_repo, hostile_output_lines, hostile_output_step, log_lines, publish_run,
-    run_request, statuses, step, step_states, Runner,
+    assert_hostile_output_kept, final_state, git_repo, log_lines, publish_run, run_request,
+    statuses, step, step_states, Runner,
 };
 use sluice_tests::{init_logs, wait_for};
 
@@ -287,25 +287,6 @@ async fn hostile_output_is_cut_and_cleaned_and_nothing_after_it_is_lost() {
     let nats = NatsServer::start().await;
     let js = jetstream(&nats.url()).await;
     provision(&js).await;
-    let (repo, sha) = git_repo();
     let _runner = Runner::start(&nats.url(), "eu-1", "r1").await;
-    publish_run(
-        &js,
-        &run_request(
-            "noisy-1",
-            "eu-1",
-            repo.path(),
-            &sha,
-            vec![hostile_output_step("noisy")],
-        ),
-    )
-    .await;
-    let done = wait_for("noisy-1", DEADLINE, || final_state(&js, "noisy-1")).await;
-    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
-    let lines = log_lines(&js, "noisy-1", "noisy").await;
-    let lens: Vec<usize> = lines.iter().map(String::len).collect();
-    let expected = hostile_output_lines();
-    let expected_lens: Vec<usize> = expected.iter().map(String::len).collect();
-    assert_eq!(lens, expected_lens);
-    assert_eq!(lines, expected);
+    assert_hostile_output_kept(&js).await;
 }
