@@ -247,7 +247,7 @@ pub struct KubeArgs {
     #[arg(
         long,
         env = "SLUICE_KUBE_LOG_STREAMS_PER_CONNECTION",
-        default_value_t = 100
+        default_value_t = sluice_runner::kubernetes::STREAMS_PER_CONNECTION
     )]
     pub kube_log_streams_per_connection: usize,
 }

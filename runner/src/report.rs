@@ -254,8 +254,8 @@ pub struct LogWriter {
 
 impl LogWriter {
     pub async fn line(&mut self, line: LogLine) {
-        let full = self.batch.len() >= BATCH_LINES || self.bytes + line.text.len() > BATCH_BYTES;
-        if full && !self.batch.is_empty() {
+        // A batch is shipped as soon as it has BATCH_LINES, so only bytes can be full.
+        if !self.batch.is_empty() && self.bytes + line.text.len() > BATCH_BYTES {
             self.flush().await;
         }
         if self.batch.is_empty() {

@@ -32,6 +32,7 @@ use crate::executor::{child_step, sleep_until, Outcome, Segment};
 use crate::report::Reporter;
 use crate::{Error, Result};
 use logs::LogClients;
+pub use logs::STREAMS_PER_CONNECTION;
 pub use throttle::TokenBucket;
 use watch::{PodState, PodView, PodWatch};
 
