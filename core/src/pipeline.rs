@@ -773,9 +773,32 @@ impl<'de> Deserialize<'de> for Cel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+impl fmt::Display for HumanDuration {
+    /// The largest unit `duration::parse` reads back exactly, so `500ms` stays `500ms`
+    /// and `2h` stays `2h`. A sub-millisecond remainder (only possible for a duration
+    /// built in code) is rounded up, so a non-zero timeout never prints as zero.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+        if ms == 0 {
+            return f.write_str("0s");
+        }
+        if ms % 1000 != 0 {
+            return write!(f, "{ms}ms");
+        }
+        let secs = ms / 1000;
+        for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+            if secs % size == 0 {
+                return write!(f, "{}{unit}", secs / size);
+            }
+        }
+        write!(f, "{secs}s")
+    }
+}
+
 impl Serialize for HumanDuration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}s", self.0.as_secs()))
+        s.collect_str(self)
     }
 }
 
@@ -889,6 +912,29 @@ steps:
             _ => String::new(),
         });
         assert_eq!(out, "acme/app/7-x");
+    }
+
+    #[test]
+    fn durations_serialize_in_a_unit_that_reads_back_exactly() {
+        let cases = [
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_secs(0), "0s"),
+            (Duration::from_secs(45), "45s"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(1800), "30m"),
+            (Duration::from_secs(7200), "2h"),
+            (Duration::from_secs(7 * 86_400), "7d"),
+            (Duration::from_micros(1), "1ms"),
+        ];
+        for (d, text) in cases {
+            let json = serde_json::to_value(HumanDuration(d)).expect("serialize");
+            assert_eq!(json, serde_json::json!(text), "{d:?}");
+            let back: HumanDuration = serde_json::from_value(json).expect("parse back");
+            if d.subsec_nanos() % 1_000_000 == 0 {
+                assert_eq!(back.0, d, "{text}");
+            }
+        }
     }
 
     #[test]
