@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 use sluice_core::nats::NatsOptions;
+use sluice_core::streams::{ClusterConsumer, StreamSettings};
 use sluice_core::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -51,6 +52,72 @@ pub enum Command {
     /// Inspect and publish events: why did (or didn't) a pipeline run?
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Create or change streams, buckets and each cluster's runner consumer (admin).
+    #[command(subcommand)]
+    Streams(StreamsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StreamsCommand {
+    /// Bring every stream, bucket and listed cluster consumer to these settings,
+    /// creating what is missing. Services never change them; this command does.
+    Apply(StreamsApplyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StreamsApplyArgs {
+    /// Replicas of each stream and bucket: 1 for one NATS server, 3 for a cluster.
+    #[arg(long, env = "SLUICE_STREAM_REPLICAS", default_value_t = StreamSettings::default().replicas, value_parser = replicas)]
+    pub replicas: usize,
+    /// How long a delivery id is recognised as a duplicate (GitHub redelivers for 3 days).
+    #[arg(long, env = "SLUICE_DEDUP_WINDOW", default_value = "72h", value_parser = duration)]
+    pub dedup_window: Duration,
+    /// How long events are kept (at least the dedup window).
+    #[arg(long, env = "SLUICE_EVENTS_MAX_AGE", default_value = "7d", value_parser = duration)]
+    pub events_max_age: Duration,
+    /// How long run states and logs are kept.
+    #[arg(long, env = "SLUICE_LOGS_MAX_AGE", default_value = "7d", value_parser = duration)]
+    pub logs_max_age: Duration,
+    /// Bytes of logs kept at most; the oldest go first.
+    #[arg(long, env = "SLUICE_LOGS_MAX_BYTES", default_value_t = StreamSettings::default().logs_max_bytes)]
+    pub logs_max_bytes: i64,
+    /// Clusters whose runner consumer to create or update, comma-separated, each
+    /// `NAME[:ACK_WAIT[:MAX_IN_FLIGHT]]` (e.g. `eu-1,us-1:60s:500`; defaults 30s and no
+    /// limit).
+    #[arg(long, env = "SLUICE_CLUSTERS", value_delimiter = ',', value_parser = cluster_consumer)]
+    pub clusters: Vec<ClusterConsumer>,
+    /// Print what would change, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Delete run states and logs written by an older Sluice in the previous subject
+    /// layout (without their cluster), which this version cannot read.
+    #[arg(long, env = "SLUICE_PURGE_OLD_LAYOUT")]
+    pub purge_old_layout: bool,
+}
+
+impl StreamsApplyArgs {
+    pub fn settings(&self) -> StreamSettings {
+        StreamSettings {
+            replicas: self.replicas,
+            dedup_window: self.dedup_window,
+            events_max_age: self.events_max_age,
+            logs_max_age: self.logs_max_age,
+            logs_max_bytes: self.logs_max_bytes,
+            clusters: self.clusters.clone(),
+        }
+    }
+}
+
+/// Stream replicas: JetStream allows 1 to 5.
+fn replicas(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=5) => Ok(n),
+        _ => Err(format!("`{s}`: replicas must be 1 to 5 (1 for one server, 3 for a cluster)")),
+    }
+}
+
+fn cluster_consumer(s: &str) -> Result<ClusterConsumer, String> {
+    ClusterConsumer::parse(s)
 }
 
 /// How results are printed.

@@ -62,8 +62,13 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     let client =
         sluice_core::nats::connect_once(&nats("sluice-dev"), Duration::from_secs(10)).await?;
     let js = async_nats::jetstream::new(client);
-    streams::ensure(&js, &StreamSettings::default()).await?;
-    let kv = streams::pipelines_bucket(&js, &StreamSettings::default()).await?;
+    // The same code path as `sluice streams apply`: dev mode is its own operator.
+    let settings = StreamSettings {
+        clusters: vec![streams::ClusterConsumer::new(LOCAL_CLUSTER)],
+        ..StreamSettings::default()
+    };
+    streams::apply(&js, &settings, false).await?;
+    let kv = streams::bucket(&js, sluice_core::subjects::PIPELINES_BUCKET).await?;
     let mut applied = BTreeSet::new();
     let clusters = reload(&kv, &a.pipelines, &mut applied).await;
 

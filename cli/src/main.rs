@@ -11,6 +11,7 @@ mod pipelines;
 mod runner;
 mod runs;
 mod status;
+mod streams;
 
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
         args::Command::Events(c) => events::run(&cli.global, c).await,
         args::Command::Runs(_) => Ok(()),
         args::Command::Status { output, watch } => status::run(&cli.global, output, watch).await,
+        args::Command::Streams(c) => streams::run(&cli.global, c).await,
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use futures::TryStreamExt;
 use sluice_core::pipeline::{parse_documents, Pipeline};
-use sluice_core::streams::{self, StreamSettings};
+use sluice_core::streams;
 
 use crate::args::{Global, Output, PipelinesCommand};
 use crate::output;
@@ -108,7 +108,7 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
 async fn bucket(global: &Global) -> anyhow::Result<async_nats::jetstream::kv::Store> {
     let client = crate::connect(global).await?;
     let js = async_nats::jetstream::new(client);
-    Ok(streams::pipelines_bucket(&js, &StreamSettings::default()).await?)
+    Ok(streams::bucket(&js, sluice_core::subjects::PIPELINES_BUCKET).await?)
 }
 
 /// Reads and validates every pipeline in a file or folder; any error refuses all.

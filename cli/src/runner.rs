@@ -13,7 +13,12 @@ pub async fn run(
     a: RunnerArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = RunnerConfig::new(global.nats("sluice-runner"), a.cluster, a.workdir.clone());
+    let mut nats = global.nats("sluice-runner");
+    // Replies come to the cluster's own inbox, which its credential may read.
+    nats.inbox_prefix = Some(sluice_core::roles::inbox_prefix(
+        &sluice_core::roles::Role::Runner(a.cluster.clone()),
+    ));
+    let mut config = RunnerConfig::new(nats, a.cluster, a.workdir.clone());
     config.max_running = a.max_running.max(1);
     config.ack_wait = a.ack_wait.max(std::time::Duration::from_secs(1));
     config.executor = match a.executor {

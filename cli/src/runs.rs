@@ -5,91 +5,15 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream;
 use futures::StreamExt;
-use serde::Serialize;
-use sluice_core::run::{CancelRequest, LogChunk, RunState, StatusUpdate};
-use sluice_core::subjects;
+use sluice_core::run::{CancelRequest, LogChunk, RunState, RunView, StatusUpdate};
+use sluice_core::{bus, subjects};
 use time::OffsetDateTime;
 
 use crate::args::{Global, Output, RunsCommand};
 use crate::output;
-
-/// A run as the status stream tells it.
-#[derive(Debug, Clone, Serialize)]
-struct RunView {
-    run_id: String,
-    pipeline: String,
-    state: RunState,
-    repo: Option<String>,
-    cluster: Option<String>,
-    event_id: Option<String>,
-    runner: Option<String>,
-    message: Option<String>,
-    #[serde(with = "time::serde::rfc3339")]
-    updated_at: OffsetDateTime,
-    /// When the first state change was seen (to find the run's event).
-    #[serde(skip)]
-    first_seen: OffsetDateTime,
-    steps: Vec<StepView>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-struct StepView {
-    name: String,
-    state: RunState,
-    exit_code: Option<i32>,
-    message: Option<String>,
-}
-
-impl RunView {
-    fn from_update(u: &StatusUpdate) -> Self {
-        RunView {
-            run_id: u.run_id.clone(),
-            pipeline: u.pipeline.clone(),
-            state: RunState::Queued,
-            repo: None,
-            cluster: None,
-            event_id: None,
-            runner: None,
-            message: None,
-            updated_at: u.at,
-            first_seen: u.at,
-            steps: Vec::new(),
-        }
-    }
-
-    fn apply(&mut self, u: &StatusUpdate) {
-        self.updated_at = u.at;
-        self.repo = u.repo.clone().or(self.repo.take());
-        self.cluster = u.cluster.clone().or(self.cluster.take());
-        self.event_id = u.event_id.clone().or(self.event_id.take());
-        self.runner = u.runner.clone().or(self.runner.take());
-        match &u.step {
-            None => {
-                // A late non-final state never overwrites a final one.
-                if !self.state.is_final() || u.state.is_final() {
-                    self.state = u.state;
-                    self.message = u.message.clone();
-                }
-            }
-            Some(name) => match self.steps.iter_mut().find(|s| &s.name == name) {
-                Some(step) => {
-                    step.state = u.state;
-                    step.exit_code = u.exit_code.or(step.exit_code);
-                    step.message = u.message.clone();
-                }
-                None => self.steps.push(StepView {
-                    name: name.clone(),
-                    state: u.state,
-                    exit_code: u.exit_code,
-                    message: u.message.clone(),
-                }),
-            },
-        }
-    }
-}
 
 pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<i32> {
     let client = crate::connect(global).await?;
@@ -167,13 +91,12 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<i32> {
                 reason: "cancelled by a user".into(),
                 at: OffsetDateTime::now_utc(),
             };
-            js.send_publish(
+            bus::publish_json(
+                &js,
                 subjects::cancel(&cluster),
-                PublishMessage::build()
-                    .payload(serde_json::to_vec(&request)?.into())
-                    .message_id(format!("cancel:{run_id}")),
+                &subjects::cancel_id(&run_id),
+                &request,
             )
-            .await?
             .await?;
             println!("cancel requested for run {run_id} on cluster {cluster}");
             Ok(0)
@@ -229,10 +152,10 @@ async fn list(js: &jetstream::Context, f: &Filter, output: Output) -> anyhow::Re
     Ok(())
 }
 
-/// Starts the run's pipeline again for the event that started it: the stored event,
-/// under a new id (so it is not taken for a duplicate delivery), naming the pipeline.
-/// The dispatcher plans it as for a new delivery — the pipeline as it is now, commit
-/// statuses to the forge — and the new run gets its own id.
+/// Starts the run's pipeline again for the event that started it
+/// ([`sluice_core::run::rerun_event`]). The dispatcher plans it as for a new delivery —
+/// the pipeline as it is now, commit statuses to the forge — and the new run gets its
+/// own id.
 async fn rerun(js: &jetstream::Context, run_id: &str) -> anyhow::Result<String> {
     let view = run_view(js, run_id)
         .await?
@@ -241,31 +164,12 @@ async fn rerun(js: &jetstream::Context, run_id: &str) -> anyhow::Result<String> 
         .event_id
         .clone()
         .with_context(|| format!("run {run_id} names no event"))?;
-    let mut event = find_event(js, &event_id, view.first_seen).await?;
-    let attempt = event.attempt + 1;
-    let original = event
-        .id
-        .split("~rerun")
-        .next()
-        .unwrap_or(&event.id)
-        .to_owned();
-    event.id = format!(
-        "{original}~rerun{}",
-        OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000
-    );
-    event.pipeline = Some(view.pipeline.clone());
-    event.attempt = attempt;
-    event.received_at = OffsetDateTime::now_utc();
-    js.send_publish(
-        event.subject(),
-        PublishMessage::build()
-            .payload(serde_json::to_vec(&event)?.into())
-            .message_id(&event.id),
-    )
-    .await?
-    .await
-    .context("JetStream did not store the rerun's event")?;
-    Ok(sluice_core::run::run_id(&event.id, &view.pipeline, attempt))
+    let original = find_event(js, &event_id, view.first_seen).await?;
+    let event = sluice_core::run::rerun_event(&original, &view.pipeline, OffsetDateTime::now_utc());
+    bus::publish_json(js, event.subject(), &event.id, &event)
+        .await
+        .context("JetStream did not store the rerun's event")?;
+    Ok(sluice_core::run::rerun_id(&event, &view.pipeline))
 }
 
 /// The stored event `event_id`, searched from shortly before the run was first seen.
@@ -274,17 +178,15 @@ async fn find_event(
     event_id: &str,
     around: OffsetDateTime,
 ) -> anyhow::Result<sluice_core::Event> {
-    let stream = js.get_stream(subjects::EVENTS_STREAM).await?;
-    let mut consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: "sluice.events.>".into(),
-            deliver_policy: DeliverPolicy::ByStartTime {
-                start_time: around - Duration::from_secs(3600),
-            },
-            ..Default::default()
-        })
-        .await?;
-    let pending = consumer.info().await?.num_pending;
+    let (consumer, pending) = bus::ordered(
+        js,
+        subjects::EVENTS_STREAM,
+        "sluice.events.>".into(),
+        DeliverPolicy::ByStartTime {
+            start_time: around - Duration::from_secs(3600),
+        },
+    )
+    .await?;
     let mut messages = consumer.messages().await?.take(pending as usize);
     while let Some(m) = messages.next().await {
         let m = m?;
@@ -368,20 +270,13 @@ async fn ordered(
     stream: &str,
     filter: String,
     policy: DeliverPolicy,
-) -> anyhow::Result<(jetstream::consumer::Consumer<OrderedConfig>, u64)> {
-    let stream = js
-        .get_stream(stream)
+) -> anyhow::Result<(
+    jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig>,
+    u64,
+)> {
+    bus::ordered(js, stream, filter, policy)
         .await
-        .with_context(|| format!("no {stream} stream: has Sluice run against this NATS?"))?;
-    let mut consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: filter,
-            deliver_policy: policy,
-            ..Default::default()
-        })
-        .await?;
-    let pending = consumer.info().await?.num_pending;
-    Ok((consumer, pending))
+        .with_context(|| format!("cannot read {stream}: has `sluice streams apply` run against this NATS?"))
 }
 
 async fn recent_runs(
@@ -397,7 +292,7 @@ async fn recent_runs(
     let (consumer, pending) = ordered(
         js,
         subjects::STATUS_STREAM,
-        "sluice.status.>".into(),
+        subjects::ALL_STATUS.into(),
         DeliverPolicy::ByStartSequence {
             start_sequence: start,
         },
@@ -409,7 +304,7 @@ async fn recent_runs(
         let m = m?;
         if let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m.payload) {
             runs.entry(u.run_id.clone())
-                .or_insert_with(|| RunView::from_update(&u))
+                .or_insert_with(|| RunView::new(&u))
                 .apply(&u);
         }
     }
@@ -417,22 +312,7 @@ async fn recent_runs(
 }
 
 async fn run_view(js: &jetstream::Context, run_id: &str) -> anyhow::Result<Option<RunView>> {
-    let (consumer, pending) = ordered(
-        js,
-        subjects::STATUS_STREAM,
-        subjects::status(run_id),
-        DeliverPolicy::All,
-    )
-    .await?;
-    let mut view: Option<RunView> = None;
-    let mut messages = consumer.messages().await?.take(pending as usize);
-    while let Some(m) = messages.next().await {
-        if let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m?.payload) {
-            view.get_or_insert_with(|| RunView::from_update(&u))
-                .apply(&u);
-        }
-    }
-    Ok(view)
+    Ok(bus::run_view(js, None, run_id).await?)
 }
 
 /// Follows a run's states until a final one, printing each change as it comes.
@@ -440,7 +320,7 @@ async fn wait_final(js: &jetstream::Context, run_id: &str) -> anyhow::Result<Run
     let (consumer, _) = ordered(
         js,
         subjects::STATUS_STREAM,
-        subjects::status(run_id),
+        subjects::status_of_run(run_id),
         DeliverPolicy::All,
     )
     .await?;
@@ -452,7 +332,7 @@ async fn wait_final(js: &jetstream::Context, run_id: &str) -> anyhow::Result<Run
         let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m?.payload) else {
             continue;
         };
-        let v = view.get_or_insert_with(|| RunView::from_update(&u));
+        let v = view.get_or_insert_with(|| RunView::new(&u));
         v.apply(&u);
         if progress {
             match &u.step {
@@ -484,7 +364,7 @@ async fn logs(
     let (consumer, pending) = ordered(
         js,
         subjects::LOGS_STREAM,
-        subjects::logs(run_id),
+        subjects::logs_of_run(run_id),
         DeliverPolicy::All,
     )
     .await?;
@@ -525,7 +405,7 @@ async fn logs(
                 let (_, rest) = ordered(
                     js,
                     subjects::LOGS_STREAM,
-                    subjects::logs(run_id),
+                    subjects::logs_of_run(run_id),
                     DeliverPolicy::All,
                 )
                 .await?;

@@ -89,7 +89,8 @@ async fn show(js: &async_nats::jetstream::Context, output: Output) -> anyhow::Re
         let keys: Vec<String> = kv.keys().await?.try_collect().await.unwrap_or_default();
         for key in keys {
             if let Some(entry) = kv.entry(&key).await? {
-                let (cluster, runner) = key.split_once('.').unwrap_or((key.as_str(), ""));
+                let (cluster, runner) =
+                    subjects::parse_runner_key(&key).unwrap_or((key.as_str(), ""));
                 status.runners.push(RunnerStatus {
                     cluster: cluster.to_owned(),
                     runner: runner.to_owned(),

@@ -112,9 +112,10 @@ pub struct Event {
     /// Manual events only: start this pipeline, whatever its triggers say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<String>,
-    /// Manual events only: the run whose `pipeline:` step asked for this one.
+    /// Child events only (published by the dispatcher): the run whose `pipeline:` step
+    /// asked for this one, and its cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent_run: Option<String>,
+    pub parent: Option<crate::run::ParentRef>,
     /// Manual events only: a rerun of the event's runs counts up from 0, so it gets new
     /// run ids while a repeated delivery of the same rerun converges on one.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -154,7 +155,7 @@ impl Event {
             payload: None,
             payload_ref: None,
             pipeline: None,
-            parent_run: None,
+            parent: None,
             attempt: 0,
             clusters: Vec::new(),
         }

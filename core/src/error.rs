@@ -2,12 +2,21 @@
 
 use std::time::Duration;
 
+/// Any error from a NATS client call, kept as the cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Errors raised by the shared helpers.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read {what} from {path}: {source}")]
     ReadFile {
         what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("cannot write {path}: {source}")]
+    WriteFile {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -24,11 +33,56 @@ pub enum Error {
     #[error("stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
 
+    /// A stream, bucket or consumer a service needs is missing, or laid out by another
+    /// version; `fix` is the command that repairs it.
+    #[error("{what}: {problem}; run `{fix}`")]
+    Provisioning {
+        what: String,
+        problem: String,
+        fix: String,
+    },
+
+    #[error("{what}: {source}")]
+    Bus {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+
     #[error("JetStream did not answer within {0:?}: is the server running with JetStream enabled (`-js`)?")]
     Timeout(Duration),
 
     #[error("cannot set up logging: {0}")]
     Telemetry(String),
+
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// A NATS or JetStream call that failed, with what was being done.
+    pub fn bus(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Bus {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A short, fixed label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::ReadFile { .. } => "read_file",
+            Error::WriteFile { .. } => "write_file",
+            Error::NatsUrl { .. } => "nats_url",
+            Error::Connect { .. } => "connect",
+            Error::Stream { .. } => "stream",
+            Error::Provisioning { .. } => "provisioning",
+            Error::Bus { .. } => "bus",
+            Error::Timeout(_) => "timeout",
+            Error::Telemetry(_) => "telemetry",
+            Error::Invalid(_) => "invalid",
+        }
+    }
 }
 
 /// `Result` with this crate's [`Error`].

@@ -5,11 +5,13 @@
 //! other, so the contract has exactly one definition.
 #![forbid(unsafe_code)]
 
+pub mod bus;
 pub mod duration;
 pub mod envelope;
 pub mod error;
 pub mod nats;
 pub mod pipeline;
+pub mod roles;
 pub mod run;
 pub mod shutdown;
 pub mod streams;

@@ -20,6 +20,10 @@ pub struct NatsOptions {
     pub ca_file: Option<PathBuf>,
     /// Client name shown in the server's connection list.
     pub name: String,
+    /// Prefix of this client's reply subjects (default `_INBOX`). A runner uses its
+    /// cluster's own ([`crate::roles::inbox_prefix`]), so its credential can be allowed
+    /// to receive replies there and nowhere else.
+    pub inbox_prefix: Option<String>,
 }
 
 impl NatsOptions {
@@ -31,6 +35,7 @@ impl NatsOptions {
             nkey_file: None,
             ca_file: None,
             name: name.into(),
+            inbox_prefix: None,
         }
     }
 }
@@ -85,6 +90,9 @@ async fn connect_with(opts: &NatsOptions, connect: ConnectOptions) -> Result<Cli
             source,
         })?;
         connect = connect.nkey(seed.trim().to_owned());
+    }
+    if let Some(prefix) = &opts.inbox_prefix {
+        connect = connect.custom_inbox_prefix(prefix);
     }
     if let Some(path) = &opts.ca_file {
         connect = connect.add_root_certificates(path.clone());

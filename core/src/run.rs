@@ -25,6 +25,21 @@ pub fn run_id(event_id: &str, pipeline: &str, attempt: u32) -> String {
     hex::encode(&h.finalize()[..10])
 }
 
+/// The event id of the child run a parent's `pipeline:` step starts: derived from the
+/// parent run and the step, so a redelivered parent converges on the same child.
+pub fn child_event_id(parent_run: &str, step: &str) -> String {
+    format!(
+        "{}:{}",
+        crate::Provider::Manual.as_str(),
+        crate::subjects::child_delivery_id(parent_run, step)
+    )
+}
+
+/// The child run a parent's `pipeline:` step starts.
+pub fn child_run_id(parent_run: &str, step: &str, child_pipeline: &str) -> String {
+    run_id(&child_event_id(parent_run, step), child_pipeline, 0)
+}
+
 /// A short, subject-safe digest of an id (event ids may contain `.`).
 pub fn id_digest(id: &str) -> String {
     hex::encode(&Sha256::digest(id.as_bytes())[..12])
@@ -58,8 +73,9 @@ pub struct RunRequest {
     pub cache: Option<RunCache>,
     /// The resolved concurrency group, if the pipeline has one.
     pub concurrency_group: Option<String>,
-    /// The run that started this one through a `pipeline:` step.
-    pub parent_run: Option<String>,
+    /// The run whose `pipeline:` step started this one.
+    #[serde(default)]
+    pub parent: Option<ParentRef>,
     #[serde(default)]
     pub attempt: u32,
     #[serde(with = "time::serde::rfc3339")]
@@ -127,7 +143,7 @@ impl RunState {
     }
 }
 
-/// A state change of a run, or of one of its steps, on `sluice.status.<run_id>`.
+/// A state change of a run, or of one of its steps, on `sluice.status.<cluster>.<run_id>`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusUpdate {
     pub run_id: String,
@@ -156,9 +172,54 @@ pub struct StatusUpdate {
     /// The commit the run builds.
     #[serde(default)]
     pub sha: Option<String>,
+    /// Set on a child run's states: where to relay its final state.
+    #[serde(default)]
+    pub parent: Option<ParentRef>,
 }
 
-/// A batch of output lines of one step, on `sluice.logs.<run_id>`, in order.
+impl StatusUpdate {
+    /// The subject this update is published on.
+    pub fn subject(&self) -> String {
+        crate::subjects::status(self.cluster.as_deref().unwrap_or_default(), &self.run_id)
+    }
+
+    /// Its message id (see [`crate::subjects::status_id`]).
+    pub fn message_id(&self) -> String {
+        crate::subjects::status_id(&self.run_id, self.step.as_deref(), self.state.as_str())
+    }
+
+    /// A run-level update (`step` = None) for `req`, as both the dispatcher and the
+    /// runners report it.
+    pub fn for_run(req: &RunRequest, state: RunState, message: Option<String>) -> Self {
+        StatusUpdate {
+            run_id: req.run_id.clone(),
+            pipeline: req.pipeline.clone(),
+            state,
+            step: None,
+            at: OffsetDateTime::now_utc(),
+            cluster: Some(req.cluster.clone()),
+            event_id: Some(req.event_id.clone()),
+            concurrency_group: req.concurrency_group.clone(),
+            exit_code: None,
+            message,
+            runner: None,
+            repo: req.repo.clone(),
+            sha: req.sha.clone(),
+            parent: req.parent.clone(),
+        }
+    }
+}
+
+/// The run (and its step) that started a child run, and the parent's cluster, to which
+/// the child's final state is relayed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParentRef {
+    pub run_id: String,
+    pub cluster: String,
+    pub step: String,
+}
+
+/// A batch of output lines of one step, on `sluice.logs.<cluster>.<run_id>`, in order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LogChunk {
     pub run_id: String,
@@ -196,6 +257,13 @@ pub struct Decision {
     pub repo: Option<String>,
     #[serde(rename = "ref")]
     pub git_ref: Option<String>,
+    /// The commit the runs build.
+    #[serde(default)]
+    pub sha: Option<String>,
+    #[serde(default)]
+    pub clone_url: Option<String>,
+    #[serde(default)]
+    pub pr: Option<u64>,
     #[serde(with = "time::serde::rfc3339")]
     pub decided_at: OffsetDateTime,
     /// Pipelines that watch this event's repository (or all repositories), each with
@@ -241,6 +309,214 @@ pub struct PlannedRun {
     pub outcome: String,
 }
 
+/// What a runner asks of the dispatcher for a `pipeline:` step, on
+/// `sluice.children.<its cluster>.<parent run id>`. The dispatcher checks the claim
+/// against its own records (the parent's decision and pipeline) before acting: a
+/// runner can only start the children its own runs declare.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChildRequest {
+    pub parent_run: String,
+    /// The event that started the parent run (to find its decision).
+    pub parent_event: String,
+    pub step: String,
+    pub action: ChildAction,
+    /// Why, for a cancel.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// Start or cancel a child run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChildAction {
+    Start,
+    Cancel,
+}
+
+impl ChildAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChildAction::Start => "start",
+            ChildAction::Cancel => "cancel",
+        }
+    }
+}
+
+/// A child run's final state (or why it never started), relayed by the dispatcher to
+/// the parent's cluster on `sluice.control.<parent cluster>.child.<parent run>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChildResult {
+    pub parent_run: String,
+    pub step: String,
+    /// `None` when no child run was started.
+    pub child_run: Option<String>,
+    /// Where the child ran.
+    pub cluster: Option<String>,
+    pub state: RunState,
+    pub message: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// A runner's heartbeat, the value of its key in `SLUICE_RUNNERS`
+/// ([`crate::subjects::runner_key`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Heartbeat {
+    pub cluster: String,
+    pub runner: String,
+    pub max_running: usize,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// An event the dispatcher gave up on, on `sluice.deadletter.events`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeadLetter {
+    /// The event's subject.
+    pub subject: String,
+    pub stream_sequence: u64,
+    pub reason: String,
+    pub attempts: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The original message, as text when it is UTF-8.
+    pub message: String,
+}
+
+// === The run projection ===
+
+/// A run as its state changes tell it: what `sluice runs get` prints, and how runners
+/// and tests find a run's final state. Built by [`RunView::apply`] over the run's
+/// updates in stream order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunView {
+    pub run_id: String,
+    pub pipeline: String,
+    pub state: RunState,
+    pub repo: Option<String>,
+    pub cluster: Option<String>,
+    pub event_id: Option<String>,
+    pub runner: Option<String>,
+    pub message: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// When the first state change was seen (to find the run's event).
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    pub steps: Vec<StepView>,
+}
+
+/// One step of a [`RunView`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepView {
+    pub name: String,
+    pub state: RunState,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+}
+
+impl RunView {
+    /// A view of the run `u` is about, before `u` is applied.
+    pub fn new(u: &StatusUpdate) -> Self {
+        RunView {
+            run_id: u.run_id.clone(),
+            pipeline: u.pipeline.clone(),
+            state: RunState::Queued,
+            repo: None,
+            cluster: None,
+            event_id: None,
+            runner: None,
+            message: None,
+            updated_at: u.at,
+            first_seen: u.at,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Folds one update in. A late non-final state (a retried publish stored after the
+    /// end) never overwrites a final one.
+    pub fn apply(&mut self, u: &StatusUpdate) {
+        self.updated_at = u.at;
+        self.repo = u.repo.clone().or(self.repo.take());
+        self.cluster = u.cluster.clone().or(self.cluster.take());
+        self.event_id = u.event_id.clone().or(self.event_id.take());
+        self.runner = u.runner.clone().or(self.runner.take());
+        match &u.step {
+            None => {
+                if !self.state.is_final() || u.state.is_final() {
+                    self.state = u.state;
+                    self.message = u.message.clone();
+                }
+            }
+            Some(name) => match self.steps.iter_mut().find(|s| &s.name == name) {
+                Some(step) => {
+                    step.state = u.state;
+                    step.exit_code = u.exit_code.or(step.exit_code);
+                    step.message = u.message.clone();
+                }
+                None => self.steps.push(StepView {
+                    name: name.clone(),
+                    state: u.state,
+                    exit_code: u.exit_code,
+                    message: u.message.clone(),
+                }),
+            },
+        }
+    }
+
+    /// The view after `updates`, or `None` when there are none.
+    pub fn fold<'a>(updates: impl IntoIterator<Item = &'a StatusUpdate>) -> Option<RunView> {
+        let mut view: Option<RunView> = None;
+        for u in updates {
+            view.get_or_insert_with(|| RunView::new(u)).apply(u);
+        }
+        view
+    }
+
+    /// The run's final state, once it has one.
+    pub fn final_state(&self) -> Option<RunState> {
+        self.state.is_final().then_some(self.state)
+    }
+}
+
+// === Reruns ===
+
+/// The event that reruns `pipeline` for `original`: the same event under a new id (so
+/// it is not taken for a duplicate delivery), naming the pipeline, with the attempt
+/// counted up. `now_millis` makes the id unique; a repeated publish of the same rerun
+/// converges on one run.
+pub fn rerun_event(
+    original: &crate::Event,
+    pipeline: &str,
+    now: OffsetDateTime,
+) -> crate::Event {
+    let mut event = original.clone();
+    let base = original
+        .id
+        .split(RERUN_MARK)
+        .next()
+        .unwrap_or(&original.id)
+        .to_owned();
+    event.id = format!(
+        "{base}{RERUN_MARK}{}",
+        now.unix_timestamp_nanos() / 1_000_000
+    );
+    event.pipeline = Some(pipeline.to_owned());
+    event.attempt = original.attempt + 1;
+    event.received_at = now;
+    event
+}
+
+/// What separates an event id from its rerun counter.
+const RERUN_MARK: &str = "~rerun";
+
+/// The run a [`rerun_event`] starts.
+pub fn rerun_id(event: &crate::Event, pipeline: &str) -> String {
+    run_id(&event.id, pipeline, event.attempt)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +531,115 @@ mod tests {
         assert_ne!(a, run_id("github:1", "ci", 1));
         // No ambiguity from concatenation.
         assert_ne!(run_id("a", "bc", 0), run_id("ab", "c", 0));
+    }
+
+    fn update(step: Option<&str>, state: RunState) -> StatusUpdate {
+        StatusUpdate {
+            run_id: "r1".into(),
+            pipeline: "ci".into(),
+            state,
+            step: step.map(str::to_owned),
+            at: OffsetDateTime::UNIX_EPOCH,
+            cluster: Some("eu-1".into()),
+            event_id: Some("github:1".into()),
+            concurrency_group: None,
+            exit_code: None,
+            message: None,
+            runner: None,
+            repo: None,
+            sha: None,
+            parent: None,
+        }
+    }
+
+    #[test]
+    fn the_projection_keeps_a_final_state_against_late_updates() {
+        let updates = [
+            update(None, RunState::Scheduled),
+            update(Some("build"), RunState::Running),
+            update(None, RunState::Running),
+            update(Some("build"), RunState::Failed),
+            update(None, RunState::Failed),
+            // A retried publish of an earlier state, stored late.
+            update(None, RunState::Running),
+        ];
+        let view = RunView::fold(&updates).expect("a view");
+        assert_eq!(view.final_state(), Some(RunState::Failed));
+        assert_eq!(view.steps.len(), 1);
+        assert_eq!(view.steps[0].state, RunState::Failed);
+        assert_eq!(view.cluster.as_deref(), Some("eu-1"));
+        assert!(RunView::fold(&[]).is_none());
+    }
+
+    #[test]
+    fn status_updates_know_their_subject_and_id() {
+        let u = update(Some("build"), RunState::Running);
+        assert_eq!(u.subject(), "sluice.status.eu-1.r1");
+        assert_eq!(u.message_id(), "r1:build:running");
+        let json = serde_json::to_string(&u).expect("encode");
+        let back: StatusUpdate = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, u);
+    }
+
+    #[test]
+    fn reruns_count_up_and_keep_the_original_id() {
+        let mut e = crate::Event::new(crate::Provider::Github, "d1", "push");
+        let at = OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("time");
+        let first = rerun_event(&e, "ci", at);
+        assert_eq!(first.id, "github:d1~rerun1700000000000");
+        assert_eq!(first.attempt, 1);
+        assert_eq!(first.pipeline.as_deref(), Some("ci"));
+        let second = rerun_event(&first, "ci", at + time::Duration::seconds(1));
+        assert_eq!(second.id, "github:d1~rerun1700000001000");
+        assert_eq!(second.attempt, 2);
+        assert_ne!(rerun_id(&first, "ci"), rerun_id(&second, "ci"));
+        e.attempt = 0;
+        assert_eq!(rerun_id(&e, "ci"), run_id("github:d1", "ci", 0));
+    }
+
+    #[test]
+    fn contract_messages_round_trip() {
+        let at = OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("time");
+        let req = ChildRequest {
+            parent_run: "p".into(),
+            parent_event: "github:1".into(),
+            step: "deploy".into(),
+            action: ChildAction::Cancel,
+            reason: Some("parent cancelled".into()),
+            at,
+        };
+        let json = serde_json::to_value(&req).expect("encode");
+        assert_eq!(json["action"], "cancel");
+        assert_eq!(serde_json::from_value::<ChildRequest>(json).expect("decode"), req);
+        let result = ChildResult {
+            parent_run: "p".into(),
+            step: "deploy".into(),
+            child_run: Some("c".into()),
+            cluster: Some("b".into()),
+            state: RunState::Succeeded,
+            message: None,
+            at,
+        };
+        let json = serde_json::to_value(&result).expect("encode");
+        assert_eq!(json["state"], "succeeded");
+        assert_eq!(serde_json::from_value::<ChildResult>(json).expect("decode"), result);
+        let beat = Heartbeat {
+            cluster: "a".into(),
+            runner: "r".into(),
+            max_running: 5,
+            at: 1,
+        };
+        let json = serde_json::to_string(&beat).expect("encode");
+        assert_eq!(serde_json::from_str::<Heartbeat>(&json).expect("decode"), beat);
+        let letter = DeadLetter {
+            subject: "sluice.events.github.push".into(),
+            stream_sequence: 3,
+            reason: "bad".into(),
+            attempts: 1,
+            at,
+            message: "{}".into(),
+        };
+        let json = serde_json::to_string(&letter).expect("encode");
+        assert_eq!(serde_json::from_str::<DeadLetter>(&json).expect("decode"), letter);
     }
 }

@@ -2,10 +2,12 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream;
 use serde::Serialize;
-use sluice_core::run::{CancelRequest, Decision, RunRequest, RunState, StatusUpdate};
-use sluice_core::subjects;
+use sluice_core::run::{
+    CancelRequest, ChildResult, DeadLetter, Decision, RunRequest, RunState, StatusUpdate,
+};
+use sluice_core::{subjects, Event};
 use time::OffsetDateTime;
 
 use crate::{Error, Result};
@@ -27,57 +29,30 @@ impl Bus {
     }
 
     /// Publishes and waits for the ack; true when JetStream already had the message id.
-    async fn publish(
-        &self,
-        subject: String,
-        msg_id: Option<&str>,
-        body: &impl Serialize,
-    ) -> Result<bool> {
-        let payload = serde_json::to_vec(body).map_err(|e| Error::Nats(format!("encode: {e}")))?;
-        let mut message = PublishMessage::build().payload(payload.into());
-        if let Some(id) = msg_id {
-            message = message.message_id(id);
-        }
-        let ack = self
-            .js
-            .send_publish(subject, message)
-            .await
-            .map_err(|e| Error::Nats(format!("publish: {e}")))?
-            .await
-            .map_err(|e| Error::Nats(format!("publish ack: {e}")))?;
+    async fn publish(&self, subject: String, msg_id: &str, body: &impl Serialize) -> Result<bool> {
+        let ack = sluice_core::bus::publish_json(&self.js, subject, msg_id, body).await?;
         Ok(ack.duplicate)
     }
 
-    /// The run request on `sluice.runs.<cluster>`, `Nats-Msg-Id` = run id.
+    /// The run request on `sluice.runs.<cluster>`.
     pub async fn publish_run(&self, req: &RunRequest) -> Result<bool> {
-        self.publish(subjects::runs(&req.cluster), Some(&req.run_id), req)
-            .await
+        self.publish(
+            subjects::runs(&req.cluster),
+            &subjects::run_request_id(&req.run_id),
+            req,
+        )
+        .await
     }
 
-    /// A state change on `sluice.status.<run_id>`.
+    /// A run-level state change on `sluice.status.<cluster>.<run_id>`.
     pub async fn status(
         &self,
         req: &RunRequest,
         state: RunState,
         message: Option<String>,
     ) -> Result<()> {
-        let update = StatusUpdate {
-            run_id: req.run_id.clone(),
-            pipeline: req.pipeline.clone(),
-            state,
-            step: None,
-            at: OffsetDateTime::now_utc(),
-            cluster: Some(req.cluster.clone()),
-            event_id: Some(req.event_id.clone()),
-            concurrency_group: req.concurrency_group.clone(),
-            exit_code: None,
-            message,
-            runner: None,
-            repo: req.repo.clone(),
-            sha: req.sha.clone(),
-        };
-        let id = format!("{}:{}", req.run_id, state.as_str());
-        self.publish(subjects::status(&req.run_id), Some(&id), &update)
+        let update = StatusUpdate::for_run(req, state, message);
+        self.publish(update.subject(), &update.message_id(), &update)
             .await?;
         Ok(())
     }
@@ -91,12 +66,35 @@ impl Bus {
         };
         self.publish(
             subjects::cancel(cluster),
-            Some(&format!("cancel:{run_id}")),
+            &subjects::cancel_id(run_id),
             &request,
         )
         .await?;
         tracing::info!(run_id, cluster, reason, "cancel requested");
         Ok(())
+    }
+
+    /// Relays a child run's end to its parent's cluster.
+    pub async fn child_result(&self, parent_cluster: &str, result: &ChildResult) -> Result<()> {
+        let id = match &result.child_run {
+            Some(run) => subjects::child_result_id(run),
+            None => subjects::child_result_id(&format!(
+                "{}-{}",
+                result.parent_run, result.step
+            )),
+        };
+        self.publish(
+            subjects::child_result(parent_cluster, &result.parent_run),
+            &id,
+            result,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Publishes an event the dispatcher itself starts (a child run's).
+    pub async fn event(&self, event: &Event) -> Result<bool> {
+        self.publish(event.subject(), &event.id, event).await
     }
 
     /// A queued run that never started is cancelled by the dispatcher itself.
@@ -105,10 +103,17 @@ impl Bus {
             .await
     }
 
-    /// The decision for an event; only the latest per event is kept.
+    /// The decision for an event; only the latest per event is kept, so a redelivered
+    /// event's new decision replaces the old one (no message id).
     pub async fn decision(&self, decision: &Decision) -> Result<()> {
-        self.publish(subjects::decision(&decision.event_id), None, decision)
-            .await?;
+        let payload = serde_json::to_vec(decision).map_err(|e| Error::Nats(format!("encode: {e}")))?;
+        let ack = self
+            .js
+            .publish(subjects::decision(&decision.event_id), payload.into())
+            .await
+            .map_err(|e| Error::Nats(format!("publish decision: {e}")))?;
+        ack.await
+            .map_err(|e| Error::Nats(format!("decision ack: {e}")))?;
         Ok(())
     }
 
@@ -121,28 +126,20 @@ impl Bus {
         reason: &str,
         attempts: i64,
     ) -> Result<()> {
-        #[derive(Serialize)]
-        struct DeadLetter<'a> {
-            subject: &'a str,
-            stream_sequence: u64,
-            reason: &'a str,
-            attempts: i64,
-            #[serde(with = "time::serde::rfc3339")]
-            at: OffsetDateTime,
-            /// The original message, as text when it is UTF-8.
-            message: String,
-        }
         let letter = DeadLetter {
-            subject: event_subject,
+            subject: event_subject.to_owned(),
             stream_sequence: sequence,
-            reason,
+            reason: reason.to_owned(),
             attempts,
             at: OffsetDateTime::now_utc(),
             message: String::from_utf8_lossy(payload).into_owned(),
         };
-        let id = format!("dead:{sequence}");
-        self.publish(subjects::DEADLETTER_EVENTS.to_owned(), Some(&id), &letter)
-            .await?;
+        self.publish(
+            subjects::DEADLETTER_EVENTS.to_owned(),
+            &subjects::dead_letter_id(sequence),
+            &letter,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod bus;
+pub mod decisions;
 mod error;
 pub mod forge;
 pub mod github;
@@ -23,6 +24,7 @@ use std::time::Duration;
 
 use sluice_core::nats::NatsOptions;
 use sluice_core::streams::{self, StreamSettings};
+use sluice_core::subjects;
 use tokio_util::sync::CancellationToken;
 
 pub use bus::Bus;
@@ -72,9 +74,12 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     let bus = Bus::new(client.clone(), config.publish_timeout);
     let mut delay = Duration::from_millis(100);
     loop {
-        match streams::ensure(&bus.js, &config.streams).await {
-            Ok(()) => break,
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot provision streams yet"),
+        match streams::prepare(&bus.js, &config.streams, NEEDS).await {
+            Ok(differences) => {
+                streams::report("dispatcher", &differences);
+                break;
+            }
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "streams not ready yet"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -82,9 +87,9 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
-    let pipelines = streams::pipelines_bucket(&bus.js, &config.streams).await?;
-    let groups = streams::groups_bucket(&bus.js, &config.streams).await?;
-    let runners = streams::runners_bucket(&bus.js, &config.streams).await?;
+    let pipelines = streams::bucket(&bus.js, subjects::PIPELINES_BUCKET).await?;
+    let groups = streams::bucket(&bus.js, subjects::GROUPS_BUCKET).await?;
+    let runners = streams::bucket(&bus.js, subjects::RUNNERS_BUCKET).await?;
     let liveness = Arc::new(liveness::Liveness::default());
     let liveness_task = tokio::spawn(liveness::watch(runners, liveness.clone(), shutdown.clone()));
     let registry = Arc::new(registry::Registry::default());
@@ -94,7 +99,6 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
             bus.js.clone(),
             config.forge.clone(),
             r,
-            config.streams.clone(),
             shutdown.clone(),
         ))
     });
@@ -112,9 +116,10 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         concurrency = config.concurrency,
         "dispatcher consuming events"
     );
-    let (events, statuses) = tokio::join!(
+    let (events, statuses, children) = tokio::join!(
         service::consume_events(ctx.clone(), config.concurrency, shutdown.clone()),
-        service::consume_statuses(ctx, shutdown.clone()),
+        service::consume_statuses(ctx.clone(), shutdown.clone()),
+        service::consume_children(ctx, shutdown.clone()),
     );
     watcher.abort();
     liveness_task.abort();
@@ -127,5 +132,12 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     tracing::info!("dispatcher stopped");
-    events.and(statuses)
+    events.and(statuses).and(children)
 }
+
+/// Everything the dispatcher reads or writes.
+const NEEDS: streams::Needs = streams::Needs {
+    streams: &subjects::STREAMS,
+    buckets: &subjects::BUCKETS,
+    object_stores: &[],
+};

@@ -85,7 +85,11 @@ pub fn plan(pipeline: &Pipeline, event: &Event, cel: &CelEvent<'_>, cluster: Str
             .concurrency
             .as_ref()
             .map(|c| render_template(&c.group, vars)),
-        parent_run: event.parent_run.clone(),
+        // Only the dispatcher starts child runs: a parent named by anyone else's event
+        // would relay a child's result to a cluster that never asked.
+        parent: (event.provider == sluice_core::Provider::Manual)
+            .then(|| event.parent.clone())
+            .flatten(),
         attempt: event.attempt,
         created_at: OffsetDateTime::now_utc(),
     }

@@ -20,7 +20,7 @@ use futures::{StreamExt, TryStreamExt};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use sluice_core::run::{RunState, StatusUpdate};
-use sluice_core::streams::{self, StreamSettings};
+use sluice_core::streams;
 use sluice_core::subjects;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -61,24 +61,16 @@ struct Wanted {
     description: String,
 }
 
-pub const CONSUMER: &str = "sluice-reporter";
+pub const CONSUMER: &str = subjects::REPORTER_CONSUMER;
 
 /// Runs both loops until `shutdown`.
 pub async fn run(
     js: jetstream::Context,
     forge: ForgeConfig,
     config: ReporterConfig,
-    settings: StreamSettings,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let kv = streams::kv_bucket(
-        &js,
-        &settings,
-        subjects::REPORTS_BUCKET,
-        "Sluice: commit statuses to send",
-        1,
-    )
-    .await?;
+    let kv = streams::bucket(&js, subjects::REPORTS_BUCKET).await?;
     let sender = Arc::new(Sender::new(forge, &config)?);
     let intake = tokio::spawn(intake(js, kv.clone(), shutdown.clone()));
     flush_loop(kv, sender, config.interval, shutdown).await;

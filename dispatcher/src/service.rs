@@ -10,7 +10,10 @@ use async_nats::jetstream::message::Message;
 use async_nats::jetstream::AckKind;
 use futures::StreamExt;
 use sluice_core::pipeline::Pipeline;
-use sluice_core::run::{Decision, PlannedRun, RunRequest, RunState, StatusUpdate};
+use sluice_core::run::{
+    ChildAction, ChildRequest, ChildResult, Decision, ParentRef, PlannedRun, RunRequest,
+    RunState, StatusUpdate,
+};
 use sluice_core::{subjects, Event, Provider};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -37,8 +40,9 @@ pub struct Context {
 }
 
 /// Durable consumer names: every replica joins the same ones.
-pub const EVENTS_CONSUMER: &str = "sluice-dispatcher";
-pub const STATUS_CONSUMER: &str = "sluice-dispatcher-groups";
+pub const EVENTS_CONSUMER: &str = subjects::DISPATCHER_CONSUMER;
+pub const STATUS_CONSUMER: &str = subjects::DISPATCHER_STATUS_CONSUMER;
+pub const CHILDREN_CONSUMER: &str = subjects::DISPATCHER_CHILDREN_CONSUMER;
 
 async fn consumer(
     ctx: &Context,
@@ -241,6 +245,10 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
         });
     }
     let count = runs.len();
+    let decision_runs: Vec<(String, String)> = runs
+        .iter()
+        .map(|r| (r.pipeline.clone(), r.run_id.clone()))
+        .collect();
     ctx.bus
         .decision(&Decision {
             event_id: event.id.clone(),
@@ -249,13 +257,40 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
             action: event.action.clone(),
             repo: event.repo.clone(),
             git_ref: event.git_ref.clone(),
+            sha: event.sha.clone(),
+            clone_url: event.clone_url.clone(),
+            pr: event.pr,
             decided_at: OffsetDateTime::now_utc(),
             pipelines: evaluation.decisions,
             not_considered: evaluation.not_considered,
             runs,
         })
         .await?;
+    if let Some(result) = unstarted_child(event, &decision_runs) {
+        if let Some(parent) = &event.parent {
+            ctx.bus.child_result(&parent.cluster, &result).await?;
+        }
+    }
     Ok(count)
+}
+
+/// A child event that started no run of its pipeline: the parent is told at once, with
+/// the decision's reason, instead of waiting for a result that never comes.
+fn unstarted_child(event: &Event, runs: &[(String, String)]) -> Option<ChildResult> {
+    let parent = event.parent.as_ref().filter(|_| event.provider == Provider::Manual)?;
+    let child = event.pipeline.as_deref()?;
+    if runs.iter().any(|(pipeline, _)| pipeline == child) {
+        return None;
+    }
+    Some(ChildResult {
+        parent_run: parent.run_id.clone(),
+        step: parent.step.clone(),
+        child_run: None,
+        cluster: None,
+        state: RunState::Failed,
+        message: Some(format!("the dispatcher started no run of `{child}` (see `sluice events why {}`)", event.id)),
+        at: OffsetDateTime::now_utc(),
+    })
 }
 
 /// A pull request event without changed files, and a candidate pipeline that filters
@@ -309,6 +344,19 @@ async fn release_slot(ctx: &Context, payload: &[u8]) -> Result<()> {
     if !update.state.is_final() || update.step.is_some() {
         return Ok(());
     }
+    if let Some(parent) = &update.parent {
+        // The parent's runner cannot read the child's cluster: relay its end.
+        let result = ChildResult {
+            parent_run: parent.run_id.clone(),
+            step: parent.step.clone(),
+            child_run: Some(update.run_id.clone()),
+            cluster: update.cluster.clone(),
+            state: update.state,
+            message: update.message.clone(),
+            at: OffsetDateTime::now_utc(),
+        };
+        ctx.bus.child_result(&parent.cluster, &result).await?;
+    }
     let Some(group) = &update.concurrency_group else {
         return Ok(());
     };
@@ -319,4 +367,181 @@ async fn release_slot(ctx: &Context, payload: &[u8]) -> Result<()> {
         .and_then(|p| p.concurrency.as_ref())
         .and_then(|c| c.max_running);
     groups::release(&ctx.bus, &ctx.groups, group, &update.run_id, max_running).await
+}
+
+// === Child pipelines ===
+
+/// Consumes runners' child requests (`SLUICE_CHILDREN`): checks each against the
+/// dispatcher's own records and starts or cancels the child run.
+pub async fn consume_children(ctx: Arc<Context>, shutdown: CancellationToken) -> Result<()> {
+    let consumer = consumer(&ctx, subjects::CHILDREN_STREAM, CHILDREN_CONSUMER, 256).await?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| Error::Nats(format!("pull child requests: {e}")))?;
+    messages
+        .take_until(shutdown.cancelled_owned())
+        .for_each_concurrent(16, |message| {
+            let ctx = ctx.clone();
+            async move {
+                let Ok(message) = message else { return };
+                let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+                match child_request(&ctx, &message.subject, &message.payload).await {
+                    Ok(()) => ack(&message, AckKind::Ack).await,
+                    Err(ChildError::Retry(why)) if delivered < ctx.max_attempts => {
+                        tracing::info!(reason = %why, attempt = delivered, "child request not ready yet, will retry");
+                        ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    }
+                    Err(ChildError::Retry(why) | ChildError::Refused(why)) => {
+                        tracing::warn!(subject = %message.subject, reason = %why, "child request refused");
+                        refuse(&ctx, &message.subject, &message.payload, &why).await;
+                        ack(&message, AckKind::Term).await;
+                    }
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+/// Why a child request was not carried out.
+#[derive(Debug)]
+enum ChildError {
+    /// What it needs is not stored yet (the parent's decision is written after its
+    /// run request, so a fast runner can ask first).
+    Retry(String),
+    /// It claims what the records do not show.
+    Refused(String),
+}
+
+impl From<Error> for ChildError {
+    fn from(e: Error) -> Self {
+        ChildError::Retry(e.to_string())
+    }
+}
+
+/// Starts or cancels the child a runner asks for, after checking that the parent run
+/// exists, runs on the cluster whose subject the request came on, and belongs to a
+/// pipeline that declares that child step: a runner can reach only the children its
+/// own runs declare, whatever it writes in the request.
+async fn child_request(ctx: &Context, subject: &str, payload: &[u8]) -> Result<(), ChildError> {
+    let cluster = subjects::cluster_of(subject)
+        .ok_or_else(|| ChildError::Refused(format!("`{subject}` names no cluster")))?;
+    let req: ChildRequest = serde_json::from_slice(payload)
+        .map_err(|e| ChildError::Refused(format!("not a child request: {e}")))?;
+    if subjects::child_request(cluster, &req.parent_run) != subject {
+        return Err(ChildError::Refused(format!(
+            "a request for run {} on another run's subject",
+            req.parent_run
+        )));
+    }
+    let decision = crate::decisions::get(&ctx.bus.js, &req.parent_event)
+        .await?
+        .ok_or_else(|| ChildError::Retry(format!("no decision for event {} yet", req.parent_event)))?;
+    let parent = decision
+        .runs
+        .iter()
+        .find(|r| r.run_id == req.parent_run)
+        .ok_or_else(|| {
+            ChildError::Refused(format!(
+                "event {} started no run {}",
+                req.parent_event, req.parent_run
+            ))
+        })?;
+    if parent.cluster != cluster {
+        return Err(ChildError::Refused(format!(
+            "run {} runs on cluster {}, not {cluster}",
+            req.parent_run, parent.cluster
+        )));
+    }
+    let index = ctx.registry.current();
+    let pipeline = index.get(&parent.pipeline).ok_or_else(|| {
+        ChildError::Refused(format!("pipeline {} no longer exists", parent.pipeline))
+    })?;
+    let step = pipeline
+        .steps
+        .iter()
+        .find(|s| s.name.as_str() == req.step)
+        .ok_or_else(|| {
+            ChildError::Refused(format!("pipeline {} has no step {}", parent.pipeline, req.step))
+        })?;
+    let child = step.pipeline.as_ref().ok_or_else(|| {
+        ChildError::Refused(format!(
+            "step {} of pipeline {} starts no child pipeline",
+            req.step, parent.pipeline
+        ))
+    })?;
+    let child_event = sluice_core::run::child_event_id(&req.parent_run, &req.step);
+    match req.action {
+        ChildAction::Start => {
+            let mut event = Event::new(
+                Provider::Manual,
+                &subjects::child_delivery_id(&req.parent_run, &req.step),
+                "pipeline",
+            );
+            debug_assert_eq!(event.id, child_event);
+            event.pipeline = Some(child.to_string());
+            event.parent = Some(ParentRef {
+                run_id: req.parent_run.clone(),
+                cluster: cluster.to_owned(),
+                step: req.step.clone(),
+            });
+            event.repo = decision.repo.clone();
+            event.clone_url = decision.clone_url.clone();
+            event.git_ref = decision.git_ref.clone();
+            event.sha = decision.sha.clone();
+            event.pr = decision.pr;
+            if let Some(runtime) = &step.runtime {
+                event.clusters = runtime.cluster.0.iter().map(|c| c.to_string()).collect();
+            }
+            ctx.bus.event(&event).await?;
+            tracing::info!(parent_run = %req.parent_run, step = %req.step, child = %child, "child run requested");
+        }
+        ChildAction::Cancel => {
+            let child_run = sluice_core::run::child_run_id(&req.parent_run, &req.step, child.as_str());
+            let planned = crate::decisions::get(&ctx.bus.js, &child_event)
+                .await?
+                .and_then(|d| d.runs.into_iter().find(|r| r.run_id == child_run));
+            match planned {
+                Some(run) => {
+                    let reason = req
+                        .reason
+                        .unwrap_or_else(|| format!("its parent run {} was cancelled", req.parent_run));
+                    ctx.bus.cancel(&run.cluster, &child_run, &reason).await?;
+                }
+                None => {
+                    return Err(ChildError::Retry(format!(
+                        "child run {child_run} is not planned yet"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tells the parent's runner that its child request was refused, so its step ends with
+/// the reason instead of waiting.
+async fn refuse(ctx: &Context, subject: &str, payload: &[u8], why: &str) {
+    let (Some(cluster), Ok(req)) = (
+        subjects::cluster_of(subject),
+        serde_json::from_slice::<ChildRequest>(payload),
+    ) else {
+        return;
+    };
+    if req.action != ChildAction::Start || subjects::child_request(cluster, &req.parent_run) != subject {
+        return;
+    }
+    let result = ChildResult {
+        parent_run: req.parent_run,
+        step: req.step,
+        child_run: None,
+        cluster: None,
+        state: RunState::Failed,
+        message: Some(format!("child run refused: {why}")),
+        at: OffsetDateTime::now_utc(),
+    };
+    if let Err(e) = ctx.bus.child_result(cluster, &result).await {
+        tracing::warn!(error = %e, "cannot tell the parent its child request was refused");
+    }
 }

@@ -91,11 +91,7 @@ pub async fn serve(
         }
     }
     let client = sluice_core::nats::connect(&config.nats).await?;
-    let publisher = publish::Publisher::new(
-        client.clone(),
-        config.streams.clone(),
-        config.publish_timeout,
-    );
+    let publisher = publish::Publisher::new(client.clone(), config.publish_timeout);
     let state = Arc::new(http::AppState {
         secrets: config.secrets,
         publisher,
@@ -129,8 +125,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Creates or updates the streams, retrying until NATS answers. Until then `/readyz`
-/// says not ready and webhooks are answered 503, so nothing is lost meanwhile.
+/// Checks the streams ingest writes (creating them only when missing, never changing
+/// them), retrying until NATS answers. Until then `/readyz` says not ready and webhooks
+/// are answered 503, so nothing is lost meanwhile.
 async fn provision(
     state: Arc<http::AppState>,
     settings: StreamSettings,
@@ -139,8 +136,9 @@ async fn provision(
     let mut delay = Duration::from_millis(100);
     loop {
         let js = state.publisher.jetstream();
-        match streams::ensure(js, &settings).await {
-            Ok(()) => {
+        match streams::prepare(js, &settings, NEEDS).await {
+            Ok(differences) => {
+                streams::report("ingest", &differences);
                 state.provisioned.store(true, Ordering::Release);
                 tracing::info!("streams ready");
                 return;
@@ -154,3 +152,10 @@ async fn provision(
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
+
+/// What ingest writes: events, and oversized bodies beside them.
+const NEEDS: streams::Needs = streams::Needs {
+    streams: &[sluice_core::subjects::EVENTS_STREAM],
+    buckets: &[],
+    object_stores: &[sluice_core::subjects::PAYLOADS_BUCKET],
+};

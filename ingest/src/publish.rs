@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State;
 use async_nats::jetstream::{self, message::PublishMessage, object_store::ObjectStore};
 use sha2::{Digest, Sha256};
-use sluice_core::streams::{self, StreamSettings};
+use sluice_core::streams;
 use sluice_core::{subjects, Event, PayloadRef};
 use tokio::sync::OnceCell;
 
@@ -40,7 +40,6 @@ pub struct Stored {
 pub struct Publisher {
     client: async_nats::Client,
     js: jetstream::Context,
-    settings: StreamSettings,
     payloads: OnceCell<ObjectStore>,
     timeout: Duration,
 }
@@ -54,7 +53,7 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    pub fn new(client: async_nats::Client, settings: StreamSettings, timeout: Duration) -> Self {
+    pub fn new(client: async_nats::Client, timeout: Duration) -> Self {
         // Waiting for an in-flight slot (rather than failing) is bounded by `timeout`.
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
@@ -63,7 +62,6 @@ impl Publisher {
         Publisher {
             client,
             js,
-            settings,
             payloads: OnceCell::new(),
             timeout,
         }
@@ -131,7 +129,7 @@ impl Publisher {
     async fn put_payload(&self, event_id: &str, raw: &[u8]) -> Result<PayloadRef, PublishError> {
         let store = self
             .payloads
-            .get_or_try_init(|| streams::payloads_bucket(&self.js, &self.settings))
+            .get_or_try_init(|| streams::payloads(&self.js))
             .await
             .map_err(|e| PublishError::Refused(e.to_string()))?;
         let mut reader = raw;

@@ -5,12 +5,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::message::{Acker, Message};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use sluice_core::run::{CancelRequest, RunRequest, RunState, StatusUpdate};
-use sluice_core::{streams, subjects};
+use sluice_core::run::{CancelRequest, Heartbeat, RunRequest, RunState};
+use sluice_core::{bus, streams, subjects};
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -47,18 +47,25 @@ impl Running {
 pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()> {
     let client = sluice_core::nats::connect(&config.nats).await?;
     let js = jetstream::new(client.clone());
+    // Joining the consumer group is the one thing a runner cannot do without. It is
+    // retried, never fatal: NATS may still be settling (a new leader, JetStream's
+    // "insufficient resources" while a cluster forms), or the operator has yet to run
+    // the command the log line names.
     let mut delay = Duration::from_millis(100);
-    loop {
-        match streams::ensure(&js, &config.streams).await {
-            Ok(()) => break,
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the streams yet"),
+    let consumer = loop {
+        match join(&js, &config).await {
+            Ok(c) => break c,
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot join the cluster's consumer group yet"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
-    }
+    };
+    // The consumer's ack wait, not the flag's, decides how often progress is signalled.
+    let ack_wait = consumer.cached_info().config.ack_wait;
+    let config = RunnerConfig { ack_wait, ..config };
     let running = Arc::new(Running::default());
     let cancels = tokio::spawn(follow_cancels(
         js.clone(),
@@ -71,9 +78,10 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         crate::Executor::Kubernetes(kube) => {
             let watch = kube.start(&config.cluster, shutdown.clone());
             let stored = js.clone();
+            let cluster = config.cluster.clone();
             kube.sweep(&config.cluster, move |run: String| {
-                let js = stored.clone();
-                async move { final_state(&js, &run).await.is_some() }
+                let (js, cluster) = (stored.clone(), cluster.clone());
+                async move { final_state(&js, &cluster, &run).await.is_some() }
             })
             .await;
             Some(watch)
@@ -81,26 +89,6 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         crate::Executor::Local(_) => None,
     };
 
-    let name = format!("sluice-runner-{}", config.cluster);
-    let stream = js
-        .get_stream(subjects::RUNS_STREAM)
-        .await
-        .map_err(|e| Error::Nats(format!("runs stream: {e}")))?;
-    // Created or updated, so a changed setting reaches a consumer that exists.
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(name.clone()),
-            filter_subject: subjects::runs(&config.cluster),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: config.ack_wait,
-            // Replicas bound their own work with --max-running; JetStream's default of
-            // 1,000 unacknowledged runs per consumer would silently cap the whole
-            // cluster (20 replicas of 50 already reach it).
-            max_ack_pending: -1,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::Nats(format!("consumer {name}: {e}")))?;
     tracing::info!(cluster = %config.cluster, runner = %config.runner_id, max_running = config.max_running, "runner pulling runs");
 
     let slots = Arc::new(Semaphore::new(config.max_running));
@@ -197,7 +185,7 @@ async fn handle(
 
     // A redelivery of a run that already finished (its final state was stored, the
     // ack was lost): acknowledge and do nothing.
-    if let Some(state) = Box::pin(final_state(&js, &req.run_id)).await {
+    if let Some(state) = Box::pin(final_state(&js, &req.cluster, &req.run_id)).await {
         tracing::info!(run_id = %req.run_id, state = state.as_str(), "run already finished; acknowledging");
         let _ = Box::pin(acker.double_ack()).await;
         return;
@@ -270,24 +258,82 @@ impl Drop for AbortOnDrop {
 }
 
 /// The run's final state, when one is already stored.
-async fn final_state(js: &jetstream::Context, run_id: &str) -> Option<RunState> {
-    let mut last = None;
-    crate::report::read_subject(
-        js,
-        subjects::STATUS_STREAM,
-        subjects::status(run_id),
-        |payload| {
-            if let Ok(update) = serde_json::from_slice::<StatusUpdate>(payload) {
-                if update.step.is_none() && update.state.is_final() {
-                    last = Some(update.state);
-                }
-            }
-        },
-    )
-    .await
-    .ok()?;
-    last
+async fn final_state(js: &jetstream::Context, cluster: &str, run_id: &str) -> Option<RunState> {
+    match bus::final_state(js, Some(cluster), run_id).await {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::warn!(run_id, error = %e, "cannot read the run's stored states");
+            None
+        }
+    }
 }
+
+/// The cluster's consumer group, checked as it is: `sluice streams apply` creates and
+/// sizes it. Only when it is missing does the runner try to create it (and what it
+/// needs), which works for a first try against a bare server and fails, naming the
+/// command, on a restricted credential.
+async fn join(
+    js: &jetstream::Context,
+    config: &RunnerConfig,
+) -> Result<jetstream::consumer::PullConsumer> {
+    let wanted = streams::ClusterConsumer {
+        ack_wait: config.ack_wait,
+        ..streams::ClusterConsumer::new(&config.cluster)
+    };
+    let name = subjects::runner_consumer(&config.cluster);
+    match js
+        .get_consumer_from_stream::<pull::Config, _, _>(&name, subjects::RUNS_STREAM)
+        .await
+    {
+        Ok(consumer) => {
+            let have = &consumer.cached_info().config;
+            if have.ack_wait != wanted.ack_wait {
+                tracing::warn!(
+                    consumer = %name,
+                    have = ?have.ack_wait,
+                    want = ?wanted.ack_wait,
+                    "the consumer's ack wait differs from --ack-wait; using the consumer's (`{} --clusters {}:<ack wait>` changes it)",
+                    streams::APPLY_COMMAND,
+                    config.cluster,
+                );
+            }
+            Ok(consumer)
+        }
+        // JetStream's "consumer not found" (10014) or "stream not found" (10059).
+        Err(e) if e.to_string().contains("not found") => {
+            let differences = streams::prepare(js, &config.streams, RUNNER_NEEDS).await?;
+            streams::report("runner", &differences);
+            let stream = js
+                .get_stream_no_info(subjects::RUNS_STREAM)
+                .await
+                .map_err(|e| sluice_core::Error::bus("stream SLUICE_RUNS", e))?;
+            stream
+                .create_consumer(wanted.config())
+                .await
+                .map_err(|e| {
+                    Error::Core(sluice_core::Error::Provisioning {
+                        what: format!("consumer {name}"),
+                        problem: format!("it does not exist and cannot be created with this credential ({e})"),
+                        fix: format!("{} --clusters {}", streams::APPLY_COMMAND, config.cluster),
+                    })
+                })
+        }
+        Err(e) => Err(Error::Core(sluice_core::Error::bus(format!("consumer {name}"), e))),
+    }
+}
+
+/// What a runner uses; created only on a first try against a bare server.
+const RUNNER_NEEDS: streams::Needs = streams::Needs {
+    streams: &[
+        subjects::RUNS_STREAM,
+        subjects::STATUS_STREAM,
+        subjects::LOGS_STREAM,
+        subjects::CONTROL_STREAM,
+        subjects::CHILDREN_STREAM,
+    ],
+    buckets: &[subjects::RUNNERS_BUCKET],
+    object_stores: &[],
+};
 
 /// Follows cancel requests for this cluster, from the start of the control stream, so
 /// a run cancelled while queued is never started.
@@ -298,33 +344,17 @@ async fn follow_cancels(
     shutdown: CancellationToken,
 ) {
     loop {
-        let stream = match js.get_stream(subjects::CONTROL_STREAM).await {
-            Ok(s) => s,
+        let messages = bus::follow(
+            &js,
+            subjects::CONTROL_STREAM,
+            subjects::cancel(&cluster),
+            DeliverPolicy::All,
+        )
+        .await;
+        let mut messages = match messages {
+            Ok(m) => Box::pin(m),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read cancel requests yet");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(2)) => continue,
-                }
-            }
-        };
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subjects::cancel(&cluster),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await;
-        let mut messages = match consumer {
-            Ok(c) => match c.messages().await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot follow cancel requests; retrying");
-                    continue;
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow cancel requests; retrying");
+                tracing::warn!(error = %e, "cannot follow cancel requests yet");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_secs(2)) => continue,
@@ -347,17 +377,27 @@ async fn follow_cancels(
                 None => break,
             }
         }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 
 /// Renews this runner's key in `SLUICE_RUNNERS` so dispatchers know the cluster is
 /// served.
 async fn heartbeat(js: jetstream::Context, config: RunnerConfig, shutdown: CancellationToken) {
-    let Ok(kv) = streams::runners_bucket(&js, &config.streams).await else {
-        tracing::warn!("cannot open the runners bucket; this runner is not advertised");
-        return;
+    let kv = loop {
+        match streams::bucket(&js, subjects::RUNNERS_BUCKET).await {
+            Ok(kv) => break kv,
+            Err(e) => tracing::warn!(error = %e, "cannot open the runners bucket yet; this runner is not advertised"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
     };
-    let key = format!("{}.{}", config.cluster, config.runner_id);
+    let key = subjects::runner_key(&config.cluster, &config.runner_id);
     let mut tick = tokio::time::interval(streams::RUNNER_TTL / 3);
     loop {
         tokio::select! {
@@ -367,13 +407,16 @@ async fn heartbeat(js: jetstream::Context, config: RunnerConfig, shutdown: Cance
             }
             _ = tick.tick() => {}
         }
-        let beat = serde_json::json!({
-            "cluster": config.cluster,
-            "runner": config.runner_id,
-            "max_running": config.max_running,
-            "at": OffsetDateTime::now_utc().unix_timestamp(),
-        });
-        if let Err(e) = kv.put(&key, beat.to_string().into()).await {
+        let beat = Heartbeat {
+            cluster: config.cluster.clone(),
+            runner: config.runner_id.clone(),
+            max_running: config.max_running,
+            at: OffsetDateTime::now_utc().unix_timestamp(),
+        };
+        let Ok(body) = serde_json::to_vec(&beat) else {
+            continue;
+        };
+        if let Err(e) = kv.put(&key, body.into()).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
     }

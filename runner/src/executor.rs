@@ -3,11 +3,10 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy, message::PublishMessage};
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
-use sluice_core::envelope::{Event, Provider};
-use sluice_core::run::{CancelRequest, Decision, RunState, RunStep, StatusUpdate};
-use sluice_core::subjects;
+use sluice_core::run::{ChildAction, ChildRequest, ChildResult, RunRequest, RunState, RunStep};
+use sluice_core::{bus, subjects};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -46,12 +45,24 @@ pub fn segments(steps: &[RunStep]) -> Vec<Segment<'_>> {
     out
 }
 
-/// Starts the child pipeline of `step` through the dispatcher (as a manual event that
-/// names it, so it runs on whatever cluster its own `runtime` says) and waits for its
-/// final state. `None` when the child succeeded.
+/// How a child step ended, short of its result.
+#[derive(Debug)]
+enum ChildEnd {
+    Finished(ChildResult),
+    Cancelled,
+    TimedOut,
+    Failed(String),
+}
+
+/// Asks the dispatcher to start the child pipeline of `step` and waits for the final
+/// state it relays back; `None` when the child succeeded.
 ///
-/// The child's event id derives from this run and step, so a redelivered parent
-/// converges on the same child run instead of starting another.
+/// A runner can reach only its own cluster's subjects, so it never starts or follows
+/// the child itself: it publishes a [`ChildRequest`] on its cluster's children
+/// subject, the dispatcher checks it against the parent's decision and pipeline, plans
+/// the child wherever its `runtime` says, and relays the child's final state on this
+/// cluster's control subject. The child's ids derive from this run and step, so a
+/// redelivered parent converges on the same child run instead of starting another.
 pub async fn child_step(
     reporter: &Reporter,
     step: &RunStep,
@@ -64,99 +75,87 @@ pub async fn child_step(
         .status(Some(&step.name), RunState::Running, None, None)
         .await;
     let log = reporter.step_log(&step.name);
-    let mut event = Event::new(
-        Provider::Manual,
-        &format!("{}-{}", req.run_id, step.name),
-        "pipeline",
-    );
-    event.pipeline = Some(child.to_owned());
-    event.parent_run = Some(req.run_id.clone());
-    event.repo = req.repo.clone();
-    event.clone_url = req.clone_url.clone();
-    event.git_ref = req.git_ref.clone();
-    event.sha = req.sha.clone();
-    event.pr = req.pr;
-    if let Some(runtime) = &step.runtime {
-        event.clusters = runtime.cluster.0.iter().map(|c| c.to_string()).collect();
-    }
-    let child_run = sluice_core::run::run_id(&event.id, child, 0);
+    let child_run = sluice_core::run::child_run_id(&req.run_id, &step.name, child);
 
     let end = async {
-        let body = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
-        let stored = async {
-            js.send_publish(
-                event.subject(),
-                PublishMessage::build()
-                    .payload(body.into())
-                    .message_id(&event.id),
-            )
+        // Followed before asking, so a result relayed at once is not missed.
+        let results = bus::follow(
+            js,
+            subjects::CONTROL_STREAM,
+            subjects::child_result(&req.cluster, &req.run_id),
+            DeliverPolicy::All,
+        )
+        .await
+        .map_err(|e| ChildEnd::Failed(format!("cannot follow the child's result: {e}")))?;
+        let mut results = Box::pin(results);
+        ask(js, req, &step.name, ChildAction::Start, None)
             .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-        };
-        stored
-            .await
-            .map_err(|e| format!("cannot publish the child's event: {e}"))?;
+            .map_err(|e| ChildEnd::Failed(format!("cannot ask for the child run: {e}")))?;
         log.line(
             "sluice",
-            format!("started pipeline {child} as run {child_run}"),
+            format!("asked for pipeline {child} as run {child_run}"),
         )
         .await;
         let deadline = step
             .timeout_secs
             .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
-        // A cancel or timeout before the dispatcher has decided leaves the child's
-        // cluster unknown, so it cannot be cancelled; it is after that.
-        let decision = tokio::select! {
-            decision = wait_decision(js, &event.id) => decision?,
-            () = cancel.cancelled() => return Err("cancelled".to_owned()),
-            () = sleep_until(deadline) => return Err("timed out".to_owned()),
-        };
-        let Some(planned) = decision.runs.iter().find(|r| r.pipeline == child) else {
-            let why = decision
-                .pipelines
-                .iter()
-                .find(|p| p.pipeline == child)
-                .and_then(|p| p.note.clone())
-                .unwrap_or_else(|| format!("the dispatcher started no run of `{child}`"));
-            return Err(why);
-        };
-        let cluster = planned.cluster.clone();
-        log.line("sluice", format!("run {child_run} is on cluster {cluster}"))
-            .await;
-        let waited = tokio::select! {
-            state = wait_final(js, &child_run) => state,
-            () = cancel.cancelled() => Err("cancelled"),
-            () = sleep_until(deadline) => Err("timed out"),
-        };
-        match waited {
-            Ok(state) => Ok(state),
-            Err(why) => {
-                let request = CancelRequest {
-                    run_id: child_run.clone(),
-                    reason: format!("its parent run {} was {why}", req.run_id),
-                    at: OffsetDateTime::now_utc(),
-                };
-                if let Ok(body) = serde_json::to_vec(&request) {
-                    let _ = js.publish(subjects::cancel(&cluster), body.into()).await;
+        let waited = async {
+            while let Some(message) = results.next().await {
+                let Ok(message) = message else { continue };
+                match serde_json::from_slice::<ChildResult>(&message.payload) {
+                    Ok(result) if result.step == step.name => return Ok(result),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "unreadable child result"),
                 }
-                Err(why.to_owned())
             }
+            Err("the control stream ended")
+        };
+        let why = tokio::select! {
+            result = waited => {
+                return result
+                    .map(ChildEnd::Finished)
+                    .map_err(|e| ChildEnd::Failed(e.to_owned()));
+            }
+            () = cancel.cancelled() => ChildEnd::Cancelled,
+            () = sleep_until(deadline) => ChildEnd::TimedOut,
+        };
+        let reason = match &why {
+            ChildEnd::Cancelled => "cancelled",
+            _ => "timed out",
+        };
+        let reason = format!("its parent run {} was {reason}", req.run_id);
+        if let Err(e) = ask(js, req, &step.name, ChildAction::Cancel, Some(reason)).await {
+            tracing::warn!(run_id = %req.run_id, error = %e, "cannot ask for the child's cancel");
         }
+        Err(why)
     }
     .await;
+    let end = match end {
+        Ok(done) | Err(done) => done,
+    };
     let (state, message) = match end {
-        Ok(RunState::Succeeded) => (RunState::Succeeded, None),
-        Ok(other) => (
+        ChildEnd::Finished(r) if r.state == RunState::Succeeded => {
+            let on = r.cluster.as_deref().unwrap_or("?");
+            log.line("sluice", format!("run {child_run} succeeded on cluster {on}"))
+                .await;
+            (RunState::Succeeded, None)
+        }
+        ChildEnd::Finished(r) => (
             RunState::Failed,
-            Some(format!(
-                "child run {child_run} of {child} ended {}",
-                other.as_str()
-            )),
+            Some(match (&r.child_run, r.message) {
+                (Some(run), Some(m)) => format!(
+                    "child run {run} of {child} ended {}: {m}",
+                    r.state.as_str()
+                ),
+                (Some(run), None) => {
+                    format!("child run {run} of {child} ended {}", r.state.as_str())
+                }
+                (None, m) => m.unwrap_or_else(|| format!("no run of {child} was started")),
+            }),
         ),
-        Err(why) if why == "cancelled" => (RunState::Cancelled, Some("cancelled".to_owned())),
-        Err(why) => (RunState::Failed, Some(why)),
+        ChildEnd::Cancelled => (RunState::Cancelled, Some("cancelled".to_owned())),
+        ChildEnd::TimedOut => (RunState::Failed, Some("timed out".to_owned())),
+        ChildEnd::Failed(why) => (RunState::Failed, Some(why)),
     };
     if let Some(m) = &message {
         log.line("sluice", m.clone()).await;
@@ -171,70 +170,36 @@ pub async fn child_step(
     })
 }
 
+/// Publishes a child request on this cluster's children subject.
+async fn ask(
+    js: &jetstream::Context,
+    req: &RunRequest,
+    step: &str,
+    action: ChildAction,
+    reason: Option<String>,
+) -> sluice_core::Result<()> {
+    let request = ChildRequest {
+        parent_run: req.run_id.clone(),
+        parent_event: req.event_id.clone(),
+        step: step.to_owned(),
+        action,
+        reason,
+        at: OffsetDateTime::now_utc(),
+    };
+    bus::publish_json(
+        js,
+        subjects::child_request(&req.cluster, &req.run_id),
+        &subjects::child_request_id(&req.run_id, step, action.as_str()),
+        &request,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Sleeps until `deadline`; forever without one.
 pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// The first message on `subject` (from the start of `stream`), however late it comes.
-async fn first_on(
-    js: &jetstream::Context,
-    stream: &str,
-    subject: String,
-) -> Result<jetstream::Message, String> {
-    let stream = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| format!("stream {stream}: {e}"))?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject,
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    match messages.next().await {
-        Some(Ok(m)) => Ok(m),
-        Some(Err(e)) => Err(e.to_string()),
-        None => Err("the stream ended".into()),
-    }
-}
-
-async fn wait_decision(js: &jetstream::Context, event_id: &str) -> Result<Decision, String> {
-    let message = first_on(js, subjects::DECISIONS_STREAM, subjects::decision(event_id)).await?;
-    serde_json::from_slice(&message.payload).map_err(|e| format!("unreadable decision: {e}"))
-}
-
-/// Waits for the run's final state on `SLUICE_STATUS`.
-async fn wait_final(js: &jetstream::Context, run_id: &str) -> Result<RunState, &'static str> {
-    let stream = js
-        .get_stream(subjects::STATUS_STREAM)
-        .await
-        .map_err(|_| "the status stream is unavailable")?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subjects::status(run_id),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|_| "cannot follow the child's states")?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|_| "cannot follow the child's states")?;
-    while let Some(message) = messages.next().await {
-        let Ok(message) = message else { continue };
-        if let Ok(update) = serde_json::from_slice::<StatusUpdate>(&message.payload) {
-            if update.step.is_none() && update.state.is_final() {
-                return Ok(update.state);
-            }
-        }
-    }
-    Err("the status stream ended")
 }

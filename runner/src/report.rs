@@ -5,11 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage};
-use futures::StreamExt;
+use async_nats::jetstream;
 use sluice_core::run::{LogChunk, LogLine, RunRequest, RunState, StatusUpdate};
-use sluice_core::subjects;
-use time::OffsetDateTime;
+use sluice_core::{bus, subjects};
 use tokio::sync::mpsc;
 
 /// Lines per log message, and how long a partial batch may wait.
@@ -46,35 +44,18 @@ impl Reporter {
         exit_code: Option<i32>,
         message: Option<String>,
     ) {
-        let update = StatusUpdate {
-            run_id: self.0.req.run_id.clone(),
-            pipeline: self.0.req.pipeline.clone(),
-            state,
-            step: step.map(str::to_owned),
-            at: OffsetDateTime::now_utc(),
-            cluster: Some(self.0.req.cluster.clone()),
-            event_id: Some(self.0.req.event_id.clone()),
-            concurrency_group: self.0.req.concurrency_group.clone(),
-            exit_code,
-            message,
-            runner: Some(self.0.runner.clone()),
-            repo: self.0.req.repo.clone(),
-            sha: self.0.req.sha.clone(),
-        };
-        let id = format!(
-            "{}:{}:{}",
-            self.0.req.run_id,
-            step.unwrap_or("-"),
-            state.as_str()
-        );
+        let mut update = StatusUpdate::for_run(&self.0.req, state, message);
+        update.step = step.map(str::to_owned);
+        update.exit_code = exit_code;
+        update.runner = Some(self.0.runner.clone());
         let body = match serde_json::to_vec(&update) {
             Ok(b) => b,
             Err(e) => return tracing::error!(error = %e, "cannot encode a status"),
         };
         Box::pin(publish_retrying(
             &self.0.js,
-            subjects::status(&self.0.req.run_id),
-            id,
+            update.subject(),
+            update.message_id(),
             body,
         ))
         .await;
@@ -105,6 +86,7 @@ impl Reporter {
     pub fn log_writer(&self, step: &str, seq: u64) -> LogWriter {
         LogWriter {
             js: self.0.js.clone(),
+            subject: subjects::logs(&self.0.req.cluster, &self.0.req.run_id),
             run_id: self.0.req.run_id.clone(),
             step: step.to_owned(),
             seq,
@@ -132,14 +114,15 @@ impl Reporter {
         (0, 0)
     }
 
-    async fn read_stored_log(&self, step: &str) -> Result<(u64, u64), String> {
+    async fn read_stored_log(&self, step: &str) -> sluice_core::Result<(u64, u64)> {
         let (mut lines, mut next) = (0u64, 0u64);
-        read_subject(
+        let req = &self.0.req;
+        bus::read_subject(
             &self.0.js,
             subjects::LOGS_STREAM,
-            subjects::logs(&self.0.req.run_id),
-            |payload| {
-                if let Ok(chunk) = serde_json::from_slice::<LogChunk>(payload) {
+            subjects::logs(&req.cluster, &req.run_id),
+            |m| {
+                if let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m.payload) {
                     if chunk.step == step {
                         lines += chunk.lines.len() as u64;
                         next = next.max(chunk.seq + 1);
@@ -150,43 +133,6 @@ impl Reporter {
         .await?;
         Ok((lines, next))
     }
-}
-
-/// Reads every message stored on `subject` of `stream`, oldest first, up to what was
-/// there when the read began (an ordered consumer bounded by its pending count, so the
-/// read ends even while more is being written).
-pub(crate) async fn read_subject(
-    js: &jetstream::Context,
-    stream: &str,
-    subject: String,
-    mut each: impl FnMut(&[u8]),
-) -> Result<(), String> {
-    let stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
-    let mut consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject,
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let pending = consumer
-        .info()
-        .await
-        .map_err(|e| e.to_string())?
-        .num_pending;
-    if pending == 0 {
-        return Ok(());
-    }
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| e.to_string())?
-        .take(pending as usize);
-    while let Some(m) = messages.next().await {
-        each(&m.map_err(|e| e.to_string())?.payload);
-    }
-    Ok(())
 }
 
 /// Sends a step's lines to its shipper; [`StepLog::finish`] flushes them all.
@@ -244,6 +190,7 @@ async fn ship(mut writer: LogWriter, mut rx: mpsc::Receiver<LogLine>) {
 #[derive(Debug)]
 pub struct LogWriter {
     js: jetstream::Context,
+    subject: String,
     run_id: String,
     step: String,
     seq: u64,
@@ -289,8 +236,8 @@ impl LogWriter {
         if let Ok(body) = serde_json::to_vec(&chunk) {
             Box::pin(publish_retrying(
                 &self.js,
-                subjects::logs(&self.run_id),
-                format!("{}:{}:{}", self.run_id, self.step, self.seq),
+                self.subject.clone(),
+                subjects::log_chunk_id(&self.run_id, &self.step, self.seq),
                 body,
             ))
             .await;
@@ -299,22 +246,16 @@ impl LogWriter {
     }
 }
 
-async fn publish_retrying(js: &jetstream::Context, subject: String, id: String, body: Vec<u8>) {
+/// Publishes until stored: a state or a log line must not be lost to a NATS blip.
+pub(crate) async fn publish_retrying(
+    js: &jetstream::Context,
+    subject: String,
+    id: String,
+    body: Vec<u8>,
+) {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=10 {
-        let sent = async {
-            js.send_publish(
-                subject.clone(),
-                PublishMessage::build()
-                    .payload(body.clone().into())
-                    .message_id(&id),
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-        };
-        match sent.await {
+        match bus::publish(js, subject.clone(), &id, body.clone()).await {
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(subject = %subject, attempt, error = %e, "publish failed, retrying");

@@ -69,18 +69,18 @@ impl Drop for Dispatcher {
     }
 }
 
-/// Provisions every stream (as ingest and the dispatcher do at start-up).
+/// Provisions every stream and bucket, as `sluice streams apply` does.
 pub async fn provision(js: &jetstream::Context) {
-    streams::ensure(js, &StreamSettings::default())
+    streams::apply(js, &StreamSettings::default(), false)
         .await
         .expect("streams");
 }
 
 /// Stores pipelines from YAML as `sluice pipelines apply` does.
 pub async fn apply(js: &jetstream::Context, yaml: &str) {
-    let kv = streams::pipelines_bucket(js, &StreamSettings::default())
+    let kv = streams::bucket(js, subjects::PIPELINES_BUCKET)
         .await
-        .expect("bucket");
+        .expect("bucket (provision first)");
     for p in parse_documents("test.yaml", yaml).expect("valid pipelines") {
         kv.put(
             p.name.as_str(),
@@ -148,9 +148,9 @@ pub async fn count(js: &jetstream::Context, stream: &str) -> u64 {
 
 /// Keys in the pipelines bucket.
 pub async fn pipeline_names(js: &jetstream::Context) -> Vec<String> {
-    let kv = streams::pipelines_bucket(js, &StreamSettings::default())
+    let kv = streams::bucket(js, subjects::PIPELINES_BUCKET)
         .await
-        .expect("bucket");
+        .expect("bucket (provision first)");
     let mut names: Vec<String> = kv
         .keys()
         .await

@@ -173,7 +173,7 @@ pub fn run_request(
         timeout_secs: None,
         cache: None,
         concurrency_group: None,
-        parent_run: None,
+        parent: None,
         attempt: 0,
         created_at: time::OffsetDateTime::now_utc(),
     }
@@ -269,8 +269,17 @@ pub async fn statuses(js: &jetstream::Context, run_id: &str) -> Vec<StatusUpdate
     all_messages(js, subjects::STATUS_STREAM)
         .await
         .into_iter()
-        .filter(|(s, _)| *s == subjects::status(run_id))
-        .filter_map(|(_, p)| serde_json::from_slice(&p).ok())
+        .filter(|(s, _)| is_run_subject(s, "sluice.status.", run_id))
+        .filter_map(|(s, p)| {
+            let u: StatusUpdate = serde_json::from_slice(&p).ok()?;
+            // The subject names the cluster the update says it is about.
+            assert_eq!(
+                Some(s),
+                u.cluster.as_deref().map(|c| subjects::status(c, run_id)),
+                "a state on another cluster's subject"
+            );
+            Some(u)
+        })
         .collect()
 }
 
@@ -287,11 +296,19 @@ pub async fn log_lines(js: &jetstream::Context, run_id: &str, step: &str) -> Vec
     all_messages(js, subjects::LOGS_STREAM)
         .await
         .into_iter()
-        .filter(|(s, _)| *s == subjects::logs(run_id))
+        .filter(|(s, _)| is_run_subject(s, "sluice.logs.", run_id))
         .filter_map(|(_, p)| serde_json::from_slice::<LogChunk>(&p).ok())
         .filter(|c| c.step == step)
         .flat_map(|c| c.lines.into_iter().map(|l| l.text))
         .collect()
+}
+
+/// `<prefix><cluster>.<run_id>`, whatever the cluster.
+fn is_run_subject(subject: &str, prefix: &str, run_id: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(_, run)| run == run_id)
 }
 
 /// Step states of a run, as (step, state) in order.

@@ -395,9 +395,10 @@ steps:
         runner: None,
         repo: None,
         sha: None,
+        parent: None,
     };
     js.publish(
-        subjects::status(&first),
+        done.subject(),
         serde_json::to_vec(&done).expect("json").into(),
     )
     .await
@@ -419,7 +420,7 @@ async fn cluster_lists_fall_back_to_a_cluster_with_a_live_runner() {
     let js = jetstream(&nats.url()).await;
     provision(&js).await;
     apply(&js, PIPELINES).await;
-    let runners = sluice_core::streams::runners_bucket(&js, &Default::default())
+    let runners = sluice_core::streams::bucket(&js, subjects::RUNNERS_BUCKET)
         .await
         .expect("bucket");
     let _dispatcher = Dispatcher::start(&nats.url()).await;

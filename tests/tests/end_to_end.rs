@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sluice_core::run::{run_id, RunState};
 use sluice_dispatcher::forge::ForgeConfig;
 use sluice_dispatcher::reporter::ReporterConfig;
-use sluice_tests::dispatcher::{apply, Dispatcher};
+use sluice_tests::dispatcher::{apply, provision, Dispatcher};
 use sluice_tests::ingest::{jetstream, Ingest};
 use sluice_tests::nats::NatsServer;
 use sluice_tests::runner::{final_state, git_repo, log_lines, Runner};
@@ -69,6 +69,7 @@ async fn webhooks_to_runs_to_commit_statuses() {
 
     let nats = NatsServer::start().await;
     let js = jetstream(&nats.url()).await;
+    provision(&js).await;
     let ingest = Ingest::start(&nats.url()).await;
     let (repo, sha) = git_repo();
     // The ref a PR comment's run fetches, as a forge serves it.

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice_core::run::{RunState, StatusUpdate};
-use sluice_core::subjects;
 use sluice_dispatcher::forge::ForgeConfig;
 use sluice_dispatcher::reporter::ReporterConfig;
 use sluice_tests::dispatcher::{provision, Dispatcher};
@@ -30,12 +29,13 @@ fn update(run: &str, event: &str, repo: &str, state: RunState) -> StatusUpdate {
         runner: None,
         repo: Some(repo.into()),
         sha: Some("0123456789abcdef0123456789abcdef01234567".into()),
+        parent: None,
     }
 }
 
 async fn publish(js: &async_nats::jetstream::Context, u: &StatusUpdate) {
     js.publish(
-        subjects::status(&u.run_id),
+        u.subject(),
         serde_json::to_vec(u).expect("json").into(),
     )
     .await

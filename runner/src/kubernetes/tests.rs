@@ -41,7 +41,7 @@ fn request(steps: Vec<RunStep>) -> RunRequest {
         timeout_secs: None,
         cache: None,
         concurrency_group: None,
-        parent_run: None,
+        parent: None,
         attempt: 0,
         created_at: time::OffsetDateTime::UNIX_EPOCH,
     }

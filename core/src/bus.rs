@@ -1,0 +1,162 @@
+//! The few ways every part of Sluice talks to JetStream, written once: publish and
+//! await the ack, read a subject's stored messages to their end, follow a subject live,
+//! and a run's state projection from its stored updates.
+
+use async_nats::jetstream::{
+    self,
+    consumer::{pull::OrderedConfig, DeliverPolicy},
+    publish::PublishAck,
+    message::PublishMessage,
+};
+use futures::{Stream, StreamExt};
+
+use crate::run::{RunState, RunView, StatusUpdate};
+use crate::{subjects, Error, Result};
+
+/// Publishes `payload` on `subject` with `Nats-Msg-Id` `msg_id` and waits until
+/// JetStream has stored it. `ack.duplicate` tells a repeat of an id already stored.
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    payload: Vec<u8>,
+) -> Result<PublishAck> {
+    let pending = js
+        .send_publish(
+            subject.clone(),
+            PublishMessage::build()
+                .payload(payload.into())
+                .message_id(msg_id),
+        )
+        .await
+        .map_err(|e| Error::bus(format!("publish on {subject}"), e))?;
+    pending
+        .await
+        .map_err(|e| Error::bus(format!("ack of {subject}"), e))
+}
+
+/// [`publish`] of a value encoded as JSON.
+pub async fn publish_json(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    value: &impl serde::Serialize,
+) -> Result<PublishAck> {
+    let payload = serde_json::to_vec(value).map_err(|e| Error::bus("encode", e))?;
+    publish(js, subject, msg_id, payload).await
+}
+
+/// Calls `each` with every message stored on `subject` (wildcards allowed) of
+/// `stream`, oldest first, up to what was there when the read began: an ordered
+/// consumer bounded by its pending count, so the read ends even while more is being
+/// written. Returns how many messages were read.
+pub async fn read_subject(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: String,
+    mut each: impl FnMut(&jetstream::Message),
+) -> Result<u64> {
+    let (consumer, pending) = ordered(js, stream, subject, DeliverPolicy::All).await?;
+    if pending == 0 {
+        return Ok(0);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| Error::bus(format!("read {stream}"), e))?
+        .take(pending as usize);
+    let mut read = 0;
+    while let Some(m) = messages.next().await {
+        each(&m.map_err(|e| Error::bus(format!("read {stream}"), e))?);
+        read += 1;
+    }
+    Ok(read)
+}
+
+/// Every message on `subject` from `policy` on, then each new one as it is stored,
+/// until the caller stops reading. An ordered consumer: it recreates itself after a
+/// gap or a reconnect, so nothing is skipped or repeated.
+pub async fn follow(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: String,
+    policy: DeliverPolicy,
+) -> Result<impl Stream<Item = Result<jetstream::Message>>> {
+    let (consumer, _) = ordered(js, stream, subject, policy).await?;
+    let stream_name = stream.to_owned();
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| Error::bus(format!("follow {stream}"), e))?;
+    Ok(messages.map(move |m| m.map_err(|e| Error::bus(format!("follow {stream_name}"), e))))
+}
+
+/// An ordered consumer on `subject` and how many messages it has to deliver now.
+///
+/// Named, so the create request's API subject carries the filter
+/// (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`) and a credential can be allowed
+/// to read only its own subjects; the stream is opened without a stream-info request
+/// and the count comes from the create answer, so neither needs a permission either.
+pub async fn ordered(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: String,
+    policy: DeliverPolicy,
+) -> Result<(jetstream::consumer::Consumer<OrderedConfig>, u64)> {
+    let handle = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| Error::bus(format!("stream {stream}"), e))?;
+    let consumer = handle
+        .create_consumer(OrderedConfig {
+            name: Some(reader_name(js)),
+            filter_subject: subject,
+            deliver_policy: policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::bus(format!("read {stream}"), e))?;
+    let pending = consumer.cached_info().num_pending;
+    Ok((consumer, pending))
+}
+
+/// A fresh, unguessable name for a reader's ordered consumer (the random token of a
+/// new inbox), so no other client can pull from it.
+fn reader_name(js: &jetstream::Context) -> String {
+    let inbox = js.client().new_inbox();
+    let token = inbox.rsplit('.').next().unwrap_or_default();
+    format!("sluice-read-{token}")
+}
+
+/// A run as its stored state changes tell it; `None` when nothing is stored yet.
+/// `cluster` narrows the read to the run's own subject (a runner may read no other);
+/// without it, the run is found on whichever cluster it ran.
+pub async fn run_view(
+    js: &jetstream::Context,
+    cluster: Option<&str>,
+    run_id: &str,
+) -> Result<Option<RunView>> {
+    let subject = match cluster {
+        Some(c) => subjects::status(c, run_id),
+        None => subjects::status_of_run(run_id),
+    };
+    let mut view: Option<RunView> = None;
+    read_subject(js, subjects::STATUS_STREAM, subject, |m| {
+        if let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m.payload) {
+            view.get_or_insert_with(|| RunView::new(&u)).apply(&u);
+        }
+    })
+    .await?;
+    Ok(view)
+}
+
+/// The run's final state, when one is stored.
+pub async fn final_state(
+    js: &jetstream::Context,
+    cluster: Option<&str>,
+    run_id: &str,
+) -> Result<Option<RunState>> {
+    Ok(run_view(js, cluster, run_id)
+        .await?
+        .and_then(|v| v.final_state()))
+}
