@@ -779,16 +779,16 @@ impl fmt::Display for HumanDuration {
     /// built in code) is rounded up, so a non-zero timeout never prints as zero.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = self.0;
-        let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+        let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
         if ms == 0 {
             return f.write_str("0s");
         }
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             return write!(f, "{ms}ms");
         }
         let secs = ms / 1000;
         for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-            if secs % size == 0 {
+            if secs.is_multiple_of(size) {
                 return write!(f, "{}{unit}", secs / size);
             }
         }
@@ -931,7 +931,7 @@ steps:
             let json = serde_json::to_value(HumanDuration(d)).expect("serialize");
             assert_eq!(json, serde_json::json!(text), "{d:?}");
             let back: HumanDuration = serde_json::from_value(json).expect("parse back");
-            if d.subsec_nanos() % 1_000_000 == 0 {
+            if d.subsec_nanos().is_multiple_of(1_000_000) {
                 assert_eq!(back.0, d, "{text}");
             }
         }
