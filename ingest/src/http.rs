@@ -1,10 +1,18 @@
-//! The HTTP surface: one handler per provider, plus health, readiness and metrics.
+//! The HTTP surface: one module per provider, plus health, readiness and metrics.
 //!
-//! Each webhook handler follows the same order, so that nothing a client sends is
-//! trusted before it is verified: bound the body, check its type, read it, verify the
-//! signature, only then report a malformed payload, normalize, store, answer.
+//! Each webhook endpoint follows the same order, so that nothing a client sends is
+//! trusted before it is verified: bound the body, check its type, read it, read only
+//! the name that selects the secret, verify the signature, then parse the payload
+//! (once), normalize, store, answer. What every endpoint shares — the log span, the
+//! in-flight gauge, the outcome metric and the error answer — is [`webhook`], written
+//! once; an [`Endpoint`] only says how its provider is verified and normalized.
+
+mod generic;
+mod github;
+mod gitlab;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,17 +25,16 @@ use axum::routing::{get, post};
 use axum::Router;
 use http_body_util::BodyExt;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use sluice_core::envelope::kind;
 use sluice_core::{Event, Provider};
 use time::OffsetDateTime;
 use tracing::Instrument;
 
 use crate::metrics::{Metrics, ProviderLabel, VerifyFailure};
-use crate::normalize::{self, Malformed};
+use crate::normalize::Malformed;
 use crate::publish::{PublishError, Publisher};
 use crate::secrets::Secrets;
-use crate::verify::{self, Failure, StandardHeaders};
+use crate::verify::Failure;
 
 /// Limits applied to every request.
 #[derive(Debug, Clone)]
@@ -58,9 +65,9 @@ pub struct AppState {
 /// The ingest router.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/webhooks/github", post(github))
-        .route("/webhooks/gitlab", post(gitlab))
-        .route("/webhooks/generic", post(generic))
+        .route("/webhooks/github", post(webhook::<github::Github>))
+        .route("/webhooks/gitlab", post(webhook::<gitlab::Gitlab>))
+        .route("/webhooks/generic", post(webhook::<generic::Generic>))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -137,19 +144,40 @@ fn axum_json<T: Serialize>(value: &T) -> ([(header::HeaderName, &'static str); 1
     ([(header::CONTENT_TYPE, "application/json")], body)
 }
 
-/// Runs one webhook handler and counts its outcome.
-async fn answer(
-    state: &AppState,
-    provider: Provider,
-    handler: impl std::future::Future<Output = Result<Response, Reject>>,
+/// One provider's webhook endpoint.
+trait Endpoint {
+    const PROVIDER: Provider;
+
+    /// The delivery id the request claims, for the log span only (it is not verified).
+    fn claimed_delivery(headers: &HeaderMap) -> Option<&str>;
+
+    /// Reads, verifies, normalizes and stores one delivery.
+    fn handle<'a>(
+        state: &'a AppState,
+        headers: &'a HeaderMap,
+        body: Body,
+    ) -> impl Future<Output = Result<Response, Reject>> + Send + 'a;
+}
+
+/// Every webhook request: runs its endpoint inside a span naming the provider and the
+/// delivery, counts it in flight and counts its outcome.
+async fn webhook<E: Endpoint>(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Response {
+    let span = tracing::info_span!(
+        "webhook",
+        provider = E::PROVIDER.as_str(),
+        delivery_id = E::claimed_delivery(&headers).unwrap_or("-"),
+    );
     state.metrics.in_flight.inc();
     // Decrement even if the client goes away and the handler is dropped mid-way.
     let _in_flight = InFlight(&state.metrics);
-    match handler.await {
+    match E::handle(&state, &headers, body).instrument(span).await {
         Ok(response) => response,
         Err(reject) => {
-            state.metrics.request(provider.as_str(), reject.outcome);
+            state.metrics.request(E::PROVIDER.as_str(), reject.outcome);
             reject.into_response()
         }
     }
@@ -257,6 +285,25 @@ fn refuse(state: &AppState, provider: Provider, failure: Failure) -> Reject {
     Reject::new(StatusCode::UNAUTHORIZED, "unauthorized", failure.message())
 }
 
+/// A verified payload must name the repository its secret was chosen by. Both names
+/// are read from the same bytes and agree for any JSON; should the two readings ever
+/// differ, the delivery is refused rather than stored under a repository whose secret
+/// did not verify it.
+fn same_target(selected: Option<&str>, parsed: Option<&str>) -> Result<(), Reject> {
+    let same = match (selected, parsed) {
+        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(Reject::bad_request(
+            "the payload does not name its repository unambiguously",
+        ))
+    }
+}
+
 fn now_unix() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -316,193 +363,6 @@ async fn store(state: &AppState, event: Event, raw: &[u8]) -> Result<Response, R
             })
         }
     }
-}
-
-// === GitHub ===
-
-async fn github(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let delivery = header_str(&headers, "x-github-delivery")
-        .unwrap_or("-")
-        .to_owned();
-    let span = tracing::info_span!("webhook", provider = "github", delivery_id = %delivery);
-    answer(
-        &state,
-        Provider::Github,
-        github_inner(&state, &headers, body),
-    )
-    .instrument(span)
-    .await
-}
-
-async fn github_inner(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, Reject> {
-    let body_kind = body_kind(headers, true)?;
-    let body = read_body(headers, body, &state.limits).await?;
-    let payload: Result<Cow<'_, [u8]>, Malformed> = match body_kind {
-        BodyKind::Json => Ok(Cow::Borrowed(&body[..])),
-        BodyKind::Form => form_payload(&body),
-    };
-    let parsed = match &payload {
-        Ok(bytes) => {
-            serde_json::from_slice::<normalize::GithubPayload>(bytes).map_err(Malformed::from)
-        }
-        Err(m) => Err(Malformed(m.0.clone())),
-    };
-    let repo = parsed.as_ref().ok().and_then(|p| p.repo().or(p.org()));
-    let secrets = state.secrets.github.for_repo(repo);
-    let verified = if let Some(sig) = header_str(headers, "x-hub-signature-256") {
-        verify::github_sha256(secrets, sig, &body)
-    } else if let Some(sig) = header_str(headers, "x-hub-signature") {
-        if state.limits.allow_sha1 {
-            verify::github_sha1(secrets, sig, &body)
-        } else {
-            Err(Failure::Sha1Disabled)
-        }
-    } else {
-        Err(Failure::Missing)
-    };
-    verified.map_err(|f| refuse(state, Provider::Github, f))?;
-
-    let event_name = header_str(headers, "x-github-event")
-        .ok_or_else(|| Reject::bad_request("missing X-GitHub-Event header"))?;
-    let delivery = delivery_id(
-        header_str(headers, "x-github-delivery"),
-        "X-GitHub-Delivery",
-    )?;
-    let parsed = parsed?;
-    let payload = payload?;
-    let event = normalize::github(event_name, delivery, parsed);
-    store(state, event, &payload).await
-}
-
-/// GitHub's form-encoded deliveries carry the JSON in the `payload` field.
-fn form_payload(body: &[u8]) -> Result<Cow<'_, [u8]>, Malformed> {
-    form_urlencoded::parse(body)
-        .find(|(k, _)| k == "payload")
-        .map(|(_, v)| Cow::Owned(v.into_owned().into_bytes()))
-        .ok_or_else(|| Malformed("form-encoded body without a `payload` field".into()))
-}
-
-// === GitLab ===
-
-async fn gitlab(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let delivery = header_str(&headers, "x-gitlab-event-uuid")
-        .or_else(|| header_str(&headers, "idempotency-key"))
-        .unwrap_or("-")
-        .to_owned();
-    let span = tracing::info_span!("webhook", provider = "gitlab", delivery_id = %delivery);
-    answer(
-        &state,
-        Provider::Gitlab,
-        gitlab_inner(&state, &headers, body),
-    )
-    .instrument(span)
-    .await
-}
-
-async fn gitlab_inner(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, Reject> {
-    body_kind(headers, false)?;
-    let body = read_body(headers, body, &state.limits).await?;
-    let parsed = serde_json::from_slice::<normalize::GitlabPayload>(&body).map_err(Malformed::from);
-    let repo = parsed.as_ref().ok().and_then(|p| p.repo());
-    let secrets = state.secrets.gitlab.for_repo(repo);
-    let verified = if let Some(signature) = header_str(headers, "webhook-signature") {
-        // GitLab's signing tokens use the Standard Webhooks scheme.
-        let standard = StandardHeaders {
-            id: header_str(headers, "webhook-id")
-                .ok_or_else(|| refuse(state, Provider::Gitlab, Failure::Malformed))?,
-            timestamp: header_str(headers, "webhook-timestamp")
-                .ok_or_else(|| refuse(state, Provider::Gitlab, Failure::Malformed))?,
-            signature,
-        };
-        verify::standard(
-            secrets,
-            standard,
-            &body,
-            now_unix(),
-            state.limits.tolerance.as_secs() as i64,
-        )
-    } else if let Some(token) = header_str(headers, "x-gitlab-token") {
-        verify::gitlab_token(secrets, token)
-    } else {
-        Err(Failure::Missing)
-    };
-    verified.map_err(|f| refuse(state, Provider::Gitlab, f))?;
-
-    let event_name = header_str(headers, "x-gitlab-event")
-        .ok_or_else(|| Reject::bad_request("missing X-Gitlab-Event header"))?;
-    // GitLab resends a delivery with the same Idempotency-Key / event UUID. Without
-    // either, the body's digest stands in, so a resent identical body is a duplicate.
-    let digest;
-    let delivery = match header_str(headers, "idempotency-key")
-        .or_else(|| header_str(headers, "x-gitlab-event-uuid"))
-        .or_else(|| header_str(headers, "webhook-id"))
-    {
-        Some(id) => delivery_id(Some(id), "Idempotency-Key")?,
-        None => {
-            digest = hex::encode(Sha256::digest(&body));
-            &digest
-        }
-    };
-    let event = normalize::gitlab(event_name, delivery, parsed?);
-    store(state, event, &body).await
-}
-
-// === Standard Webhooks ===
-
-async fn generic(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let delivery = header_str(&headers, "webhook-id").unwrap_or("-").to_owned();
-    let span = tracing::info_span!("webhook", provider = "generic", delivery_id = %delivery);
-    answer(
-        &state,
-        Provider::Generic,
-        generic_inner(&state, &headers, body),
-    )
-    .instrument(span)
-    .await
-}
-
-async fn generic_inner(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, Reject> {
-    body_kind(headers, false)?;
-    let body = read_body(headers, body, &state.limits).await?;
-    let parsed =
-        serde_json::from_slice::<normalize::GenericPayload>(&body).map_err(Malformed::from);
-    let repo = parsed.as_ref().ok().and_then(|p| p.repo());
-    let secrets = state.secrets.generic.for_repo(repo);
-    let (Some(id), Some(timestamp), Some(signature)) = (
-        header_str(headers, "webhook-id"),
-        header_str(headers, "webhook-timestamp"),
-        header_str(headers, "webhook-signature"),
-    ) else {
-        return Err(refuse(state, Provider::Generic, Failure::Missing));
-    };
-    let standard = StandardHeaders {
-        id,
-        timestamp,
-        signature,
-    };
-    verify::standard(
-        secrets,
-        standard,
-        &body,
-        now_unix(),
-        state.limits.tolerance.as_secs() as i64,
-    )
-    .map_err(|f| refuse(state, Provider::Generic, f))?;
-    let delivery = delivery_id(Some(id), "webhook-id")?;
-    let event = normalize::generic(delivery, parsed?)?;
-    store(state, event, &body).await
 }
 
 // === Health ===

@@ -3,7 +3,13 @@
 //! Payloads are read into small typed views that name only the fields Sluice uses;
 //! everything else is skipped by the parser, which is much cheaper than building a
 //! `serde_json::Value` of a 30 KB pull request payload on every delivery.
+//!
+//! Those views are built only for verified deliveries. Before verification ingest
+//! reads just the name that selects the secret ([`github_target`], [`gitlab_target`],
+//! [`generic_target`]): a borrowed parse of one field that skips everything else
+//! without allocating, so an unauthenticated body costs no more memory than itself.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use serde::Deserialize;
@@ -101,7 +107,7 @@ struct Commit {
 }
 
 impl GithubPayload {
-    /// The repository the delivery is about, used to pick its secret.
+    /// The repository the delivery is about.
     pub fn repo(&self) -> Option<&str> {
         self.repository.as_ref()?.full_name.as_deref()
     }
@@ -110,6 +116,41 @@ impl GithubPayload {
     pub fn org(&self) -> Option<&str> {
         self.organization.as_ref()?.login.as_deref()
     }
+
+    /// What selects this delivery's secret: the repository, else the organisation.
+    /// The same answer [`github_target`] gives for the same bytes.
+    pub fn target(&self) -> Option<&str> {
+        self.repo().or(self.org())
+    }
+}
+
+/// The name that selects a GitHub delivery's secret (`repository.full_name`, else
+/// `organization.login`), read from an unverified payload without building it. `None`
+/// when the payload names neither or is not JSON: the default secrets then apply, and
+/// a payload that is not JSON is refused after verification.
+pub fn github_target(payload: &[u8]) -> Option<Cow<'_, str>> {
+    #[derive(Deserialize)]
+    struct Target<'a> {
+        #[serde(borrow)]
+        repository: Option<Repo<'a>>,
+        #[serde(borrow)]
+        organization: Option<Org<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Repo<'a> {
+        #[serde(borrow)]
+        full_name: Option<Text<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Org<'a> {
+        #[serde(borrow)]
+        login: Option<Text<'a>>,
+    }
+    let t: Target<'_> = serde_json::from_slice(payload).ok()?;
+    t.repository
+        .and_then(|r| r.full_name)
+        .or_else(|| t.organization.and_then(|o| o.login))
+        .map(|t| t.0)
 }
 
 /// Normalizes a GitHub delivery of event `event_name` (`X-GitHub-Event`).
@@ -258,10 +299,28 @@ struct GlCommitRef {
 }
 
 impl GitlabPayload {
-    /// The project's full path, used to pick its secret.
+    /// The project's full path; it also selects the delivery's secret.
     pub fn repo(&self) -> Option<&str> {
         self.project.as_ref()?.path_with_namespace.as_deref()
     }
+}
+
+/// The project path that selects a GitLab delivery's secret
+/// (`project.path_with_namespace`), read from an unverified payload without building
+/// it; `None` as for [`github_target`].
+pub fn gitlab_target(payload: &[u8]) -> Option<Cow<'_, str>> {
+    #[derive(Deserialize)]
+    struct Target<'a> {
+        #[serde(borrow)]
+        project: Option<Project<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Project<'a> {
+        #[serde(borrow)]
+        path_with_namespace: Option<Text<'a>>,
+    }
+    let t: Target<'_> = serde_json::from_slice(payload).ok()?;
+    t.project?.path_with_namespace.map(|t| t.0)
 }
 
 /// Normalizes a GitLab delivery of `X-Gitlab-Event` `event_name`.
@@ -383,10 +442,28 @@ struct GenericData {
 }
 
 impl GenericPayload {
-    /// The repository named in `data.repo`, used to pick its secret.
+    /// The repository named in `data.repo`; it also selects the delivery's secret.
     pub fn repo(&self) -> Option<&str> {
         self.data.as_ref()?.repo.as_deref()
     }
+}
+
+/// The repository that selects a Standard Webhooks delivery's secret (`data.repo`),
+/// read from an unverified payload without building it; `None` as for
+/// [`github_target`].
+pub fn generic_target(payload: &[u8]) -> Option<Cow<'_, str>> {
+    #[derive(Deserialize)]
+    struct Target<'a> {
+        #[serde(borrow)]
+        data: Option<Data<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Data<'a> {
+        #[serde(borrow)]
+        repo: Option<Text<'a>>,
+    }
+    let t: Target<'_> = serde_json::from_slice(payload).ok()?;
+    t.data?.repo.map(|t| t.0)
 }
 
 /// Normalizes a Standard Webhooks delivery.
@@ -411,6 +488,29 @@ pub fn generic(delivery: &str, p: GenericPayload) -> Result<Event, Malformed> {
 }
 
 // === helpers ===
+
+/// A string borrowed from the body when it has no escapes, owned when it has (serde's
+/// own `Cow` always allocates, and `&str` cannot hold an unescaped name).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+        }
+        d.deserialize_str(Visitor).map(Text)
+    }
+}
 
 fn heads(branch: &str) -> String {
     if branch.starts_with("refs/") {
@@ -462,6 +562,54 @@ mod tests {
         assert_eq!(gitlab("Pipeline Hook", "d", p).kind, "pipeline");
         let p: GitlabPayload = serde_json::from_str(r#"{}"#).expect("json");
         assert_eq!(gitlab("Job Hook", "d", p).kind, "job");
+    }
+
+    #[test]
+    fn targets_are_read_without_the_rest_of_the_payload() {
+        // Everything but the selecting field is skipped, whatever its type: a list a
+        // typed parse would reject (or allocate millions of strings for) costs nothing.
+        let gh = br#"{"commits":"not a list","repository":{"full_name":"acme/app","id":1},"organization":{"login":"acme"}}"#;
+        let t = github_target(gh);
+        assert_eq!(t.as_deref(), Some("acme/app"));
+        assert!(
+            matches!(t, Some(Cow::Borrowed(_))),
+            "borrowed from the body"
+        );
+        assert_eq!(
+            github_target(br#"{"organization":{"login":"acme"},"repository":null}"#).as_deref(),
+            Some("acme")
+        );
+        // An escaped name is unescaped, as the full parse reads it.
+        assert_eq!(
+            github_target(br#"{"repository":{"full_name":"acme\/app"}}"#).as_deref(),
+            Some("acme/app")
+        );
+        assert_eq!(github_target(b"{\"repository\": "), None);
+        assert_eq!(github_target(b"[]"), None);
+        assert_eq!(
+            gitlab_target(br#"{"commits":[1,2],"project":{"path_with_namespace":"a/b/c"}}"#)
+                .as_deref(),
+            Some("a/b/c")
+        );
+        assert_eq!(gitlab_target(br#"{"project":{}}"#), None);
+        assert_eq!(
+            generic_target(br#"{"type":7,"data":{"changed_files":{},"repo":"a/b"}}"#).as_deref(),
+            Some("a/b")
+        );
+        assert_eq!(generic_target(br#"{"data":"x"}"#), None);
+    }
+
+    #[test]
+    fn a_target_and_the_full_parse_agree() {
+        for body in [
+            &br#"{"repository":{"full_name":"acme/app"},"organization":{"login":"acme"}}"#[..],
+            br#"{"organization":{"login":"acme"}}"#,
+            br#"{"repository":{"full_name":"acme\u002fapp"}}"#,
+            br#"{}"#,
+        ] {
+            let p: GithubPayload = serde_json::from_slice(body).expect("json");
+            assert_eq!(github_target(body).as_deref(), p.target(), "{body:?}");
+        }
     }
 
     #[test]

@@ -100,14 +100,16 @@ pub fn standard(
     headers: StandardHeaders<'_>,
     body: &[u8],
     now_unix: i64,
-    tolerance_secs: i64,
+    tolerance_secs: u64,
 ) -> Result<(), Failure> {
     let ts: i64 = headers
         .timestamp
         .trim()
         .parse()
         .map_err(|_| Failure::Malformed)?;
-    if (now_unix - ts).abs() > tolerance_secs {
+    // The timestamp is the sender's: `abs_diff` cannot overflow where `now - ts`
+    // would for a hostile i64::MIN or i64::MAX.
+    if now_unix.abs_diff(ts) > tolerance_secs {
         return Err(Failure::Expired);
     }
     let signatures: Vec<Vec<u8>> = headers
@@ -201,6 +203,39 @@ mod tests {
         let sig = format!("sha1={}", hex::encode(mac.finalize().into_bytes()));
         assert_eq!(github_sha1(&s, &sig, b"body"), Ok(()));
         assert_eq!(github_sha1(&s, &sig, b"bodY"), Err(Failure::Mismatch));
+    }
+
+    #[test]
+    fn extreme_timestamps_are_expired_not_an_overflow() {
+        let s = secrets(&["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
+        let now = 1_614_265_330;
+        for (timestamp, now) in [
+            (i64::MIN.to_string(), now),
+            (i64::MAX.to_string(), now),
+            (i64::MIN.to_string(), i64::MAX),
+            (i64::MAX.to_string(), i64::MIN),
+            (i64::MAX.to_string(), -1),
+        ] {
+            let h = StandardHeaders {
+                id: "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                timestamp: &timestamp,
+                signature: "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+            };
+            assert_eq!(
+                standard(&s, h, b"{}", now, 300),
+                Err(Failure::Expired),
+                "{timestamp} at {now}"
+            );
+        }
+        let h = StandardHeaders {
+            id: "m",
+            timestamp: "9223372036854775807",
+            signature: "v1,AAAA",
+        };
+        assert_eq!(
+            standard(&s, h, b"{}", i64::MAX, u64::MAX),
+            Err(Failure::Mismatch)
+        );
     }
 
     #[test]

@@ -189,3 +189,84 @@ async fn a_repository_with_its_own_secret_accepts_only_that_one() {
         202
     );
 }
+
+/// The secret is chosen from the one field that names the repository, before the rest
+/// of the payload is read: a delivery signed with its repository's own secret is
+/// verified even when the rest of its payload is not what it claims, and only then
+/// refused as malformed (400, not 401).
+#[tokio::test]
+async fn the_secret_is_chosen_before_the_payload_is_parsed() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("secrets.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "github:\n  repos:\n    acme/payments: [payments-secret]\ngitlab:\n  groups:\n    platform/infra: [infra-token]\ngeneric:\n  repos:\n    acme/app: [{GITLAB_SIGNING}]\n"
+        ),
+    )
+    .expect("write");
+    let mut config = Ingest::config(&nats.url());
+    let default = secrecy::SecretString::from(GITHUB_SECRET.to_owned());
+    config.secrets = sluice_ingest::Secrets::load(sluice_ingest::SecretSources {
+        github: Some(&default),
+        file: Some(&file),
+        ..Default::default()
+    })
+    .expect("secrets");
+    let ingest = Ingest::start_with(config).await;
+    let js = jetstream(&nats.url()).await;
+
+    let github = br#"{"repository":{"full_name":"acme/payments"},"commits":"not a list"}"#;
+    let r = ingest
+        .http
+        .post(ingest.url("/webhooks/github"))
+        .header("content-type", "application/json")
+        .header("x-github-event", "push")
+        .header("x-github-delivery", "typed-1")
+        .header(
+            "x-hub-signature-256",
+            sign::github_sha256("payments-secret", github),
+        )
+        .body(github.to_vec())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status().as_u16(), 400);
+    let text = r.text().await.expect("body");
+    assert!(text.contains("invalid JSON payload"), "{text}");
+
+    let gitlab = br#"{"project":{"path_with_namespace":"platform/infra/app"},"commits":7}"#;
+    let r = ingest
+        .http
+        .post(ingest.url("/webhooks/gitlab"))
+        .header("content-type", "application/json")
+        .header("x-gitlab-event", "Push Hook")
+        .header("x-gitlab-event-uuid", "typed-2")
+        .header("x-gitlab-token", "infra-token")
+        .body(gitlab.to_vec())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status().as_u16(), 400);
+
+    let generic = br#"{"type":"push","data":{"repo":"acme/app","pr":"not a number"}}"#;
+    let ts = sign::now();
+    let r = ingest
+        .http
+        .post(ingest.url("/webhooks/generic"))
+        .header("content-type", "application/json")
+        .header("webhook-id", "typed-3")
+        .header("webhook-timestamp", ts.to_string())
+        .header(
+            "webhook-signature",
+            sign::standard(GITLAB_SIGNING, "typed-3", ts, generic),
+        )
+        .body(generic.to_vec())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(stored_events(&js).await.is_empty());
+}
