@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 use sluice_core::nats::NatsOptions;
+use sluice_core::pipeline::HumanDuration;
 use sluice_core::streams::{ClusterConsumer, StreamSettings};
 use sluice_core::telemetry::LogFormat;
 
@@ -529,4 +530,28 @@ pub struct IngestArgs {
     /// Time in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "15s", value_parser = duration)]
     pub shutdown_grace: Duration,
+    /// Time a client has to send a request's headers (from connecting, or from the
+    /// first byte of a later request on a kept-alive connection).
+    #[arg(long, env = "SLUICE_INGEST_HEADER_TIMEOUT", default_value_t = HumanDuration(sluice_ingest::HEADER_TIMEOUT), value_parser = positive_duration)]
+    pub header_timeout: HumanDuration,
+    /// Time a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "SLUICE_INGEST_IDLE_TIMEOUT", default_value_t = HumanDuration(sluice_ingest::IDLE_TIMEOUT), value_parser = positive_duration)]
+    pub idle_timeout: HumanDuration,
+    /// Connections served at once; further clients wait to be accepted until one closes.
+    #[arg(long, env = "SLUICE_INGEST_MAX_CONNECTIONS", default_value_t = sluice_ingest::MAX_CONNECTIONS, value_parser = at_least_one)]
+    pub max_connections: usize,
+}
+
+fn positive_duration(s: &str) -> Result<HumanDuration, String> {
+    match sluice_core::duration::parse(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be longer than zero")),
+        d => Ok(HumanDuration(d)),
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?}: must be a whole number of at least 1")),
+    }
 }

@@ -30,6 +30,9 @@ pub async fn run(
         tolerance: a.signature_tolerance,
         allow_sha1: a.allow_sha1,
         shutdown_grace: a.shutdown_grace,
+        header_timeout: a.header_timeout.0,
+        idle_timeout: a.idle_timeout.0,
+        max_connections: a.max_connections,
         ..IngestConfig::new(a.listen, global.nats("sluice-ingest"), secrets)
     };
     sluice_ingest::run(config, shutdown).await?;

@@ -26,6 +26,9 @@ pub enum Error {
 
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+
+    #[error("invalid ingest settings: {0}")]
+    Config(String),
 }
 
 /// `Result` with this crate's [`Error`].

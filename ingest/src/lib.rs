@@ -11,9 +11,9 @@ pub mod metrics;
 pub mod normalize;
 pub mod publish;
 pub mod secrets;
+pub mod server;
 pub mod verify;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +26,17 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::{Error, Result};
 pub use secrets::{SecretSources, Secrets};
+
+/// Default `--header-timeout`: the forges send a request's headers at once, so a
+/// client still sending them after this is broken or holding a connection on purpose.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `--idle-timeout`: longer than the 60 s idle timeout of common load
+/// balancers, so that the balancer, not ingest, closes an idle kept-alive connection
+/// (the side that closes second can race a request the other is sending).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Default `--max-connections`: well above what forges and a load balancer open, and
+/// under the usual 1,024 open files of a process that has not raised its limit.
+pub const MAX_CONNECTIONS: usize = 900;
 
 /// Everything `sluice ingest` is configured with.
 #[derive(Debug, Clone)]
@@ -43,6 +54,12 @@ pub struct IngestConfig {
     pub allow_sha1: bool,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// Time allowed for a request's headers ([`HEADER_TIMEOUT`]).
+    pub header_timeout: Duration,
+    /// Time a kept-alive connection may wait for its next request ([`IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
+    /// Connections served at once ([`MAX_CONNECTIONS`]).
+    pub max_connections: usize,
 }
 
 impl IngestConfig {
@@ -59,7 +76,25 @@ impl IngestConfig {
             tolerance: Duration::from_secs(300),
             allow_sha1: false,
             shutdown_grace: Duration::from_secs(15),
+            header_timeout: HEADER_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
         }
+    }
+
+    /// Refuses limits that would make ingest refuse or close every connection.
+    fn check(&self) -> Result<()> {
+        let invalid = |m: &str| Err(Error::Config(m.to_owned()));
+        if self.header_timeout.is_zero() {
+            return invalid("the header timeout must be longer than zero");
+        }
+        if self.idle_timeout.is_zero() {
+            return invalid("the idle timeout must be longer than zero");
+        }
+        if self.max_connections == 0 || self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return invalid("max connections must be at least 1");
+        }
+        Ok(())
     }
 }
 
@@ -81,6 +116,7 @@ pub async fn serve(
     config: IngestConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    config.check()?;
     for (name, set) in [
         ("github", &config.secrets.github),
         ("gitlab", &config.secrets.gitlab),
@@ -109,11 +145,22 @@ pub async fn serve(
 
     let addr = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(%addr, nats = %config.nats.url, "ingest listening");
-    let server = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let limits = server::ConnectionLimits {
+        header_timeout: config.header_timeout,
+        idle_timeout: config.idle_timeout,
+        max_connections: config.max_connections,
+    };
+    let connections = state.metrics.connections.clone();
+    let server = server::serve(
+        listener,
+        http::router(state),
+        limits,
+        connections,
+        shutdown.clone(),
+    );
     let grace = config.shutdown_grace;
     tokio::select! {
-        served = server.into_future() => served.map_err(Error::Serve)?,
+        () = server => {},
         () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(?grace, "shutdown grace period over with requests still in flight");
         }

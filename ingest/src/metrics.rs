@@ -24,6 +24,20 @@ pub struct ProviderLabel {
     pub provider: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutPhase {
+    /// `header` (a request's headers too slow) or `idle` (no next request in time).
+    pub phase: &'static str,
+}
+
+/// The accept loop's metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    pub open: Gauge,
+    pub limited: Counter,
+    pub timed_out: Family<TimeoutPhase, Counter>,
+}
+
 /// Every metric ingest exports, registered once at start-up.
 #[derive(Debug)]
 pub struct Metrics {
@@ -34,6 +48,7 @@ pub struct Metrics {
     pub by_reference: Counter,
     pub publish_seconds: Histogram,
     pub in_flight: Gauge,
+    pub connections: ConnectionMetrics,
 }
 
 impl Default for Metrics {
@@ -76,6 +91,22 @@ impl Default for Metrics {
             "Time from publish to JetStream acknowledgement",
             publish_seconds.clone(),
         );
+        let connections = ConnectionMetrics::default();
+        registry.register(
+            "connections_open",
+            "Client connections open right now",
+            connections.open.clone(),
+        );
+        registry.register(
+            "connections_limited",
+            "Connections accepted only once a slot freed, because --max-connections were open",
+            connections.limited.clone(),
+        );
+        registry.register(
+            "connections_timed_out",
+            "Connections closed because a request's headers or the next request did not arrive in time",
+            connections.timed_out.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -84,6 +115,7 @@ impl Default for Metrics {
             by_reference,
             publish_seconds,
             in_flight,
+            connections,
         }
     }
 }

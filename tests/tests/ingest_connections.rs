@@ -1,0 +1,166 @@
+//! Slow and idle clients: a connection that sends its headers slowly or idles is closed
+//! after its timeout, and connections over the cap wait instead of starving ingest, so
+//! signed deliveries are still stored.
+
+use std::time::{Duration, Instant};
+
+use sluice_tests::ingest::{jetstream, stored_count, Ingest};
+use sluice_tests::nats::NatsServer;
+use sluice_tests::{fixture, init_logs, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HEADER_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Reads until the server closes the connection (EOF or a reset) and returns when.
+async fn closed_by_server(mut stream: TcpStream) -> Instant {
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return Instant::now(),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The value of one sample on `/metrics`, e.g. `sluice_ingest_connections_open`.
+async fn sample(ingest: &Ingest, name: &str) -> Option<u64> {
+    let text = ingest
+        .http
+        .get(ingest.url("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_and_the_cap_holds_while_deliveries_get_through() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let mut config = Ingest::config(&nats.url());
+    config.max_connections = 50;
+    config.header_timeout = HEADER_TIMEOUT;
+    let ingest = Ingest::start_with(config).await;
+    let js = jetstream(&nats.url()).await;
+
+    // 80 clients, more than the cap, each stuck half-way through its request line.
+    let mut slow = Vec::new();
+    for _ in 0..80 {
+        // Taken before connecting: ingest cannot have accepted the connection earlier.
+        let opened = Instant::now();
+        let mut stream = TcpStream::connect(ingest.addr).await.expect("connect");
+        stream
+            .write_all(b"POST /webhooks/github HT")
+            .await
+            .expect("half a request line");
+        slow.push((opened, tokio::spawn(closed_by_server(stream))));
+    }
+
+    // Signed deliveries sent meanwhile wait for a slot and are stored.
+    let body = fixture("github/pull_request.opened.json");
+    let mut deliveries = Vec::new();
+    for i in 0..5 {
+        let (ingest, body) = (&ingest, body.clone());
+        deliveries.push(async move {
+            ingest
+                .post_github("pull_request", &format!("slow-{i}"), &body)
+                .await
+                .status()
+                .as_u16()
+        });
+    }
+    let statuses = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::future::join_all(deliveries),
+    )
+    .await
+    .expect("deliveries answered");
+    assert_eq!(statuses, [202; 5]);
+    assert_eq!(stored_count(&js).await, 5);
+
+    // Every slow connection was closed by ingest, none before its header timeout.
+    for (opened, closed) in slow {
+        let closed = tokio::time::timeout(Duration::from_secs(30), closed)
+            .await
+            .expect("closed in time")
+            .expect("reader");
+        let held = closed - opened;
+        assert!(held >= HEADER_TIMEOUT, "closed after only {held:?}");
+    }
+    // The harness's own requests (readiness, these metrics) may idle out too, but
+    // only the 80 are cut in their headers.
+    wait_for(
+        "the timeouts and the cap to be counted",
+        Duration::from_secs(10),
+        || async {
+            let header = "sluice_ingest_connections_timed_out_total{phase=\"header\"}";
+            let cut = sample(&ingest, header).await?;
+            let limited = sample(&ingest, "sluice_ingest_connections_limited_total").await?;
+            (cut == 80 && limited > 0).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout_not_before() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let mut config = Ingest::config(&nats.url());
+    config.header_timeout = Duration::from_millis(500);
+    config.idle_timeout = Duration::from_millis(2500);
+    let ingest = Ingest::start_with(config).await;
+
+    // One request on a kept-alive connection, then silence.
+    let mut stream = TcpStream::connect(ingest.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: ingest\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"ok\n") {
+        let n = stream.read(&mut buf).await.expect("answer");
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    let answered = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(20), closed_by_server(stream))
+        .await
+        .expect("closed in time");
+    let idle = closed - answered;
+    assert!(
+        idle >= Duration::from_millis(2400),
+        "closed after {idle:?}: the header timeout is not the idle timeout"
+    );
+    wait_for(
+        "the idle timeout to be counted",
+        Duration::from_secs(5),
+        || async {
+            let idle = "sluice_ingest_connections_timed_out_total{phase=\"idle\"}";
+            (sample(&ingest, idle).await? >= 1).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_connection_that_opens_and_says_nothing_is_closed() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let mut config = Ingest::config(&nats.url());
+    config.header_timeout = Duration::from_millis(500);
+    let ingest = Ingest::start_with(config).await;
+    let opened = Instant::now();
+    let stream = TcpStream::connect(ingest.addr).await.expect("connect");
+    let closed = tokio::time::timeout(Duration::from_secs(20), closed_by_server(stream))
+        .await
+        .expect("closed in time");
+    assert!(closed - opened >= Duration::from_millis(500));
+}
