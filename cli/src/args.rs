@@ -56,6 +56,12 @@ pub enum Command {
     /// Create or change streams, buckets and each cluster's runner consumer (admin).
     #[command(subcommand)]
     Streams(StreamsCommand),
+    /// Write NATS's configuration and one credential (NKey seed) per role (offline).
+    #[command(subcommand)]
+    Nats(NatsCommand),
+    /// Add or remove one cluster's runner credential in a `nats init` folder (offline).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -553,5 +559,100 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err(format!("{s:?}: must be a whole number of at least 1")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NatsCommand {
+    /// Write DIR/nats.conf (one account with JetStream, one NKey user per role with its
+    /// permissions) and one seed per role, mode 0600: admin.nk, ingest.nk,
+    /// dispatcher.nk, dashboard.nk and runner-<cluster>.nk. Needs no server.
+    Init(NatsInitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NatsInitArgs {
+    /// Folder to write into (created with mode 0700).
+    #[arg(long, env = "SLUICE_NATS_CONFIG_DIR")]
+    pub out: PathBuf,
+    /// The clusters that get a runner credential, comma-separated (e.g. `eu-1,us-1`).
+    #[arg(long, env = "SLUICE_CLUSTERS", value_delimiter = ',', required = true, value_parser = cluster_name)]
+    pub clusters: Vec<String>,
+    /// Address NATS listens on for clients.
+    #[arg(long, env = "SLUICE_NATS_LISTEN", default_value = sluice_core::roles::DEFAULT_LISTEN)]
+    pub listen: String,
+    /// JetStream's store folder on the NATS server.
+    #[arg(long, env = "SLUICE_NATS_STORE_DIR", default_value = sluice_core::roles::DEFAULT_STORE_DIR)]
+    pub store_dir: String,
+    /// Replace existing seeds and nats.conf (every service then needs its new seed).
+    #[arg(long, env = "SLUICE_NATS_FORCE")]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Create the cluster's runner seed and re-render nats.conf from the folder's seeds;
+    /// with --force, replace an existing seed (rotation).
+    Add(ClusterAddArgs),
+    /// Delete the cluster's runner seed and re-render nats.conf (revocation on reload).
+    Remove(ClusterRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterAddArgs {
+    /// The cluster (as runners name it with --cluster).
+    #[arg(env = "SLUICE_CLUSTER", value_parser = cluster_name)]
+    pub name: String,
+    /// The folder `sluice nats init` wrote.
+    #[arg(long, env = "SLUICE_NATS_CONFIG_DIR")]
+    pub out: PathBuf,
+    /// Replace the cluster's existing seed with a new one (rotation).
+    #[arg(long, env = "SLUICE_NATS_FORCE")]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterRemoveArgs {
+    /// The cluster whose runner credential to delete.
+    #[arg(env = "SLUICE_CLUSTER", value_parser = cluster_name)]
+    pub name: String,
+    /// The folder `sluice nats init` wrote.
+    #[arg(long, env = "SLUICE_NATS_CONFIG_DIR")]
+    pub out: PathBuf,
+}
+
+fn cluster_name(s: &str) -> Result<String, String> {
+    sluice_core::pipeline::Name::parse(s).map(|n| n.as_str().to_owned())
+}
+
+impl NatsCommand {
+    pub fn action(self) -> crate::nats_admin::Action {
+        match self {
+            NatsCommand::Init(a) => crate::nats_admin::Action::Init {
+                dir: a.out,
+                clusters: a.clusters,
+                options: sluice_core::roles::ServerOptions {
+                    listen: a.listen,
+                    store_dir: a.store_dir,
+                },
+                force: a.force,
+            },
+        }
+    }
+}
+
+impl ClusterCommand {
+    pub fn action(self) -> crate::nats_admin::Action {
+        match self {
+            ClusterCommand::Add(a) => crate::nats_admin::Action::AddCluster {
+                dir: a.out,
+                cluster: a.name,
+                force: a.force,
+            },
+            ClusterCommand::Remove(a) => crate::nats_admin::Action::RemoveCluster {
+                dir: a.out,
+                cluster: a.name,
+            },
+        }
     }
 }

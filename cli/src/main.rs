@@ -6,6 +6,7 @@ mod dev;
 mod dispatcher;
 mod events;
 mod ingest;
+mod nats_admin;
 mod output;
 mod pipelines;
 mod runner;
@@ -38,6 +39,8 @@ async fn main() -> anyhow::Result<()> {
         args::Command::Runs(_) => Ok(()),
         args::Command::Status { output, watch } => status::run(&cli.global, output, watch).await,
         args::Command::Streams(c) => streams::run(&cli.global, c).await,
+        args::Command::Nats(c) => nats_admin::run(c.action()),
+        args::Command::Cluster(c) => nats_admin::run(c.action()),
     }
 }
 

@@ -141,6 +141,17 @@ fn durables_on(stream: &str) -> &'static [&'static str] {
     }
 }
 
+/// Subjects no user may hold a core subscription on: everything a stream stores and
+/// the JetStream API and acknowledgements.
+///
+/// Runners (and the dashboard) may create consumers, and NATS lets a consumer push to
+/// any deliver subject that has a subscriber; a stream storing that subject then
+/// stores what was pushed (the server does not count its own streams as subscribers,
+/// so without one nothing is delivered). A runner could otherwise push messages it
+/// wrote itself into SLUICE_EVENTS or SLUICE_RUNS whenever anyone ran `nats sub '>'`.
+/// Clients read streams through consumers, which deliver to their inboxes.
+pub const NO_CORE_SUBSCRIPTIONS: [&str; 4] = ["sluice.>", "$KV.>", "$O.>", "$JS.>"];
+
 /// The permissions of `role`'s user.
 pub fn permissions(role: &Role) -> Permissions {
     let inbox = vec![format!("{}.>", inbox_prefix(role))];
@@ -148,6 +159,7 @@ pub fn permissions(role: &Role) -> Permissions {
         Role::Admin => Permissions {
             publish_allow: vec![">".into()],
             subscribe_allow: vec![">".into()],
+            subscribe_deny: NO_CORE_SUBSCRIPTIONS.map(str::to_owned).to_vec(),
             ..Default::default()
         },
         Role::Ingest => ingest(inbox),
@@ -159,7 +171,8 @@ pub fn permissions(role: &Role) -> Permissions {
                 .iter()
                 .map(|verb| api(format!("STREAM.{verb}.>")))
                 .collect(),
-            subscribe_allow: vec![">".into()],
+            // Its consumers deliver to its inbox; see [`NO_CORE_SUBSCRIPTIONS`].
+            subscribe_allow: inbox,
             ..Default::default()
         },
         Role::Dashboard => dashboard(inbox),
@@ -272,7 +285,10 @@ fn runner(cluster: &str, inbox: Vec<String>) -> Permissions {
             subjects::RUNNERS_BUCKET,
             subjects::runner_key(cluster, ">")
         ),
-        api(format!("STREAM.INFO.{}", kv_stream(subjects::RUNNERS_BUCKET))),
+        api(format!(
+            "STREAM.INFO.{}",
+            kv_stream(subjects::RUNNERS_BUCKET)
+        )),
     ];
     let mut publish_deny = Vec::new();
     // Reading back its own runs' states and logs (adoption) and its control messages:
@@ -486,13 +502,30 @@ mod tests {
             assert_eq!(role.seed_file(), format!("{}.nk", role.name()));
         }
         assert_eq!(Role::parse("runner-eu-1"), Ok(Role::Runner("eu-1".into())));
-        for bad in ["root", "runner-", "runner-EU", "runner-a.b", "runner-a>", ""] {
+        for bad in [
+            "root",
+            "runner-",
+            "runner-EU",
+            "runner-a.b",
+            "runner-a>",
+            "",
+        ] {
             assert!(Role::parse(bad).is_err(), "{bad}");
         }
-        let names: Vec<String> = Role::all_for(&["b", "a", "b"]).iter().map(Role::name).collect();
+        let names: Vec<String> = Role::all_for(&["b", "a", "b"])
+            .iter()
+            .map(Role::name)
+            .collect();
         assert_eq!(
             names,
-            ["admin", "ingest", "dispatcher", "dashboard", "runner-a", "runner-b"]
+            [
+                "admin",
+                "ingest",
+                "dispatcher",
+                "dashboard",
+                "runner-a",
+                "runner-b"
+            ]
         );
     }
 
@@ -639,9 +672,15 @@ mod tests {
     fn the_dispatcher_cannot_change_streams_and_the_dashboard_only_reads() {
         let p = permissions(&Role::Dispatcher);
         assert!(may_publish(&p, "sluice.runs.a"));
-        assert!(may_publish(&p, "$JS.API.CONSUMER.CREATE.SLUICE_EVENTS.sluice-dispatcher"));
+        assert!(may_publish(
+            &p,
+            "$JS.API.CONSUMER.CREATE.SLUICE_EVENTS.sluice-dispatcher"
+        ));
         for verb in ["CREATE", "UPDATE", "DELETE", "PURGE", "RESTORE"] {
-            assert!(!may_publish(&p, &format!("$JS.API.STREAM.{verb}.SLUICE_EVENTS")));
+            assert!(!may_publish(
+                &p,
+                &format!("$JS.API.STREAM.{verb}.SLUICE_EVENTS")
+            ));
         }
         let p = permissions(&Role::Dashboard);
         for allowed in [
@@ -668,7 +707,32 @@ mod tests {
             assert!(!may_publish(&p, refused), "{refused}");
         }
         let p = permissions(&Role::Admin);
-        assert_eq!((p.publish_allow, p.subscribe_allow), (vec![">".into()], vec![">".into()]));
+        assert_eq!(
+            (p.publish_allow, p.subscribe_allow),
+            (vec![">".into()], vec![">".into()])
+        );
+        for role in Role::all_for(&["a"]) {
+            let p = permissions(&role);
+            let may_subscribe = |s: &str| {
+                p.subscribe_allow.iter().any(|a| matches(a, s))
+                    && !p.subscribe_deny.iter().any(|d| matches(d, s))
+            };
+            for stored in [
+                "sluice.runs.b",
+                "sluice.events.manual.push",
+                "$KV.SLUICE_PIPELINES.app",
+                "$O.SLUICE_PAYLOADS.M.x",
+                "$JS.API.STREAM.DELETE.SLUICE_EVENTS",
+                "$JS.ACK.SLUICE_RUNS.sluice-runner-b.1.1.1.1.0",
+            ] {
+                assert!(
+                    !may_subscribe(stored),
+                    "{} may subscribe to {stored}",
+                    role.name()
+                );
+            }
+            assert!(may_subscribe(&format!("{}.x", inbox_prefix(&role))));
+        }
     }
 
     fn users() -> Vec<User> {
@@ -707,7 +771,10 @@ mod tests {
     #[test]
     fn replacing_users_keeps_the_operators_edits() {
         let config = render_config(&users(), &ServerOptions::default());
-        let edited = config.replace("listen: \"0.0.0.0:4222\"", "listen: \"0.0.0.0:4999\"\nhttp: 8222");
+        let edited = config.replace(
+            "listen: \"0.0.0.0:4222\"",
+            "listen: \"0.0.0.0:4999\"\nhttp: 8222",
+        );
         let fewer: Vec<User> = users()
             .into_iter()
             .filter(|u| u.role != Role::Runner("b".into()))

@@ -2,6 +2,7 @@
 //! socket, webhook signing, and waiting on conditions with deadlines.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod dispatcher;
 pub mod ingest;
 pub mod kubeapi;
