@@ -12,7 +12,7 @@ use crate::args::Output;
 pub fn structured<T: Serialize>(value: &T, output: Output) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Yaml | Output::Table => print!("{}", serde_yaml::to_string(value)?),
+        Output::Yaml | Output::Table => print!("{}", serde_saphyr::to_string(value)?),
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ pub mod shutdown;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
+pub mod yaml;
 
 pub use envelope::{Event, PayloadRef, Provider};
 pub use error::{Error, Result};

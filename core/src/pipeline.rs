@@ -45,43 +45,39 @@ impl std::error::Error for SpecError {}
 /// Parses every YAML document in `text` (separated by `---`) as a pipeline. Nothing is
 /// returned unless every document is valid: a file is accepted or refused whole.
 pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Pipeline>, SpecError> {
-    let mut pipelines = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let pipeline = Pipeline::deserialize(document).map_err(|e| {
-            let at = e.location().map(|l| (l.line(), l.column(), l.index()));
-            let message = clean_message(&e.to_string());
-            let (line, column) = match at {
-                Some((line, column, index)) => {
-                    value_position(text, index, &message).unwrap_or((line, column))
+    let refuse = |line, column, message| SpecError {
+        file: file.to_owned(),
+        line,
+        column,
+        message,
+    };
+    crate::yaml::check_size(text).map_err(|m| refuse(0, 0, m))?;
+    let pipelines: Vec<Pipeline> =
+        serde_saphyr::from_multiple_with_options(text, crate::yaml::options()).map_err(|e| {
+            let message = clean_message(&e.without_snippet().to_string());
+            let (line, column) = match e.location() {
+                Some(l) => {
+                    let (line, column) = (l.line() as usize, l.column() as usize);
+                    l.span()
+                        .byte_offset()
+                        .and_then(|index| value_position(text, index as usize, &message))
+                        .unwrap_or_else(|| list_item_position(text, line, column))
                 }
                 None => (0, 0),
             };
-            SpecError {
-                file: file.to_owned(),
-                line,
-                column,
-                message,
-            }
+            refuse(line, column, message)
         })?;
-        pipelines.push(pipeline);
-    }
     if pipelines.is_empty() {
-        return Err(SpecError {
-            file: file.to_owned(),
-            line: 0,
-            column: 0,
-            message: "no pipeline in this file".into(),
-        });
+        return Err(refuse(0, 0, "no pipeline in this file".into()));
     }
     let mut seen = HashSet::new();
     for p in &pipelines {
         if !seen.insert(p.name.as_str()) {
-            return Err(SpecError {
-                file: file.to_owned(),
-                line: 0,
-                column: 0,
-                message: format!("pipeline `{}` is defined twice", p.name),
-            });
+            return Err(refuse(
+                0,
+                0,
+                format!("pipeline `{}` is defined twice", p.name),
+            ));
         }
     }
     Ok(pipelines)
@@ -115,13 +111,39 @@ fn value_position(text: &str, from: usize, message: &str) -> Option<(usize, usiz
     Some((line, column))
 }
 
-/// serde_yaml appends " at line L column C" to messages; the position is reported
-/// separately.
-fn clean_message(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(i) => message[..i].to_owned(),
-        None => message.to_owned(),
+/// A mapping that is a list item (`  - name: a`) is reported at its `-`, where the item
+/// starts, rather than at its first key: the position pipelines errors have always had.
+fn list_item_position(text: &str, line: usize, column: usize) -> (usize, usize) {
+    let Some(before) = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .and_then(|l| l.get(..column.saturating_sub(1)))
+    else {
+        return (line, column);
+    };
+    match before.trim_end().strip_suffix('-') {
+        Some(indent) if indent.trim().is_empty() && before.ends_with(' ') => {
+            (line, indent.len() + 1)
+        }
+        _ => (line, column),
     }
+}
+
+/// The parser ends its messages with " at line L, column C"; the position is reported
+/// separately. Positions inside the message (where an alias was defined) stay.
+fn clean_message(message: &str) -> String {
+    let message = message.trim_end();
+    if let Some(i) = message.rfind(" at line ") {
+        let position = &message[i + " at line ".len()..];
+        let is_position = position
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|w| !w.is_empty())
+            .all(|w| w == "column" || w.chars().all(|c| c.is_ascii_digit()));
+        if is_position {
+            return message[..i].to_owned();
+        }
+    }
+    message.to_owned()
 }
 
 // === The pipeline ===
@@ -846,7 +868,7 @@ steps:
         assert_eq!(p.name.as_str(), "app-ci");
         assert_eq!(p.triggers[1].kinds, ["comment"]);
         assert_eq!(p.runtime.cluster.0[0].as_str(), "eu-1");
-        let yaml = serde_yaml::to_string(p).expect("yaml");
+        let yaml = serde_saphyr::to_string(p).expect("yaml");
         let again = parse_documents("again.yaml", &yaml).expect("round trip");
         assert_eq!(
             serde_json::to_value(&again[0]).ok(),
@@ -872,7 +894,7 @@ steps:
         assert!(e.message.contains("bad CEL"), "{e}");
 
         let e = err("name: x\nsteps:\n  - name: a\n    commands: [make]\n");
-        assert_eq!(e.line, 3, "{e}");
+        assert_eq!((e.line, e.column), (3, 3), "{e}");
         assert!(e.message.contains("step `a` has no image"), "{e}");
 
         let e = err("name: Bad_Name\nsteps:\n  - {name: a, image: i}\n");
@@ -935,6 +957,67 @@ steps:
                 assert_eq!(back.0, d, "{text}");
             }
         }
+    }
+
+    /// Refuses `text` within a second and returns the error.
+    fn refused_quickly(text: &str) -> SpecError {
+        let started = std::time::Instant::now();
+        let e = err(text);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "took {took:?}: {e}");
+        e
+    }
+
+    /// A pipeline whose tolerations (free-form values) are `values`.
+    const HOSTILE: &str = "name: x\nsteps:\n  - {name: a, image: i}\nruntime:\n  tolerations:\n";
+
+    #[test]
+    fn a_billion_laughs_is_refused_quickly() {
+        // Nine levels of ten aliases each: 10^9 strings if the aliases were expanded.
+        let mut text = format!("{HOSTILE}    - &l0 lol\n");
+        for level in 1..10 {
+            let refs = vec![format!("*l{}", level - 1); 10].join(", ");
+            text.push_str(&format!("    - &l{level} [{refs}]\n"));
+        }
+        let e = refused_quickly(&text);
+        assert!(e.message.contains("alias"), "{e}");
+        assert!(e.line >= 6, "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_quickly() {
+        let depth = 10_000;
+        let flow = format!(
+            "{HOSTILE}    - {}{}\n",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let e = refused_quickly(&flow);
+        assert!(
+            e.message.contains("nesting")
+                || e.message.contains("depth")
+                || e.message.contains("recursion"),
+            "{e}"
+        );
+        assert_eq!(e.line, 6, "{e}");
+
+        let block = format!("{HOSTILE}    {}x\n", "- ".repeat(depth));
+        let e = refused_quickly(&block);
+        assert!(
+            e.message.contains("nesting")
+                || e.message.contains("depth")
+                || e.message.contains("recursion"),
+            "{e}"
+        );
+        assert_eq!(e.line, 6, "{e}");
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_before_parsing() {
+        let text = format!("name: x\n# {}\n", "x".repeat(crate::yaml::MAX_BYTES));
+        let e = refused_quickly(&text);
+        assert!(e.message.contains("more than the"), "{e}");
+        assert_eq!(e.line, 0);
     }
 
     #[test]

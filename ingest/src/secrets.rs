@@ -126,20 +126,24 @@ impl Secrets {
                 path: path.to_owned(),
                 source,
             })?;
+            let invalid = |reason: String| Error::SecretsFormat {
+                path: path.to_owned(),
+                reason,
+            };
+            sluice_core::yaml::check_size(&text).map_err(invalid)?;
             // The parser's message can quote the offending line, which may be a
             // secret: report only where it is.
-            let file: SecretsFile = serde_yaml::from_str(&text).map_err(|e| {
-                let at = e
-                    .location()
-                    .map(|l| format!("line {} column {}", l.line(), l.column()))
-                    .unwrap_or_else(|| "unknown position".into());
-                Error::SecretsFormat {
-                    path: path.to_owned(),
-                    reason: format!(
-                        "expected `github`/`gitlab`/`generic` maps of `default`, `orgs` (or `groups`) and `repos` lists, error at {at}"
-                    ),
-                }
-            })?;
+            let file: SecretsFile =
+                serde_saphyr::from_str_with_options(&text, sluice_core::yaml::options())
+                    .map_err(|e| {
+                        let at = e
+                            .location()
+                            .map(|l| format!("line {} column {}", l.line(), l.column()))
+                            .unwrap_or_else(|| "unknown position".into());
+                        invalid(format!(
+                            "expected `github`/`gitlab`/`generic` maps of `default`, `orgs` (or `groups`) and `repos` lists, error at {at}"
+                        ))
+                    })?;
             secrets.github.merge(file.github);
             secrets.gitlab.merge(file.gitlab);
             secrets.generic.merge(file.generic);
@@ -219,6 +223,27 @@ mod tests {
         assert_eq!(exposed(secrets.gitlab.for_repo(Some("a/z/proj"))), ["a"]);
         assert!(secrets.gitlab.for_repo(Some("q/proj")).is_empty());
         assert!(secrets.generic.is_empty());
+    }
+
+    #[test]
+    fn a_hostile_file_is_refused_quickly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secrets.yaml");
+        let mut text = String::from("github:\n  default:\n    - &l0 lol\n");
+        for level in 1..10 {
+            let refs = vec![format!("*l{}", level - 1); 10].join(", ");
+            text.push_str(&format!("    - &l{level} [{refs}]\n"));
+        }
+        std::fs::write(&path, text).expect("write");
+        let started = std::time::Instant::now();
+        let err = Secrets::load(SecretSources {
+            file: Some(&path),
+            ..Default::default()
+        })
+        .expect_err("must fail")
+        .to_string();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(err.contains("error at line"), "{err}");
     }
 
     #[test]
