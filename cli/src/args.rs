@@ -119,7 +119,9 @@ impl StreamsApplyArgs {
 fn replicas(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n @ 1..=5) => Ok(n),
-        _ => Err(format!("`{s}`: replicas must be 1 to 5 (1 for one server, 3 for a cluster)")),
+        _ => Err(format!(
+            "`{s}`: replicas must be 1 to 5 (1 for one server, 3 for a cluster)"
+        )),
     }
 }
 

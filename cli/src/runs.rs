@@ -5,8 +5,8 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream;
+use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
 use sluice_core::run::{CancelRequest, LogChunk, RunState, RunView, StatusUpdate};
 use sluice_core::{bus, subjects};
@@ -276,7 +276,9 @@ async fn ordered(
 )> {
     bus::ordered(js, stream, filter, policy)
         .await
-        .with_context(|| format!("cannot read {stream}: has `sluice streams apply` run against this NATS?"))
+        .with_context(|| {
+            format!("cannot read {stream}: has `sluice streams apply` run against this NATS?")
+        })
 }
 
 async fn recent_runs(

@@ -92,10 +92,69 @@ async fn apply_is_all_or_nothing_and_the_registry_round_trips() {
     let url = nats.url();
     let js = jetstream(&url).await;
     let dir = tempfile::tempdir().expect("tmp");
-    write(dir.path(), "a-good.yaml", GOOD);
-    write(dir.path(), "b-bad.yaml", "name: broken\nsteps: []\n");
     let folder = dir.path().display().to_string();
 
+    // Before the operator has provisioned anything, the error says what to run.
+    write(dir.path(), "a-good.yaml", GOOD);
+    let out = sluice(&url, &["pipelines", "apply", "-f", &folder]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("run `sluice streams apply`"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The dry run shows what would be created and creates nothing.
+    let out = sluice(
+        &url,
+        &["streams", "apply", "--dry-run", "--clusters", "eu-1:60s"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan = text(&out.stdout);
+    assert!(plan.contains("+ create stream SLUICE_EVENTS"), "{plan}");
+    assert!(plan.contains("+ create bucket SLUICE_PIPELINES"), "{plan}");
+    assert!(
+        plan.contains("+ create consumer sluice-runner-eu-1"),
+        "{plan}"
+    );
+    assert!(
+        js.get_stream("SLUICE_EVENTS").await.is_err(),
+        "a dry run creates nothing"
+    );
+    let out = sluice(&url, &["streams", "apply", "--clusters", "eu-1:60s"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("Applied."),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = sluice(
+        &url,
+        &["streams", "apply", "--clusters", "eu-1:60s", "--dry-run"],
+    );
+    assert!(
+        text(&out.stdout).contains("Nothing to change."),
+        "a second apply converges: {}",
+        text(&out.stdout)
+    );
+    let out = sluice(
+        &url,
+        &[
+            "streams",
+            "apply",
+            "--dry-run",
+            "--replicas",
+            "1",
+            "--dedup-window",
+            "96h",
+        ],
+    );
+    assert!(
+        text(&out.stdout).contains("duplicate_window: 259200s -> 345600s"),
+        "the difference, field by field: {}",
+        text(&out.stdout)
+    );
+
+    write(dir.path(), "b-bad.yaml", "name: broken\nsteps: []\n");
     let out = sluice(&url, &["pipelines", "apply", "-f", &folder]);
     assert_eq!(out.status.code(), Some(1));
     assert!(

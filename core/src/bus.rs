@@ -5,8 +5,8 @@
 use async_nats::jetstream::{
     self,
     consumer::{pull::OrderedConfig, DeliverPolicy},
-    publish::PublishAck,
     message::PublishMessage,
+    publish::PublishAck,
 };
 use futures::{Stream, StreamExt};
 

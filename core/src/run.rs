@@ -487,11 +487,7 @@ impl RunView {
 /// it is not taken for a duplicate delivery), naming the pipeline, with the attempt
 /// counted up. `now_millis` makes the id unique; a repeated publish of the same rerun
 /// converges on one run.
-pub fn rerun_event(
-    original: &crate::Event,
-    pipeline: &str,
-    now: OffsetDateTime,
-) -> crate::Event {
+pub fn rerun_event(original: &crate::Event, pipeline: &str, now: OffsetDateTime) -> crate::Event {
     let mut event = original.clone();
     let base = original
         .id
@@ -610,7 +606,10 @@ mod tests {
         };
         let json = serde_json::to_value(&req).expect("encode");
         assert_eq!(json["action"], "cancel");
-        assert_eq!(serde_json::from_value::<ChildRequest>(json).expect("decode"), req);
+        assert_eq!(
+            serde_json::from_value::<ChildRequest>(json).expect("decode"),
+            req
+        );
         let result = ChildResult {
             parent_run: "p".into(),
             step: "deploy".into(),
@@ -622,7 +621,10 @@ mod tests {
         };
         let json = serde_json::to_value(&result).expect("encode");
         assert_eq!(json["state"], "succeeded");
-        assert_eq!(serde_json::from_value::<ChildResult>(json).expect("decode"), result);
+        assert_eq!(
+            serde_json::from_value::<ChildResult>(json).expect("decode"),
+            result
+        );
         let beat = Heartbeat {
             cluster: "a".into(),
             runner: "r".into(),
@@ -630,7 +632,10 @@ mod tests {
             at: 1,
         };
         let json = serde_json::to_string(&beat).expect("encode");
-        assert_eq!(serde_json::from_str::<Heartbeat>(&json).expect("decode"), beat);
+        assert_eq!(
+            serde_json::from_str::<Heartbeat>(&json).expect("decode"),
+            beat
+        );
         let letter = DeadLetter {
             subject: "sluice.events.github.push".into(),
             stream_sequence: 3,
@@ -640,6 +645,9 @@ mod tests {
             message: "{}".into(),
         };
         let json = serde_json::to_string(&letter).expect("encode");
-        assert_eq!(serde_json::from_str::<DeadLetter>(&json).expect("decode"), letter);
+        assert_eq!(
+            serde_json::from_str::<DeadLetter>(&json).expect("decode"),
+            letter
+        );
     }
 }

@@ -356,7 +356,13 @@ pub fn stream_differences(have: &Config, want: &Config) -> Vec<Difference> {
     differ(&mut out, o, "subjects", &have.subjects, &want.subjects);
     differ(&mut out, o, "retention", have.retention, want.retention);
     differ(&mut out, o, "storage", have.storage, want.storage);
-    differ(&mut out, o, "replicas", have.num_replicas, want.num_replicas);
+    differ(
+        &mut out,
+        o,
+        "replicas",
+        have.num_replicas,
+        want.num_replicas,
+    );
     differ(&mut out, o, "max_age", have.max_age, want.max_age);
     differ(
         &mut out,
@@ -382,7 +388,13 @@ pub fn stream_differences(have: &Config, want: &Config) -> Vec<Difference> {
         per_subject(have.max_messages_per_subject),
         per_subject(want.max_messages_per_subject),
     );
-    differ(&mut out, o, "allow_direct", have.allow_direct, want.allow_direct);
+    differ(
+        &mut out,
+        o,
+        "allow_direct",
+        have.allow_direct,
+        want.allow_direct,
+    );
     differ(
         &mut out,
         o,
@@ -403,7 +415,13 @@ pub fn contract_version(config: &Config) -> Option<&str> {
 
 fn bucket_differences(name: &str, have: &Config, want: &jetstream::kv::Config) -> Vec<Difference> {
     let mut out = Vec::new();
-    differ(&mut out, name, "replicas", have.num_replicas, want.num_replicas);
+    differ(
+        &mut out,
+        name,
+        "replicas",
+        have.num_replicas,
+        want.num_replicas,
+    );
     differ(&mut out, name, "max_age", have.max_age, want.max_age);
     differ(
         &mut out,
@@ -533,10 +551,7 @@ pub async fn plan(js: &jetstream::Context, settings: &StreamSettings) -> Result<
         let object = format!("stream {}", want.name);
         let change = match js.get_stream(&want.name).await {
             Ok(mut s) => {
-                let info = s
-                    .info()
-                    .await
-                    .map_err(|e| Error::bus(object.clone(), e))?;
+                let info = s.info().await.map_err(|e| Error::bus(object.clone(), e))?;
                 let d = stream_differences(&info.config, &want);
                 if d.is_empty() {
                     Change::Unchanged
@@ -553,10 +568,7 @@ pub async fn plan(js: &jetstream::Context, settings: &StreamSettings) -> Result<
         let object = format!("bucket {}", want.bucket);
         let change = match js.get_stream(format!("KV_{}", want.bucket)).await {
             Ok(mut s) => {
-                let info = s
-                    .info()
-                    .await
-                    .map_err(|e| Error::bus(object.clone(), e))?;
+                let info = s.info().await.map_err(|e| Error::bus(object.clone(), e))?;
                 let d = bucket_differences(&want.bucket, &info.config, &want);
                 if d.is_empty() {
                     Change::Unchanged
@@ -573,10 +585,7 @@ pub async fn plan(js: &jetstream::Context, settings: &StreamSettings) -> Result<
     let object = format!("object store {}", payloads.bucket);
     let change = match js.get_stream(format!("OBJ_{}", payloads.bucket)).await {
         Ok(mut s) => {
-            let info = s
-                .info()
-                .await
-                .map_err(|e| Error::bus(object.clone(), e))?;
+            let info = s.info().await.map_err(|e| Error::bus(object.clone(), e))?;
             let mut d = Vec::new();
             differ(
                 &mut d,
@@ -749,9 +758,9 @@ pub async fn prepare(
 ) -> Result<Vec<Difference>> {
     let mut differences = Vec::new();
     for name in needs.streams {
-        let want = settings.stream_config(name).ok_or_else(|| {
-            Error::Invalid(format!("{name} is not one of Sluice's streams"))
-        })?;
+        let want = settings
+            .stream_config(name)
+            .ok_or_else(|| Error::Invalid(format!("{name} is not one of Sluice's streams")))?;
         match js.get_stream(name).await {
             Ok(mut s) => {
                 let info = s
@@ -772,10 +781,9 @@ pub async fn prepare(
                 differences.extend(stream_differences(&info.config, &want));
             }
             Err(e) if is_not_found(&e) => {
-                js.create_stream(want).await.map_err(|e| missing(
-                    format!("stream {name}"),
-                    &e,
-                ))?;
+                js.create_stream(want)
+                    .await
+                    .map_err(|e| missing(format!("stream {name}"), &e))?;
                 tracing::info!(stream = %name, "stream was missing; created it");
             }
             Err(e) => return Err(Error::bus(format!("stream {name}"), e)),
@@ -808,9 +816,9 @@ pub async fn prepare(
         match js.get_stream(format!("OBJ_{}", want.bucket)).await {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {
-                js.create_object_store(want)
-                    .await
-                    .map_err(|e| missing(format!("object store {}", subjects::PAYLOADS_BUCKET), &e))?;
+                js.create_object_store(want).await.map_err(|e| {
+                    missing(format!("object store {}", subjects::PAYLOADS_BUCKET), &e)
+                })?;
             }
             Err(e) => return Err(Error::bus("object store", e)),
         }
@@ -844,14 +852,22 @@ pub fn report(service: &str, differences: &[Difference]) {
 pub async fn bucket(js: &jetstream::Context, name: &str) -> Result<jetstream::kv::Store> {
     js.get_key_value(name)
         .await
-        .map_err(|e| missing(format!("bucket {name}"), &e))
+        .map_err(|e| not_there(format!("bucket {name}"), &e))
+}
+
+fn not_there(what: String, e: &impl fmt::Display) -> Error {
+    Error::Provisioning {
+        what,
+        problem: format!("cannot open it ({e})"),
+        fix: APPLY_COMMAND.into(),
+    }
 }
 
 /// Opens the object store of oversized webhook bodies that [`prepare`] has checked.
 pub async fn payloads(js: &jetstream::Context) -> Result<jetstream::object_store::ObjectStore> {
     js.get_object_store(subjects::PAYLOADS_BUCKET)
         .await
-        .map_err(|e| missing(format!("object store {}", subjects::PAYLOADS_BUCKET), &e))
+        .map_err(|e| not_there(format!("object store {}", subjects::PAYLOADS_BUCKET), &e))
 }
 
 /// Checks that the events stream exists; ingest's readiness probe.
@@ -895,7 +911,11 @@ mod tests {
             assert_eq!(contract_version(&c), Some(subjects::CONTRACT_VERSION));
             assert!(stream_differences(&c, &c).is_empty(), "{}", c.name);
         }
-        let buckets: Vec<String> = settings.buckets().iter().map(|b| b.bucket.clone()).collect();
+        let buckets: Vec<String> = settings
+            .buckets()
+            .iter()
+            .map(|b| b.bucket.clone())
+            .collect();
         assert_eq!(buckets, subjects::BUCKETS.map(str::to_owned));
     }
 
@@ -927,8 +947,18 @@ mod tests {
         assert_eq!(c.ack_wait, Duration::from_secs(60));
         assert_eq!(c.max_in_flight, 500);
         assert_eq!(c.config().filter_subject, "sluice.runs.eu-1");
-        assert_eq!(c.config().durable_name.as_deref(), Some("sluice-runner-eu-1"));
-        for bad in ["EU", "eu-1:1s", "eu-1:30s:0", "eu-1:30s:-5", "eu-1:30s:x", "a:30s:1:2"] {
+        assert_eq!(
+            c.config().durable_name.as_deref(),
+            Some("sluice-runner-eu-1")
+        );
+        for bad in [
+            "EU",
+            "eu-1:1s",
+            "eu-1:30s:0",
+            "eu-1:30s:-5",
+            "eu-1:30s:x",
+            "a:30s:1:2",
+        ] {
             assert!(ClusterConsumer::parse(bad).is_err(), "{bad}");
         }
     }

@@ -52,7 +52,12 @@ pub const STREAMS: [&str; 8] = [
 ];
 
 /// Every key-value bucket.
-pub const BUCKETS: [&str; 4] = [PIPELINES_BUCKET, RUNNERS_BUCKET, REPORTS_BUCKET, GROUPS_BUCKET];
+pub const BUCKETS: [&str; 4] = [
+    PIPELINES_BUCKET,
+    RUNNERS_BUCKET,
+    REPORTS_BUCKET,
+    GROUPS_BUCKET,
+];
 
 /// Object store buckets.
 pub const OBJECT_STORES: [&str; 1] = [PAYLOADS_BUCKET];
@@ -143,7 +148,8 @@ pub fn runner_key(cluster: &str, runner_id: &str) -> String {
 
 /// `(cluster, runner id)` of a [`runner_key`].
 pub fn parse_runner_key(key: &str) -> Option<(&str, &str)> {
-    key.split_once('.').filter(|(c, r)| !c.is_empty() && !r.is_empty())
+    key.split_once('.')
+        .filter(|(c, r)| !c.is_empty() && !r.is_empty())
 }
 
 // === Consumers ===

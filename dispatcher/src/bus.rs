@@ -78,10 +78,7 @@ impl Bus {
     pub async fn child_result(&self, parent_cluster: &str, result: &ChildResult) -> Result<()> {
         let id = match &result.child_run {
             Some(run) => subjects::child_result_id(run),
-            None => subjects::child_result_id(&format!(
-                "{}-{}",
-                result.parent_run, result.step
-            )),
+            None => subjects::child_result_id(&format!("{}-{}", result.parent_run, result.step)),
         };
         self.publish(
             subjects::child_result(parent_cluster, &result.parent_run),
@@ -106,7 +103,8 @@ impl Bus {
     /// The decision for an event; only the latest per event is kept, so a redelivered
     /// event's new decision replaces the old one (no message id).
     pub async fn decision(&self, decision: &Decision) -> Result<()> {
-        let payload = serde_json::to_vec(decision).map_err(|e| Error::Nats(format!("encode: {e}")))?;
+        let payload =
+            serde_json::to_vec(decision).map_err(|e| Error::Nats(format!("encode: {e}")))?;
         let ack = self
             .js
             .publish(subjects::decision(&decision.event_id), payload.into())

@@ -11,8 +11,8 @@ use async_nats::jetstream::AckKind;
 use futures::StreamExt;
 use sluice_core::pipeline::Pipeline;
 use sluice_core::run::{
-    ChildAction, ChildRequest, ChildResult, Decision, ParentRef, PlannedRun, RunRequest,
-    RunState, StatusUpdate,
+    ChildAction, ChildRequest, ChildResult, Decision, ParentRef, PlannedRun, RunRequest, RunState,
+    StatusUpdate,
 };
 use sluice_core::{subjects, Event, Provider};
 use time::OffsetDateTime;
@@ -277,7 +277,10 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
 /// A child event that started no run of its pipeline: the parent is told at once, with
 /// the decision's reason, instead of waiting for a result that never comes.
 fn unstarted_child(event: &Event, runs: &[(String, String)]) -> Option<ChildResult> {
-    let parent = event.parent.as_ref().filter(|_| event.provider == Provider::Manual)?;
+    let parent = event
+        .parent
+        .as_ref()
+        .filter(|_| event.provider == Provider::Manual)?;
     let child = event.pipeline.as_deref()?;
     if runs.iter().any(|(pipeline, _)| pipeline == child) {
         return None;
@@ -288,7 +291,10 @@ fn unstarted_child(event: &Event, runs: &[(String, String)]) -> Option<ChildResu
         child_run: None,
         cluster: None,
         state: RunState::Failed,
-        message: Some(format!("the dispatcher started no run of `{child}` (see `sluice events why {}`)", event.id)),
+        message: Some(format!(
+            "the dispatcher started no run of `{child}` (see `sluice events why {}`)",
+            event.id
+        )),
         at: OffsetDateTime::now_utc(),
     })
 }
@@ -437,7 +443,9 @@ async fn child_request(ctx: &Context, subject: &str, payload: &[u8]) -> Result<(
     }
     let decision = crate::decisions::get(&ctx.bus.js, &req.parent_event)
         .await?
-        .ok_or_else(|| ChildError::Retry(format!("no decision for event {} yet", req.parent_event)))?;
+        .ok_or_else(|| {
+            ChildError::Retry(format!("no decision for event {} yet", req.parent_event))
+        })?;
     let parent = decision
         .runs
         .iter()
@@ -463,7 +471,10 @@ async fn child_request(ctx: &Context, subject: &str, payload: &[u8]) -> Result<(
         .iter()
         .find(|s| s.name.as_str() == req.step)
         .ok_or_else(|| {
-            ChildError::Refused(format!("pipeline {} has no step {}", parent.pipeline, req.step))
+            ChildError::Refused(format!(
+                "pipeline {} has no step {}",
+                parent.pipeline, req.step
+            ))
         })?;
     let child = step.pipeline.as_ref().ok_or_else(|| {
         ChildError::Refused(format!(
@@ -498,15 +509,16 @@ async fn child_request(ctx: &Context, subject: &str, payload: &[u8]) -> Result<(
             tracing::info!(parent_run = %req.parent_run, step = %req.step, child = %child, "child run requested");
         }
         ChildAction::Cancel => {
-            let child_run = sluice_core::run::child_run_id(&req.parent_run, &req.step, child.as_str());
+            let child_run =
+                sluice_core::run::child_run_id(&req.parent_run, &req.step, child.as_str());
             let planned = crate::decisions::get(&ctx.bus.js, &child_event)
                 .await?
                 .and_then(|d| d.runs.into_iter().find(|r| r.run_id == child_run));
             match planned {
                 Some(run) => {
-                    let reason = req
-                        .reason
-                        .unwrap_or_else(|| format!("its parent run {} was cancelled", req.parent_run));
+                    let reason = req.reason.unwrap_or_else(|| {
+                        format!("its parent run {} was cancelled", req.parent_run)
+                    });
                     ctx.bus.cancel(&run.cluster, &child_run, &reason).await?;
                 }
                 None => {
@@ -529,7 +541,9 @@ async fn refuse(ctx: &Context, subject: &str, payload: &[u8], why: &str) {
     ) else {
         return;
     };
-    if req.action != ChildAction::Start || subjects::child_request(cluster, &req.parent_run) != subject {
+    if req.action != ChildAction::Start
+        || subjects::child_request(cluster, &req.parent_run) != subject
+    {
         return;
     }
     let result = ChildResult {

@@ -55,7 +55,9 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     let consumer = loop {
         match join(&js, &config).await {
             Ok(c) => break c,
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot join the cluster's consumer group yet"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot join the cluster's consumer group yet")
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -307,18 +309,20 @@ async fn join(
                 .get_stream_no_info(subjects::RUNS_STREAM)
                 .await
                 .map_err(|e| sluice_core::Error::bus("stream SLUICE_RUNS", e))?;
-            stream
-                .create_consumer(wanted.config())
-                .await
-                .map_err(|e| {
-                    Error::Core(sluice_core::Error::Provisioning {
-                        what: format!("consumer {name}"),
-                        problem: format!("it does not exist and cannot be created with this credential ({e})"),
-                        fix: format!("{} --clusters {}", streams::APPLY_COMMAND, config.cluster),
-                    })
+            stream.create_consumer(wanted.config()).await.map_err(|e| {
+                Error::Core(sluice_core::Error::Provisioning {
+                    what: format!("consumer {name}"),
+                    problem: format!(
+                        "it does not exist and cannot be created with this credential ({e})"
+                    ),
+                    fix: format!("{} --clusters {}", streams::APPLY_COMMAND, config.cluster),
                 })
+            })
         }
-        Err(e) => Err(Error::Core(sluice_core::Error::bus(format!("consumer {name}"), e))),
+        Err(e) => Err(Error::Core(sluice_core::Error::bus(
+            format!("consumer {name}"),
+            e,
+        ))),
     }
 }
 
@@ -390,7 +394,9 @@ async fn heartbeat(js: jetstream::Context, config: RunnerConfig, shutdown: Cance
     let kv = loop {
         match streams::bucket(&js, subjects::RUNNERS_BUCKET).await {
             Ok(kv) => break kv,
-            Err(e) => tracing::warn!(error = %e, "cannot open the runners bucket yet; this runner is not advertised"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the runners bucket yet; this runner is not advertised")
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

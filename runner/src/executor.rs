@@ -136,17 +136,19 @@ pub async fn child_step(
     let (state, message) = match end {
         ChildEnd::Finished(r) if r.state == RunState::Succeeded => {
             let on = r.cluster.as_deref().unwrap_or("?");
-            log.line("sluice", format!("run {child_run} succeeded on cluster {on}"))
-                .await;
+            log.line(
+                "sluice",
+                format!("run {child_run} succeeded on cluster {on}"),
+            )
+            .await;
             (RunState::Succeeded, None)
         }
         ChildEnd::Finished(r) => (
             RunState::Failed,
             Some(match (&r.child_run, r.message) {
-                (Some(run), Some(m)) => format!(
-                    "child run {run} of {child} ended {}: {m}",
-                    r.state.as_str()
-                ),
+                (Some(run), Some(m)) => {
+                    format!("child run {run} of {child} ended {}: {m}", r.state.as_str())
+                }
                 (Some(run), None) => {
                     format!("child run {run} of {child} ended {}", r.state.as_str())
                 }

@@ -34,14 +34,11 @@ fn update(run: &str, event: &str, repo: &str, state: RunState) -> StatusUpdate {
 }
 
 async fn publish(js: &async_nats::jetstream::Context, u: &StatusUpdate) {
-    js.publish(
-        u.subject(),
-        serde_json::to_vec(u).expect("json").into(),
-    )
-    .await
-    .expect("pub")
-    .await
-    .expect("ack");
+    js.publish(u.subject(), serde_json::to_vec(u).expect("json").into())
+        .await
+        .expect("pub")
+        .await
+        .expect("ack");
 }
 
 #[tokio::test]

@@ -546,7 +546,7 @@ async fn a_child_pipeline_runs_on_a_second_cluster_and_its_result_decides_the_st
     assert_eq!(
         done.message,
         Some(format!(
-            "step ship: child run {child} of broken ended failed"
+            "step ship: child run {child} of broken ended failed: step oops: exited with 7"
         ))
     );
     assert!(!step_states(&statuses(&js, &parent).await)
