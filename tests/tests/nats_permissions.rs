@@ -1084,3 +1084,123 @@ async fn the_runner_runs_and_cancels_its_clusters_runs_with_only_its_seed() {
         .collect();
     assert!(refused.is_empty(), "the runner was refused: {refused:#?}");
 }
+
+#[tokio::test]
+async fn a_child_on_another_cluster_runs_and_is_cancelled_with_every_service_on_its_own_seed() {
+    use sluice_core::run::{child_run_id, run_id, RunState};
+    use sluice_tests::dispatcher::{apply, publish_event, Dispatcher};
+    use sluice_tests::runner::{final_state, git_repo, Runner};
+    let (server, admin) = provisioned().await;
+    let js = &admin.js;
+    apply(
+        js,
+        r#"
+name: parent
+triggers: [{ provider: manual, kinds: [push] }]
+runtime: { cluster: a }
+steps:
+  - name: ship
+    pipeline: child
+    runtime: { cluster: b }
+---
+name: child
+triggers: [{ provider: manual, kinds: [never] }]
+runtime: { cluster: b }
+steps:
+  - name: build
+    image: alpine
+    commands: ["echo child says hi"]
+---
+name: slow-parent
+triggers: [{ provider: manual, kinds: [push] }]
+runtime: { cluster: a }
+steps:
+  - name: ship
+    pipeline: slow-child
+    runtime: { cluster: b }
+---
+name: slow-child
+triggers: [{ provider: manual, kinds: [never] }]
+runtime: { cluster: b }
+steps:
+  - name: build
+    image: alpine
+    commands: ["echo started", "sleep 60"]
+"#,
+    )
+    .await;
+    let mut dispatcher_config = Dispatcher::config(&server.url());
+    dispatcher_config.nats = server.options(&Role::Dispatcher);
+    let dispatcher = Dispatcher::start_with(dispatcher_config).await;
+    let seed_a = server.options(&runner("a"));
+    let seed_b = server.options(&runner("b"));
+    let a = Runner::start_with(&server.url(), "a", "runner-a", |c| c.nats = seed_a).await;
+    let b = Runner::start_with(&server.url(), "b", "runner-b", |c| c.nats = seed_b).await;
+    let (repo, sha) = git_repo();
+    let start = |id: &str, pipeline: &str| {
+        let mut event = sluice_core::Event::new(sluice_core::Provider::Manual, id, "push");
+        event.pipeline = Some(pipeline.to_owned());
+        event.clone_url = Some(repo.path().display().to_string());
+        event.sha = Some(sha.clone());
+        event
+    };
+    let deadline = Duration::from_secs(60);
+
+    // The child runs on b; its success is the parent's step's, on a.
+    publish_event(js, &start("fam-1", "parent")).await;
+    let parent = run_id("manual:fam-1", "parent", 0);
+    let child = child_run_id(&parent, "ship", "child");
+    let done = wait_for("the parent", deadline, || final_state(js, &parent)).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert_eq!(done.cluster.as_deref(), Some("a"));
+    let child_done = final_state(js, &child).await.expect("the child ended");
+    assert_eq!(child_done.state, RunState::Succeeded, "{child_done:?}");
+    assert_eq!(
+        child_done.cluster.as_deref(),
+        Some("b"),
+        "the child ran on b"
+    );
+
+    // Cancelling the parent cancels its child on the other cluster.
+    publish_event(js, &start("fam-2", "slow-parent")).await;
+    let parent = run_id("manual:fam-2", "slow-parent", 0);
+    let child = child_run_id(&parent, "ship", "slow-child");
+    wait_for("the slow child to print", deadline, || async {
+        (sluice_tests::runner::log_lines(js, &child, "build").await == ["started"]).then_some(())
+    })
+    .await;
+    let cancel = sluice_core::run::CancelRequest {
+        run_id: parent.clone(),
+        reason: "superseded".into(),
+        at: time::OffsetDateTime::now_utc(),
+    };
+    sluice_core::bus::publish_json(
+        js,
+        subjects::cancel("a"),
+        &subjects::cancel_id(&parent),
+        &cancel,
+    )
+    .await
+    .expect("cancel");
+    let done = wait_for("the parent to be cancelled", deadline, || {
+        final_state(js, &parent)
+    })
+    .await;
+    assert_eq!(done.state, RunState::Cancelled, "{done:?}");
+    let child_done = wait_for("the child to be cancelled", deadline, || {
+        final_state(js, &child)
+    })
+    .await;
+    assert_eq!(child_done.state, RunState::Cancelled, "{child_done:?}");
+
+    a.stop().await;
+    b.stop().await;
+    dispatcher.stop().await;
+    let refused: Vec<String> = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect();
+    assert!(refused.is_empty(), "a service was refused: {refused:#?}");
+}
