@@ -1204,3 +1204,121 @@ steps:
         .collect();
     assert!(refused.is_empty(), "a service was refused: {refused:#?}");
 }
+
+#[tokio::test]
+async fn a_kubernetes_runner_on_its_own_seed_adopts_a_crashed_runners_pod_and_cancels() {
+    use sluice_core::run::{CancelRequest, RunState};
+    use sluice_tests::kubeapi::KubeApi;
+    use sluice_tests::runner::{
+        final_state, git_repo, log_lines, publish_run, run_request, statuses, step, Runner,
+    };
+    init_logs();
+    let server = AuthNats::start(&["a", "b"]).await;
+    let admin = Probe::connect(&server, &Role::Admin).await;
+    let js = &admin.js;
+    // A short ack wait, so the crashed runner's run is redelivered within the test.
+    let settings = StreamSettings {
+        clusters: vec![ClusterConsumer::parse("a:3s").expect("cluster")],
+        ..Default::default()
+    };
+    sluice_core::streams::apply(js, &settings, false)
+        .await
+        .expect("streams apply");
+    let api = KubeApi::start().await;
+    let url = server.url();
+    let seed = || server.options(&runner("a"));
+    let doomed =
+        Runner::start_kube_with(&url, "a", "doomed", &api, |_| {}, |c| c.nats = seed()).await;
+    let (repo, sha) = git_repo();
+    publish_run(
+        js,
+        &run_request(
+            "adopt-1",
+            "a",
+            repo.path(),
+            &sha,
+            vec![step("s", &["echo started", "sleep 4", "echo finished"])],
+        ),
+    )
+    .await;
+    let deadline = Duration::from_secs(60);
+    wait_for("adopt-1 to start", deadline, || async {
+        (log_lines(js, "adopt-1", "s")
+            .await
+            .first()
+            .map(String::as_str)
+            == Some("started"))
+        .then_some(())
+    })
+    .await;
+    // A crash: nothing acknowledged, the Pod keeps running.
+    doomed.kill();
+    let survivor =
+        Runner::start_kube_with(&url, "a", "survivor", &api, |_| {}, |c| c.nats = seed()).await;
+    let done = wait_for("adopt-1 to finish on the survivor", deadline, || {
+        final_state(js, "adopt-1")
+    })
+    .await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert_eq!(
+        log_lines(js, "adopt-1", "s").await,
+        ["started", "finished"],
+        "each line once"
+    );
+    let finals = statuses(js, "adopt-1")
+        .await
+        .into_iter()
+        .filter(|u| u.step.is_none() && u.state.is_final())
+        .count();
+    assert_eq!(finals, 1, "one final state");
+    assert_eq!(
+        api.created()
+            .iter()
+            .filter(|p| p.contains("adopt-1"))
+            .count(),
+        1,
+        "one Pod: the survivor adopted it"
+    );
+
+    publish_run(
+        js,
+        &run_request(
+            "cancel-1",
+            "a",
+            repo.path(),
+            &sha,
+            vec![step("long", &["echo started", "sleep 60"])],
+        ),
+    )
+    .await;
+    wait_for("cancel-1 to start", deadline, || async {
+        (log_lines(js, "cancel-1", "long").await == ["started"]).then_some(())
+    })
+    .await;
+    let cancel = CancelRequest {
+        run_id: "cancel-1".into(),
+        reason: "superseded".into(),
+        at: time::OffsetDateTime::now_utc(),
+    };
+    sluice_core::bus::publish_json(
+        js,
+        subjects::cancel("a"),
+        &subjects::cancel_id("cancel-1"),
+        &cancel,
+    )
+    .await
+    .expect("cancel");
+    let done = wait_for("cancel-1 to be cancelled", deadline, || {
+        final_state(js, "cancel-1")
+    })
+    .await;
+    assert_eq!(done.state, RunState::Cancelled, "{done:?}");
+    survivor.stop().await;
+    let refused: Vec<String> = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect();
+    assert!(refused.is_empty(), "the runner was refused: {refused:#?}");
+}
