@@ -636,26 +636,9 @@ impl<'de> Deserialize<'de> for Name {
     }
 }
 
-/// `github`, `gitlab`, `generic` or `manual`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderName {
-    Github,
-    Gitlab,
-    Generic,
-    Manual,
-}
-
-impl ProviderName {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderName::Github => "github",
-            ProviderName::Gitlab => "gitlab",
-            ProviderName::Generic => "generic",
-            ProviderName::Manual => "manual",
-        }
-    }
-}
+/// A trigger's provider: the envelope's own type, so a pipeline and an event can never
+/// disagree on the names (`github`, `gitlab`, `generic`, `manual`).
+pub type ProviderName = crate::envelope::Provider;
 
 /// A glob (`*` within a path segment, `**` across, `?`, `[a-z]`, `{a,b}`); a leading
 /// `!` makes it an exclusion.

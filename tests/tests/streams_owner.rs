@@ -129,3 +129,58 @@ async fn snapshot(js: &async_nats::jetstream::Context) -> Vec<(String, usize, Du
     out.push(("consumer".into(), 0, wait, Duration::ZERO));
     out
 }
+
+#[tokio::test]
+async fn data_of_the_old_layout_is_refused_with_the_command_to_run_never_misread() {
+    use sluice_tests::nats::NatsServer;
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    // A stream an older Sluice made: no contract version in its metadata.
+    let mut old = StreamSettings::default().events();
+    old.metadata.clear();
+    js.create_stream(old).await.expect("old stream");
+    let refused = streams::prepare(
+        &js,
+        &StreamSettings::default(),
+        streams::Needs {
+            streams: &[subjects::EVENTS_STREAM],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("a service refuses a stream of another layout");
+    let message = refused.to_string();
+    assert!(message.contains("contract version 1"), "{message}");
+    assert!(message.contains("run `sluice streams apply`"), "{message}");
+
+    // A run state on the old subject (`sluice.status.<run_id>`, no cluster).
+    streams::apply(&js, &StreamSettings::default(), false)
+        .await
+        .expect("apply");
+    js.publish("sluice.status.oldrun", "{}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let plan = streams::plan(&js, &StreamSettings::default())
+        .await
+        .expect("plan");
+    assert_eq!(plan.old_layout, [(subjects::STATUS_STREAM.to_owned(), 1)]);
+    let refused = streams::apply(&js, &StreamSettings::default(), false)
+        .await
+        .expect_err("apply refuses to leave old data unreadable");
+    assert!(
+        refused
+            .to_string()
+            .contains("sluice streams apply --purge-old-layout"),
+        "{refused}"
+    );
+    streams::apply(&js, &StreamSettings::default(), true)
+        .await
+        .expect("apply with the purge");
+    let plan = streams::plan(&js, &StreamSettings::default())
+        .await
+        .expect("plan");
+    assert!(plan.old_layout.is_empty() && plan.is_empty(), "{plan}");
+}
