@@ -125,7 +125,7 @@ async fn sluice_dev_runs_steps_as_pods_with_the_kubernetes_executor() {
         "name: hello\ntriggers:\n  - kinds: [push]\nsteps:\n  - name: greet\n    image: alpine\n    commands: [\"echo hello from a pod\"]\n",
     )
     .expect("write");
-    let port = sluice_tests::nats::free_port();
+    let port = sluice_tests::nats::reserve_port();
     let mut dev = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["dev", "--executor", "kubernetes", "--listen"])
         .arg(format!("127.0.0.1:{port}"))

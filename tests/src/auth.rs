@@ -11,7 +11,7 @@ use sluice_core::nats::NatsOptions;
 use sluice_core::roles::{self, Role, ServerOptions};
 use tempfile::TempDir;
 
-use crate::nats::{free_port, server_binary};
+use crate::nats::{reserve_port, server_binary};
 use crate::wait_for;
 
 /// The CLI's `nats init` / `cluster add` / `cluster remove`, compiled into the harness:
@@ -37,7 +37,7 @@ impl AuthNats {
     pub async fn start(clusters: &[&str]) -> AuthNats {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("nats");
-        let port = free_port();
+        let port = reserve_port();
         let options = ServerOptions {
             listen: format!("127.0.0.1:{port}"),
             store_dir: tmp.path().join("store").display().to_string(),

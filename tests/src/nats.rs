@@ -1,4 +1,4 @@
-//! Real `nats-server` processes: one per test, on a free port with its own store, that
+//! Real `nats-server` processes: one per test, on a port of its own with its own store, that
 //! can be stopped, killed with SIGKILL and restarted on the same port and store; and a
 //! 3-node JetStream cluster on loopback.
 
@@ -24,12 +24,40 @@ pub fn server_binary() -> PathBuf {
     PathBuf::from("nats-server")
 }
 
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+/// A loopback port for a server of this test process, which it keeps across restarts.
+///
+/// Binding port 0 and handing the number on races: until the server binds it, the kernel
+/// may give the same port to another test's outgoing connection or `bind(0)`, and a
+/// server restarted on its port meets the same race while it is down. So ports come from
+/// just below the kernel's ephemeral range (which it never hands out by itself), each at
+/// most once per process (one counter for every test in the binary), starting at an
+/// offset of the process id so that concurrent processes rarely meet; a port some other
+/// process already holds is skipped.
+pub fn reserve_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = reserved_range();
+    let span = u32::from(high - low);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "all {span} test ports of this process are used");
+        let port = low + u16::try_from((start + n) % span).expect("within span");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `[low, high)`: the 10,000 ports below the ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 by default).
+fn reserved_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low > 11_024)
+        .unwrap_or(32_768);
+    (ephemeral_low - 10_000, ephemeral_low)
 }
 
 /// One `nats-server` with JetStream.
@@ -43,13 +71,13 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts a server on a free port with a fresh store, and waits until JetStream
+    /// Starts a server on a reserved port with a fresh store, and waits until JetStream
     /// answers.
     pub async fn start() -> NatsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut server = NatsServer {
             child: None,
-            port: free_port(),
+            port: reserve_port(),
             store: dir.path().to_owned(),
             extra_args: Vec::new(),
             _dir: Some(dir),
@@ -200,7 +228,7 @@ impl SecureNats {
 
         let user = nkeys::KeyPair::new_user();
         std::fs::write(path("user.nk"), user.seed().expect("seed")).expect("write");
-        let (port, ws_port) = (free_port(), free_port());
+        let (port, ws_port) = (reserve_port(), reserve_port());
         let tls = format!(
             "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
             path("server.pem").display(),
@@ -307,7 +335,7 @@ impl OperatorNats {
         let config_file = dir.path().join("server.conf");
         std::fs::write(&config_file, config).expect("write");
         let mut server = NatsServer::with_args(
-            free_port(),
+            reserve_port(),
             &dir.path().join("store"),
             vec!["-c".into(), config_file.display().to_string()],
         );
@@ -378,7 +406,7 @@ impl NatsCluster {
     /// Starts three routed nodes and waits until JetStream has a meta leader.
     pub async fn start() -> NatsCluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let cluster_ports: Vec<u16> = (0..3).map(|_| reserve_port()).collect();
         let routes = cluster_ports
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
@@ -398,7 +426,7 @@ impl NatsCluster {
                 "--routes".into(),
                 routes.clone(),
             ];
-            let mut node = NatsServer::with_args(free_port(), &store, args);
+            let mut node = NatsServer::with_args(reserve_port(), &store, args);
             node.spawn();
             nodes.push(node);
         }

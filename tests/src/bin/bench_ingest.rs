@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use async_nats::jetstream::{self, message::PublishMessage, stream::Config};
 use sluice_core::streams::StreamSettings;
-use sluice_tests::nats::{free_port, NatsServer};
+use sluice_tests::nats::{reserve_port, NatsServer};
 use sluice_tests::{fixture, sign, wait_for};
 
 const SECRET: &str = "bench-secret";
@@ -352,7 +352,7 @@ struct IngestProcess {
 impl IngestProcess {
     async fn start(nats_url: &str) -> anyhow::Result<Self> {
         let bin = sibling_binary("sluice")?;
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = format!("127.0.0.1:{}", reserve_port());
         let child = Command::new(&bin)
             .arg("ingest")
             .env("SLUICE_INGEST_LISTEN", &addr)

@@ -154,8 +154,12 @@ async fn rate_limits_delay_statuses_but_never_lose_them() {
     gitlab.verify().await;
 }
 
-/// A throwaway RSA key made for this test only (`openssl genrsa 2048`).
-const APP_KEY: &str = include_str!("../data/github-app-test-key.pem");
+/// A throwaway GitHub App key, made for this run only, in the PKCS#1 PEM GitHub hands out.
+fn app_key() -> String {
+    use rsa::pkcs1::{EncodeRsaPrivateKey, LineEnding};
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("an RSA key");
+    key.to_pkcs1_pem(LineEnding::LF).expect("PEM").to_string()
+}
 
 #[tokio::test]
 async fn a_github_app_signs_commit_statuses_with_installation_tokens() {
@@ -213,7 +217,7 @@ async fn a_github_app_signs_commit_statuses_with_installation_tokens() {
     config.forge = ForgeConfig {
         github_app: Some(sluice_dispatcher::github::GitHubApp {
             id: 12345,
-            private_key: secrecy::SecretString::from(APP_KEY.to_owned()),
+            private_key: secrecy::SecretString::from(app_key()),
         }),
         github_api_url: github.uri(),
         ..ForgeConfig::default()
