@@ -400,38 +400,53 @@ async fn logs(
         }
         return Ok(());
     }
-    // Follow until the run's final state is stored, then drain what is left.
+    // Follow the logs and the run's states side by side, one consumer each for as long as
+    // it takes; a runner stores a step's logs before the run's final state, so once that
+    // state is in, the logs are complete: count them once and print the rest.
+    let mut states = bus::follow(
+        js,
+        subjects::STATUS_STREAM,
+        subjects::status_of_run(run_id),
+        DeliverPolicy::All,
+    )
+    .await?;
     loop {
-        if let Some(v) = run_view(js, run_id).await? {
-            if v.state.is_final() {
-                let (_, rest) = ordered(
-                    js,
-                    subjects::LOGS_STREAM,
-                    subjects::logs_of_run(run_id),
-                    DeliverPolicy::All,
-                )
-                .await?;
-                while printed < rest {
-                    let Some(m) = messages.next().await else {
-                        break;
-                    };
-                    printed += 1;
-                    if let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m?.payload) {
-                        print(chunk);
-                    }
-                }
-                return Ok(());
-            }
-        }
-        match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
-            Ok(Some(m)) => {
+        tokio::select! {
+            m = messages.next() => {
+                let Some(m) = m else { return Ok(()) };
                 printed += 1;
                 if let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m?.payload) {
                     print(chunk);
                 }
             }
-            Ok(None) => return Ok(()),
-            Err(_) => {}
+            u = states.next() => {
+                let Some(u) = u else {
+                    bail!("the status stream ended before run {run_id} finished");
+                };
+                let Ok(u) = serde_json::from_slice::<StatusUpdate>(&u?.payload) else {
+                    continue;
+                };
+                if u.step.is_none() && u.state.is_final() {
+                    break;
+                }
+            }
         }
     }
+    let (_, all) = ordered(
+        js,
+        subjects::LOGS_STREAM,
+        subjects::logs_of_run(run_id),
+        DeliverPolicy::All,
+    )
+    .await?;
+    while printed < all {
+        let Some(m) = messages.next().await else {
+            break;
+        };
+        printed += 1;
+        if let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m?.payload) {
+            print(chunk);
+        }
+    }
+    Ok(())
 }

@@ -514,3 +514,117 @@ fn watch_redraws_until_interrupted() {
     let status = child.wait().expect("exit");
     assert!(status.success(), "Ctrl-C ends --watch cleanly: {status:?}");
 }
+
+/// `runs logs --follow` prints lines as they are stored and stops at the run's final
+/// state, reading each stream through one consumer however many chunks arrive (it once
+/// created a consumer per chunk to look at the run's state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_reads_each_stream_with_one_consumer() {
+    use futures::StreamExt;
+    use std::io::{BufRead, BufReader};
+    use sluice_core::run::{LogChunk, LogLine, RunState, StatusUpdate};
+    use sluice_core::{bus, subjects};
+
+    init_logs();
+    let nats = NatsServer::start().await;
+    let url = nats.url();
+    let js = jetstream(&url).await;
+    provision(&js).await;
+    let chunk = |seq: u64| LogChunk {
+        run_id: "fol-1".into(),
+        step: "build".into(),
+        seq,
+        lines: vec![LogLine {
+            stream: "stdout".into(),
+            text: format!("line {seq}"),
+        }],
+    };
+    let logs_subject = subjects::logs("eu-1", "fol-1");
+    let store = |seq: u64| {
+        let js = js.clone();
+        let subject = logs_subject.clone();
+        async move {
+            bus::publish_json(&js, subject, &format!("fol-1.build.{seq}"), &chunk(seq))
+                .await
+                .expect("store a chunk");
+        }
+    };
+    let state = |state: RunState| StatusUpdate {
+        run_id: "fol-1".into(),
+        pipeline: "p".into(),
+        state,
+        step: None,
+        at: time::OffsetDateTime::now_utc(),
+        cluster: Some("eu-1".into()),
+        event_id: None,
+        concurrency_group: None,
+        exit_code: None,
+        message: None,
+        runner: None,
+        repo: None,
+        sha: None,
+        parent: None,
+    };
+    let running = state(RunState::Running);
+    bus::publish_json(&js, running.subject(), &running.message_id(), &running)
+        .await
+        .expect("store running");
+    store(0).await;
+
+    // Every consumer create request, as the server receives it.
+    let client = async_nats::connect(&url).await.expect("connect");
+    let mut creates = client
+        .subscribe("$JS.API.CONSUMER.CREATE.>")
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["runs", "logs", "fol-1", "--follow"])
+        .env("SLUICE_NATS_URL", &url)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next_line = |what: &str| {
+        rx.recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{what} within 20 s"))
+    };
+    assert_eq!(next_line("the step header"), "── build ──");
+    assert_eq!(next_line("the first stored line"), "line 0");
+    // Followed live now: forty more chunks, each printed before the next is stored.
+    for seq in 1..=40 {
+        store(seq).await;
+        assert_eq!(next_line("a followed line"), format!("line {seq}"));
+    }
+    let done = state(RunState::Succeeded);
+    bus::publish_json(&js, done.subject(), &done.message_id(), &done)
+        .await
+        .expect("store the final state");
+    let status = tokio::task::spawn_blocking(move || child.wait().expect("exit"))
+        .await
+        .expect("join");
+    assert!(status.success(), "{status:?}");
+
+    client.flush().await.expect("flush");
+    let mut created = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), creates.next()).await
+    {
+        created += 1;
+    }
+    // Logs, states, and the final count of the run's logs.
+    assert!(
+        (1..=3).contains(&created),
+        "{created} consumers for 41 chunks"
+    );
+}
