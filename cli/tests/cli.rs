@@ -521,9 +521,9 @@ fn watch_redraws_until_interrupted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_follow_reads_each_stream_with_one_consumer() {
     use futures::StreamExt;
-    use std::io::{BufRead, BufReader};
     use sluice_core::run::{LogChunk, LogLine, RunState, StatusUpdate};
     use sluice_core::{bus, subjects};
+    use std::io::{BufRead, BufReader};
 
     init_logs();
     let nats = NatsServer::start().await;
@@ -618,8 +618,7 @@ async fn logs_follow_reads_each_stream_with_one_consumer() {
 
     client.flush().await.expect("flush");
     let mut created = 0;
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), creates.next()).await
-    {
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), creates.next()).await {
         created += 1;
     }
     // Logs, states, and the final count of the run's logs.
