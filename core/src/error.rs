@@ -49,6 +49,13 @@ pub enum Error {
         source: BoxError,
     },
 
+    #[error("cannot listen on {addr} for {what}: {source}; is another process using the port?")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+
     #[error("JetStream did not answer within {0:?}: is the server running with JetStream enabled (`-js`)?")]
     Timeout(Duration),
 
@@ -78,6 +85,7 @@ impl Error {
             Error::Stream { .. } => "stream",
             Error::Provisioning { .. } => "provisioning",
             Error::Bus { .. } => "bus",
+            Error::Listen { .. } => "listen",
             Error::Timeout(_) => "timeout",
             Error::Telemetry(_) => "telemetry",
             Error::Invalid(_) => "invalid",

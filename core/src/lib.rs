@@ -5,6 +5,7 @@
 //! other, so the contract has exactly one definition.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod bus;
 pub mod duration;
 pub mod envelope;
