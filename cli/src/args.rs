@@ -62,6 +62,12 @@ pub enum Command {
     /// Add or remove one cluster's runner credential in a `nats init` folder (offline).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Install Sluice into a Kubernetes cluster: asks on a terminal (or takes flags,
+    /// SLUICE_INSTALL_* variables and --values), checks, then applies (docs/install.md).
+    Install(Box<crate::install::InstallArgs>),
+    /// Remove what `sluice install` created (runners first); keeps volumes unless
+    /// --delete-data.
+    Uninstall(crate::install::UninstallArgs),
 }
 
 #[derive(Debug, Subcommand)]

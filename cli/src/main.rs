@@ -6,6 +6,7 @@ mod dev;
 mod dispatcher;
 mod events;
 mod ingest;
+mod install;
 mod nats_admin;
 mod output;
 mod pipelines;
@@ -41,6 +42,8 @@ async fn main() -> anyhow::Result<()> {
         args::Command::Streams(c) => streams::run(&cli.global, c).await,
         args::Command::Nats(c) => nats_admin::run(c.action()),
         args::Command::Cluster(c) => nats_admin::run(c.action()),
+        args::Command::Install(a) => install::run(*a).await,
+        args::Command::Uninstall(a) => install::uninstall(a).await,
     }
 }
 

@@ -1,0 +1,1078 @@
+//! Answers → the objects to apply, in apply order. Pure: no cluster, no files; the
+//! credentials come in as [`Material`], and without it no Secret is rendered (the
+//! GitOps manifests in `deploy/install/` hold none).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret as SecretObject;
+use k8s_openapi::ByteString;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::object::{typed, Object};
+use super::values::{Secret, Values, NATS_CLIENT_PORT, NATS_NODES};
+
+/// The field manager of every apply, and the value of `app.kubernetes.io/managed-by`.
+pub const FIELD_MANAGER: &str = "sluice";
+/// Every object the install makes carries this label; uninstall finds them by it.
+pub const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "sluice");
+/// The selector uninstall uses.
+pub const SELECTOR: &str = "app.kubernetes.io/part-of=sluice";
+/// The port ingest receives webhooks on (and serves its health and metrics).
+pub const INGEST_PORT: u16 = 8080;
+const NATS_CLUSTER_PORT: u16 = 6222;
+const NATS_MONITOR_PORT: u16 = 8222;
+/// The user the Sluice image runs as.
+pub const IMAGE_USER: i64 = 65532;
+/// NATS's user (the official image has none of its own): as high as the others.
+const NATS_USER: i64 = IMAGE_USER;
+const NKEY_DIR: &str = "/var/run/secrets/sluice-nats";
+
+/// The admin endpoints' port of the dispatcher and runner.
+pub fn admin_port() -> u16 {
+    sluice_core::admin::DEFAULT_ADMIN_LISTEN
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("the admin listen address has a port")
+}
+
+/// What Secrets are made from: the credentials and webhook secrets. Kept apart from
+/// [`Values`] so the manifests can be rendered without any of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Material {
+    /// The `accounts { … }` block NATS includes: the users' public keys and
+    /// permissions (control plane with the installed NATS only).
+    pub accounts_conf: Option<String>,
+    /// Seeds by role name (`admin`, `ingest`, `dispatcher`, `runner-<cluster>`).
+    pub seeds: BTreeMap<String, Secret>,
+    pub github_webhook_secret: Secret,
+    pub gitlab_webhook_token: Secret,
+    pub webhook_signing_secret: Secret,
+    pub github_token: Option<Secret>,
+    pub gitlab_token: Option<Secret>,
+}
+
+/// Names of the Secrets, for the wizard's summary and the docs.
+pub mod names {
+    pub const NATS_ACCOUNTS: &str = "sluice-nats-accounts";
+    pub const WEBHOOKS: &str = "sluice-ingest-webhooks";
+    pub const FORGE: &str = "sluice-dispatcher-forge";
+
+    /// The Secret holding one role's seed (key `nkey`).
+    pub fn seed(role: &str) -> String {
+        let role = role.strip_prefix("runner-").map_or(role, |_| "runner");
+        format!("sluice-nats-{role}")
+    }
+}
+
+/// Every object of the install, in apply order.
+pub fn render(values: &Values, material: Option<&Material>) -> Vec<Object> {
+    let r = Renderer { v: values };
+    let mut out: Vec<Object> = vec![r.namespace()];
+    if values.installs_nats() {
+        out.extend(r.nats());
+    }
+    if values.hosts.control_plane() {
+        out.extend(r.streams_job());
+        out.extend(r.ingest());
+        out.extend(r.dispatcher());
+    }
+    if values.hosts.runner() {
+        out.extend(r.runner());
+    }
+    if let Some(m) = material {
+        out.extend(r.secrets(m));
+    }
+    out.sort_by_key(|o| kind_order(o.kind()));
+    out
+}
+
+/// Apply order: what others refer to first; workloads once their configuration,
+/// credentials and policies exist; NATS before what connects to it.
+pub fn kind_order(kind: &str) -> usize {
+    [
+        "Namespace",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "StatefulSet",
+        "Job",
+        "Deployment",
+        "Ingress",
+    ]
+    .iter()
+    .position(|k| *k == kind)
+    .unwrap_or(usize::MAX)
+}
+
+struct Renderer<'a> {
+    v: &'a Values,
+}
+
+// === impl Renderer: shared pieces ===
+
+impl Renderer<'_> {
+    fn selector(&self, component: &str) -> Value {
+        json!({
+            "app.kubernetes.io/name": "sluice",
+            "app.kubernetes.io/instance": "sluice",
+            "app.kubernetes.io/component": component,
+        })
+    }
+
+    fn labels(&self, component: &str) -> Value {
+        let mut l = self.selector(component);
+        let m = l.as_object_mut().expect("map");
+        m.insert(PART_OF.0.into(), PART_OF.1.into());
+        m.insert(
+            "app.kubernetes.io/version".into(),
+            env!("CARGO_PKG_VERSION").into(),
+        );
+        m.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into());
+        if component == "runner" {
+            m.insert("sluice.dev/cluster".into(), self.v.cluster.clone().into());
+        }
+        l
+    }
+
+    fn meta(&self, name: &str, component: &str) -> Value {
+        json!({
+            "name": name,
+            "namespace": self.v.namespace,
+            "labels": self.labels(component),
+        })
+    }
+
+    fn pod_security(&self, user: i64) -> Value {
+        json!({
+            "runAsNonRoot": true,
+            "runAsUser": user,
+            "runAsGroup": user,
+            "fsGroup": user,
+            "seccompProfile": { "type": "RuntimeDefault" },
+        })
+    }
+
+    fn container_security(&self) -> Value {
+        json!({
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "runAsNonRoot": true,
+            "capabilities": { "drop": ["ALL"] },
+            "seccompProfile": { "type": "RuntimeDefault" },
+        })
+    }
+
+    fn resources(&self, cpu: &str, memory: &str, cpu_limit: &str, memory_limit: &str) -> Value {
+        json!({
+            "requests": { "cpu": cpu, "memory": memory },
+            "limits": { "cpu": cpu_limit, "memory": memory_limit },
+        })
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| json!({ "name": k, "value": v }))
+            .collect()
+    }
+
+    fn secret_env(name: &str, secret: &str, key: &str) -> Value {
+        json!({
+            "name": name,
+            "valueFrom": { "secretKeyRef": { "name": secret, "key": key, "optional": true } },
+        })
+    }
+
+    /// The NKey seed of `role`, mounted read-only.
+    fn seed_volume(&self, role: &str) -> (Value, Value) {
+        (
+            json!({
+                "name": "nats-seed",
+                "secret": { "secretName": names::seed(role), "defaultMode": 0o400 },
+            }),
+            json!({ "name": "nats-seed", "mountPath": NKEY_DIR, "readOnly": true }),
+        )
+    }
+
+    fn nats_env(&self) -> Vec<Value> {
+        Self::env(&[
+            ("SLUICE_NATS_URL", &self.v.nats_url_for_services()),
+            ("SLUICE_NATS_NKEY", &format!("{NKEY_DIR}/nkey")),
+            ("SLUICE_LOG_FORMAT", "json"),
+        ])
+    }
+
+    fn http_probe(path: &str, port: &str, period: u32, failures: u32) -> Value {
+        json!({
+            "httpGet": { "path": path, "port": port },
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": 3,
+        })
+    }
+
+    fn service_account(&self, name: &str, component: &str, token: bool) -> Object {
+        typed::<k8s_openapi::api::core::v1::ServiceAccount>(json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": self.meta(name, component),
+            "automountServiceAccountToken": token,
+        }))
+        .into()
+    }
+
+    fn pdb(&self, name: &str, component: &str) -> Object {
+        typed::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(json!({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": self.meta(name, component),
+            "spec": {
+                "maxUnavailable": 1,
+                "selector": { "matchLabels": self.selector(component) },
+            },
+        }))
+        .into()
+    }
+
+    fn dns_egress() -> Value {
+        json!({
+            "to": [{
+                "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "kube-system" } },
+                "podSelector": { "matchLabels": { "k8s-app": "kube-dns" } },
+            }],
+            "ports": [
+                { "protocol": "UDP", "port": 53 },
+                { "protocol": "TCP", "port": 53 },
+            ],
+        })
+    }
+
+    /// Egress to NATS: its Pods when installed here, else its address range and port.
+    fn nats_egress(&self) -> Value {
+        if self.v.installs_nats() {
+            json!({
+                "to": [{ "podSelector": { "matchLabels": self.selector("nats") } }],
+                "ports": [{ "protocol": "TCP", "port": NATS_CLIENT_PORT }],
+            })
+        } else {
+            json!({
+                "to": [{ "ipBlock": { "cidr": self.v.nats_cidr } }],
+                "ports": [{ "protocol": "TCP", "port": self.v.nats_port() }],
+            })
+        }
+    }
+
+    fn network_policy(&self, component: &str, ingress: Vec<Value>, egress: Vec<Value>) -> Object {
+        typed::<k8s_openapi::api::networking::v1::NetworkPolicy>(json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": self.meta(&format!("sluice-{component}"), component),
+            "spec": {
+                "podSelector": { "matchLabels": self.selector(component) },
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": ingress,
+                "egress": egress,
+            },
+        }))
+        .into()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn deployment(
+        &self,
+        component: &str,
+        replicas: i32,
+        service_account: &str,
+        token: bool,
+        container: Value,
+        volumes: Vec<Value>,
+        grace: u32,
+    ) -> Object {
+        let name = format!("sluice-{component}");
+        typed::<k8s_openapi::api::apps::v1::Deployment>(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": self.meta(&name, component),
+            "spec": {
+                "replicas": replicas,
+                "selector": { "matchLabels": self.selector(component) },
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 },
+                },
+                "template": {
+                    "metadata": { "labels": self.labels(component) },
+                    "spec": {
+                        "serviceAccountName": service_account,
+                        "automountServiceAccountToken": token,
+                        "enableServiceLinks": false,
+                        "terminationGracePeriodSeconds": grace,
+                        "securityContext": self.pod_security(IMAGE_USER),
+                        "topologySpreadConstraints": [self.spread(component)],
+                        "containers": [container],
+                        "volumes": volumes,
+                    },
+                },
+            },
+        }))
+        .into()
+    }
+
+    /// Replicas on different nodes where the cluster has them.
+    fn spread(&self, component: &str) -> Value {
+        json!({
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": { "matchLabels": self.selector(component) },
+        })
+    }
+
+    fn sluice_container(&self, name: &str, args: &[&str], env: Vec<Value>) -> Value {
+        json!({
+            "name": name,
+            "image": self.v.image,
+            "imagePullPolicy": "IfNotPresent",
+            "args": args,
+            "env": env,
+            "securityContext": self.container_security(),
+        })
+    }
+}
+
+// === impl Renderer: the parts ===
+
+impl Renderer<'_> {
+    fn namespace(&self) -> Object {
+        typed::<k8s_openapi::api::core::v1::Namespace>(json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": self.v.namespace,
+                "labels": {
+                    PART_OF.0: PART_OF.1,
+                    "app.kubernetes.io/managed-by": FIELD_MANAGER,
+                    // Every Pod here, Sluice's and the runs', must meet the restricted
+                    // Pod Security Standard.
+                    "pod-security.kubernetes.io/enforce": "restricted",
+                    "pod-security.kubernetes.io/enforce-version": "latest",
+                },
+            },
+        }))
+        .into()
+    }
+
+    /// The NATS configuration, without users: they come from the
+    /// `sluice-nats-accounts` Secret, included from the same folder.
+    pub fn nats_conf(&self) -> String {
+        let ns = &self.v.namespace;
+        let routes: String = (0..NATS_NODES)
+            .map(|i| format!("    nats://sluice-nats-{i}.sluice-nats-headless.{ns}.svc:{NATS_CLUSTER_PORT}\n"))
+            .collect();
+        format!(
+            r#"# NATS for Sluice, rendered by `sluice install`. The users and their permissions are
+# in accounts.conf (the sluice-nats-accounts Secret, from `sluice nats init`).
+server_name: $POD_NAME
+listen: "0.0.0.0:{NATS_CLIENT_PORT}"
+http: "0.0.0.0:{NATS_MONITOR_PORT}"
+pid_file: "/var/run/nats/nats.pid"
+# On SIGTERM (the preStop hook), clients are moved to the other nodes over this time
+# before the server stops.
+lame_duck_grace_period: 10s
+lame_duck_duration: 30s
+
+jetstream {{
+  store_dir: "/data/jetstream"
+  # Every stored message is on disk before JetStream acknowledges it, and ingest
+  # answers a forge only after that acknowledgement.
+  sync_interval: always
+}}
+
+cluster {{
+  name: sluice
+  listen: "0.0.0.0:{NATS_CLUSTER_PORT}"
+  routes: [
+{routes}  ]
+}}
+
+include "accounts.conf"
+"#
+        )
+    }
+
+    fn nats(&self) -> Vec<Object> {
+        let component = "nats";
+        let conf = self.nats_conf();
+        let config_hash = short_hash(conf.as_bytes());
+        let mut claim_spec = json!({
+            "accessModes": ["ReadWriteOnce"],
+            "resources": { "requests": { "storage": self.v.nats_storage_size } },
+        });
+        if let Some(class) = &self.v.storage_class {
+            claim_spec["storageClassName"] = class.clone().into();
+        }
+        let ports = json!([
+            { "name": "client", "containerPort": NATS_CLIENT_PORT },
+            { "name": "cluster", "containerPort": NATS_CLUSTER_PORT },
+            { "name": "monitor", "containerPort": NATS_MONITOR_PORT },
+        ]);
+        let service_ports = |names: &[&str]| -> Vec<Value> {
+            [
+                ("client", NATS_CLIENT_PORT),
+                ("cluster", NATS_CLUSTER_PORT),
+                ("monitor", NATS_MONITOR_PORT),
+            ]
+            .iter()
+            .filter(|(n, _)| names.contains(n))
+            .map(|(n, p)| json!({ "name": n, "port": p, "targetPort": n, "appProtocol": if *n == "monitor" { "http" } else { "tcp" } }))
+            .collect()
+        };
+        let part_of_sluice = json!({ "podSelector": { "matchLabels": { PART_OF.0: PART_OF.1 } } });
+        vec![
+            self.service_account("sluice-nats", component, false),
+            typed::<k8s_openapi::api::core::v1::ConfigMap>(json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": self.meta("sluice-nats-config", component),
+                "data": { "nats.conf": conf },
+            }))
+            .into(),
+            typed::<k8s_openapi::api::core::v1::Service>(json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": self.meta("sluice-nats", component),
+                "spec": {
+                    "selector": self.selector(component),
+                    "ports": service_ports(&["client", "monitor"]),
+                },
+            }))
+            .into(),
+            typed::<k8s_openapi::api::core::v1::Service>(json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": self.meta("sluice-nats-headless", component),
+                "spec": {
+                    "clusterIP": "None",
+                    // Routes must resolve before the nodes are ready: they become ready
+                    // by finding each other.
+                    "publishNotReadyAddresses": true,
+                    "selector": self.selector(component),
+                    "ports": service_ports(&["client", "cluster", "monitor"]),
+                },
+            }))
+            .into(),
+            self.network_policy(
+                component,
+                vec![
+                    json!({ "from": [part_of_sluice], "ports": [{ "protocol": "TCP", "port": NATS_CLIENT_PORT }] }),
+                    json!({
+                        "from": [{ "podSelector": { "matchLabels": self.selector(component) } }],
+                        "ports": [{ "protocol": "TCP", "port": NATS_CLUSTER_PORT }],
+                    }),
+                    // The monitoring endpoint: Prometheus and KEDA's scaler read it.
+                    json!({
+                        "from": [{ "namespaceSelector": {} }],
+                        "ports": [{ "protocol": "TCP", "port": NATS_MONITOR_PORT }],
+                    }),
+                ],
+                vec![
+                    json!({
+                        "to": [{ "podSelector": { "matchLabels": self.selector(component) } }],
+                        "ports": [{ "protocol": "TCP", "port": NATS_CLUSTER_PORT }],
+                    }),
+                    Self::dns_egress(),
+                ],
+            ),
+            self.pdb("sluice-nats", component),
+            typed::<k8s_openapi::api::apps::v1::StatefulSet>(json!({
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "metadata": self.meta("sluice-nats", component),
+                "spec": {
+                    "replicas": NATS_NODES,
+                    "serviceName": "sluice-nats-headless",
+                    // The nodes form their cluster by finding each other: start them
+                    // together rather than one after another becoming ready.
+                    "podManagementPolicy": "Parallel",
+                    "selector": { "matchLabels": self.selector(component) },
+                    "template": {
+                        "metadata": {
+                            "labels": self.labels(component),
+                            // A changed configuration rolls the nodes one at a time.
+                            "annotations": { "sluice.dev/config-hash": config_hash },
+                        },
+                        "spec": {
+                            "serviceAccountName": "sluice-nats",
+                            "automountServiceAccountToken": false,
+                            "enableServiceLinks": false,
+                            "terminationGracePeriodSeconds": 60,
+                            "securityContext": self.pod_security(NATS_USER),
+                            "topologySpreadConstraints": [self.spread(component)],
+                            "containers": [{
+                                "name": "nats",
+                                "image": self.v.nats_image,
+                                "imagePullPolicy": "IfNotPresent",
+                                "command": ["/nats-server", "--config", "/etc/nats/nats.conf"],
+                                "env": [{
+                                    "name": "POD_NAME",
+                                    "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } },
+                                }],
+                                "ports": ports,
+                                "startupProbe": {
+                                    "httpGet": { "path": "/healthz?js-enabled-only=true", "port": "monitor" },
+                                    "periodSeconds": 10,
+                                    "failureThreshold": 90,
+                                    "timeoutSeconds": 5,
+                                },
+                                "livenessProbe": {
+                                    "httpGet": { "path": "/healthz?js-enabled-only=true", "port": "monitor" },
+                                    "periodSeconds": 30,
+                                    "failureThreshold": 3,
+                                    "timeoutSeconds": 5,
+                                },
+                                "readinessProbe": {
+                                    "httpGet": { "path": "/healthz?js-server-only=true", "port": "monitor" },
+                                    "periodSeconds": 10,
+                                    "failureThreshold": 3,
+                                    "timeoutSeconds": 5,
+                                },
+                                "lifecycle": {
+                                    "preStop": {
+                                        "exec": { "command": ["/nats-server", "--signal", "ldm=/var/run/nats/nats.pid"] },
+                                    },
+                                },
+                                "resources": self.resources("250m", "512Mi", "2", "2Gi"),
+                                "securityContext": self.container_security(),
+                                "volumeMounts": [
+                                    { "name": "config", "mountPath": "/etc/nats", "readOnly": true },
+                                    { "name": "data", "mountPath": "/data" },
+                                    { "name": "run", "mountPath": "/var/run/nats" },
+                                ],
+                            }],
+                            "volumes": [
+                                {
+                                    "name": "config",
+                                    "projected": {
+                                        "defaultMode": 0o444,
+                                        "sources": [
+                                            { "configMap": { "name": "sluice-nats-config" } },
+                                            { "secret": { "name": names::NATS_ACCOUNTS } },
+                                        ],
+                                    },
+                                },
+                                { "name": "run", "emptyDir": { "sizeLimit": "1Mi" } },
+                            ],
+                        },
+                    },
+                    "volumeClaimTemplates": [{
+                        "apiVersion": "v1",
+                        "kind": "PersistentVolumeClaim",
+                        "metadata": { "name": "data", "labels": self.labels(component) },
+                        "spec": claim_spec,
+                    }],
+                    "persistentVolumeClaimRetentionPolicy": {
+                        "whenDeleted": "Retain",
+                        "whenScaled": "Retain",
+                    },
+                },
+            }))
+            .into(),
+        ]
+    }
+
+    /// `sluice streams apply` as a Job, named after its arguments so a changed setting
+    /// or image runs it again (a Job's Pod template cannot be changed).
+    fn streams_job(&self) -> Vec<Object> {
+        let component = "streams";
+        let clusters = self.v.served_clusters().join(",");
+        let replicas = self.v.stream_replicas.to_string();
+        let args = [
+            "streams",
+            "apply",
+            "--replicas",
+            replicas.as_str(),
+            "--clusters",
+            clusters.as_str(),
+        ];
+        let name = format!(
+            "sluice-streams-{}",
+            short_hash(format!("{} {}", self.v.image, args.join(" ")).as_bytes())
+        );
+        let (volume, mount) = self.seed_volume("admin");
+        let mut container = self.sluice_container("streams", &args, self.nats_env());
+        container["volumeMounts"] = json!([mount]);
+        container["resources"] = self.resources("50m", "64Mi", "500m", "128Mi");
+        vec![
+            self.service_account("sluice-streams", component, false),
+            self.network_policy(
+                component,
+                vec![],
+                vec![self.nats_egress(), Self::dns_egress()],
+            ),
+            typed::<k8s_openapi::api::batch::v1::Job>(json!({
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": self.meta(&name, component),
+                "spec": {
+                    "backoffLimit": 10,
+                    "activeDeadlineSeconds": 900,
+                    "template": {
+                        "metadata": { "labels": self.labels(component) },
+                        "spec": {
+                            "restartPolicy": "OnFailure",
+                            "serviceAccountName": "sluice-streams",
+                            "automountServiceAccountToken": false,
+                            "enableServiceLinks": false,
+                            "securityContext": self.pod_security(IMAGE_USER),
+                            "containers": [container],
+                            "volumes": [volume],
+                        },
+                    },
+                },
+            }))
+            .into(),
+        ]
+    }
+
+    fn ingest(&self) -> Vec<Object> {
+        let component = "ingest";
+        let port = INGEST_PORT.to_string();
+        let replicas = self.v.stream_replicas.to_string();
+        let mut env = self.nats_env();
+        env.extend(Self::env(&[
+            ("SLUICE_INGEST_LISTEN", &format!("0.0.0.0:{port}")),
+            ("SLUICE_STREAM_REPLICAS", &replicas),
+        ]));
+        env.push(Self::secret_env(
+            "SLUICE_GITHUB_WEBHOOK_SECRET",
+            names::WEBHOOKS,
+            "github",
+        ));
+        env.push(Self::secret_env(
+            "SLUICE_GITLAB_WEBHOOK_TOKEN",
+            names::WEBHOOKS,
+            "gitlab",
+        ));
+        env.push(Self::secret_env(
+            "SLUICE_WEBHOOK_SIGNING_SECRET",
+            names::WEBHOOKS,
+            "generic",
+        ));
+        let (volume, mount) = self.seed_volume("ingest");
+        let mut container = self.sluice_container("ingest", &["ingest"], env);
+        container["ports"] = json!([{ "name": "http", "containerPort": INGEST_PORT }]);
+        container["livenessProbe"] = Self::http_probe("/healthz", "http", 10, 3);
+        container["readinessProbe"] = Self::http_probe("/readyz", "http", 5, 2);
+        container["resources"] = self.resources("100m", "64Mi", "1", "256Mi");
+        container["volumeMounts"] = json!([mount]);
+        let mut ingress = json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": self.meta("sluice-ingest", component),
+            "spec": {
+                "tls": [{ "hosts": [self.v.ingest_host], "secretName": "sluice-ingest-tls" }],
+                "rules": [{
+                    "host": self.v.ingest_host,
+                    "http": { "paths": [{
+                        "path": "/webhooks",
+                        "pathType": "Prefix",
+                        "backend": { "service": { "name": "sluice-ingest", "port": { "name": "http" } } },
+                    }] },
+                }],
+            },
+        });
+        if let Some(class) = &self.v.ingress_class {
+            ingress["spec"]["ingressClassName"] = class.clone().into();
+        }
+        vec![
+            self.service_account("sluice-ingest", component, false),
+            typed::<k8s_openapi::api::core::v1::Service>(json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": self.meta("sluice-ingest", component),
+                "spec": {
+                    "selector": self.selector(component),
+                    "ports": [{ "name": "http", "port": INGEST_PORT, "targetPort": "http", "appProtocol": "http" }],
+                },
+            }))
+            .into(),
+            self.network_policy(
+                component,
+                vec![json!({ "ports": [{ "protocol": "TCP", "port": INGEST_PORT }] })],
+                vec![self.nats_egress(), Self::dns_egress()],
+            ),
+            self.pdb("sluice-ingest", component),
+            self.deployment(
+                component,
+                self.v.ingest_replicas,
+                "sluice-ingest",
+                false,
+                container,
+                vec![volume],
+                30,
+            ),
+            typed::<k8s_openapi::api::networking::v1::Ingress>(ingress).into(),
+        ]
+    }
+
+    fn dispatcher(&self) -> Vec<Object> {
+        let component = "dispatcher";
+        let replicas = self.v.stream_replicas.to_string();
+        let mut env = self.nats_env();
+        env.extend(Self::env(&[
+            (
+                "SLUICE_ADMIN_LISTEN",
+                sluice_core::admin::DEFAULT_ADMIN_LISTEN,
+            ),
+            ("SLUICE_DEFAULT_CLUSTER", &self.v.cluster),
+            ("SLUICE_STREAM_REPLICAS", &replicas),
+            (
+                "SLUICE_STATUS_LINK_BASE_URL",
+                &format!("https://{}", self.v.ingest_host),
+            ),
+        ]));
+        env.push(Self::secret_env(
+            "SLUICE_GITHUB_TOKEN",
+            names::FORGE,
+            "github-token",
+        ));
+        env.push(Self::secret_env(
+            "SLUICE_GITLAB_TOKEN",
+            names::FORGE,
+            "gitlab-token",
+        ));
+        let (volume, mount) = self.seed_volume("dispatcher");
+        let mut container = self.sluice_container("dispatcher", &["dispatcher"], env);
+        container["ports"] = json!([{ "name": "admin", "containerPort": admin_port() }]);
+        container["livenessProbe"] = Self::http_probe("/healthz", "admin", 10, 3);
+        container["readinessProbe"] = Self::http_probe("/readyz", "admin", 5, 2);
+        container["resources"] = self.resources("100m", "128Mi", "1", "512Mi");
+        container["volumeMounts"] = json!([mount]);
+        vec![
+            self.service_account("sluice-dispatcher", component, false),
+            self.network_policy(
+                component,
+                vec![json!({ "ports": [{ "protocol": "TCP", "port": admin_port() }] })],
+                vec![
+                    self.nats_egress(),
+                    Self::dns_egress(),
+                    // The forges' APIs: changed files and commit statuses.
+                    json!({ "ports": [{ "protocol": "TCP", "port": 443 }] }),
+                ],
+            ),
+            self.pdb("sluice-dispatcher", component),
+            self.deployment(
+                component,
+                self.v.dispatcher_replicas,
+                "sluice-dispatcher",
+                false,
+                container,
+                vec![volume],
+                30,
+            ),
+        ]
+    }
+
+    /// The verbs the runner uses, exactly (docs/runner.md): nothing else, nothing
+    /// cluster-wide.
+    pub fn runner_rules() -> Value {
+        json!([
+            { "apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get", "list", "watch", "delete"] },
+            { "apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"] },
+            { "apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create", "get"] },
+        ])
+    }
+
+    fn runner(&self) -> Vec<Object> {
+        let component = "runner";
+        let max_running = self.v.max_running.to_string();
+        let mut env = self.nats_env();
+        env.extend(Self::env(&[
+            ("SLUICE_CLUSTER", &self.v.cluster),
+            (
+                "SLUICE_ADMIN_LISTEN",
+                sluice_core::admin::DEFAULT_ADMIN_LISTEN,
+            ),
+            ("SLUICE_POD_SERVICE_ACCOUNT", "sluice-build"),
+            ("SLUICE_MAX_RUNNING", &max_running),
+        ]));
+        for (name, field) in [
+            ("SLUICE_NAMESPACE", "metadata.namespace"),
+            ("SLUICE_RUNNER_ID", "metadata.name"),
+        ] {
+            env.push(json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": field } } }));
+        }
+        let (volume, mount) = self.seed_volume(&format!("runner-{}", self.v.cluster));
+        let mut container = self.sluice_container("runner", &["runner"], env);
+        container["ports"] = json!([{ "name": "admin", "containerPort": admin_port() }]);
+        container["livenessProbe"] = Self::http_probe("/healthz", "admin", 10, 3);
+        container["readinessProbe"] = Self::http_probe("/readyz", "admin", 5, 2);
+        container["resources"] = self.resources("100m", "64Mi", "1", "256Mi");
+        container["volumeMounts"] = json!([mount]);
+        let api_server = json!({
+            "to": [{ "ipBlock": { "cidr": self.v.api_server_cidr } }],
+            "ports": [
+                { "protocol": "TCP", "port": 443 },
+                { "protocol": "TCP", "port": 6443 },
+            ],
+        });
+        vec![
+            self.service_account("sluice-runner", component, true),
+            // Run Pods get this account, without its token (a pipeline naming a
+            // runtime.service_account gets that one, with its token).
+            self.service_account("sluice-build", component, false),
+            typed::<k8s_openapi::api::rbac::v1::Role>(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": self.meta("sluice-runner", component),
+                "rules": Self::runner_rules(),
+            }))
+            .into(),
+            typed::<k8s_openapi::api::rbac::v1::RoleBinding>(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": self.meta("sluice-runner", component),
+                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sluice-runner" },
+                "subjects": [{ "kind": "ServiceAccount", "name": "sluice-runner", "namespace": self.v.namespace }],
+            }))
+            .into(),
+            // Nothing connects to a runner but Prometheus on the admin port; it connects
+            // out only to NATS, the API server and DNS.
+            self.network_policy(
+                component,
+                vec![json!({ "ports": [{ "protocol": "TCP", "port": admin_port() }] })],
+                vec![self.nats_egress(), api_server, Self::dns_egress()],
+            ),
+            self.pdb("sluice-runner", component),
+            // A stopping runner hands its runs back at once (their Pods keep running
+            // and another replica adopts them), so it needs little time.
+            self.deployment(
+                component,
+                self.v.runner_replicas,
+                "sluice-runner",
+                true,
+                container,
+                vec![volume],
+                30,
+            ),
+        ]
+    }
+
+    fn secrets(&self, m: &Material) -> Vec<Object> {
+        let mut out = Vec::new();
+        let secret = |name: &str, component: &str, data: Vec<(&str, &Secret)>| -> Object {
+            let mut s: SecretObject = typed(json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": self.meta(name, component),
+                "type": "Opaque",
+            }));
+            s.data = Some(
+                data.into_iter()
+                    .map(|(k, v)| (k.to_owned(), ByteString(v.expose().as_bytes().to_vec())))
+                    .collect(),
+            );
+            s.into()
+        };
+        if self.v.installs_nats() {
+            if let Some(accounts) = &m.accounts_conf {
+                out.push(secret(
+                    names::NATS_ACCOUNTS,
+                    "nats",
+                    vec![("accounts.conf", &Secret::new(accounts.clone()))],
+                ));
+            }
+        }
+        let mut roles: Vec<(String, &str)> = Vec::new();
+        if self.v.hosts.control_plane() {
+            roles.extend([
+                ("admin".to_owned(), "streams"),
+                ("ingest".to_owned(), "ingest"),
+                ("dispatcher".to_owned(), "dispatcher"),
+            ]);
+        }
+        if self.v.hosts.runner() {
+            roles.push((format!("runner-{}", self.v.cluster), "runner"));
+        }
+        for (role, component) in roles {
+            if let Some(seed) = m.seeds.get(&role) {
+                out.push(secret(&names::seed(&role), component, vec![("nkey", seed)]));
+            }
+        }
+        if self.v.hosts.control_plane() {
+            out.push(secret(
+                names::WEBHOOKS,
+                "ingest",
+                vec![
+                    ("github", &m.github_webhook_secret),
+                    ("gitlab", &m.gitlab_webhook_token),
+                    ("generic", &m.webhook_signing_secret),
+                ],
+            ));
+            let mut tokens = Vec::new();
+            if let Some(t) = &m.github_token {
+                tokens.push(("github-token", t));
+            }
+            if let Some(t) = &m.gitlab_token {
+                tokens.push(("gitlab-token", t));
+            }
+            out.push(secret(names::FORGE, "dispatcher", tokens));
+        }
+        out
+    }
+}
+
+fn short_hash(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    hex_prefix(&digest[..4])
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `accounts { … }` block NATS includes, from the users `sluice nats init` wrote.
+pub fn accounts_conf(users: &[sluice_core::roles::User]) -> String {
+    format!(
+        "# Rendered by `sluice install` from the seeds of `sluice nats init`: public keys only.\naccounts {{\n  {account}: {{\n    jetstream: enabled\n    users: [\n{users}    ]\n  }}\n}}\n",
+        account = sluice_core::roles::ACCOUNT,
+        users = sluice_core::roles::render_users(users),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::values::Hosts;
+    use super::*;
+
+    fn material() -> Material {
+        Material {
+            accounts_conf: Some("accounts {}\n".into()),
+            seeds: ["admin", "ingest", "dispatcher", "runner-default"]
+                .iter()
+                .map(|r| (r.to_string(), Secret::new(format!("SU{r}"))))
+                .collect(),
+            github_webhook_secret: Secret::new("gh"),
+            gitlab_webhook_token: Secret::new("gl"),
+            webhook_signing_secret: Secret::new("whsec_x"),
+            github_token: None,
+            gitlab_token: None,
+        }
+    }
+
+    fn ids(objects: &[Object]) -> Vec<String> {
+        objects.iter().map(Object::id).collect()
+    }
+
+    #[test]
+    fn each_answer_set_renders_its_parts_in_apply_order() {
+        for hosts in [Hosts::ControlPlane, Hosts::Runner, Hosts::Both] {
+            let v = Values {
+                hosts,
+                nats_url: (hosts == Hosts::Runner).then(|| "tls://nats.example.com:4222".into()),
+                ..Values::default()
+            };
+            let objects = render(&v, Some(&material()));
+            let order: Vec<usize> = objects.iter().map(|o| kind_order(o.kind())).collect();
+            assert!(
+                order.windows(2).all(|w| w[0] <= w[1]),
+                "{:?}",
+                ids(&objects)
+            );
+            let has = |id: &str| objects.iter().any(|o| o.id() == id);
+            assert_eq!(has("StatefulSet/sluice-nats"), hosts.control_plane());
+            assert_eq!(has("Deployment/sluice-ingest"), hosts.control_plane());
+            assert_eq!(has("Deployment/sluice-runner"), hosts.runner());
+            assert_eq!(has("Secret/sluice-nats-runner"), hosts.runner());
+            assert_eq!(has("Secret/sluice-nats-admin"), hosts.control_plane());
+            assert!(!objects.iter().any(|o| o.kind() == "ClusterRole"));
+            for o in &objects {
+                assert_eq!(
+                    o.meta()
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(PART_OF.0))
+                        .map(String::as_str),
+                    Some(PART_OF.1),
+                    "{}",
+                    o.id()
+                );
+                if o.kind() != "Namespace" {
+                    assert_eq!(o.namespace(), Some("sluice"), "{}", o.id());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn without_material_no_secret_is_rendered() {
+        let objects = render(&Values::default(), None);
+        assert!(!objects.iter().any(|o| o.kind() == "Secret"));
+        let yaml = super::super::object::to_yaml_stream(&objects);
+        assert!(yaml.contains("sync_interval: always"));
+    }
+
+    #[test]
+    fn the_runner_role_has_exactly_the_runners_verbs() {
+        let objects = render(&Values::default(), None);
+        let role = objects
+            .iter()
+            .find(|o| o.id() == "Role/sluice-runner")
+            .expect("role");
+        let json = role.to_json();
+        assert_eq!(json["rules"], Renderer::runner_rules());
+        let build = objects
+            .iter()
+            .find(|o| o.id() == "ServiceAccount/sluice-build")
+            .expect("sa");
+        assert_eq!(build.to_json()["automountServiceAccountToken"], false);
+    }
+
+    #[test]
+    fn the_nats_configuration_is_accepted_by_nats_server() {
+        // The real server checks the rendered file with the accounts include.
+        let Ok(server) = std::env::var("SLUICE_NATS_SERVER") else {
+            eprintln!("SLUICE_NATS_SERVER not set; skipped");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tmp");
+        let r = Renderer {
+            v: &Values::default(),
+        };
+        let conf = r
+            .nats_conf()
+            .replace(
+                "/data/jetstream",
+                &dir.path().join("js").display().to_string(),
+            )
+            .replace(
+                "/var/run/nats/nats.pid",
+                &dir.path().join("pid").display().to_string(),
+            );
+        std::fs::write(dir.path().join("nats.conf"), conf).expect("write");
+        let users = vec![sluice_core::roles::User {
+            role: sluice_core::roles::Role::Admin,
+            public_key: nkeys::KeyPair::new_user().public_key(),
+        }];
+        std::fs::write(dir.path().join("accounts.conf"), accounts_conf(&users)).expect("write");
+        let out = std::process::Command::new(server)
+            .arg("-t")
+            .arg("-c")
+            .arg(dir.path().join("nats.conf"))
+            .env("POD_NAME", "sluice-nats-0")
+            .output()
+            .expect("nats-server");
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
