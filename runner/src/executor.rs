@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::report::Reporter;
 
 /// How a run ended, with a message for its final status.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub state: RunState,
     pub message: Option<String>,

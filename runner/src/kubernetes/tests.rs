@@ -3,10 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ContainerStateWaiting, PodCondition, PodStatus};
+use k8s_openapi::api::core::v1::{
+    ContainerStateWaiting, ContainerStatus, Pod, PodCondition, PodStatus,
+};
 use sluice_core::pipeline::{Resources, Runtime};
 use sluice_core::run::{RunCache, RunRequest, RunStep};
 
+use super::status::{container_states, waiting_reason, CState};
+use super::watch::PodState;
 use super::*;
 
 fn step(name: &str, commands: &[&str]) -> RunStep {
@@ -162,7 +166,7 @@ fn why_a_pod_waits_names_the_image_pull_or_the_scheduler() {
         }]),
         ..Default::default()
     });
-    let states = container_states(&pulling, &names);
+    let states = container_states(&pulling, names.iter().map(String::as_str));
     assert_eq!(
         waiting_reason(&pulling, &states).as_deref(),
         Some("ImagePullBackOff: Back-off pulling image \"nope:1\"")
@@ -179,7 +183,7 @@ fn why_a_pod_waits_names_the_image_pull_or_the_scheduler() {
         }]),
         ..Default::default()
     });
-    let states = container_states(&unschedulable, &names);
+    let states = container_states(&unschedulable, names.iter().map(String::as_str));
     assert_eq!(
         waiting_reason(&unschedulable, &states).as_deref(),
         Some("Unschedulable: 0/3 nodes are available")

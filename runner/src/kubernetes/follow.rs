@@ -1,0 +1,135 @@
+//! Following one container's log into `SLUICE_LOGS`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::LogParams;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+
+use super::logs::LogClients;
+use super::status;
+use super::watch::PodView;
+use crate::executor::sleep_until;
+use crate::report::Reporter;
+
+/// One container's log to follow.
+pub(super) struct LogFollow {
+    pub logs: Arc<LogClients>,
+    pub pod_name: String,
+    pub container: String,
+    pub step: String,
+    pub reporter: Reporter,
+    /// Resume after the lines already stored.
+    pub adopted: bool,
+    pub pod: tokio::sync::watch::Receiver<PodView>,
+    pub handoff: CancellationToken,
+}
+
+/// Ships one container's log to `SLUICE_LOGS` as it is written. Resumes after the
+/// lines already stored when the run was adopted, and re-opens the stream if it drops
+/// while the container still runs.
+pub(super) async fn follow_log(f: LogFollow) {
+    let LogFollow {
+        logs,
+        pod_name,
+        container,
+        step,
+        reporter,
+        adopted,
+        pod,
+        handoff,
+    } = f;
+    let (stored, next_seq) = if adopted {
+        Box::pin(reporter.stored_log(&step)).await
+    } else {
+        (0, 0)
+    };
+    let mut log = reporter.log_writer(&step, next_seq);
+    let mut read: u64 = 0;
+    let mut delay = Duration::from_millis(200);
+    let mut pod = pod;
+    loop {
+        let params = LogParams {
+            container: Some(container.clone()),
+            follow: true,
+            ..Default::default()
+        };
+        let mut clean = false;
+        // Held while the stream is open: it counts towards its connection's streams.
+        let lease = logs.lease();
+        match Box::pin(lease.log_stream(&pod_name, &params)).await {
+            Ok(stream) => {
+                let mut lines = crate::lines::Lines::new(stream.compat());
+                loop {
+                    // `next_line` keeps what it has read when the batch's time
+                    // comes first, so no output is lost to the select.
+                    let next = tokio::select! {
+                        next = lines.next_line() => next,
+                        () = sleep_until(log.due()) => {
+                            log.flush().await;
+                            continue;
+                        }
+                        () = handoff.cancelled() => {
+                            log.flush().await;
+                            return;
+                        }
+                    };
+                    match next {
+                        Ok(Some(text)) => {
+                            read += 1;
+                            if read > stored {
+                                let stream = "stdout".to_owned();
+                                log.line(sluice_core::run::LogLine { stream, text }).await;
+                            }
+                        }
+                        Ok(None) => {
+                            clean = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(pod = %pod_name, container = %container, error = %e, "log stream broke");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => break,
+            Err(e) => {
+                tracing::debug!(pod = %pod_name, container = %container, error = %e, "cannot open the log")
+            }
+        }
+        drop(lease);
+        // A follow ends when the container does; the watch may report the exit a
+        // moment later. If the container still runs after that, the stream dropped.
+        let ended = async {
+            loop {
+                let done = match &*pod.borrow_and_update() {
+                    PodView::Present(p) => status::terminated(p, &container),
+                    PodView::Gone => true,
+                    PodView::Unknown => false,
+                };
+                if done || pod.changed().await.is_err() {
+                    return true;
+                }
+            }
+        };
+        let wait = if clean {
+            Duration::from_secs(5)
+        } else {
+            Duration::ZERO
+        };
+        let done = tokio::time::timeout(wait, ended).await.unwrap_or(false);
+        if done && clean {
+            break;
+        }
+        if !done {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        // Re-open: a follow of a finished container returns its whole log and ends,
+        // which catches lines written between the drop and the exit; lines already
+        // read are skipped.
+    }
+    log.flush().await;
+}
