@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -36,6 +36,8 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
+
+mod objects;
 
 /// One request as the double received it.
 #[derive(Debug, Clone)]
@@ -145,6 +147,8 @@ struct Shared {
     /// Load tests: containers print one line and run this long instead of running
     /// their commands.
     simulate: Option<Duration>,
+    /// Everything but Pods and claims: what `sluice install` applies and reads.
+    objects: Mutex<objects::Store>,
 }
 
 /// The running double.
@@ -196,6 +200,7 @@ impl KubeApi {
             watch_epoch: watch::channel(0).0,
             root: root.path().to_owned(),
             simulate,
+            objects: Mutex::new(objects::Store::default()),
         });
         let app = Router::new()
             .route(
@@ -209,19 +214,13 @@ impl KubeApi {
             .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
             .route(
                 "/api/v1/namespaces/{ns}/persistentvolumeclaims",
-                axum::routing::post(claim_create),
+                axum::routing::post(claim_create).get(objects::handle),
             )
             .route(
                 "/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}",
-                get(claim_get),
+                get(claim_get).delete(objects::handle),
             )
-            .fallback(|uri: Uri| async move {
-                status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("the double does not serve {uri}"),
-                )
-            })
+            .fallback(objects::handle)
             .layer(axum::middleware::from_fn_with_state(shared.clone(), faults))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
