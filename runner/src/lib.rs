@@ -11,7 +11,7 @@ mod consumer;
 mod error;
 pub mod executor;
 pub mod kubernetes;
-mod lines;
+pub mod lines;
 pub mod local;
 pub mod report;
 
