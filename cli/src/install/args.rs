@@ -126,9 +126,6 @@ pub struct ValueFlags {
     /// Runner-only: where runners may reach NATS (its port only).
     #[arg(long, env = "SLUICE_INSTALL_NATS_CIDR")]
     pub nats_cidr: Option<String>,
-    /// Run a one-step pipeline on this cluster after installing.
-    #[arg(long, env = "SLUICE_INSTALL_SMOKE", num_args = 0..=1, default_missing_value = "true")]
-    pub smoke: Option<bool>,
     /// GitHub webhook secret (generated when not given). Prefer the variable.
     #[arg(long, env = "SLUICE_INSTALL_GITHUB_WEBHOOK_SECRET", hide_env_values = true, value_parser = secret)]
     pub github_webhook_secret: Option<Secret>,
@@ -161,7 +158,7 @@ impl ValueFlags {
             dispatcher_replicas => dispatcher_replicas, runner_replicas => runner_replicas,
             max_running => max_running, stream_replicas => stream_replicas,
             ingest_host => ingest_host, api_server_cidr => api_server_cidr,
-            nats_cidr => nats_cidr, smoke => smoke,
+            nats_cidr => nats_cidr,
         );
         macro_rules! set_some {
             ($($field:ident => $target:ident),* $(,)?) => {

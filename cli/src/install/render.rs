@@ -70,7 +70,7 @@ pub fn render(values: &Values, material: Option<&Material>) -> Vec<Object> {
     let r = Renderer { v: values };
     let mut out: Vec<Object> = vec![r.namespace()];
     if values.installs_nats() {
-        out.extend(r.nats());
+        out.extend(r.nats(material));
     }
     if values.hosts.control_plane() {
         out.extend(r.streams_job());
@@ -406,10 +406,14 @@ include "accounts.conf"
         )
     }
 
-    fn nats(&self) -> Vec<Object> {
+    fn nats(&self, material: Option<&Material>) -> Vec<Object> {
         let component = "nats";
         let conf = self.nats_conf();
-        let config_hash = short_hash(conf.as_bytes());
+        let mut annotations = json!({ "sluice.dev/config-hash": short_hash(conf.as_bytes()) });
+        // New users (`sluice cluster add`) reach the nodes by a rolling restart.
+        if let Some(accounts) = material.and_then(|m| m.accounts_conf.as_ref()) {
+            annotations["sluice.dev/accounts-hash"] = short_hash(accounts.as_bytes()).into();
+        }
         let mut claim_spec = json!({
             "accessModes": ["ReadWriteOnce"],
             "resources": { "requests": { "storage": self.v.nats_storage_size } },
@@ -505,7 +509,7 @@ include "accounts.conf"
                         "metadata": {
                             "labels": self.labels(component),
                             // A changed configuration rolls the nodes one at a time.
-                            "annotations": { "sluice.dev/config-hash": config_hash },
+                            "annotations": annotations,
                         },
                         "spec": {
                             "serviceAccountName": "sluice-nats",

@@ -147,8 +147,6 @@ pub struct Values {
     /// Replicas of each stream and bucket (`sluice streams apply --replicas`): 3 for
     /// the installed NATS cluster, 1 for a single existing server.
     pub stream_replicas: u32,
-    /// Run a one-step pipeline on this cluster after installing.
-    pub smoke: bool,
     /// Generated when not given (and kept from the cluster on a later run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub github_webhook_secret: Option<Secret>,
@@ -187,7 +185,6 @@ impl Default for Values {
             api_server_cidr: DEFAULT_EGRESS_CIDR.into(),
             nats_cidr: DEFAULT_EGRESS_CIDR.into(),
             stream_replicas: NATS_NODES as u32,
-            smoke: false,
             github_webhook_secret: None,
             gitlab_webhook_token: None,
             webhook_signing_secret: None,

@@ -91,7 +91,9 @@ fn parse(path: &str) -> Option<(String, Option<String>, String, Option<String>)>
         _ => return None,
     };
     match rest {
-        ["namespaces", ns, resource] => Some((prefix, Some(ns.to_string()), resource.to_string(), None)),
+        ["namespaces", ns, resource] => {
+            Some((prefix, Some(ns.to_string()), resource.to_string(), None))
+        }
         ["namespaces", ns, resource, name] => Some((
             prefix,
             Some(ns.to_string()),
@@ -197,7 +199,10 @@ pub async fn handle(
     match (method, name) {
         (Method::GET, Some(name)) => {
             let store = shared.objects.lock().expect("objects");
-            match store.objects.get(&(prefix, resource.clone(), ns, name.clone())) {
+            match store
+                .objects
+                .get(&(prefix, resource.clone(), ns, name.clone()))
+            {
                 Some(o) => ok_json(StatusCode::OK, o),
                 None => not_found(&resource, &name),
             }
@@ -221,7 +226,9 @@ pub async fn handle(
                 &json!({ "apiVersion": "v1", "kind": "List", "metadata": { "resourceVersion": rv.to_string() }, "items": items }),
             )
         }
-        (Method::PATCH, Some(name)) => apply(&shared, &headers, &q, (prefix, resource, ns, name), &body),
+        (Method::PATCH, Some(name)) => {
+            apply(&shared, &headers, &q, (prefix, resource, ns, name), &body)
+        }
         (Method::DELETE, Some(name)) => {
             let mut store = shared.objects.lock().expect("objects");
             let key = (prefix, resource.clone(), ns, name.clone());
@@ -298,15 +305,23 @@ fn apply(
             );
         }
         let store = shared.objects.lock().expect("objects");
-        let ns_key = ("api/v1".to_owned(), "namespaces".to_owned(), None, ns.clone());
+        let ns_key = (
+            "api/v1".to_owned(),
+            "namespaces".to_owned(),
+            None,
+            ns.clone(),
+        );
         if !store.objects.contains_key(&ns_key) {
             return not_found("namespaces", ns);
         }
     }
     let mut store = shared.objects.lock().expect("objects");
     let previous = store.objects.get(&key).cloned();
-    if previous.is_some() && store.applied.get(&key) == Some(&applied) {
-        return ok_json(StatusCode::OK, previous.as_ref().expect("previous"));
+    if let Some(previous) = previous
+        .as_ref()
+        .filter(|_| store.applied.get(&key) == Some(&applied))
+    {
+        return ok_json(StatusCode::OK, previous);
     }
     let rv = {
         let mut inner = shared.inner.lock().expect("state");
@@ -314,7 +329,9 @@ fn apply(
         inner.rv
     };
     let mut stored = applied.clone();
-    let meta = stored["metadata"].as_object_mut().expect("metadata is an object");
+    let meta = stored["metadata"]
+        .as_object_mut()
+        .expect("metadata is an object");
     if let Some(ns) = ns {
         meta.insert("namespace".into(), ns.clone().into());
     }
@@ -327,9 +344,10 @@ fn apply(
     meta.insert("generation".into(), generation.into());
     meta.insert(
         "uid".into(),
-        previous
-            .as_ref()
-            .map_or_else(|| json!(format!("uid-{rv}")), |p| p["metadata"]["uid"].clone()),
+        previous.as_ref().map_or_else(
+            || json!(format!("uid-{rv}")),
+            |p| p["metadata"]["uid"].clone(),
+        ),
     );
     meta.insert(
         "creationTimestamp".into(),
@@ -342,8 +360,16 @@ fn apply(
         "managedFields".into(),
         json!([{ "manager": manager, "operation": "Apply", "apiVersion": applied["apiVersion"] }]),
     );
-    controllers(shared, &mut stored, resource, generation, store.hold_rollouts.clone());
-    store.writes.push(format!("APPLY {prefix}/{resource}/{name}"));
+    controllers(
+        shared,
+        &mut stored,
+        resource,
+        generation,
+        store.hold_rollouts.clone(),
+    );
+    store
+        .writes
+        .push(format!("APPLY {prefix}/{resource}/{name}"));
     store.applied.insert(key.clone(), applied);
     store.objects.insert(key, stored.clone());
     let code = if previous.is_some() {
@@ -356,7 +382,13 @@ fn apply(
 
 /// Status as the controllers would write it at once: every replica ready (unless
 /// rollouts are held), a Job complete, a StatefulSet's claims made.
-fn controllers(shared: &Shared, o: &mut Value, resource: &str, generation: i64, hold: Option<String>) {
+fn controllers(
+    shared: &Shared,
+    o: &mut Value,
+    resource: &str,
+    generation: i64,
+    hold: Option<String>,
+) {
     match resource {
         "deployments" | "statefulsets" => {
             let replicas = o["spec"]["replicas"].as_i64().unwrap_or(1);
@@ -393,7 +425,10 @@ fn controllers(shared: &Shared, o: &mut Value, resource: &str, generation: i64, 
 }
 
 fn make_claims(shared: &Shared, set: &Value, replicas: i64) {
-    let ns = set["metadata"]["namespace"].as_str().unwrap_or("default").to_owned();
+    let ns = set["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_owned();
     let set_name = set["metadata"]["name"].as_str().unwrap_or_default();
     let Some(templates) = set["spec"]["volumeClaimTemplates"].as_array() else {
         return;
@@ -452,7 +487,13 @@ fn access_review(shared: &Shared, body: &[u8]) -> Response {
 }
 
 /// Claims: listed by label and deleted here; created and read by the Pod side.
-fn claims(shared: &Shared, method: &Method, uri: &Uri, ns: Option<String>, name: Option<String>) -> Response {
+fn claims(
+    shared: &Shared,
+    method: &Method,
+    uri: &Uri,
+    ns: Option<String>,
+    name: Option<String>,
+) -> Response {
     let q = query(uri);
     let mut inner = shared.inner.lock().expect("state");
     match (method, name) {

@@ -1,0 +1,259 @@
+//! `sluice install` and `uninstall` as users run them, against the Kubernetes API
+//! double: the wizard driven through a pseudo-terminal, `--yes`, the dry run, a
+//! second run, preflight failures and uninstall.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use sluice_tests::kubeapi::KubeApi;
+
+const TIMEOUT_MS: u64 = 60_000;
+
+/// The command with the double's kubeconfig and fixed webhook secrets (so runs can
+/// be compared whole), in `dir`.
+fn command(dir: &Path, api: &KubeApi, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.args(args)
+        .current_dir(dir)
+        .env("KUBECONFIG", api.write_kubeconfig(dir))
+        .env("NO_COLOR", "1")
+        .env("SLUICE_INSTALL_GITHUB_WEBHOOK_SECRET", "gh-secret")
+        .env("SLUICE_INSTALL_GITLAB_WEBHOOK_TOKEN", "gl-token")
+        .env("SLUICE_INSTALL_WEBHOOK_SIGNING_SECRET", "whsec_c2x1aWNl")
+        .env("SLUICE_INSTALL_TIMEOUT", "20s")
+        .env_remove("SLUICE_INSTALL_VALUES");
+    c
+}
+
+fn run(dir: &Path, api: &KubeApi, args: &[&str]) -> Output {
+    command(dir, api, args).output().expect("run sluice")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Objects by `Kind/name`.
+fn by_id(objects: Vec<Value>) -> BTreeMap<String, Value> {
+    objects
+        .into_iter()
+        .map(|o| {
+            let id = format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap_or_default(),
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            );
+            (id, o)
+        })
+        .collect()
+}
+
+fn dry_run(dir: &Path, api: &KubeApi) -> BTreeMap<String, Value> {
+    let out = run(
+        dir,
+        api,
+        &[
+            "install",
+            "--yes",
+            "--dry-run",
+            "-o",
+            "yaml",
+            "--include-secrets",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).expect("YAML documents");
+    by_id(docs)
+}
+
+fn sluice_objects(api: &KubeApi) -> Vec<String> {
+    api.objects()
+        .iter()
+        .filter(|o| !o["metadata"]["labels"]["app.kubernetes.io/part-of"].is_null())
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap_or(""),
+                o["metadata"]["name"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+/// Presses Enter at every prompt of the wizard, then waits for it to finish.
+fn wizard_enter_everywhere(dir: &Path, api: &KubeApi) -> String {
+    let cmd = command(dir, api, &["install"]);
+    let mut p = rexpect::session::spawn_command(cmd, Some(TIMEOUT_MS)).expect("spawn in a pty");
+    for prompt in [
+        "Namespace",
+        "This cluster hosts",
+        "Cluster name",
+        "Existing NATS URL",
+        "Credentials folder",
+        "Webhook host",
+        "GitHub webhook secret",
+        "GitLab webhook token",
+        "GitHub token",
+        "GitLab token",
+        "Check the cluster and install?",
+    ] {
+        p.exp_string(prompt)
+            .unwrap_or_else(|e| panic!("prompt {prompt:?}: {e}"));
+        p.send_line("").expect("Enter");
+    }
+    p.exp_eof().expect("the install ends")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wizard_on_enter_equals_yes_applies_the_dry_run_converges_and_uninstalls() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let api = KubeApi::start().await;
+    let dir = tmp.path().to_owned();
+    let api_ref = &api;
+
+    let shown = tokio::task::block_in_place(|| wizard_enter_everywhere(&dir, api_ref));
+    assert!(shown.contains("Sluice is installed"), "{shown}");
+    assert!(
+        shown.contains("https://sluice.example.com/webhooks/github"),
+        "{shown}"
+    );
+    assert!(
+        dir.join("sluice-nats/admin.nk").exists(),
+        "credentials made"
+    );
+
+    // What was applied is exactly what the dry run prints.
+    let applied = by_id(api.applied());
+    let printed = tokio::task::block_in_place(|| dry_run(&dir, api_ref));
+    assert_eq!(
+        applied.keys().collect::<Vec<_>>(),
+        printed.keys().collect::<Vec<_>>()
+    );
+    for (id, object) in &printed {
+        assert_eq!(&applied[id], object, "{id}");
+    }
+    assert!(api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .all(|r| r.uri.contains("fieldManager=sluice")));
+
+    // A second run changes nothing.
+    let writes = api.writes().len();
+    let again = tokio::task::block_in_place(|| run(&dir, api_ref, &["install", "--yes"]));
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("Nothing changed"), "{}", text(&again));
+    assert_eq!(api.writes().len(), writes, "{:?}", &api.writes()[writes..]);
+
+    // --yes alone gives what Enter everywhere gave.
+    let other = KubeApi::start().await;
+    let other_ref = &other;
+    let yes = tokio::task::block_in_place(|| run(&dir, other_ref, &["install", "--yes"]));
+    assert!(yes.status.success(), "{}", text(&yes));
+    assert_eq!(by_id(other.applied()), applied);
+
+    // Uninstall leaves only the volumes (and the namespace), and can run twice.
+    let out = tokio::task::block_in_place(|| run(&dir, api_ref, &["uninstall"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.find("Deployment/sluice-runner") < said.find("StatefulSet/sluice-nats"),
+        "runners first: {said}"
+    );
+    assert!(said.contains("Kept 3 PersistentVolumeClaims"), "{said}");
+    assert_eq!(sluice_objects(&api), ["Namespace/sluice"]);
+    assert_eq!(api.claims().len(), 3);
+    let twice = tokio::task::block_in_place(|| run(&dir, api_ref, &["uninstall"]));
+    assert!(
+        text(&twice).contains("Nothing to remove"),
+        "{}",
+        text(&twice)
+    );
+    let data = tokio::task::block_in_place(|| run(&dir, api_ref, &["uninstall", "--delete-data"]));
+    assert!(data.status.success(), "{}", text(&data));
+    assert!(api.claims().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn preflight_failures_stop_before_any_write_with_what_to_do() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().to_owned();
+    let api = KubeApi::start().await;
+    let api_ref = &api;
+    api.deny("create", "roles");
+    api.remove_storage_classes();
+    let out = tokio::task::block_in_place(|| run(&dir, api_ref, &["install", "--yes"]));
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("cannot create roles.rbac.authorization.k8s.io in namespace sluice: ask a cluster admin"),
+        "{said}"
+    );
+    assert!(
+        said.contains("no default StorageClass, and NATS needs volumes"),
+        "{said}"
+    );
+    assert!(said.contains("nothing was changed"), "{said}");
+    assert!(api.writes().is_empty(), "{:?}", api.writes());
+    assert!(api
+        .requests()
+        .iter()
+        .all(|r| r.method != "PATCH" && r.method != "DELETE"));
+    assert!(
+        !dir.join("sluice-nats").exists(),
+        "no local credentials either"
+    );
+
+    // A runner-only cluster must name its NATS and seed.
+    let out = tokio::task::block_in_place(|| {
+        run(&dir, api_ref, &["install", "--yes", "--hosts", "runner"])
+    });
+    let said = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("nats_url: a runner-only cluster needs"),
+        "{said}"
+    );
+    assert!(
+        said.contains("runner-default.nk from `sluice cluster add default"),
+        "{said}"
+    );
+
+    // An API server older than the manifests support.
+    let old = KubeApi::start().await;
+    old.set_version(1, 27);
+    let old_ref = &old;
+    let out = tokio::task::block_in_place(|| run(&dir, old_ref, &["install", "--yes"]));
+    assert!(text(&out).contains("older than 1.29"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_rollout_is_reported_with_its_reason() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().to_owned();
+    let api = KubeApi::start().await;
+    api.hold_rollouts(Some(
+        "Back-off pulling image \"ghcr.io/sluice-ci/sluice:0.1.0\"",
+    ));
+    let api_ref = &api;
+    let out = tokio::task::block_in_place(|| {
+        command(&dir, api_ref, &["install", "--yes"])
+            .env("SLUICE_INSTALL_TIMEOUT", "3s")
+            .output()
+            .expect("run")
+    });
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("StatefulSet/sluice-nats is not ready after 3s: 0/3 ready"),
+        "{said}"
+    );
+    assert!(said.contains("Back-off pulling image"), "{said}");
+}
