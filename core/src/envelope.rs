@@ -27,6 +27,20 @@ impl Provider {
             Provider::Manual => "manual",
         }
     }
+
+    /// The provider an event id names (`<provider>:<delivery id>`, as [`Event::new`]
+    /// writes it); `None` for an id of another form.
+    pub fn of_event_id(event_id: &str) -> Option<Provider> {
+        let (name, _) = event_id.split_once(':')?;
+        [
+            Provider::Github,
+            Provider::Gitlab,
+            Provider::Generic,
+            Provider::Manual,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == name)
+    }
 }
 
 impl std::fmt::Display for Provider {
@@ -210,5 +224,20 @@ mod tests {
             r#"{"a": [1, 2]}"#
         );
         assert_eq!(back.subject(), "sluice.events.github.push");
+    }
+
+    #[test]
+    fn an_event_id_names_its_provider() {
+        for p in [
+            Provider::Github,
+            Provider::Gitlab,
+            Provider::Generic,
+            Provider::Manual,
+        ] {
+            let e = Event::new(p, "d:1", kind::PUSH);
+            assert_eq!(Provider::of_event_id(&e.id), Some(p));
+        }
+        assert_eq!(Provider::of_event_id("bitbucket:1"), None);
+        assert_eq!(Provider::of_event_id("github"), None);
     }
 }

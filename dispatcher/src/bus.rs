@@ -103,15 +103,16 @@ impl Bus {
     /// The decision for an event; only the latest per event is kept, so a redelivered
     /// event's new decision replaces the old one (no message id).
     pub async fn decision(&self, decision: &Decision) -> Result<()> {
-        let payload =
-            serde_json::to_vec(decision).map_err(|e| Error::Nats(format!("encode: {e}")))?;
+        let payload = serde_json::to_vec(decision).map_err(|source| Error::Encode {
+            what: "a decision",
+            source,
+        })?;
         let ack = self
             .js
             .publish(subjects::decision(&decision.event_id), payload.into())
             .await
-            .map_err(|e| Error::Nats(format!("publish decision: {e}")))?;
-        ack.await
-            .map_err(|e| Error::Nats(format!("decision ack: {e}")))?;
+            .map_err(|e| Error::nats("publish a decision", e))?;
+        ack.await.map_err(|e| Error::nats("ack of a decision", e))?;
         Ok(())
     }
 

@@ -13,15 +13,18 @@ pub async fn get(js: &jetstream::Context, event_id: &str) -> Result<Option<Decis
     let stream = js
         .get_stream_no_info(subjects::DECISIONS_STREAM)
         .await
-        .map_err(|e| Error::Nats(format!("decisions stream: {e}")))?;
+        .map_err(|e| Error::nats("decisions stream", e))?;
     match stream
         .direct_get_last_for_subject(subjects::decision(event_id))
         .await
     {
         Ok(message) => serde_json::from_slice(&message.payload)
             .map(Some)
-            .map_err(|e| Error::Malformed(format!("stored decision of {event_id}: {e}"))),
+            .map_err(|source| Error::StoredDecision {
+                event_id: event_id.to_owned(),
+                source,
+            }),
         Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Nats(format!("decision of {event_id}: {e}"))),
+        Err(e) => Err(Error::nats(format!("decision of {event_id}"), e)),
     }
 }

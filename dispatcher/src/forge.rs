@@ -13,6 +13,14 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sluice_core::{Event, Provider};
 
+use crate::github::{GitHub, GitHubApp};
+use crate::{Error, Result};
+
+/// Default `--github-api-url`.
+pub const GITHUB_API_URL: &str = "https://api.github.com";
+/// Default `--gitlab-api-url`.
+pub const GITLAB_API_URL: &str = "https://gitlab.com/api/v4";
+
 /// GitHub returns at most this many files for a pull request.
 pub const GITHUB_MAX_FILES: usize = 3000;
 const PER_PAGE: usize = 100;
@@ -24,7 +32,7 @@ const CACHE_ENTRIES: usize = 10_000;
 pub struct ForgeConfig {
     pub github_token: Option<SecretString>,
     /// A GitHub App to authenticate as instead of the token.
-    pub github_app: Option<crate::github::GitHubApp>,
+    pub github_app: Option<GitHubApp>,
     /// `https://api.github.com`, or a GitHub Enterprise `https://HOST/api/v3`.
     pub github_api_url: String,
     pub gitlab_token: Option<SecretString>,
@@ -39,9 +47,9 @@ impl Default for ForgeConfig {
         ForgeConfig {
             github_token: None,
             github_app: None,
-            github_api_url: "https://api.github.com".into(),
+            github_api_url: GITHUB_API_URL.into(),
             gitlab_token: None,
-            gitlab_api_url: "https://gitlab.com/api/v4".into(),
+            gitlab_api_url: GITLAB_API_URL.into(),
             timeout: Duration::from_secs(5),
         }
     }
@@ -58,7 +66,7 @@ pub struct FileList {
 /// Looks up and caches changed files.
 pub struct ChangedFiles {
     config: ForgeConfig,
-    github: Option<crate::github::GitHub>,
+    github: Option<GitHub>,
     http: reqwest::Client,
     cache: Mutex<(HashMap<String, FileList>, VecDeque<String>)>,
 }
@@ -79,8 +87,8 @@ struct GitlabDiff {
 }
 
 impl ChangedFiles {
-    pub fn new(config: ForgeConfig) -> Result<Self, String> {
-        let github = crate::github::GitHub::new(
+    pub fn new(config: ForgeConfig) -> Result<Self> {
+        let github = GitHub::new(
             &config.github_api_url,
             config.github_token.as_ref(),
             config.github_app.as_ref(),
@@ -88,7 +96,7 @@ impl ChangedFiles {
         let http = reqwest::Client::builder()
             .user_agent("sluice-dispatcher")
             .build()
-            .map_err(|e| format!("HTTP client: {e}"))?;
+            .map_err(Error::HttpClient)?;
         Ok(ChangedFiles {
             config,
             github,
@@ -98,9 +106,9 @@ impl ChangedFiles {
     }
 
     /// The files changed by the pull/merge request of `event`, or why they are unknown.
-    pub async fn pull_request(&self, event: &Event) -> Result<FileList, String> {
+    pub async fn pull_request(&self, event: &Event) -> Result<FileList> {
         let (Some(repo), Some(number)) = (event.repo.as_deref(), event.pr) else {
-            return Err("the event names no repository or pull request".into());
+            return Err(Error::NoPullRequest);
         };
         let key = format!(
             "{}:{repo}:{}",
@@ -117,17 +125,12 @@ impl ChangedFiles {
             match event.provider {
                 Provider::Github => self.github(repo, number).await,
                 Provider::Gitlab => self.gitlab(repo, number).await,
-                other => Err(format!("no changed-files look-up for {other} events")),
+                other => Err(Error::NoLookup(other)),
             }
         };
         let list = tokio::time::timeout(self.config.timeout, lookup)
             .await
-            .map_err(|_| {
-                format!(
-                    "the forge API did not answer within {:?}",
-                    self.config.timeout
-                )
-            })??;
+            .map_err(|_| Error::ForgeTimeout(self.config.timeout))??;
         if cacheable {
             if let Ok(mut cache) = self.cache.lock() {
                 let (map, order) = &mut *cache;
@@ -144,13 +147,11 @@ impl ChangedFiles {
         Ok(list)
     }
 
-    async fn github(&self, repo: &str, number: u64) -> Result<FileList, String> {
+    async fn github(&self, repo: &str, number: u64) -> Result<FileList> {
         let Some(github) = &self.github else {
-            return Err(
-                "no GitHub credentials configured (SLUICE_GITHUB_TOKEN or a GitHub App)".into(),
-            );
+            return Err(crate::github::NO_CREDENTIALS);
         };
-        let client = github.client(repo).await.map_err(|e| e.to_string())?;
+        let client = github.client(repo).await?;
         let mut files = Vec::new();
         for page in 1..=GITHUB_MAX_FILES / PER_PAGE {
             let route = format!("/repos/{repo}/pulls/{number}/files");
@@ -161,7 +162,7 @@ impl ChangedFiles {
             let entries: Vec<octocrab::models::repos::DiffEntry> = client
                 .get(route, Some(&params))
                 .await
-                .map_err(|e| format!("GitHub API: {}", github_error(&e)))?;
+                .map_err(Error::GitHub)?;
             let last = entries.len() < PER_PAGE;
             for e in entries {
                 if let Some(prev) = e.previous_filename {
@@ -183,9 +184,9 @@ impl ChangedFiles {
         })
     }
 
-    async fn gitlab(&self, project: &str, iid: u64) -> Result<FileList, String> {
+    async fn gitlab(&self, project: &str, iid: u64) -> Result<FileList> {
         let Some(token) = &self.config.gitlab_token else {
-            return Err("no GitLab token configured (SLUICE_GITLAB_TOKEN)".into());
+            return Err(NO_GITLAB_TOKEN);
         };
         let encoded = gitlab_project(project);
         let base = self.config.gitlab_api_url.trim_end_matches('/');
@@ -198,15 +199,18 @@ impl ChangedFiles {
                 .header("PRIVATE-TOKEN", token.expose_secret())
                 .send()
                 .await
-                .map_err(|e| format!("GitLab API: {}", e.without_url()))?;
+                .map_err(|e| Error::GitLab(e.without_url()))?;
             let status = response.status();
             if !status.is_success() {
-                return Err(format!("GitLab API answered {status}"));
+                return Err(Error::ForgeStatus {
+                    forge: Provider::Gitlab,
+                    status,
+                });
             }
             let diffs: Vec<GitlabDiff> = response
                 .json()
                 .await
-                .map_err(|e| format!("GitLab API: unexpected answer: {}", e.without_url()))?;
+                .map_err(|e| Error::GitLabAnswer(e.without_url()))?;
             let last = diffs.len() < PER_PAGE;
             for d in diffs {
                 if d.old_path != d.new_path {
@@ -228,6 +232,12 @@ impl ChangedFiles {
     }
 }
 
+/// Why there is no GitLab look-up or status: no token.
+pub(crate) const NO_GITLAB_TOKEN: Error = Error::NoCredentials {
+    forge: "GitLab",
+    hint: "SLUICE_GITLAB_TOKEN",
+};
+
 /// A GitLab project path as its API takes it in a URL (`group%2Fsub%2Fproject`).
 pub fn gitlab_project(path: &str) -> String {
     path.bytes()
@@ -236,19 +246,4 @@ pub fn gitlab_project(path: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// octocrab's error text without request details (which could carry a token).
-pub(crate) fn github_error(e: &octocrab::Error) -> String {
-    match e {
-        octocrab::Error::GitHub { source, .. } => {
-            format!("{} ({})", source.message, source.status_code)
-        }
-        other => other
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or("request failed")
-            .to_owned(),
-    }
 }

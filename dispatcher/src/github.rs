@@ -10,6 +10,14 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use crate::{Error, Result};
+
+/// Why there is no GitHub look-up or status: neither a token nor an App.
+pub(crate) const NO_CREDENTIALS: Error = Error::NoCredentials {
+    forge: "GitHub",
+    hint: "SLUICE_GITHUB_TOKEN or a GitHub App",
+};
+
 /// A GitHub App: its id and private key (PEM).
 #[derive(Debug, Clone)]
 pub struct GitHubApp {
@@ -53,21 +61,22 @@ impl GitHub {
         api_url: &str,
         token: Option<&SecretString>,
         app: Option<&GitHubApp>,
-    ) -> Result<Option<GitHub>, String> {
+    ) -> Result<Option<GitHub>> {
         let builder = || {
             octocrab::OctocrabBuilder::new()
                 .base_uri(api_url)
-                .map_err(|e| format!("GitHub API URL {api_url}: {e}"))
+                .map_err(|source| Error::GitHubUrl {
+                    url: api_url.to_owned(),
+                    source,
+                })
         };
         let auth = match (app, token) {
             (Some(app), _) => {
                 let client = builder()?
                     .app_from_rsa_pem(app.id.into(), app.private_key.expose_secret())
-                    .map_err(|_| {
-                        "the GitHub App private key is not an RSA key in PEM format".to_owned()
-                    })?
+                    .map_err(Error::GitHubAppKey)?
                     .build()
-                    .map_err(|e| format!("GitHub client: {e}"))?;
+                    .map_err(Error::GitHubClient)?;
                 Auth::App {
                     app: client,
                     installations: Mutex::new(HashMap::new()),
@@ -77,15 +86,17 @@ impl GitHub {
                 builder()?
                     .personal_token(token.expose_secret().to_owned())
                     .build()
-                    .map_err(|e| format!("GitHub client: {e}"))?,
+                    .map_err(Error::GitHubClient)?,
             ),
             (None, None) => return Ok(None),
         };
         Ok(Some(GitHub { auth }))
     }
 
-    /// The client to call the API about `repo` (`owner/name`) with.
-    pub async fn client(&self, repo: &str) -> Result<Octocrab, ClientError> {
+    /// The client to call the API about `repo` (`owner/name`) with: with an App,
+    /// [`Error::NotInstalled`] when it is not installed there (asking again will not
+    /// help), [`Error::Installation`] when GitHub could not be asked now.
+    pub async fn client(&self, repo: &str) -> Result<Octocrab> {
         let (app, installations) = match &self.auth {
             Auth::Token(client) => return Ok(client.clone()),
             Auth::App { app, installations } => (app, installations),
@@ -96,40 +107,24 @@ impl GitHub {
             return Ok(client.clone());
         }
         let route = format!("/repos/{repo}/installation");
-        let found: InstallationRef = app.get(route, None::<&()>).await.map_err(|e| {
-            let why = crate::forge::github_error(&e);
-            match &e {
-                octocrab::Error::GitHub { source, .. } if source.status_code.as_u16() == 404 => {
-                    ClientError::NotInstalled(format!(
-                        "the GitHub App is not installed on {repo}: {why}"
-                    ))
+        let found: InstallationRef = app.get(route, None::<&()>).await.map_err(|source| {
+            let repo = repo.to_owned();
+            match &source {
+                octocrab::Error::GitHub { source: answer, .. }
+                    if answer.status_code == http::StatusCode::NOT_FOUND =>
+                {
+                    Error::NotInstalled { repo, source }
                 }
-                _ => ClientError::Unavailable(format!(
-                    "cannot find the GitHub App's installation for {repo}: {why}"
-                )),
+                _ => Error::Installation { repo, source },
             }
         })?;
-        let client = app.installation(InstallationId(found.id)).map_err(|e| {
-            ClientError::Unavailable(format!("GitHub App installation {}: {e}", found.id))
-        })?;
+        let client = app
+            .installation(InstallationId(found.id))
+            .map_err(|source| Error::InstallationClient {
+                id: found.id,
+                source,
+            })?;
         cached.insert(owner, client.clone());
         Ok(client)
-    }
-}
-
-/// Why there is no client for a repository.
-#[derive(Debug)]
-pub enum ClientError {
-    /// The App is not installed there: asking again will not help.
-    NotInstalled(String),
-    /// GitHub could not be asked now.
-    Unavailable(String),
-}
-
-impl std::fmt::Display for ClientError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ClientError::NotInstalled(m) | ClientError::Unavailable(m) => f.write_str(m),
-        }
     }
 }

@@ -146,11 +146,14 @@ async fn load(kv: &Store, key: &str) -> Result<(GroupState, Option<u64>)> {
     match kv
         .entry(key)
         .await
-        .map_err(|e| Error::Nats(format!("read group: {e}")))?
+        .map_err(|e| Error::nats("read concurrency group", e))?
     {
         Some(entry) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
-            let state = serde_json::from_slice(&entry.value)
-                .map_err(|e| Error::Nats(format!("group state: {e}")))?;
+            let state =
+                serde_json::from_slice(&entry.value).map_err(|source| Error::GroupState {
+                    key: key.to_owned(),
+                    source,
+                })?;
             Ok((state, Some(entry.revision)))
         }
         Some(entry) => Ok((GroupState::default(), Some(entry.revision))),
@@ -160,7 +163,10 @@ async fn load(kv: &Store, key: &str) -> Result<(GroupState, Option<u64>)> {
 
 /// Writes the state if nobody else did since `revision`; false on a conflict.
 async fn store(kv: &Store, key: &str, state: &GroupState, revision: Option<u64>) -> Result<bool> {
-    let value = serde_json::to_vec(state).map_err(|e| Error::Nats(e.to_string()))?;
+    let value = serde_json::to_vec(state).map_err(|source| Error::Encode {
+        what: "a concurrency group",
+        source,
+    })?;
     let written = match revision {
         None => kv.create(key, value.into()).await.is_ok(),
         Some(rev) => kv.update(key, value.into(), rev).await.is_ok(),

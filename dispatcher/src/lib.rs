@@ -69,7 +69,7 @@ impl DispatcherConfig {
 
 /// Runs the dispatcher until `shutdown`: stops pulling, finishes the events in hand.
 pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Result<()> {
-    let changed_files = forge::ChangedFiles::new(config.forge.clone()).map_err(Error::Config)?;
+    let changed_files = forge::ChangedFiles::new(config.forge.clone())?;
     let client = sluice_core::nats::connect(&config.nats).await?;
     let bus = Bus::new(client.clone(), config.publish_timeout);
     let mut delay = Duration::from_millis(100);

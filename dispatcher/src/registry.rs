@@ -113,18 +113,18 @@ pub async fn load_and_watch(
     let mut watch = kv
         .watch_with_history(">")
         .await
-        .map_err(|e| Error::Nats(format!("watch pipelines: {e}")))?;
+        .map_err(|e| Error::nats("watch pipelines", e))?;
     let mut pipelines: HashMap<String, Arc<Pipeline>> = HashMap::new();
     let initial = kv
         .status()
         .await
-        .map_err(|e| Error::Nats(format!("pipelines bucket: {e}")))?
+        .map_err(|e| Error::nats("pipelines bucket", e))?
         .values();
     // Read the history the watcher replays before serving: an event dispatched against
     // a half-loaded registry would silently start nothing.
     if initial > 0 {
         while let Some(entry) = watch.next().await {
-            let entry = entry.map_err(|e| Error::Nats(format!("watch pipelines: {e}")))?;
+            let entry = entry.map_err(|e| Error::nats("watch pipelines", e))?;
             let done = entry.delta == 0;
             apply(&mut pipelines, entry);
             if done {

@@ -21,7 +21,7 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use sluice_core::run::{RunState, StatusUpdate};
 use sluice_core::streams;
-use sluice_core::subjects;
+use sluice_core::{subjects, Provider};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +52,7 @@ impl Default for ReporterConfig {
 /// A status to send, as stored in `SLUICE_REPORTS`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Wanted {
-    provider: String,
+    provider: Provider,
     repo: String,
     sha: String,
     pipeline: String,
@@ -74,14 +74,14 @@ pub async fn run(
     let sender = Arc::new(Sender::new(forge, &config)?);
     let intake = tokio::spawn(intake(js, kv.clone(), shutdown.clone()));
     flush_loop(kv, sender, config.interval, shutdown).await;
-    intake.await.map_err(|e| Error::Nats(e.to_string()))?
+    intake.await?
 }
 
 async fn intake(js: jetstream::Context, kv: Store, shutdown: CancellationToken) -> Result<()> {
     let stream = js
         .get_stream(subjects::STATUS_STREAM)
         .await
-        .map_err(|e| Error::Nats(format!("status stream: {e}")))?;
+        .map_err(|e| Error::nats("status stream", e))?;
     let consumer = stream
         .get_or_create_consumer(
             CONSUMER,
@@ -93,11 +93,11 @@ async fn intake(js: jetstream::Context, kv: Store, shutdown: CancellationToken) 
             },
         )
         .await
-        .map_err(|e| Error::Nats(format!("consumer {CONSUMER}: {e}")))?;
+        .map_err(|e| Error::nats(format!("consumer {CONSUMER}"), e))?;
     let mut messages = consumer
         .messages()
         .await
-        .map_err(|e| Error::Nats(format!("pull statuses: {e}")))?;
+        .map_err(|e| Error::nats("pull statuses", e))?;
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -107,14 +107,7 @@ async fn intake(js: jetstream::Context, kv: Store, shutdown: CancellationToken) 
         let Ok(message) = message else { continue };
         // In order, one at a time: a later state must not be overwritten by an earlier.
         let stored = match wanted(&message.payload) {
-            Some(w) => match serde_json::to_vec(&w) {
-                Ok(value) => kv
-                    .put(&w.run_id, value.into())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
+            Some(w) => queue(&kv, &w).await,
             None => Ok(()),
         };
         let kind = match stored {
@@ -128,14 +121,26 @@ async fn intake(js: jetstream::Context, kv: Store, shutdown: CancellationToken) 
     }
 }
 
+/// Stores the latest wanted status of a run, replacing an older one.
+async fn queue(kv: &Store, w: &Wanted) -> Result<()> {
+    let value = serde_json::to_vec(w).map_err(|source| Error::Encode {
+        what: "a commit status",
+        source,
+    })?;
+    kv.put(&w.run_id, value.into())
+        .await
+        .map_err(|e| Error::nats("queue a commit status", e))?;
+    Ok(())
+}
+
 /// The commit status a run-level state change asks for, if it is about a forge commit.
 fn wanted(payload: &[u8]) -> Option<Wanted> {
     let u: StatusUpdate = serde_json::from_slice(payload).ok()?;
     if u.step.is_some() {
         return None;
     }
-    let provider = u.event_id.as_deref()?.split(':').next()?.to_owned();
-    if provider != "github" && provider != "gitlab" {
+    let provider = Provider::of_event_id(u.event_id.as_deref()?)?;
+    if !matches!(provider, Provider::Github | Provider::Gitlab) {
         return None;
     }
     let description = match (u.state, &u.message) {
@@ -180,15 +185,15 @@ async fn flush(kv: &Store, sender: &Sender) -> Result<()> {
     let keys: Vec<String> = kv
         .keys()
         .await
-        .map_err(|e| Error::Nats(e.to_string()))?
+        .map_err(|e| Error::nats("list queued commit statuses", e))?
         .try_collect()
         .await
-        .map_err(|e| Error::Nats(e.to_string()))?;
+        .map_err(|e| Error::nats("list queued commit statuses", e))?;
     for key in keys {
         let Some(entry) = kv
             .entry(&key)
             .await
-            .map_err(|e| Error::Nats(e.to_string()))?
+            .map_err(|e| Error::nats("read a queued commit status", e))?
         else {
             continue;
         };
@@ -217,7 +222,7 @@ enum Sent {
     /// Rate-limited or failed for now: keep it.
     Later,
     /// Can never succeed (no token for this forge, repository gone): log and forget.
-    Dropped(String),
+    Dropped(Error),
 }
 
 /// A forge client with its rate budget.
@@ -227,7 +232,7 @@ struct Sender {
     gitlab_api_url: String,
     http: reqwest::Client,
     link_base_url: String,
-    budgets: Mutex<HashMap<&'static str, Budget>>,
+    budgets: Mutex<HashMap<Provider, Budget>>,
     requests_per_hour: u32,
 }
 
@@ -244,8 +249,7 @@ impl Sender {
             &forge.github_api_url,
             forge.github_token.as_ref(),
             forge.github_app.as_ref(),
-        )
-        .map_err(Error::Config)?;
+        )?;
         Ok(Sender {
             github,
             gitlab_token: forge.gitlab_token,
@@ -253,7 +257,7 @@ impl Sender {
             http: reqwest::Client::builder()
                 .user_agent("sluice-reporter")
                 .build()
-                .map_err(|e| Error::Config(e.to_string()))?,
+                .map_err(Error::HttpClient)?,
             link_base_url: config.link_base_url.trim_end_matches('/').to_owned(),
             budgets: Mutex::new(HashMap::new()),
             requests_per_hour: config.requests_per_hour.max(1),
@@ -261,7 +265,7 @@ impl Sender {
     }
 
     /// Takes one request from `forge`'s budget, or says to wait.
-    async fn allow(&self, forge: &'static str) -> bool {
+    async fn allow(&self, forge: Provider) -> bool {
         let per_sec = f64::from(self.requests_per_hour) / 3600.0;
         let burst = (f64::from(self.requests_per_hour) / 50.0).max(1.0);
         let mut budgets = self.budgets.lock().await;
@@ -284,13 +288,13 @@ impl Sender {
         }
     }
 
-    async fn pause(&self, forge: &'static str, wait: Duration) {
+    async fn pause(&self, forge: Provider, wait: Duration) {
         tracing::warn!(
-            forge,
+            %forge,
             ?wait,
             "forge rate limit reached; pausing commit statuses"
         );
-        if let Some(b) = self.budgets.lock().await.get_mut(forge) {
+        if let Some(b) = self.budgets.lock().await.get_mut(&forge) {
             b.paused_until = Some(Instant::now() + wait);
         }
     }
@@ -298,17 +302,17 @@ impl Sender {
     async fn send(&self, w: &Wanted) -> Sent {
         let link = format!("{}/runs/{}", self.link_base_url, w.run_id);
         let context = format!("sluice/{}", w.pipeline);
-        match w.provider.as_str() {
-            "github" => {
+        match w.provider {
+            Provider::Github => {
                 let Some(github) = &self.github else {
-                    return Sent::Dropped("no GitHub credentials configured".into());
+                    return Sent::Dropped(crate::github::NO_CREDENTIALS);
                 };
-                if !self.allow("github").await {
+                if !self.allow(Provider::Github).await {
                     return Sent::Later;
                 }
                 let client = match github.client(&w.repo).await {
                     Ok(c) => c,
-                    Err(crate::github::ClientError::NotInstalled(e)) => return Sent::Dropped(e),
+                    Err(e) if !e.is_retryable() => return Sent::Dropped(e),
                     Err(e) => {
                         tracing::warn!(repo = %w.repo, error = %e, "no GitHub client for this repository yet");
                         return Sent::Later;
@@ -329,20 +333,20 @@ impl Sender {
                 let route = format!("/repos/{}/statuses/{}", w.repo, w.sha);
                 match client._post(route.as_str(), Some(&body)).await {
                     Ok(response) => {
-                        self.outcome("github", response.status().as_u16(), response.headers())
+                        self.outcome(Provider::Github, response.status(), response.headers())
                             .await
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e.to_string().lines().next().unwrap_or(""), "GitHub status request failed");
+                        tracing::warn!(error = %Error::GitHub(e), "GitHub status request failed");
                         Sent::Later
                     }
                 }
             }
-            "gitlab" => {
+            Provider::Gitlab => {
                 let Some(token) = &self.gitlab_token else {
-                    return Sent::Dropped("no GitLab token configured".into());
+                    return Sent::Dropped(crate::forge::NO_GITLAB_TOKEN);
                 };
-                if !self.allow("gitlab").await {
+                if !self.allow(Provider::Gitlab).await {
                     return Sent::Later;
                 }
                 let state = match w.state {
@@ -372,22 +376,27 @@ impl Sender {
                     .await;
                 match sent {
                     Ok(response) => {
-                        self.outcome("gitlab", response.status().as_u16(), response.headers())
+                        self.outcome(Provider::Gitlab, response.status(), response.headers())
                             .await
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e.without_url(), "GitLab status request failed");
+                        tracing::warn!(error = %Error::GitLab(e.without_url()), "GitLab status request failed");
                         Sent::Later
                     }
                 }
             }
-            other => Sent::Dropped(format!("no commit statuses for {other}")),
+            other => Sent::Dropped(Error::NoStatuses(other)),
         }
     }
 
-    async fn outcome(&self, forge: &'static str, status: u16, headers: &http::HeaderMap) -> Sent {
+    async fn outcome(
+        &self,
+        forge: Provider,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+    ) -> Sent {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        match status {
+        match status.as_u16() {
             200..=299 => Sent::Done,
             403 | 429 => {
                 // Retry-After (secondary limits), else the primary limit's reset time.
@@ -404,7 +413,7 @@ impl Sender {
                 self.pause(forge, Duration::from_secs(wait)).await;
                 Sent::Later
             }
-            404 | 422 => Sent::Dropped(format!("{forge} answered {status}")),
+            404 | 422 => Sent::Dropped(Error::ForgeStatus { forge, status }),
             _ => Sent::Later,
         }
     }

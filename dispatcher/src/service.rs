@@ -55,7 +55,7 @@ async fn consumer(
         .js
         .get_stream(stream)
         .await
-        .map_err(|e| Error::Nats(format!("stream {stream}: {e}")))?;
+        .map_err(|e| Error::nats(format!("stream {stream}"), e))?;
     stream
         .get_or_create_consumer(
             name,
@@ -68,7 +68,7 @@ async fn consumer(
             },
         )
         .await
-        .map_err(|e| Error::Nats(format!("consumer {name}: {e}")))
+        .map_err(|e| Error::nats(format!("consumer {name}"), e))
 }
 
 /// Consumes `SLUICE_EVENTS` until `shutdown`, `concurrency` events at a time. On
@@ -90,7 +90,7 @@ pub async fn consume_events(
         .max_messages_per_batch(concurrency)
         .messages()
         .await
-        .map_err(|e| Error::Nats(format!("pull events: {e}")))?;
+        .map_err(|e| Error::nats("pull events", e))?;
     messages
         .take_until(shutdown.cancelled_owned())
         .for_each_concurrent(concurrency, |message| {
@@ -156,8 +156,7 @@ async fn ack(message: &Message, kind: AckKind) {
 /// Reads an envelope, taking what a hand-written event leaves out from its subject
 /// (`sluice.events.<provider>.<kind>`) and stream sequence.
 pub fn read_event(subject: &str, sequence: u64, payload: &[u8]) -> Result<Event> {
-    let mut event: Event =
-        serde_json::from_slice(payload).map_err(|e| Error::Malformed(e.to_string()))?;
+    let mut event: Event = serde_json::from_slice(payload).map_err(Error::Malformed)?;
     let mut parts = subject.split('.').skip(2);
     let provider = parts.next().unwrap_or("manual");
     let kind = parts.next().unwrap_or("");
@@ -166,7 +165,7 @@ pub fn read_event(subject: &str, sequence: u64, payload: &[u8]) -> Result<Event>
     }
     if event.id.is_empty() {
         if event.provider != Provider::Manual || provider != "manual" {
-            return Err(Error::Malformed("a forge event without an `id`".into()));
+            return Err(Error::MissingEventId);
         }
         event.id = format!("manual:seq-{sequence}");
     }
@@ -189,7 +188,7 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
             }
             Err(why) => {
                 tracing::warn!(event_id = %event.id, reason = %why, "changed files unknown; path filters will fire");
-                files_note = Some(why);
+                files_note = Some(why.to_string());
             }
         }
     }
@@ -323,7 +322,7 @@ pub async fn consume_statuses(ctx: Arc<Context>, shutdown: CancellationToken) ->
     let messages = consumer
         .messages()
         .await
-        .map_err(|e| Error::Nats(format!("pull statuses: {e}")))?;
+        .map_err(|e| Error::nats("pull statuses", e))?;
     messages
         .take_until(shutdown.cancelled_owned())
         .for_each_concurrent(16, |message| {
@@ -384,7 +383,7 @@ pub async fn consume_children(ctx: Arc<Context>, shutdown: CancellationToken) ->
     let messages = consumer
         .messages()
         .await
-        .map_err(|e| Error::Nats(format!("pull child requests: {e}")))?;
+        .map_err(|e| Error::nats("pull child requests", e))?;
     messages
         .take_until(shutdown.cancelled_owned())
         .for_each_concurrent(16, |message| {
@@ -394,11 +393,11 @@ pub async fn consume_children(ctx: Arc<Context>, shutdown: CancellationToken) ->
                 let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
                 match child_request(&ctx, &message.subject, &message.payload).await {
                     Ok(()) => ack(&message, AckKind::Ack).await,
-                    Err(ChildError::Retry(why)) if delivered < ctx.max_attempts => {
+                    Err(why) if why.is_retryable() && delivered < ctx.max_attempts => {
                         tracing::info!(reason = %why, attempt = delivered, "child request not ready yet, will retry");
                         ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
                     }
-                    Err(ChildError::Retry(why) | ChildError::Refused(why)) => {
+                    Err(why) => {
                         tracing::warn!(subject = %message.subject, reason = %why, "child request refused");
                         refuse(&ctx, &message.subject, &message.payload, &why).await;
                         ack(&message, AckKind::Term).await;
@@ -410,77 +409,51 @@ pub async fn consume_children(ctx: Arc<Context>, shutdown: CancellationToken) ->
     Ok(())
 }
 
-/// Why a child request was not carried out.
-#[derive(Debug)]
-enum ChildError {
-    /// What it needs is not stored yet (the parent's decision is written after its
-    /// run request, so a fast runner can ask first).
-    Retry(String),
-    /// It claims what the records do not show.
-    Refused(String),
-}
-
-impl From<Error> for ChildError {
-    fn from(e: Error) -> Self {
-        ChildError::Retry(e.to_string())
-    }
-}
-
 /// Starts or cancels the child a runner asks for, after checking that the parent run
 /// exists, runs on the cluster whose subject the request came on, and belongs to a
 /// pipeline that declares that child step: a runner can reach only the children its
-/// own runs declare, whatever it writes in the request.
-async fn child_request(ctx: &Context, subject: &str, payload: &[u8]) -> Result<(), ChildError> {
-    let cluster = subjects::cluster_of(subject)
-        .ok_or_else(|| ChildError::Refused(format!("`{subject}` names no cluster")))?;
-    let req: ChildRequest = serde_json::from_slice(payload)
-        .map_err(|e| ChildError::Refused(format!("not a child request: {e}")))?;
+/// own runs declare, whatever it writes in the request. A retryable error means what
+/// it needs is not stored yet; any other, that it claims what the records do not show.
+async fn child_request(ctx: &Context, subject: &str, payload: &[u8]) -> Result<()> {
+    let cluster =
+        subjects::cluster_of(subject).ok_or_else(|| Error::ChildSubject(subject.to_owned()))?;
+    let req: ChildRequest = serde_json::from_slice(payload).map_err(Error::ChildRequestFormat)?;
     if subjects::child_request(cluster, &req.parent_run) != subject {
-        return Err(ChildError::Refused(format!(
-            "a request for run {} on another run's subject",
-            req.parent_run
-        )));
+        return Err(Error::ChildOtherSubject(req.parent_run));
     }
     let decision = crate::decisions::get(&ctx.bus.js, &req.parent_event)
         .await?
-        .ok_or_else(|| {
-            ChildError::Retry(format!("no decision for event {} yet", req.parent_event))
-        })?;
+        .ok_or_else(|| Error::NoDecisionYet(req.parent_event.clone()))?;
     let parent = decision
         .runs
         .iter()
         .find(|r| r.run_id == req.parent_run)
-        .ok_or_else(|| {
-            ChildError::Refused(format!(
-                "event {} started no run {}",
-                req.parent_event, req.parent_run
-            ))
+        .ok_or_else(|| Error::NoSuchRun {
+            event: req.parent_event.clone(),
+            run: req.parent_run.clone(),
         })?;
     if parent.cluster != cluster {
-        return Err(ChildError::Refused(format!(
-            "run {} runs on cluster {}, not {cluster}",
-            req.parent_run, parent.cluster
-        )));
+        return Err(Error::OtherCluster {
+            run: req.parent_run,
+            cluster: parent.cluster.clone(),
+            asked: cluster.to_owned(),
+        });
     }
     let index = ctx.registry.current();
-    let pipeline = index.get(&parent.pipeline).ok_or_else(|| {
-        ChildError::Refused(format!("pipeline {} no longer exists", parent.pipeline))
-    })?;
+    let pipeline = index
+        .get(&parent.pipeline)
+        .ok_or_else(|| Error::PipelineGone(parent.pipeline.clone()))?;
     let step = pipeline
         .steps
         .iter()
         .find(|s| s.name.as_str() == req.step)
-        .ok_or_else(|| {
-            ChildError::Refused(format!(
-                "pipeline {} has no step {}",
-                parent.pipeline, req.step
-            ))
+        .ok_or_else(|| Error::NoSuchStep {
+            pipeline: parent.pipeline.clone(),
+            step: req.step.clone(),
         })?;
-    let child = step.pipeline.as_ref().ok_or_else(|| {
-        ChildError::Refused(format!(
-            "step {} of pipeline {} starts no child pipeline",
-            req.step, parent.pipeline
-        ))
+    let child = step.pipeline.as_ref().ok_or_else(|| Error::NotAChildStep {
+        pipeline: parent.pipeline.clone(),
+        step: req.step.clone(),
     })?;
     let child_event = sluice_core::run::child_event_id(&req.parent_run, &req.step);
     match req.action {
@@ -521,11 +494,7 @@ async fn child_request(ctx: &Context, subject: &str, payload: &[u8]) -> Result<(
                     });
                     ctx.bus.cancel(&run.cluster, &child_run, &reason).await?;
                 }
-                None => {
-                    return Err(ChildError::Retry(format!(
-                        "child run {child_run} is not planned yet"
-                    )))
-                }
+                None => return Err(Error::ChildNotPlanned(child_run)),
             }
         }
     }
@@ -534,7 +503,7 @@ async fn child_request(ctx: &Context, subject: &str, payload: &[u8]) -> Result<(
 
 /// Tells the parent's runner that its child request was refused, so its step ends with
 /// the reason instead of waiting.
-async fn refuse(ctx: &Context, subject: &str, payload: &[u8], why: &str) {
+async fn refuse(ctx: &Context, subject: &str, payload: &[u8], why: &Error) {
     let (Some(cluster), Ok(req)) = (
         subjects::cluster_of(subject),
         serde_json::from_slice::<ChildRequest>(payload),
@@ -557,5 +526,32 @@ async fn refuse(ctx: &Context, subject: &str, payload: &[u8], why: &str) {
     };
     if let Err(e) = ctx.bus.child_result(cluster, &result).await {
         tracing::warn!(error = %e, "cannot tell the parent its child request was refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_events_are_permanent_errors_with_their_cause() {
+        let e = read_event("sluice.events.github.push", 7, b"{not json").expect_err("refused");
+        assert!(matches!(e, Error::Malformed(_)));
+        assert!(!e.is_retryable());
+        assert_eq!(e.metric_label(), "malformed");
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the JSON error is kept"
+        );
+
+        let e = read_event("sluice.events.github.push", 7, br#"{"provider": "github"}"#)
+            .expect_err("a forge event needs its id");
+        assert!(matches!(e, Error::MissingEventId));
+        assert!(!e.is_retryable());
+
+        let manual = read_event("sluice.events.manual.push", 7, br#"{"provider": "manual"}"#)
+            .expect("a manual event may leave its id out");
+        assert_eq!(manual.id, "manual:seq-7");
+        assert_eq!(manual.kind, "push");
     }
 }

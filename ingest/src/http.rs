@@ -32,7 +32,7 @@ use tracing::Instrument;
 
 use crate::metrics::{Metrics, ProviderLabel, VerifyFailure};
 use crate::normalize::Malformed;
-use crate::publish::{PublishError, Publisher};
+use crate::publish::Publisher;
 use crate::secrets::Secrets;
 use crate::verify::Failure;
 
@@ -348,18 +348,11 @@ async fn store(state: &AppState, event: Event, raw: &[u8]) -> Result<Response, R
                 .into_response())
         }
         Err(e) => {
-            tracing::warn!(event_id = %id, error = %e, "event not stored, answering 503");
-            let outcome = match e {
-                PublishError::Timeout(_) => "timeout",
-                _ => "unavailable",
-            };
+            let status = e.status();
+            tracing::warn!(event_id = %id, error = %e, retryable = e.is_retryable(), status = status.as_u16(), "event not stored");
             Err(Reject {
-                retry_after: Some(state.limits.retry_after),
-                ..Reject::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    outcome,
-                    "the event could not be stored; retry later",
-                )
+                retry_after: e.is_retryable().then_some(state.limits.retry_after),
+                ..Reject::new(status, e.metric_label(), e.message())
             })
         }
     }

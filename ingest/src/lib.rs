@@ -24,7 +24,7 @@ use sluice_core::streams::{self, StreamSettings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use error::{Error, Result};
+pub use error::{Error, PublishError, Result};
 pub use secrets::{SecretSources, Secrets};
 
 /// Default `--header-timeout`: the forges send a request's headers at once, so a
@@ -84,15 +84,20 @@ impl IngestConfig {
 
     /// Refuses limits that would make ingest refuse or close every connection.
     fn check(&self) -> Result<()> {
-        let invalid = |m: &str| Err(Error::Config(m.to_owned()));
+        let invalid = |setting, requirement| {
+            Err(Error::InvalidSetting {
+                setting,
+                requirement,
+            })
+        };
         if self.header_timeout.is_zero() {
-            return invalid("the header timeout must be longer than zero");
+            return invalid("the header timeout", "must be longer than zero");
         }
         if self.idle_timeout.is_zero() {
-            return invalid("the idle timeout must be longer than zero");
+            return invalid("the idle timeout", "must be longer than zero");
         }
         if self.max_connections == 0 || self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
-            return invalid("max connections must be at least 1");
+            return invalid("max connections", "must be at least 1");
         }
         Ok(())
     }

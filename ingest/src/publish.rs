@@ -9,23 +9,12 @@ use sluice_core::streams;
 use sluice_core::{subjects, Event, PayloadRef};
 use tokio::sync::OnceCell;
 
+pub use crate::error::PublishError;
+
 /// Room left for the message's headers and protocol line inside NATS's payload limit.
 const HEADER_ROOM: usize = 4 * 1024;
 /// NATS's default `max_payload`, used while the server's own is not yet known.
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
-
-/// Why an event was not stored. Either way the forge is told 503 and redelivers.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("NATS is not connected")]
-    Disconnected,
-    #[error("JetStream did not acknowledge within {0:?}")]
-    Timeout(Duration),
-    #[error("JetStream refused the event: {0}")]
-    Refused(String),
-    #[error("cannot encode the event: {0}")]
-    Encode(String),
-}
 
 /// What JetStream said about a stored event.
 #[derive(Debug, Clone, Copy)]
@@ -93,11 +82,11 @@ impl Publisher {
     async fn store(&self, event: &mut Event, raw: &[u8]) -> Result<Stored, PublishError> {
         let mut body = event
             .to_json_with_payload(raw)
-            .map_err(|e| PublishError::Encode(e.to_string()))?;
+            .map_err(PublishError::Encode)?;
         let by_reference = body.len() + HEADER_ROOM > self.max_payload();
         if by_reference {
             event.payload_ref = Some(self.put_payload(&event.id, raw).await?);
-            body = serde_json::to_vec(&event).map_err(|e| PublishError::Encode(e.to_string()))?;
+            body = serde_json::to_vec(&event).map_err(PublishError::Encode)?;
         }
         let ack = self
             .js
@@ -108,9 +97,9 @@ impl Publisher {
                     .message_id(&event.id),
             )
             .await
-            .map_err(|e| PublishError::Refused(e.to_string()))?
+            .map_err(PublishError::from_publish)?
             .await
-            .map_err(|e| PublishError::Refused(e.to_string()))?;
+            .map_err(PublishError::from_publish)?;
         Ok(Stored {
             duplicate: ack.duplicate,
             by_reference,
@@ -131,12 +120,12 @@ impl Publisher {
             .payloads
             .get_or_try_init(|| streams::payloads(&self.js))
             .await
-            .map_err(|e| PublishError::Refused(e.to_string()))?;
+            .map_err(PublishError::PayloadStore)?;
         let mut reader = raw;
         store
             .put(event_id, &mut reader)
             .await
-            .map_err(|e| PublishError::Refused(format!("object store: {e}")))?;
+            .map_err(PublishError::Payload)?;
         Ok(PayloadRef {
             bucket: subjects::PAYLOADS_BUCKET.into(),
             key: event_id.to_owned(),
