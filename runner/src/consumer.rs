@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::message::{Acker, Message};
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+use async_nats::jetstream::{self, AckKind, ErrorCode};
 use futures::StreamExt;
 use sluice_core::run::{CancelRequest, Heartbeat, RunRequest, RunState};
 use sluice_core::{bus, streams, subjects};
@@ -301,8 +302,7 @@ async fn join(
             }
             Ok(consumer)
         }
-        // JetStream's "consumer not found" (10014) or "stream not found" (10059).
-        Err(e) if e.to_string().contains("not found") => {
+        Err(e) if missing(&e) => {
             let differences = streams::prepare(js, &config.streams, RUNNER_NEEDS).await?;
             streams::report("runner", &differences);
             let stream = js
@@ -323,6 +323,17 @@ async fn join(
             format!("consumer {name}"),
             e,
         ))),
+    }
+}
+
+/// JetStream's "consumer not found" or "stream not found".
+fn missing(e: &ConsumerError) -> bool {
+    match e.kind() {
+        ConsumerErrorKind::JetStream(e) => {
+            let code = e.error_code();
+            code == ErrorCode::CONSUMER_NOT_FOUND || code == ErrorCode::STREAM_NOT_FOUND
+        }
+        _ => false,
     }
 }
 
@@ -425,5 +436,29 @@ async fn heartbeat(js: jetstream::Context, config: RunnerConfig, shutdown: Cance
         if let Err(e) = kv.put(&key, body.into()).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jetstream_error(code: u64, description: &str) -> ConsumerError {
+        let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 404,
+            "err_code": code,
+            "description": description,
+        }))
+        .expect("a JetStream API error");
+        error.into()
+    }
+
+    #[test]
+    fn only_a_missing_consumer_or_stream_is_created() {
+        assert!(missing(&jetstream_error(10014, "consumer not found")));
+        assert!(missing(&jetstream_error(10059, "stream not found")));
+        // Said "not found" in its words, but not JetStream's code for a missing one.
+        assert!(!missing(&jetstream_error(10076, "not found: account")));
+        assert!(!missing(&ConsumerError::new(ConsumerErrorKind::TimedOut)));
     }
 }

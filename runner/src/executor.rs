@@ -11,6 +11,8 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Reporter;
+use crate::wait::sleep_until;
+use crate::Error;
 
 /// How a run ended, with a message for its final status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +53,9 @@ enum ChildEnd {
     Finished(ChildResult),
     Cancelled,
     TimedOut,
-    Failed(String),
+    /// The control stream ended before the result came.
+    ResultsEnded,
+    Failed(Error),
 }
 
 /// Asks the dispatcher to start the child pipeline of `step` and waits for the final
@@ -85,12 +89,22 @@ pub async fn child_step(
             subjects::child_result(&req.cluster, &req.run_id),
             DeliverPolicy::All,
         )
-        .await
-        .map_err(|e| ChildEnd::Failed(format!("cannot follow the child's result: {e}")))?;
-        let mut results = Box::pin(results);
-        ask(js, req, &step.name, ChildAction::Start, None)
-            .await
-            .map_err(|e| ChildEnd::Failed(format!("cannot ask for the child run: {e}")))?;
+        .await;
+        let mut results = match results {
+            Ok(r) => Box::pin(r),
+            Err(source) => {
+                return ChildEnd::Failed(Error::Bus {
+                    doing: "follow the child's result",
+                    source,
+                })
+            }
+        };
+        if let Err(source) = ask(js, req, &step.name, ChildAction::Start, None).await {
+            return ChildEnd::Failed(Error::Bus {
+                doing: "ask for the child run",
+                source,
+            });
+        }
         log.line(
             "sluice",
             format!("asked for pipeline {child} as run {child_run}"),
@@ -103,19 +117,15 @@ pub async fn child_step(
             while let Some(message) = results.next().await {
                 let Ok(message) = message else { continue };
                 match serde_json::from_slice::<ChildResult>(&message.payload) {
-                    Ok(result) if result.step == step.name => return Ok(result),
+                    Ok(result) if result.step == step.name => return ChildEnd::Finished(result),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "unreadable child result"),
                 }
             }
-            Err("the control stream ended")
+            ChildEnd::ResultsEnded
         };
         let why = tokio::select! {
-            result = waited => {
-                return result
-                    .map(ChildEnd::Finished)
-                    .map_err(|e| ChildEnd::Failed(e.to_owned()));
-            }
+            end = waited => return end,
             () = cancel.cancelled() => ChildEnd::Cancelled,
             () = sleep_until(deadline) => ChildEnd::TimedOut,
         };
@@ -127,12 +137,9 @@ pub async fn child_step(
         if let Err(e) = ask(js, req, &step.name, ChildAction::Cancel, Some(reason)).await {
             tracing::warn!(run_id = %req.run_id, error = %e, "cannot ask for the child's cancel");
         }
-        Err(why)
+        why
     }
     .await;
-    let end = match end {
-        Ok(done) | Err(done) => done,
-    };
     let (state, message) = match end {
         ChildEnd::Finished(r) if r.state == RunState::Succeeded => {
             let on = r.cluster.as_deref().unwrap_or("?");
@@ -157,7 +164,11 @@ pub async fn child_step(
         ),
         ChildEnd::Cancelled => (RunState::Cancelled, Some("cancelled".to_owned())),
         ChildEnd::TimedOut => (RunState::Failed, Some("timed out".to_owned())),
-        ChildEnd::Failed(why) => (RunState::Failed, Some(why)),
+        ChildEnd::ResultsEnded => (
+            RunState::Failed,
+            Some("the control stream ended".to_owned()),
+        ),
+        ChildEnd::Failed(why) => (RunState::Failed, Some(why.to_string())),
     };
     if let Some(m) = &message {
         log.line("sluice", m.clone()).await;
@@ -196,12 +207,4 @@ async fn ask(
     )
     .await?;
     Ok(())
-}
-
-/// Sleeps until `deadline`; forever without one.
-pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }

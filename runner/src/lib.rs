@@ -14,6 +14,7 @@ pub mod kubernetes;
 pub mod lines;
 pub mod local;
 pub mod report;
+mod wait;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -107,6 +108,9 @@ fn default_runner_id() -> String {
 
 /// Runs until `shutdown`: stops pulling, cancels nothing, waits for the runs in hand.
 pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()> {
-    sluice_core::pipeline::Name::parse(&config.cluster).map_err(Error::Config)?;
+    sluice_core::pipeline::Name::parse(&config.cluster).map_err(|problem| Error::Config {
+        setting: "cluster",
+        problem,
+    })?;
     consumer::run(config, shutdown).await
 }

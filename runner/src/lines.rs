@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 pub const MAX_LINE: usize = 64 * 1024;
 
 /// Reads lines of at most [`MAX_LINE`] bytes.
+#[derive(Debug)]
 pub struct Lines<R> {
     reader: R,
     line: Vec<u8>,

@@ -11,8 +11,9 @@ use tokio::io::{AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::sleep_until;
 use crate::report::{Reporter, StepLog};
+use crate::wait::sleep_until;
+use crate::{Error, Result};
 
 /// Runs steps as host processes.
 #[derive(Debug, Clone)]
@@ -281,7 +282,7 @@ async fn forward(
 }
 
 /// Clones the repository and checks out the event's commit (or ref).
-async fn clone(url: &str, req: &RunRequest, workspace: &Path, log: &StepLog) -> Result<(), String> {
+async fn clone(url: &str, req: &RunRequest, workspace: &Path, log: &StepLog) -> Result<()> {
     git(
         &["clone", "--quiet", "--no-checkout", url, "."],
         workspace,
@@ -306,7 +307,7 @@ async fn clone(url: &str, req: &RunRequest, workspace: &Path, log: &StepLog) -> 
     Ok(())
 }
 
-async fn git(args: &[&str], cwd: &Path, log: &StepLog) -> Result<(), String> {
+async fn git(args: &[&str], cwd: &Path, log: &StepLog) -> Result<()> {
     let out = Command::new("git")
         .args(args)
         .current_dir(cwd)
@@ -314,17 +315,19 @@ async fn git(args: &[&str], cwd: &Path, log: &StepLog) -> Result<(), String> {
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("cannot run git: {e}"))?;
+        .map_err(|source| Error::Spawn {
+            program: "git",
+            source,
+        })?;
     for line in String::from_utf8_lossy(&out.stderr).lines() {
         log.line("stderr", line).await;
     }
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "git {} exited with {}",
-            args[0],
-            out.status.code().unwrap_or(-1)
-        ))
+        Err(Error::Git {
+            command: args[0].to_owned(),
+            code: out.status.code().unwrap_or(-1),
+        })
     }
 }

@@ -168,7 +168,7 @@ async fn ship(mut writer: LogWriter, mut rx: mpsc::Receiver<LogLine>) {
     loop {
         let next = tokio::select! {
             next = rx.recv() => next,
-            () = crate::executor::sleep_until(writer.due()) => {
+            () = crate::wait::sleep_until(writer.due()) => {
                 writer.flush().await;
                 continue;
             }

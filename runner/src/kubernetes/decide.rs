@@ -35,7 +35,7 @@ pub(super) struct Now {
 }
 
 impl Now {
-    pub fn now() -> Self {
+    pub fn current() -> Self {
         Now {
             instant: Instant::now(),
             wall: OffsetDateTime::now_utc(),

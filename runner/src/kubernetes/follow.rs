@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use super::logs::LogClients;
 use super::status;
 use super::watch::PodView;
-use crate::executor::sleep_until;
 use crate::report::Reporter;
+use crate::wait::sleep_until;
 
 /// One container's log to follow.
 pub(super) struct LogFollow {

@@ -164,7 +164,10 @@ impl LogClients {
     /// A kube client with a connection of its own, HTTP/2 when the server offers it.
     fn client(&self) -> Result<kube::Client> {
         let config = &self.config;
-        let fail = |e: kube::Error| Error::Config(format!("Kubernetes client for logs: {e}"));
+        let fail = |source| Error::KubeClient {
+            purpose: "Kubernetes client for logs",
+            source,
+        };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(config.connect_timeout);
@@ -175,8 +178,12 @@ impl LogClients {
             .with_tls_config(tls)
             .https_or_http();
         if let Some(name) = &config.tls_server_name {
-            let name = rustls::pki_types::ServerName::try_from(name.clone())
-                .map_err(|e| Error::Config(format!("tls-server-name {name}: {e}")))?;
+            let name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|source| {
+                Error::TlsServerName {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
             builder =
                 builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
         }

@@ -26,8 +26,9 @@ use sluice_core::run::{RunRequest, RunState, RunStep};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{child_step, sleep_until, Outcome, Segment};
+use crate::executor::{child_step, Outcome, Segment};
 use crate::report::Reporter;
+use crate::wait::sleep_until;
 use crate::{Error, Result};
 use decide::{Decision, Effect, Next, Now, PodRun, Seen};
 use follow::{follow_log, LogFollow};
@@ -133,7 +134,10 @@ impl KubeExecutor {
             settings.log_streams_per_connection,
         )?;
         let client = kube::client::ClientBuilder::try_from(config)
-            .map_err(|e| Error::Config(format!("Kubernetes client: {e}")))?
+            .map_err(|source| Error::KubeClient {
+                purpose: "Kubernetes client",
+                source,
+            })?
             .with_layer(&throttle)
             .build();
         Ok(KubeExecutor {
@@ -328,7 +332,7 @@ impl KubeExecutor {
                 handed_off: self.handoff.is_cancelled(),
                 watch_stopped,
             };
-            let Decision { effects, next } = run.decide(seen, Now::now());
+            let Decision { effects, next } = run.decide(seen, Now::current());
             drop(view);
             for effect in effects {
                 act.perform(effect, &run, &sub).await;

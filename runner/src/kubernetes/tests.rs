@@ -151,7 +151,7 @@ fn pod_with(status: PodStatus) -> PodState {
 
 #[test]
 fn why_a_pod_waits_names_the_image_pull_or_the_scheduler() {
-    let names = vec!["sluice-clone".to_owned(), "build".to_owned()];
+    let names = ["sluice-clone", "build"];
     let pulling = pod_with(PodStatus {
         init_container_statuses: Some(vec![ContainerStatus {
             name: "sluice-clone".into(),
@@ -166,7 +166,7 @@ fn why_a_pod_waits_names_the_image_pull_or_the_scheduler() {
         }]),
         ..Default::default()
     });
-    let states = container_states(&pulling, names.iter().map(String::as_str));
+    let states = container_states(&pulling, names);
     assert_eq!(
         waiting_reason(&pulling, &states).as_deref(),
         Some("ImagePullBackOff: Back-off pulling image \"nope:1\"")
@@ -183,7 +183,7 @@ fn why_a_pod_waits_names_the_image_pull_or_the_scheduler() {
         }]),
         ..Default::default()
     });
-    let states = container_states(&unschedulable, names.iter().map(String::as_str));
+    let states = container_states(&unschedulable, names);
     assert_eq!(
         waiting_reason(&unschedulable, &states).as_deref(),
         Some("Unschedulable: 0/3 nodes are available")
