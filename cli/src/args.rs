@@ -146,16 +146,16 @@ pub enum Output {
 #[derive(Debug, Args)]
 pub struct DispatcherArgs {
     /// Cluster for pipelines whose runtime names none.
-    #[arg(long, env = "SLUICE_DEFAULT_CLUSTER", default_value = "default")]
+    #[arg(long, env = "SLUICE_DEFAULT_CLUSTER", default_value = sluice_dispatcher::plan::DEFAULT_CLUSTER)]
     pub default_cluster: String,
     /// Events processed at once.
-    #[arg(long, env = "SLUICE_DISPATCHER_CONCURRENCY", default_value_t = 256)]
+    #[arg(long, env = "SLUICE_DISPATCHER_CONCURRENCY", default_value_t = sluice_dispatcher::CONCURRENCY, value_parser = at_least_one)]
     pub concurrency: usize,
     /// Deliveries of an event before it is moved to the dead-letter subject.
-    #[arg(long, env = "SLUICE_DISPATCHER_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(long, env = "SLUICE_DISPATCHER_MAX_ATTEMPTS", default_value_t = sluice_dispatcher::MAX_ATTEMPTS, value_parser = at_least_one_of::<i64>)]
     pub max_attempts: i64,
     /// Replicas of each stream: 1 for one NATS server, 3 for a cluster.
-    #[arg(long, env = "SLUICE_STREAM_REPLICAS", default_value_t = 1)]
+    #[arg(long, env = "SLUICE_STREAM_REPLICAS", default_value_t = StreamSettings::default().replicas, value_parser = replicas)]
     pub stream_replicas: usize,
     /// GitHub token to read pull requests' changed files. Prefer the variable.
     #[arg(long, env = "SLUICE_GITHUB_TOKEN", hide_env_values = true, value_parser = secret)]
@@ -168,34 +168,22 @@ pub struct DispatcherArgs {
     #[arg(long, env = "SLUICE_GITHUB_APP_KEY_FILE", requires = "github_app_id")]
     pub github_app_key_file: Option<PathBuf>,
     /// GitHub API base URL (GitHub Enterprise: https://HOST/api/v3).
-    #[arg(
-        long,
-        env = "SLUICE_GITHUB_API_URL",
-        default_value = "https://api.github.com"
-    )]
+    #[arg(long, env = "SLUICE_GITHUB_API_URL", default_value = sluice_dispatcher::forge::GITHUB_API_URL)]
     pub github_api_url: String,
     /// GitLab token (read_api) to read merge requests' changed files. Prefer the variable.
     #[arg(long, env = "SLUICE_GITLAB_TOKEN", hide_env_values = true, value_parser = secret)]
     pub gitlab_token: Option<SecretString>,
     /// GitLab API base URL.
-    #[arg(
-        long,
-        env = "SLUICE_GITLAB_API_URL",
-        default_value = "https://gitlab.com/api/v4"
-    )]
+    #[arg(long, env = "SLUICE_GITLAB_API_URL", default_value = sluice_dispatcher::forge::GITLAB_API_URL)]
     pub gitlab_api_url: String,
     /// Send run states back to the forges as commit statuses (needs the tokens above).
     #[arg(long, env = "SLUICE_REPORT_STATUSES")]
     pub report_statuses: bool,
     /// Commit statuses link to `<URL>/runs/<run id>`.
-    #[arg(
-        long,
-        env = "SLUICE_STATUS_LINK_BASE_URL",
-        default_value = "http://localhost:8080"
-    )]
+    #[arg(long, env = "SLUICE_STATUS_LINK_BASE_URL", default_value = sluice_dispatcher::reporter::LINK_BASE_URL)]
     pub status_link_base_url: String,
     /// Commit status requests per hour and forge token (GitHub allows 5,000).
-    #[arg(long, env = "SLUICE_FORGE_REQUESTS_PER_HOUR", default_value_t = 5000)]
+    #[arg(long, env = "SLUICE_FORGE_REQUESTS_PER_HOUR", default_value_t = sluice_dispatcher::reporter::REQUESTS_PER_HOUR, value_parser = at_least_one_of::<u32>)]
     pub forge_requests_per_hour: u32,
 }
 
@@ -501,7 +489,7 @@ fn secret(s: &str) -> Result<SecretString, String> {
 #[derive(Debug, Args)]
 pub struct IngestArgs {
     /// Address to listen on for webhooks, health and metrics.
-    #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value_t = sluice_ingest::LISTEN)]
     pub listen: SocketAddr,
     /// GitHub webhook secret(s), comma-separated to rotate. Prefer the variable.
     #[arg(long, env = "SLUICE_GITHUB_WEBHOOK_SECRET", hide_env_values = true, value_parser = secret)]
@@ -521,29 +509,29 @@ pub struct IngestArgs {
     #[arg(long, env = "SLUICE_ALLOW_SHA1_SIGNATURES")]
     pub allow_sha1: bool,
     /// Largest webhook body accepted, in bytes (the forges send at most 25 MiB).
-    #[arg(long, env = "SLUICE_INGEST_MAX_BODY_BYTES", default_value_t = 25 * 1024 * 1024)]
+    #[arg(long, env = "SLUICE_INGEST_MAX_BODY_BYTES", default_value_t = sluice_ingest::MAX_BODY_BYTES, value_parser = at_least_one)]
     pub max_body_bytes: usize,
     /// Time JetStream has to acknowledge an event before the forge is answered 503.
-    #[arg(long, env = "SLUICE_INGEST_PUBLISH_TIMEOUT", default_value = "4s", value_parser = duration)]
-    pub publish_timeout: Duration,
+    #[arg(long, env = "SLUICE_INGEST_PUBLISH_TIMEOUT", default_value_t = HumanDuration(sluice_ingest::PUBLISH_TIMEOUT), value_parser = positive_duration)]
+    pub publish_timeout: HumanDuration,
     /// Time a client has to send its body.
-    #[arg(long, env = "SLUICE_INGEST_READ_TIMEOUT", default_value = "5s", value_parser = duration)]
-    pub read_timeout: Duration,
+    #[arg(long, env = "SLUICE_INGEST_READ_TIMEOUT", default_value_t = HumanDuration(sluice_ingest::READ_TIMEOUT), value_parser = positive_duration)]
+    pub read_timeout: HumanDuration,
     /// Accepted clock difference for Standard Webhooks timestamps, either way.
-    #[arg(long, env = "SLUICE_SIGNATURE_TOLERANCE", default_value = "5m", value_parser = duration)]
-    pub signature_tolerance: Duration,
+    #[arg(long, env = "SLUICE_SIGNATURE_TOLERANCE", default_value_t = HumanDuration(sluice_ingest::SIGNATURE_TOLERANCE), value_parser = positive_duration)]
+    pub signature_tolerance: HumanDuration,
     /// How long a delivery id is recognised as a duplicate (GitHub redelivers for 3 days).
-    #[arg(long, env = "SLUICE_DEDUP_WINDOW", default_value = "72h", value_parser = duration)]
-    pub dedup_window: Duration,
+    #[arg(long, env = "SLUICE_DEDUP_WINDOW", default_value_t = HumanDuration(StreamSettings::default().dedup_window), value_parser = human_duration)]
+    pub dedup_window: HumanDuration,
     /// How long events are kept in SLUICE_EVENTS (at least the dedup window).
-    #[arg(long, env = "SLUICE_EVENTS_MAX_AGE", default_value = "7d", value_parser = duration)]
-    pub events_max_age: Duration,
+    #[arg(long, env = "SLUICE_EVENTS_MAX_AGE", default_value_t = HumanDuration(StreamSettings::default().events_max_age), value_parser = human_duration)]
+    pub events_max_age: HumanDuration,
     /// Replicas of each stream: 1 for one NATS server, 3 for a cluster.
-    #[arg(long, env = "SLUICE_STREAM_REPLICAS", default_value_t = 1)]
+    #[arg(long, env = "SLUICE_STREAM_REPLICAS", default_value_t = StreamSettings::default().replicas, value_parser = replicas)]
     pub stream_replicas: usize,
     /// Time in-flight requests get to finish after SIGTERM.
-    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "15s", value_parser = duration)]
-    pub shutdown_grace: Duration,
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value_t = HumanDuration(sluice_ingest::SHUTDOWN_GRACE), value_parser = human_duration)]
+    pub shutdown_grace: HumanDuration,
     /// Time a client has to send a request's headers (from connecting, or from the
     /// first byte of a later request on a kept-alive connection).
     #[arg(long, env = "SLUICE_INGEST_HEADER_TIMEOUT", default_value_t = HumanDuration(sluice_ingest::HEADER_TIMEOUT), value_parser = positive_duration)]
@@ -563,9 +551,18 @@ fn positive_duration(s: &str) -> Result<HumanDuration, String> {
     }
 }
 
+fn human_duration(s: &str) -> Result<HumanDuration, String> {
+    sluice_core::duration::parse(s).map(HumanDuration)
+}
+
 fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
+    at_least_one_of(s)
+}
+
+/// A whole number of at least 1, refused with a message otherwise (never clamped).
+fn at_least_one_of<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
         _ => Err(format!("{s:?}: must be a whole number of at least 1")),
     }
 }

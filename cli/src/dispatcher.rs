@@ -33,8 +33,8 @@ pub async fn run(
             ..StreamSettings::default()
         },
         default_cluster: a.default_cluster,
-        concurrency: a.concurrency.max(1),
-        max_attempts: a.max_attempts.max(1),
+        concurrency: a.concurrency,
+        max_attempts: a.max_attempts,
         forge: ForgeConfig {
             github_app,
             github_token: a.github_token,

@@ -20,16 +20,16 @@ pub async fn run(
     let config = IngestConfig {
         streams: StreamSettings {
             replicas: a.stream_replicas,
-            dedup_window: a.dedup_window,
-            events_max_age: a.events_max_age,
+            dedup_window: a.dedup_window.0,
+            events_max_age: a.events_max_age.0,
             ..StreamSettings::default()
         },
         max_body_bytes: a.max_body_bytes,
-        publish_timeout: a.publish_timeout,
-        read_timeout: a.read_timeout,
-        tolerance: a.signature_tolerance,
+        publish_timeout: a.publish_timeout.0,
+        read_timeout: a.read_timeout.0,
+        tolerance: a.signature_tolerance.0,
         allow_sha1: a.allow_sha1,
-        shutdown_grace: a.shutdown_grace,
+        shutdown_grace: a.shutdown_grace.0,
         header_timeout: a.header_timeout.0,
         idle_timeout: a.idle_timeout.0,
         max_connections: a.max_connections,

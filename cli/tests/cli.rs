@@ -627,3 +627,45 @@ async fn logs_follow_reads_each_stream_with_one_consumer() {
         "{created} consumers for 41 chunks"
     );
 }
+
+#[test]
+fn service_flags_out_of_range_are_refused_with_a_message() {
+    for (args, says) in [
+        (&["dispatcher", "--concurrency", "0"][..], "at least 1"),
+        (&["dispatcher", "--max-attempts", "0"], "at least 1"),
+        (&["dispatcher", "--max-attempts=-3"], "at least 1"),
+        (
+            &["dispatcher", "--forge-requests-per-hour", "0"],
+            "at least 1",
+        ),
+        (
+            &["dispatcher", "--stream-replicas", "0"],
+            "replicas must be 1 to 5",
+        ),
+        (&["ingest", "--max-body-bytes", "0"], "at least 1"),
+        (&["ingest", "--publish-timeout", "0s"], "longer than zero"),
+        (&["ingest", "--read-timeout", "0s"], "longer than zero"),
+        (
+            &["ingest", "--stream-replicas", "7"],
+            "replicas must be 1 to 5",
+        ),
+    ] {
+        let out = sluice("nats://127.0.0.1:1", args);
+        let err = text(&out.stderr);
+        // A usage error before anything starts, naming the flag and what it takes.
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let flag = args[1].split('=').next().unwrap_or_default();
+        assert!(err.contains(flag) && err.contains(says), "{args:?}: {err}");
+    }
+    // The defaults shown are the libraries' own.
+    let help = text(&sluice("nats://127.0.0.1:1", &["dispatcher", "--help"]).stdout);
+    assert!(
+        help.contains(&format!("[default: {}]", sluice_dispatcher::CONCURRENCY)),
+        "{help}"
+    );
+    let help = text(&sluice("nats://127.0.0.1:1", &["ingest", "--help"]).stdout);
+    assert!(
+        help.contains(&format!("[default: {}]", sluice_ingest::MAX_BODY_BYTES)),
+        "{help}"
+    );
+}

@@ -30,6 +30,15 @@ use tokio_util::sync::CancellationToken;
 pub use bus::Bus;
 pub use error::{Error, Result};
 
+/// Default `--concurrency`: events processed at once.
+pub const CONCURRENCY: usize = 256;
+/// Default `--max-attempts`: deliveries of one event before it is dead-lettered.
+pub const MAX_ATTEMPTS: i64 = 5;
+/// Time JetStream has to acknowledge what the dispatcher publishes.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time an event may be in hand before NATS redelivers it.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+
 /// Everything `sluice dispatcher` is configured with.
 #[derive(Debug, Clone)]
 pub struct DispatcherConfig {
@@ -57,18 +66,45 @@ impl DispatcherConfig {
             nats,
             streams: StreamSettings::default(),
             default_cluster: plan::DEFAULT_CLUSTER.into(),
-            concurrency: 256,
-            max_attempts: 5,
-            publish_timeout: Duration::from_secs(5),
-            ack_wait: Duration::from_secs(30),
+            concurrency: CONCURRENCY,
+            max_attempts: MAX_ATTEMPTS,
+            publish_timeout: PUBLISH_TIMEOUT,
+            ack_wait: ACK_WAIT,
             forge: forge::ForgeConfig::default(),
             reporter: None,
         }
+    }
+
+    /// Refuses settings under which the dispatcher would take no event, or give up on
+    /// every one before trying (the command line refuses them before this, with the
+    /// flag's name).
+    pub fn check(&self) -> Result<()> {
+        let invalid = |setting, requirement| {
+            Err(Error::InvalidSetting {
+                setting,
+                requirement,
+            })
+        };
+        if self.concurrency == 0 {
+            return invalid("concurrency", "must be at least 1");
+        }
+        if self.max_attempts < 1 {
+            return invalid("max attempts", "must be at least 1");
+        }
+        if self
+            .reporter
+            .as_ref()
+            .is_some_and(|r| r.requests_per_hour == 0)
+        {
+            return invalid("forge requests per hour", "must be at least 1");
+        }
+        Ok(())
     }
 }
 
 /// Runs the dispatcher until `shutdown`: stops pulling, finishes the events in hand.
 pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Result<()> {
+    config.check()?;
     let changed_files = forge::ChangedFiles::new(config.forge.clone())?;
     let client = sluice_core::nats::connect(&config.nats).await?;
     let bus = Bus::new(client.clone(), config.publish_timeout);
@@ -141,3 +177,35 @@ const NEEDS: streams::Needs = streams::Needs {
     buckets: &subjects::BUCKETS,
     object_stores: &[],
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_would_take_no_event_are_refused() {
+        let config = || DispatcherConfig::new(NatsOptions::new("nats://127.0.0.1:4222", "t"));
+        assert!(config().check().is_ok(), "the defaults are valid");
+        for bad in [
+            DispatcherConfig {
+                concurrency: 0,
+                ..config()
+            },
+            DispatcherConfig {
+                max_attempts: 0,
+                ..config()
+            },
+            DispatcherConfig {
+                reporter: Some(reporter::ReporterConfig {
+                    requests_per_hour: 0,
+                    ..Default::default()
+                }),
+                ..config()
+            },
+        ] {
+            let e = bad.check().expect_err("refused");
+            assert!(matches!(e, Error::InvalidSetting { .. }), "{e}");
+            assert_eq!(e.metric_label(), "config");
+        }
+    }
+}

@@ -39,12 +39,17 @@ pub struct ReporterConfig {
     pub requests_per_hour: u32,
 }
 
+/// Default `--status-link-base-url`.
+pub const LINK_BASE_URL: &str = "http://localhost:8080";
+/// Default `--forge-requests-per-hour`: GitHub's limit per token.
+pub const REQUESTS_PER_HOUR: u32 = 5000;
+
 impl Default for ReporterConfig {
     fn default() -> Self {
         ReporterConfig {
-            link_base_url: "http://localhost:8080".into(),
+            link_base_url: LINK_BASE_URL.into(),
             interval: Duration::from_secs(1),
-            requests_per_hour: 5000,
+            requests_per_hour: REQUESTS_PER_HOUR,
         }
     }
 }
@@ -245,6 +250,12 @@ struct Budget {
 
 impl Sender {
     fn new(forge: ForgeConfig, config: &ReporterConfig) -> Result<Self> {
+        if config.requests_per_hour == 0 {
+            return Err(Error::InvalidSetting {
+                setting: "forge requests per hour",
+                requirement: "must be at least 1",
+            });
+        }
         let github = crate::github::GitHub::new(
             &forge.github_api_url,
             forge.github_token.as_ref(),
@@ -260,7 +271,7 @@ impl Sender {
                 .map_err(Error::HttpClient)?,
             link_base_url: config.link_base_url.trim_end_matches('/').to_owned(),
             budgets: Mutex::new(HashMap::new()),
-            requests_per_hour: config.requests_per_hour.max(1),
+            requests_per_hour: config.requests_per_hour,
         })
     }
 

@@ -27,6 +27,21 @@ use tokio_util::sync::CancellationToken;
 pub use error::{Error, PublishError, Result};
 pub use secrets::{SecretSources, Secrets};
 
+/// Default `--listen`: every interface, port 8080.
+pub const LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    8080,
+));
+/// Default `--max-body-bytes`: the forges' own cap, 25 MiB.
+pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
+/// Default `--publish-timeout`: with the read timeout, well inside the forges' 10 s.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(4);
+/// Default `--read-timeout`: time a client has to send its body.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `--signature-tolerance`: Standard Webhooks' 5 minutes either way.
+pub const SIGNATURE_TOLERANCE: Duration = Duration::from_secs(300);
+/// Default `--shutdown-grace`: time requests in flight get to finish after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 /// Default `--header-timeout`: the forges send a request's headers at once, so a
 /// client still sending them after this is broken or holding a connection on purpose.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,19 +85,20 @@ impl IngestConfig {
             nats,
             secrets,
             streams: StreamSettings::default(),
-            max_body_bytes: 25 * 1024 * 1024,
-            publish_timeout: Duration::from_secs(4),
-            read_timeout: Duration::from_secs(5),
-            tolerance: Duration::from_secs(300),
+            max_body_bytes: MAX_BODY_BYTES,
+            publish_timeout: PUBLISH_TIMEOUT,
+            read_timeout: READ_TIMEOUT,
+            tolerance: SIGNATURE_TOLERANCE,
             allow_sha1: false,
-            shutdown_grace: Duration::from_secs(15),
+            shutdown_grace: SHUTDOWN_GRACE,
             header_timeout: HEADER_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
         }
     }
 
-    /// Refuses limits that would make ingest refuse or close every connection.
+    /// Refuses limits that would make ingest refuse or close every connection (the
+    /// command line refuses them before this, with the flag's name).
     fn check(&self) -> Result<()> {
         let invalid = |setting, requirement| {
             Err(Error::InvalidSetting {
@@ -90,6 +106,18 @@ impl IngestConfig {
                 requirement,
             })
         };
+        if self.max_body_bytes == 0 {
+            return invalid("the largest body", "must be at least 1 byte");
+        }
+        if self.publish_timeout.is_zero() {
+            return invalid("the publish timeout", "must be longer than zero");
+        }
+        if self.read_timeout.is_zero() {
+            return invalid("the read timeout", "must be longer than zero");
+        }
+        if self.tolerance.is_zero() {
+            return invalid("the signature tolerance", "must be longer than zero");
+        }
         if self.header_timeout.is_zero() {
             return invalid("the header timeout", "must be longer than zero");
         }
