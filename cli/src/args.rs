@@ -231,14 +231,10 @@ pub struct RunnerArgs {
     )]
     pub executor: ExecutorKind,
     /// Runs executed at once; no more are pulled while this many run.
-    #[arg(long, env = "SLUICE_MAX_RUNNING", default_value_t = 50)]
+    #[arg(long, env = "SLUICE_MAX_RUNNING", default_value_t = sluice_runner::MAX_RUNNING, value_parser = at_least_one)]
     pub max_running: usize,
     /// Local executor: folder for per-run workspaces.
-    #[arg(
-        long,
-        env = "SLUICE_WORKDIR",
-        default_value = ".sluice-data/workspaces"
-    )]
+    #[arg(long, env = "SLUICE_WORKDIR", default_value = sluice_runner::WORKDIR)]
     pub workdir: PathBuf,
     /// Local executor: keep workspaces after runs, for debugging.
     #[arg(long, env = "SLUICE_KEEP_WORKSPACES")]
@@ -247,9 +243,9 @@ pub struct RunnerArgs {
     #[arg(long, env = "SLUICE_RUNNER_ID")]
     pub runner_id: Option<String>,
     /// How long a run may go without this runner's progress signal before NATS hands
-    /// it to another replica (or to this one restarted), e.g. `30s`.
-    #[arg(long, env = "SLUICE_ACK_WAIT", default_value = "30s", value_parser = duration)]
-    pub ack_wait: Duration,
+    /// it to another replica (or to this one restarted), e.g. `30s`; at least `1s`.
+    #[arg(long, env = "SLUICE_ACK_WAIT", default_value_t = HumanDuration(sluice_runner::ACK_WAIT), value_parser = ack_wait)]
+    pub ack_wait: HumanDuration,
     #[command(flatten)]
     pub kube: KubeArgs,
 }
@@ -262,18 +258,10 @@ pub struct KubeArgs {
     #[arg(long, env = "SLUICE_NAMESPACE")]
     pub namespace: Option<String>,
     /// Image of steps that name none.
-    #[arg(
-        long,
-        env = "SLUICE_DEFAULT_IMAGE",
-        default_value = "docker.io/library/alpine:3.22"
-    )]
+    #[arg(long, env = "SLUICE_DEFAULT_IMAGE", default_value = sluice_runner::kubernetes::DEFAULT_IMAGE)]
     pub default_image: String,
     /// Image of the built-in clone step (needs `sh` and `git`).
-    #[arg(
-        long,
-        env = "SLUICE_CLONE_IMAGE",
-        default_value = "docker.io/alpine/git:2.49.1"
-    )]
+    #[arg(long, env = "SLUICE_CLONE_IMAGE", default_value = sluice_runner::kubernetes::CLONE_IMAGE)]
     pub clone_image: String,
     /// Secret with a `.git-credentials` file for private repositories; only the clone
     /// step mounts it.
@@ -283,43 +271,52 @@ pub struct KubeArgs {
     #[arg(long, env = "SLUICE_POD_SERVICE_ACCOUNT")]
     pub pod_service_account: Option<String>,
     /// User and group id steps run as; 0 lets them run as root.
-    #[arg(long, env = "SLUICE_RUN_AS_USER", default_value_t = 1000)]
+    #[arg(long, env = "SLUICE_RUN_AS_USER", default_value_t = sluice_runner::kubernetes::RUN_AS_USER, value_parser = clap::value_parser!(i64).range(0..))]
     pub run_as_user: i64,
     /// Storage class of cache volumes (default: the cluster's default class).
     #[arg(long, env = "SLUICE_CACHE_STORAGE_CLASS")]
     pub cache_storage_class: Option<String>,
     /// Size of each cache volume.
-    #[arg(long, env = "SLUICE_CACHE_SIZE", default_value = "10Gi")]
+    #[arg(long, env = "SLUICE_CACHE_SIZE", default_value = sluice_runner::kubernetes::CACHE_SIZE)]
     pub cache_size: String,
     /// Access mode of cache volumes: ReadWriteMany lets runs of one branch on
     /// different nodes share a cache at once.
-    #[arg(
-        long,
-        env = "SLUICE_CACHE_ACCESS_MODE",
-        default_value = "ReadWriteOnce"
-    )]
+    #[arg(long, env = "SLUICE_CACHE_ACCESS_MODE", default_value = sluice_runner::kubernetes::CACHE_ACCESS_MODE)]
     pub cache_access_mode: String,
     /// How long a run may wait for its next container to start (a node being added,
     /// an image being pulled) before it fails, e.g. `10m`.
-    #[arg(long, env = "SLUICE_PENDING_TIMEOUT", default_value = "10m", value_parser = duration)]
-    pub pending_timeout: Duration,
+    #[arg(long, env = "SLUICE_PENDING_TIMEOUT", default_value_t = HumanDuration(sluice_runner::kubernetes::PENDING_TIMEOUT), value_parser = positive_duration)]
+    pub pending_timeout: HumanDuration,
     /// How long finished Pods are kept before they are deleted, e.g. `10m`, `0s`.
-    #[arg(long, env = "SLUICE_DELETE_AFTER", default_value = "10m", value_parser = duration)]
-    pub delete_after: Duration,
+    #[arg(long, env = "SLUICE_DELETE_AFTER", default_value_t = HumanDuration(sluice_runner::kubernetes::DELETE_AFTER), value_parser = human_duration)]
+    pub delete_after: HumanDuration,
     /// Kubernetes API requests per second.
-    #[arg(long, env = "SLUICE_KUBE_QPS", default_value_t = 20)]
+    #[arg(long, env = "SLUICE_KUBE_QPS", default_value_t = sluice_runner::kubernetes::QPS, value_parser = clap::value_parser!(u32).range(1..))]
     pub kube_qps: u32,
     /// Kubernetes API requests allowed at once above the rate.
-    #[arg(long, env = "SLUICE_KUBE_BURST", default_value_t = 40)]
+    #[arg(long, env = "SLUICE_KUBE_BURST", default_value_t = sluice_runner::kubernetes::BURST, value_parser = clap::value_parser!(u32).range(1..))]
     pub kube_burst: u32,
     /// Container logs followed over one HTTP/2 connection at most; keep it under the
     /// API server's (or a proxy's) limit of concurrent streams per connection.
     #[arg(
         long,
         env = "SLUICE_KUBE_LOG_STREAMS_PER_CONNECTION",
-        default_value_t = sluice_runner::kubernetes::STREAMS_PER_CONNECTION
+        default_value_t = sluice_runner::kubernetes::STREAMS_PER_CONNECTION,
+        value_parser = at_least_one
     )]
     pub kube_log_streams_per_connection: usize,
+}
+
+/// The runner's ack wait: progress is signalled every third of it, so at least
+/// [`sluice_runner::MIN_ACK_WAIT`].
+fn ack_wait(s: &str) -> Result<HumanDuration, String> {
+    let min = HumanDuration(sluice_runner::MIN_ACK_WAIT);
+    match sluice_core::duration::parse(s)? {
+        d if d < min.0 => Err(format!(
+            "{s:?}: must be at least {min}, or no progress signal fits in it"
+        )),
+        d => Ok(HumanDuration(d)),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -19,8 +19,9 @@ pub async fn run(
         &sluice_core::roles::Role::Runner(a.cluster.clone()),
     ));
     let mut config = RunnerConfig::new(nats, a.cluster, a.workdir.clone());
-    config.max_running = a.max_running.max(1);
-    config.ack_wait = a.ack_wait.max(std::time::Duration::from_secs(1));
+    // clap refused what is out of range; the library checks again.
+    config.max_running = a.max_running;
+    config.ack_wait = a.ack_wait.0;
     config.executor = match a.executor {
         ExecutorKind::Local => {
             tracing::warn!(
@@ -60,11 +61,11 @@ pub async fn kube_executor(a: &KubeArgs) -> anyhow::Result<KubeExecutor> {
         cache_storage_class: a.cache_storage_class.clone(),
         cache_size: a.cache_size.clone(),
         cache_access_mode: a.cache_access_mode.clone(),
-        pending_timeout: a.pending_timeout,
-        delete_after: a.delete_after,
-        qps: a.kube_qps.max(1),
-        burst: a.kube_burst.max(1),
-        log_streams_per_connection: a.kube_log_streams_per_connection.max(1),
+        pending_timeout: a.pending_timeout.0,
+        delete_after: a.delete_after.0,
+        qps: a.kube_qps,
+        burst: a.kube_burst,
+        log_streams_per_connection: a.kube_log_streams_per_connection,
     };
     tracing::info!(
         api = %config.cluster_url,

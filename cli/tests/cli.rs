@@ -669,3 +669,38 @@ fn service_flags_out_of_range_are_refused_with_a_message() {
         "{help}"
     );
 }
+
+#[test]
+fn runner_flags_out_of_range_are_refused_with_a_message() {
+    for (flag, value, says) in [
+        ("--max-running", "0", "at least 1"),
+        ("--ack-wait", "500ms", "must be at least 1s"),
+        ("--kube-qps", "0", "0 is not in 1.."),
+        ("--kube-burst", "0", "0 is not in 1.."),
+        ("--kube-log-streams-per-connection", "0", "at least 1"),
+        ("--pending-timeout", "0s", "longer than zero"),
+        ("--run-as-user", "-1", "-1 is not in 0.."),
+    ] {
+        let arg = format!("{flag}={value}");
+        let out = sluice("nats://127.0.0.1:1", &["runner", "--cluster", "eu-1", &arg]);
+        let err = text(&out.stderr);
+        // A usage error before anything starts, naming the flag and what it takes.
+        assert_eq!(out.status.code(), Some(2), "{arg}: {err}");
+        assert!(err.contains(flag) && err.contains(says), "{arg}: {err}");
+    }
+    // The defaults shown are the runner library's own.
+    let help = text(&sluice("nats://127.0.0.1:1", &["runner", "--help"]).stdout);
+    for default in [
+        sluice_runner::MAX_RUNNING.to_string(),
+        sluice_core::pipeline::HumanDuration(sluice_runner::ACK_WAIT).to_string(),
+        sluice_runner::kubernetes::QPS.to_string(),
+        sluice_runner::kubernetes::DEFAULT_IMAGE.to_owned(),
+        sluice_core::pipeline::HumanDuration(sluice_runner::kubernetes::PENDING_TIMEOUT)
+            .to_string(),
+    ] {
+        assert!(
+            help.contains(&format!("[default: {default}]")),
+            "{default}: {help}"
+        );
+    }
+}

@@ -25,6 +25,18 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::{Error, Result};
 
+// === defaults (the CLI's flags point at these) ===
+
+/// Runs executed at once.
+pub const MAX_RUNNING: usize = 50;
+/// How long a pulled run may go without a progress signal before NATS hands it to
+/// another replica; the consumer's own, once it exists, is the one used.
+pub const ACK_WAIT: Duration = sluice_core::streams::DEFAULT_RUNNER_ACK_WAIT;
+/// The shortest ack wait: progress is signalled every third of it.
+pub const MIN_ACK_WAIT: Duration = Duration::from_secs(1);
+/// Where the local executor makes per-run workspaces.
+pub const WORKDIR: &str = ".sluice-data/workspaces";
+
 /// Everything `sluice runner` is configured with.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -34,10 +46,10 @@ pub struct RunnerConfig {
     pub cluster: String,
     /// This replica's name in heartbeats and logs.
     pub runner_id: String,
-    /// Runs executed at once; no more are pulled while this many run.
+    /// Runs executed at once; no more are pulled while this many run. At least 1.
     pub max_running: usize,
     /// How long a pulled run may go without a progress signal before NATS gives it to
-    /// another replica.
+    /// another replica. At least [`MIN_ACK_WAIT`].
     pub ack_wait: Duration,
     pub executor: Executor,
 }
@@ -81,13 +93,37 @@ impl RunnerConfig {
             streams: StreamSettings::default(),
             cluster: cluster.into(),
             runner_id: default_runner_id(),
-            max_running: 50,
-            ack_wait: Duration::from_secs(30),
+            max_running: MAX_RUNNING,
+            ack_wait: ACK_WAIT,
             executor: Executor::Local(local::LocalExecutor {
                 workdir,
                 keep_workspaces: false,
             }),
         }
+    }
+
+    /// Refuses what the runner cannot work with, naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        sluice_core::pipeline::Name::parse(&self.cluster).map_err(|problem| Error::Config {
+            setting: "cluster",
+            problem,
+        })?;
+        if self.max_running == 0 {
+            return Err(Error::Config {
+                setting: "max_running",
+                problem: "must be at least 1".into(),
+            });
+        }
+        if self.ack_wait < MIN_ACK_WAIT {
+            return Err(Error::Config {
+                setting: "ack_wait",
+                problem: format!(
+                    "{:?} is under {MIN_ACK_WAIT:?}, which leaves no room for progress signals",
+                    self.ack_wait
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -108,9 +144,41 @@ fn default_runner_id() -> String {
 
 /// Runs until `shutdown`: stops pulling, cancels nothing, waits for the runs in hand.
 pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()> {
-    sluice_core::pipeline::Name::parse(&config.cluster).map_err(|problem| Error::Config {
-        setting: "cluster",
-        problem,
-    })?;
+    config.validate()?;
     consumer::run(config, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> RunnerConfig {
+        let nats = NatsOptions::new("nats://127.0.0.1:4222", "test");
+        RunnerConfig::new(nats, "eu-1", PathBuf::from("/tmp/sluice-test"))
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let c = config();
+        assert_eq!((c.max_running, c.ack_wait), (MAX_RUNNING, ACK_WAIT));
+        c.validate().expect("valid");
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused_not_clamped() {
+        let refused = |tweak: fn(&mut RunnerConfig)| {
+            let mut c = config();
+            tweak(&mut c);
+            match c.validate() {
+                Err(Error::Config { setting, problem }) => format!("{setting}: {problem}"),
+                other => panic!("not refused: {other:?}"),
+            }
+        };
+        assert_eq!(
+            refused(|c| c.max_running = 0),
+            "max_running: must be at least 1"
+        );
+        assert!(refused(|c| c.ack_wait = Duration::from_millis(500)).starts_with("ack_wait:"));
+        assert!(refused(|c| c.cluster = "EU 1".into()).starts_with("cluster:"));
+    }
 }

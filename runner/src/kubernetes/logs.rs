@@ -11,6 +11,7 @@
 //! Where HTTP/2 is not offered (a plain `http://` server, a proxy that speaks only
 //! HTTP/1.1) the same code falls back to a connection per log, as before.
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,7 +36,7 @@ pub struct LogClients {
     config: kube::Config,
     throttle: Throttle,
     namespace: String,
-    per_connection: usize,
+    per_connection: NonZeroUsize,
     slots: Mutex<Vec<Arc<Slot>>>,
 }
 
@@ -90,13 +91,13 @@ impl LogClients {
         config: kube::Config,
         throttle: Throttle,
         namespace: String,
-        per_connection: usize,
+        per_connection: NonZeroUsize,
     ) -> Result<Self> {
         let clients = LogClients {
             config,
             throttle,
             namespace,
-            per_connection: per_connection.max(1),
+            per_connection,
             slots: Mutex::new(Vec::new()),
         };
         // Made now, so a configuration we cannot use fails at start-up, not at the
@@ -134,7 +135,7 @@ impl LogClients {
         });
         let free = slots
             .iter()
-            .find(|s| s.open.load(Ordering::Acquire) < self.per_connection)
+            .find(|s| s.open.load(Ordering::Acquire) < self.per_connection.get())
             .cloned();
         let slot = match free {
             Some(slot) => slot,

@@ -16,6 +16,7 @@ mod status;
 mod throttle;
 mod watch;
 
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,27 @@ use logs::LogClients;
 pub use logs::STREAMS_PER_CONNECTION;
 pub use throttle::TokenBucket;
 use watch::{PodWatch, Subscription};
+
+// === defaults (the CLI's flags point at these) ===
+
+/// The image of steps that name none.
+pub const DEFAULT_IMAGE: &str = "docker.io/library/alpine:3.22";
+/// The image of the built-in clone step.
+pub const CLONE_IMAGE: &str = "docker.io/alpine/git:2.49.1";
+/// The user (and group) containers run as.
+pub const RUN_AS_USER: i64 = 1000;
+/// The size of each cache claim.
+pub const CACHE_SIZE: &str = "10Gi";
+/// The access mode of cache claims.
+pub const CACHE_ACCESS_MODE: &str = "ReadWriteOnce";
+/// How long a run may wait for its next container to start.
+pub const PENDING_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long finished Pods are kept.
+pub const DELETE_AFTER: Duration = Duration::from_secs(600);
+/// Kubernetes API requests per second.
+pub const QPS: u32 = 20;
+/// Kubernetes API requests at once above the rate.
+pub const BURST: u32 = 40;
 
 /// How the runner makes Pods.
 #[derive(Debug, Clone)]
@@ -60,10 +82,11 @@ pub struct KubeSettings {
     pub pending_timeout: Duration,
     /// How long finished Pods are kept (for `kubectl describe`).
     pub delete_after: Duration,
-    /// Kubernetes API requests per second, and burst.
+    /// Kubernetes API requests per second, and burst; each at least 1.
     pub qps: u32,
     pub burst: u32,
-    /// Container logs followed over one HTTP/2 connection at most (see `logs.rs`).
+    /// Container logs followed over one HTTP/2 connection at most (see `logs.rs`); at
+    /// least 1.
     pub log_streams_per_connection: usize,
 }
 
@@ -71,19 +94,19 @@ impl Default for KubeSettings {
     fn default() -> Self {
         KubeSettings {
             namespace: "default".into(),
-            default_image: "docker.io/library/alpine:3.22".into(),
-            clone_image: "docker.io/alpine/git:2.49.1".into(),
+            default_image: DEFAULT_IMAGE.into(),
+            clone_image: CLONE_IMAGE.into(),
             clone_secret: None,
             service_account: None,
-            run_as_user: 1000,
+            run_as_user: RUN_AS_USER,
             cache_storage_class: None,
-            cache_size: "10Gi".into(),
-            cache_access_mode: "ReadWriteOnce".into(),
-            pending_timeout: Duration::from_secs(600),
-            delete_after: Duration::from_secs(600),
-            qps: 20,
-            burst: 40,
-            log_streams_per_connection: logs::STREAMS_PER_CONNECTION,
+            cache_size: CACHE_SIZE.into(),
+            cache_access_mode: CACHE_ACCESS_MODE.into(),
+            pending_timeout: PENDING_TIMEOUT,
+            delete_after: DELETE_AFTER,
+            qps: QPS,
+            burst: BURST,
+            log_streams_per_connection: STREAMS_PER_CONNECTION,
         }
     }
 }
@@ -121,17 +144,22 @@ type Stop = Outcome;
 
 impl KubeExecutor {
     /// A client for `config` (from `kube::Config::infer()`: in-cluster service account
-    /// or `KUBECONFIG`, as kubectl finds them), rate-limited as `settings` say.
+    /// or `KUBECONFIG`, as kubectl finds them), rate-limited as `settings` say. A rate,
+    /// burst or streams per connection of 0 is refused.
     pub fn new(mut config: kube::Config, settings: KubeSettings) -> Result<Self> {
+        let qps = NonZeroU32::new(settings.qps).ok_or(at_least_one("qps"))?;
+        let burst = NonZeroU32::new(settings.burst).ok_or(at_least_one("burst"))?;
+        let per_connection = NonZeroUsize::new(settings.log_streams_per_connection)
+            .ok_or(at_least_one("log_streams_per_connection"))?;
         // The throttle retries, after taking a token; kube's own retry would not.
         config.default_retry = false;
         // One budget for every request, log streams' included.
-        let throttle = throttle::Throttle::new(settings.qps, settings.burst);
+        let throttle = throttle::Throttle::new(qps, burst);
         let logs = LogClients::new(
             config.clone(),
             throttle.clone(),
             settings.namespace.clone(),
-            settings.log_streams_per_connection,
+            per_connection,
         )?;
         let client = kube::client::ClientBuilder::try_from(config)
             .map_err(|source| Error::KubeClient {
@@ -143,7 +171,7 @@ impl KubeExecutor {
         Ok(KubeExecutor {
             client,
             logs: Arc::new(logs),
-            creates: Arc::new(tokio::sync::Semaphore::new(settings.burst.max(1) as usize)),
+            creates: Arc::new(tokio::sync::Semaphore::new(burst.get() as usize)),
             settings: Arc::new(settings),
             pods: Arc::new(PodWatch::default()),
             handoff: CancellationToken::new(),
@@ -389,6 +417,13 @@ impl KubeExecutor {
             }
             Err(e) => Err(decide::error(format!("cannot create Pod {name}: {e}"))),
         }
+    }
+}
+
+fn at_least_one(setting: &'static str) -> Error {
+    Error::Config {
+        setting,
+        problem: "must be at least 1".into(),
     }
 }
 

@@ -189,3 +189,26 @@ fn why_a_pod_waits_names_the_image_pull_or_the_scheduler() {
         Some("Unschedulable: 0/3 nodes are available")
     );
 }
+
+#[tokio::test]
+async fn a_rate_burst_or_stream_cap_of_zero_is_refused() {
+    let config = || kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+    KubeExecutor::new(config(), KubeSettings::default()).expect("the defaults");
+    for (setting, tweak) in [
+        (
+            "qps",
+            (|s: &mut KubeSettings| s.qps = 0) as fn(&mut KubeSettings),
+        ),
+        ("burst", |s| s.burst = 0),
+        ("log_streams_per_connection", |s| {
+            s.log_streams_per_connection = 0
+        }),
+    ] {
+        let mut settings = KubeSettings::default();
+        tweak(&mut settings);
+        match KubeExecutor::new(config(), settings) {
+            Err(Error::Config { setting: s, .. }) => assert_eq!(s, setting),
+            other => panic!("{setting} 0 not refused: {other:?}"),
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! runs can never exceed the budget a cluster admin gave the runner.
 
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -42,12 +43,11 @@ pub enum Rank {
 }
 
 impl TokenBucket {
-    pub fn new(rate: u32, burst: u32) -> Self {
-        let rate = rate.max(1);
-        let interval = Duration::from_secs(1) / rate;
+    pub fn new(rate: NonZeroU32, burst: NonZeroU32) -> Self {
+        let interval = Duration::from_secs(1) / rate.get();
         TokenBucket {
             interval,
-            tolerance: interval * burst.max(1).saturating_sub(1),
+            tolerance: interval * (burst.get() - 1),
             next: std::sync::Mutex::new(Instant::now()),
             urgent: std::sync::atomic::AtomicUsize::new(0),
             no_urgent: tokio::sync::Notify::new(),
@@ -120,7 +120,7 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    pub fn new(rate: u32, burst: u32) -> Self {
+    pub fn new(rate: NonZeroU32, burst: NonZeroU32) -> Self {
         Throttle {
             bucket: Arc::new(TokenBucket::new(rate, burst)),
             max_retries: 8,
@@ -241,9 +241,16 @@ where
 mod tests {
     use super::*;
 
+    fn bucket(rate: u32, burst: u32) -> TokenBucket {
+        TokenBucket::new(
+            NonZeroU32::new(rate).expect("rate"),
+            NonZeroU32::new(burst).expect("burst"),
+        )
+    }
+
     #[tokio::test(start_paused = true)]
     async fn bucket_allows_the_burst_then_the_rate() {
-        let bucket = TokenBucket::new(20, 40);
+        let bucket = bucket(20, 40);
         let start = Instant::now();
         for _ in 0..40 {
             bucket.acquire(Rank::First).await;
@@ -262,7 +269,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_time_refills_at_most_the_burst() {
-        let bucket = TokenBucket::new(10, 5);
+        let bucket = bucket(10, 5);
         tokio::time::sleep(Duration::from_secs(60)).await;
         let start = Instant::now();
         for _ in 0..5 {
@@ -275,7 +282,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn log_streams_wait_while_pod_requests_wait() {
-        let bucket = Arc::new(TokenBucket::new(10, 1));
+        let bucket = Arc::new(bucket(10, 1));
         bucket.acquire(Rank::First).await; // the burst is spent
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let waiter = |rank: Rank, name: &'static str| {
