@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::message::{Acker, Message};
 use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 use async_nats::jetstream::{self, AckKind, ErrorCode};
@@ -17,6 +17,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Reporter;
+use crate::resume::Follow;
+use crate::wait::Backoff;
 use crate::{Error, Result, RunnerConfig};
 
 /// Runs in hand, by id, with the token that cancels each.
@@ -48,27 +50,11 @@ impl Running {
 pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()> {
     let client = sluice_core::nats::connect(&config.nats).await?;
     let js = jetstream::new(client.clone());
-    // Joining the consumer group is the one thing a runner cannot do without. It is
-    // retried, never fatal: NATS may still be settling (a new leader, JetStream's
-    // "insufficient resources" while a cluster forms), or the operator has yet to run
-    // the command the log line names.
-    let mut delay = Duration::from_millis(100);
-    let consumer = loop {
-        match join(&js, &config).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "cannot join the cluster's consumer group yet")
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
+    let Some(mut consumer) = join_retrying(&js, &config, &shutdown).await else {
+        return Ok(());
     };
     // The consumer's ack wait, not the flag's, decides how often progress is signalled.
-    let ack_wait = consumer.cached_info().config.ack_wait;
-    let config = RunnerConfig { ack_wait, ..config };
+    let mut ack_wait = consumer.cached_info().config.ack_wait;
     let running = Arc::new(Running::default());
     let cancels = tokio::spawn(follow_cancels(
         js.clone(),
@@ -96,6 +82,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
 
     let slots = Arc::new(Semaphore::new(config.max_running));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut backoff = Backoff::new(crate::resume::RETRY_FIRST, crate::resume::RETRY_MAX);
     loop {
         // Pull only for free slots: a burst waits in JetStream, where other replicas
         // (or replicas an autoscaler adds) can take it.
@@ -113,39 +100,41 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
                 Err(_) => break,
             }
         }
-        let batch = consumer
-            .fetch()
-            .max_messages(permits.len())
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await;
-        let mut messages = match batch {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "pulling runs failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let message = tokio::select! {
-                // Whatever was pulled but not started is redelivered after its ack wait.
-                () = shutdown.cancelled() => break,
-                message = messages.next() => message,
-            };
-            let Some(message) = message else { break };
-            let Ok(message) = message else { continue };
-            let Some(permit) = permits.pop() else { break };
-            let (js, running, ack_wait) = (js.clone(), running.clone(), config.ack_wait);
+        let pulled = pull(&consumer, &mut permits, &shutdown, |message, permit| {
+            let (js, running) = (js.clone(), running.clone());
             let (executor, runner_id) = (config.executor.clone(), config.runner_id.clone());
             tasks.spawn(async move {
                 handle(js, running, executor, message, ack_wait, runner_id).await;
                 drop(permit);
             });
-        }
+        })
+        .await;
+        drop(permits);
         while tasks.try_join_next().is_some() {}
+        match pulled {
+            Pulled::Done => backoff.reset(),
+            Pulled::Stopping => break,
+            Pulled::Failed(e) => {
+                // Never idle on a dead consumer: wait, then join the group again, which
+                // finds the consumer as it is now (or creates it when it is missing and
+                // this credential may).
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "pulling runs failed; recovering the consumer");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                match join(&js, &config).await {
+                    Ok(c) => {
+                        ack_wait = c.cached_info().config.ack_wait;
+                        consumer = c;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot join the cluster's consumer group yet")
+                    }
+                }
+            }
+        }
     }
     tracing::info!(
         in_flight = tasks.len(),
@@ -159,6 +148,88 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     Ok(())
+}
+
+/// Joins the consumer group, retrying until it works or the runner stops (`None`).
+///
+/// Joining is the one thing a runner cannot do without. It is retried, never fatal:
+/// NATS may still be settling (a new leader, JetStream's "insufficient resources"
+/// while a cluster forms), or the operator has yet to run the command the log line
+/// names.
+async fn join_retrying(
+    js: &jetstream::Context,
+    config: &RunnerConfig,
+    shutdown: &CancellationToken,
+) -> Option<jetstream::consumer::PullConsumer> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let delay = match join(js, config).await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot join the cluster's consumer group yet");
+                delay
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// How one pull ended.
+#[derive(Debug)]
+enum Pulled {
+    /// Its batch was delivered, or the wait for one expired.
+    Done,
+    Stopping,
+    /// The request or the batch failed: the consumer may be gone.
+    Failed(Error),
+}
+
+/// Pulls at most one message per permit and hands each to `start` with its permit.
+async fn pull(
+    consumer: &jetstream::consumer::PullConsumer,
+    permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>,
+    shutdown: &CancellationToken,
+    mut start: impl FnMut(Message, tokio::sync::OwnedSemaphorePermit),
+) -> Pulled {
+    let failed = |source: async_nats::Error| {
+        Pulled::Failed(Error::Consumer {
+            consumer: consumer.cached_info().name.clone(),
+            source,
+        })
+    };
+    let batch = consumer
+        .fetch()
+        .max_messages(permits.len())
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await;
+    let mut messages = match batch {
+        Ok(m) => m,
+        Err(e) => return failed(e.into()),
+    };
+    loop {
+        let message = tokio::select! {
+            // Whatever was pulled but not started is redelivered after its ack wait.
+            () = shutdown.cancelled() => return Pulled::Stopping,
+            message = messages.next() => message,
+        };
+        match message {
+            None => return Pulled::Done,
+            // A status other than "no messages" or "timed out" ends the batch: a
+            // deleted consumer answers "no responders", a removed one 409.
+            Some(Err(e)) => return failed(e),
+            Some(Ok(message)) => {
+                let Some(permit) = permits.pop() else {
+                    return Pulled::Done;
+                };
+                start(message, permit);
+            }
+        }
+    }
 }
 
 async fn handle(
@@ -351,50 +422,23 @@ const RUNNER_NEEDS: streams::Needs = streams::Needs {
 };
 
 /// Follows cancel requests for this cluster, from the start of the control stream, so
-/// a run cancelled while queued is never started.
+/// a run cancelled while queued is never started; resumed after the last request seen
+/// when the follow fails or ends.
 async fn follow_cancels(
     js: jetstream::Context,
     cluster: String,
     running: Arc<Running>,
     shutdown: CancellationToken,
 ) {
+    let mut cancels = Follow::new(&js, subjects::CONTROL_STREAM, subjects::cancel(&cluster));
     loop {
-        let messages = bus::follow(
-            &js,
-            subjects::CONTROL_STREAM,
-            subjects::cancel(&cluster),
-            DeliverPolicy::All,
-        )
-        .await;
-        let mut messages = match messages {
-            Ok(m) => Box::pin(m),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow cancel requests yet");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(2)) => continue,
-                }
-            }
-        };
-        loop {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => return,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(m)) => {
-                    if let Ok(request) = serde_json::from_slice::<CancelRequest>(&m.payload) {
-                        tracing::info!(run_id = %request.run_id, reason = %request.reason, "cancel requested");
-                        running.cancel(&request.run_id);
-                    }
-                }
-                Some(Err(e)) => tracing::warn!(error = %e, "cancel stream error"),
-                None => break,
-            }
-        }
-        tokio::select! {
+        let m = tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            m = cancels.next() => m,
+        };
+        if let Ok(request) = serde_json::from_slice::<CancelRequest>(&m.payload) {
+            tracing::info!(run_id = %request.run_id, reason = %request.reason, "cancel requested");
+            running.cancel(&request.run_id);
         }
     }
 }

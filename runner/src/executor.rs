@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
-use futures::StreamExt;
+use async_nats::jetstream;
 use sluice_core::run::{ChildAction, ChildRequest, ChildResult, RunRequest, RunState, RunStep};
 use sluice_core::{bus, subjects};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Reporter;
+use crate::resume::Follow;
 use crate::wait::sleep_until;
 use crate::Error;
 
@@ -53,8 +53,6 @@ enum ChildEnd {
     Finished(ChildResult),
     Cancelled,
     TimedOut,
-    /// The control stream ended before the result came.
-    ResultsEnded,
     Failed(Error),
 }
 
@@ -82,23 +80,14 @@ pub async fn child_step(
     let child_run = sluice_core::run::child_run_id(&req.run_id, &step.name, child);
 
     let end = async {
-        // Followed before asking, so a result relayed at once is not missed.
-        let results = bus::follow(
+        // Read from the start of the control stream, so a result relayed before the
+        // follow began is not missed; a follow that fails is resumed, so the step
+        // waits through a NATS outage instead of failing.
+        let mut results = Follow::new(
             js,
             subjects::CONTROL_STREAM,
             subjects::child_result(&req.cluster, &req.run_id),
-            DeliverPolicy::All,
-        )
-        .await;
-        let mut results = match results {
-            Ok(r) => Box::pin(r),
-            Err(source) => {
-                return ChildEnd::Failed(Error::Bus {
-                    doing: "follow the child's result",
-                    source,
-                })
-            }
-        };
+        );
         if let Err(source) = ask(js, req, &step.name, ChildAction::Start, None).await {
             return ChildEnd::Failed(Error::Bus {
                 doing: "ask for the child run",
@@ -114,15 +103,14 @@ pub async fn child_step(
             .timeout_secs
             .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
         let waited = async {
-            while let Some(message) = results.next().await {
-                let Ok(message) = message else { continue };
+            loop {
+                let message = results.next().await;
                 match serde_json::from_slice::<ChildResult>(&message.payload) {
                     Ok(result) if result.step == step.name => return ChildEnd::Finished(result),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "unreadable child result"),
                 }
             }
-            ChildEnd::ResultsEnded
         };
         let why = tokio::select! {
             end = waited => return end,
@@ -164,10 +152,6 @@ pub async fn child_step(
         ),
         ChildEnd::Cancelled => (RunState::Cancelled, Some("cancelled".to_owned())),
         ChildEnd::TimedOut => (RunState::Failed, Some("timed out".to_owned())),
-        ChildEnd::ResultsEnded => (
-            RunState::Failed,
-            Some("the control stream ended".to_owned()),
-        ),
         ChildEnd::Failed(why) => (RunState::Failed, Some(why.to_string())),
     };
     if let Some(m) = &message {

@@ -14,6 +14,7 @@ pub mod kubernetes;
 pub mod lines;
 pub mod local;
 pub mod report;
+mod resume;
 mod wait;
 
 use std::path::PathBuf;
