@@ -1,7 +1,7 @@
 //! The cluster's consumer group: pull only what fits, keep pulled runs alive with
 //! progress signals, acknowledge once the final state is stored.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,23 +16,34 @@ use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::cancels::Cancelled;
 use crate::report::Reporter;
 use crate::resume::Follow;
 use crate::wait::Backoff;
 use crate::{Error, Result, RunnerConfig};
 
 /// Runs in hand, by id, with the token that cancels each.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Running {
     tokens: Mutex<HashMap<String, CancellationToken>>,
-    /// Runs cancelled before (or while) this runner had them.
-    cancelled: Mutex<HashSet<String>>,
+    /// Runs cancelled before (or while) this runner had them, while their requests
+    /// could still be delivered.
+    cancelled: Mutex<Cancelled>,
 }
 
 impl Running {
-    fn cancel(&self, run_id: &str) {
+    /// `requests_kept`: how long a run request can wait in `SLUICE_RUNS`.
+    fn new(requests_kept: Duration) -> Self {
+        Running {
+            tokens: Mutex::default(),
+            cancelled: Mutex::new(Cancelled::new(requests_kept)),
+        }
+    }
+
+    /// `run_id` was cancelled by a request stored at `at`.
+    fn cancel(&self, run_id: &str, at: OffsetDateTime) {
         if let Ok(mut c) = self.cancelled.lock() {
-            c.insert(run_id.to_owned());
+            c.insert(run_id, at, OffsetDateTime::now_utc());
         }
         if let Some(token) = self.tokens.lock().ok().and_then(|t| t.get(run_id).cloned()) {
             token.cancel();
@@ -42,8 +53,15 @@ impl Running {
     fn is_cancelled(&self, run_id: &str) -> bool {
         self.cancelled
             .lock()
-            .map(|c| c.contains(run_id))
+            .map(|c| c.contains(run_id, OffsetDateTime::now_utc()))
             .unwrap_or(false)
+    }
+
+    /// The run's final state is stored: a later delivery finds it first.
+    fn finished(&self, run_id: &str) {
+        if let Ok(mut c) = self.cancelled.lock() {
+            c.forget(run_id);
+        }
     }
 }
 
@@ -55,7 +73,9 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     };
     // The consumer's ack wait, not the flag's, decides how often progress is signalled.
     let mut ack_wait = consumer.cached_info().config.ack_wait;
-    let running = Arc::new(Running::default());
+    // The runs stream keeps a request at most its max age: a cancel older than that
+    // has no run left to refuse.
+    let running = Arc::new(Running::new(config.streams.runs().max_age));
     let cancels = tokio::spawn(follow_cancels(
         js.clone(),
         config.cluster.clone(),
@@ -261,6 +281,7 @@ async fn handle(
     // ack was lost): acknowledge and do nothing.
     if let Some(state) = Box::pin(final_state(&js, &req.cluster, &req.run_id)).await {
         tracing::info!(run_id = %req.run_id, state = state.as_str(), "run already finished; acknowledging");
+        running.finished(&req.run_id);
         let _ = Box::pin(acker.double_ack()).await;
         return;
     }
@@ -438,7 +459,9 @@ async fn follow_cancels(
         };
         if let Ok(request) = serde_json::from_slice::<CancelRequest>(&m.payload) {
             tracing::info!(run_id = %request.run_id, reason = %request.reason, "cancel requested");
-            running.cancel(&request.run_id);
+            // When it was stored, by the server's clock, as the stream's max age counts.
+            let at = m.info().map(|i| i.published).unwrap_or(request.at);
+            running.cancel(&request.run_id, at);
         }
     }
 }

@@ -7,6 +7,7 @@
 //! to another replica.
 #![forbid(unsafe_code)]
 
+mod cancels;
 mod consumer;
 mod error;
 pub mod executor;
