@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod bus;
+pub mod consume;
 pub mod decisions;
 mod error;
 pub mod forge;
@@ -28,6 +29,7 @@ use sluice_core::subjects;
 use tokio_util::sync::CancellationToken;
 
 pub use bus::Bus;
+pub use consume::{Consumers, Consuming};
 pub use error::{Error, Result};
 
 /// Default `--concurrency`: events processed at once.
@@ -102,8 +104,50 @@ impl DispatcherConfig {
     }
 }
 
+/// A dispatcher started with [`start`]: whether each of its consumer loops is
+/// consuming, and its end.
+#[derive(Debug)]
+pub struct Handle {
+    consumers: Consumers,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Handle {
+    /// Each consumer loop's state, for readiness: a loop that stopped pulling (and is
+    /// waiting to start again) is named by [`Consumers::stopped`].
+    pub fn consumers(&self) -> &Consumers {
+        &self.consumers
+    }
+
+    /// Waits until the dispatcher has stopped.
+    pub async fn wait(self) -> Result<()> {
+        self.task.await?
+    }
+
+    /// Stops it where it is, acknowledging nothing more (a crash, for tests).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the dispatcher on the current runtime; it runs until `shutdown`.
+pub fn start(config: DispatcherConfig, shutdown: CancellationToken) -> Handle {
+    let consumers = Consumers::new(config.reporter.is_some());
+    let task = tokio::spawn(run_with(config, consumers.clone(), shutdown));
+    Handle { consumers, task }
+}
+
 /// Runs the dispatcher until `shutdown`: stops pulling, finishes the events in hand.
 pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Result<()> {
+    let consumers = Consumers::new(config.reporter.is_some());
+    run_with(config, consumers, shutdown).await
+}
+
+async fn run_with(
+    config: DispatcherConfig,
+    consumers: Consumers,
+    shutdown: CancellationToken,
+) -> Result<()> {
     config.check()?;
     let changed_files = forge::ChangedFiles::new(config.forge.clone())?;
     let client = sluice_core::nats::connect(&config.nats).await?;
@@ -130,14 +174,20 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     let liveness_task = tokio::spawn(liveness::watch(runners, liveness.clone(), shutdown.clone()));
     let registry = Arc::new(registry::Registry::default());
     let watcher = registry::load_and_watch(pipelines, registry.clone(), shutdown.clone()).await?;
-    let reporting = config.reporter.clone().map(|r| {
-        tokio::spawn(reporter::run(
-            bus.js.clone(),
-            config.forge.clone(),
-            r,
-            shutdown.clone(),
-        ))
-    });
+    let reporting =
+        config
+            .reporter
+            .clone()
+            .zip(consumers.reporter.clone())
+            .map(|(r, consuming)| {
+                tokio::spawn(reporter::run(
+                    bus.js.clone(),
+                    config.forge.clone(),
+                    r,
+                    consuming,
+                    shutdown.clone(),
+                ))
+            });
     let ctx = Arc::new(service::Context {
         bus,
         registry,
@@ -152,10 +202,15 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
         concurrency = config.concurrency,
         "dispatcher consuming events"
     );
-    let (events, statuses, children) = tokio::join!(
-        service::consume_events(ctx.clone(), config.concurrency, shutdown.clone()),
-        service::consume_statuses(ctx.clone(), shutdown.clone()),
-        service::consume_children(ctx, shutdown.clone()),
+    tokio::join!(
+        service::consume_events(
+            ctx.clone(),
+            config.concurrency,
+            consumers.events.clone(),
+            shutdown.clone()
+        ),
+        service::consume_statuses(ctx.clone(), consumers.statuses.clone(), shutdown.clone()),
+        service::consume_children(ctx, consumers.children.clone(), shutdown.clone()),
     );
     watcher.abort();
     liveness_task.abort();
@@ -168,7 +223,7 @@ pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Resul
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     tracing::info!("dispatcher stopped");
-    events.and(statuses).and(children)
+    Ok(())
 }
 
 /// Everything the dispatcher reads or writes.

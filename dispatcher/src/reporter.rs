@@ -25,6 +25,7 @@ use sluice_core::{subjects, Provider};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::consume::{self, keep_consuming, Consuming};
 use crate::forge::ForgeConfig;
 use crate::{Error, Result};
 
@@ -68,21 +69,38 @@ struct Wanted {
 
 pub const CONSUMER: &str = subjects::REPORTER_CONSUMER;
 
-/// Runs both loops until `shutdown`.
+/// Runs both loops until `shutdown`; the intake starts again whenever its pull ends,
+/// and `consuming` says whether it is pulling.
 pub async fn run(
     js: jetstream::Context,
     forge: ForgeConfig,
     config: ReporterConfig,
+    consuming: Consuming,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let kv = streams::bucket(&js, subjects::REPORTS_BUCKET).await?;
     let sender = Arc::new(Sender::new(forge, &config)?);
-    let intake = tokio::spawn(intake(js, kv.clone(), shutdown.clone()));
+    let intake = tokio::spawn({
+        let (kv, shutdown) = (kv.clone(), shutdown.clone());
+        async move {
+            keep_consuming(CONSUMER, &consuming, &shutdown, || {
+                intake(&js, &kv, &consuming, &shutdown)
+            })
+            .await;
+        }
+    });
     flush_loop(kv, sender, config.interval, shutdown).await;
-    intake.await?
+    intake.await?;
+    Ok(())
 }
 
-async fn intake(js: jetstream::Context, kv: Store, shutdown: CancellationToken) -> Result<()> {
+/// One intake session: reads run states in order and queues the statuses they ask for.
+async fn intake(
+    js: &jetstream::Context,
+    kv: &Store,
+    consuming: &Consuming,
+    shutdown: &CancellationToken,
+) -> Result<()> {
     let stream = js
         .get_stream(subjects::STATUS_STREAM)
         .await
@@ -99,20 +117,13 @@ async fn intake(js: jetstream::Context, kv: Store, shutdown: CancellationToken) 
         )
         .await
         .map_err(|e| Error::nats(format!("consumer {CONSUMER}"), e))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| Error::nats("pull statuses", e))?;
-    loop {
-        let next = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            next = messages.next() => next,
-        };
-        let Some(message) = next else { return Ok(()) };
-        let Ok(message) = message else { continue };
+    let messages = consume::open(&consumer, 200, CONSUMER).await?;
+    consuming.start();
+    let mut messages = std::pin::pin!(consume::pulled(messages, CONSUMER, shutdown.clone()));
+    while let Some(message) = messages.next().await {
         // In order, one at a time: a later state must not be overwritten by an earlier.
         let stored = match wanted(&message.payload) {
-            Some(w) => queue(&kv, &w).await,
+            Some(w) => queue(kv, &w).await,
             None => Ok(()),
         };
         let kind = match stored {
@@ -124,6 +135,7 @@ async fn intake(js: jetstream::Context, kv: Store, shutdown: CancellationToken) 
         };
         let _ = message.ack_with(kind).await;
     }
+    Ok(())
 }
 
 /// Stores the latest wanted status of a run, replacing an older one.

@@ -1,5 +1,6 @@
-//! The two consumer loops: events in, runs and decisions out; and run states in, to
-//! free concurrency slots.
+//! The consumer loops: events in, runs and decisions out; run states in, to free
+//! concurrency slots and relay child results; and runners' child requests. Each is a
+//! session that [`crate::consume::keep_consuming`] starts again whenever it ends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
+use crate::consume::{self, keep_consuming, Consuming};
 use crate::forge::ChangedFiles;
 use crate::groups::{self, Admission};
 use crate::matcher::{self, CelEvent};
@@ -71,36 +73,40 @@ async fn consumer(
         .map_err(|e| Error::nats(format!("consumer {name}"), e))
 }
 
-/// Consumes `SLUICE_EVENTS` until `shutdown`, `concurrency` events at a time. On
-/// shutdown it stops pulling and finishes the events in hand.
+/// Consumes `SLUICE_EVENTS` until `shutdown`, `concurrency` events at a time, starting
+/// again whenever the pull ends. On shutdown it stops pulling and finishes the events
+/// in hand.
 pub async fn consume_events(
     ctx: Arc<Context>,
     concurrency: usize,
+    consuming: Consuming,
     shutdown: CancellationToken,
+) {
+    keep_consuming(EVENTS_CONSUMER, &consuming, &shutdown, || {
+        events_session(&ctx, concurrency, &consuming, &shutdown)
+    })
+    .await;
+}
+
+async fn events_session(
+    ctx: &Arc<Context>,
+    concurrency: usize,
+    consuming: &Consuming,
+    shutdown: &CancellationToken,
 ) -> Result<()> {
     let consumer = consumer(
-        &ctx,
+        ctx,
         subjects::EVENTS_STREAM,
         EVENTS_CONSUMER,
         (concurrency * 4) as i64,
     )
     .await?;
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(concurrency)
-        .messages()
-        .await
-        .map_err(|e| Error::nats("pull events", e))?;
-    messages
-        .take_until(shutdown.cancelled_owned())
+    let messages = consume::open(&consumer, concurrency, EVENTS_CONSUMER).await?;
+    consuming.start();
+    consume::pulled(messages, EVENTS_CONSUMER, shutdown.clone())
         .for_each_concurrent(concurrency, |message| {
             let ctx = ctx.clone();
-            async move {
-                match message {
-                    Ok(message) => handle_event(&ctx, message).await,
-                    Err(e) => tracing::warn!(error = %e, "pulling events failed; retrying"),
-                }
-            }
+            async move { handle_event(&ctx, message).await }
         })
         .await;
     Ok(())
@@ -316,19 +322,31 @@ fn needs_changed_files(index: &crate::registry::Index, event: &Event) -> bool {
         .any(|p| p.triggers.iter().any(|t| !t.paths.is_empty()))
 }
 
-/// Consumes `SLUICE_STATUS` to free concurrency slots when runs finish.
-pub async fn consume_statuses(ctx: Arc<Context>, shutdown: CancellationToken) -> Result<()> {
-    let consumer = consumer(&ctx, subjects::STATUS_STREAM, STATUS_CONSUMER, 1024).await?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| Error::nats("pull statuses", e))?;
-    messages
-        .take_until(shutdown.cancelled_owned())
+/// Consumes `SLUICE_STATUS` to free concurrency slots when runs finish (and relay
+/// child runs' ends), starting again whenever the pull ends.
+pub async fn consume_statuses(
+    ctx: Arc<Context>,
+    consuming: Consuming,
+    shutdown: CancellationToken,
+) {
+    keep_consuming(STATUS_CONSUMER, &consuming, &shutdown, || {
+        statuses_session(&ctx, &consuming, &shutdown)
+    })
+    .await;
+}
+
+async fn statuses_session(
+    ctx: &Arc<Context>,
+    consuming: &Consuming,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let consumer = consumer(ctx, subjects::STATUS_STREAM, STATUS_CONSUMER, 1024).await?;
+    let messages = consume::open(&consumer, 200, STATUS_CONSUMER).await?;
+    consuming.start();
+    consume::pulled(messages, STATUS_CONSUMER, shutdown.clone())
         .for_each_concurrent(16, |message| {
             let ctx = ctx.clone();
             async move {
-                let Ok(message) = message else { return };
                 match release_slot(&ctx, &message.payload).await {
                     Ok(()) => ack(&message, AckKind::Ack).await,
                     Err(e) => {
@@ -377,19 +395,31 @@ async fn release_slot(ctx: &Context, payload: &[u8]) -> Result<()> {
 // === Child pipelines ===
 
 /// Consumes runners' child requests (`SLUICE_CHILDREN`): checks each against the
-/// dispatcher's own records and starts or cancels the child run.
-pub async fn consume_children(ctx: Arc<Context>, shutdown: CancellationToken) -> Result<()> {
-    let consumer = consumer(&ctx, subjects::CHILDREN_STREAM, CHILDREN_CONSUMER, 256).await?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| Error::nats("pull child requests", e))?;
-    messages
-        .take_until(shutdown.cancelled_owned())
+/// dispatcher's own records and starts or cancels the child run. Starts again whenever
+/// the pull ends.
+pub async fn consume_children(
+    ctx: Arc<Context>,
+    consuming: Consuming,
+    shutdown: CancellationToken,
+) {
+    keep_consuming(CHILDREN_CONSUMER, &consuming, &shutdown, || {
+        children_session(&ctx, &consuming, &shutdown)
+    })
+    .await;
+}
+
+async fn children_session(
+    ctx: &Arc<Context>,
+    consuming: &Consuming,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let consumer = consumer(ctx, subjects::CHILDREN_STREAM, CHILDREN_CONSUMER, 256).await?;
+    let messages = consume::open(&consumer, 200, CHILDREN_CONSUMER).await?;
+    consuming.start();
+    consume::pulled(messages, CHILDREN_CONSUMER, shutdown.clone())
         .for_each_concurrent(16, |message| {
             let ctx = ctx.clone();
             async move {
-                let Ok(message) = message else { return };
                 let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
                 match child_request(&ctx, &message.subject, &message.payload).await {
                     Ok(()) => ack(&message, AckKind::Ack).await,

@@ -10,15 +10,14 @@ use sluice_core::pipeline::parse_documents;
 use sluice_core::run::{Decision, RunRequest};
 use sluice_core::streams::{self, StreamSettings};
 use sluice_core::{subjects, Event};
-use sluice_dispatcher::DispatcherConfig;
-use tokio::task::JoinHandle;
+use sluice_dispatcher::{Consumers, DispatcherConfig, Handle};
 use tokio_util::sync::CancellationToken;
 
 /// A running dispatcher.
 #[derive(Debug)]
 pub struct Dispatcher {
     shutdown: CancellationToken,
-    task: Option<JoinHandle<sluice_dispatcher::Result<()>>>,
+    handle: Option<Handle>,
 }
 
 impl Dispatcher {
@@ -36,29 +35,36 @@ impl Dispatcher {
 
     pub async fn start_with(config: DispatcherConfig) -> Dispatcher {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(sluice_dispatcher::run(config, shutdown.clone()));
+        let handle = sluice_dispatcher::start(config, shutdown.clone());
         Dispatcher {
             shutdown,
-            task: Some(task),
+            handle: Some(handle),
         }
+    }
+
+    /// Whether each of its consumer loops is consuming.
+    pub fn consumers(&self) -> Consumers {
+        self.handle
+            .as_ref()
+            .map(|h| h.consumers().clone())
+            .unwrap_or_default()
     }
 
     /// A clean stop: finishes the events in hand.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), task)
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(20), handle.wait())
                 .await
                 .expect("dispatcher stops in time")
-                .expect("no panic")
                 .expect("clean exit");
         }
     }
 
     /// A crash: the task is dropped wherever it is, nothing in hand is acknowledged.
     pub fn kill(mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
         }
     }
 }
