@@ -17,6 +17,7 @@ mod nats_permissions;
 mod reporter;
 mod runner_kubernetes;
 mod runner_local;
+mod runner_recovery;
 mod runner_transports;
 mod signature_vectors;
 mod streams_owner;
