@@ -21,13 +21,33 @@ pub async fn publish(
     msg_id: &str,
     payload: Vec<u8>,
 ) -> Result<PublishAck> {
+    send(js, subject, Some(msg_id), payload).await
+}
+
+/// [`publish_json`] without a message id, for a subject whose stream keeps only its
+/// last message: a newer message there must replace the stored one, not be dropped as
+/// its duplicate (a redelivered event's new decision).
+pub async fn publish_json_replacing(
+    js: &jetstream::Context,
+    subject: String,
+    value: &impl serde::Serialize,
+) -> Result<PublishAck> {
+    let payload = serde_json::to_vec(value).map_err(|e| Error::bus("encode", e))?;
+    send(js, subject, None, payload).await
+}
+
+async fn send(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: Option<&str>,
+    payload: Vec<u8>,
+) -> Result<PublishAck> {
+    let mut message = PublishMessage::build().payload(payload.into());
+    if let Some(id) = msg_id {
+        message = message.message_id(id);
+    }
     let pending = js
-        .send_publish(
-            subject.clone(),
-            PublishMessage::build()
-                .payload(payload.into())
-                .message_id(msg_id),
-        )
+        .send_publish(subject.clone(), message)
         .await
         .map_err(|e| Error::bus(format!("publish on {subject}"), e))?;
     pending

@@ -10,7 +10,39 @@ use sluice_core::run::{
 use sluice_core::{subjects, Event};
 use time::OffsetDateTime;
 
-use crate::{Error, Result};
+use crate::Result;
+
+/// How a parent's `pipeline:` step ended, as its runner is told.
+#[derive(Debug, Clone, Copy)]
+pub enum ChildEnd<'a> {
+    /// The child run stored this final state.
+    Finished(&'a StatusUpdate),
+    /// No child run was started, for this reason.
+    NotStarted(&'a str),
+}
+
+/// The one place a [`ChildResult`] is written: a finished child's run, cluster, state
+/// and message, or a failure saying why no child started.
+pub(crate) fn child_result(parent_run: &str, step: &str, end: ChildEnd<'_>) -> ChildResult {
+    let (child_run, cluster, state, message) = match end {
+        ChildEnd::Finished(u) => (
+            Some(u.run_id.clone()),
+            u.cluster.clone(),
+            u.state,
+            u.message.clone(),
+        ),
+        ChildEnd::NotStarted(why) => (None, None, RunState::Failed, Some(why.to_owned())),
+    };
+    ChildResult {
+        parent_run: parent_run.to_owned(),
+        step: step.to_owned(),
+        child_run,
+        cluster,
+        state,
+        message,
+        at: OffsetDateTime::now_utc(),
+    }
+}
 
 /// A JetStream context with the dispatcher's publish helpers.
 #[derive(Debug, Clone)]
@@ -74,16 +106,23 @@ impl Bus {
         Ok(())
     }
 
-    /// Relays a child run's end to its parent's cluster.
-    pub async fn child_result(&self, parent_cluster: &str, result: &ChildResult) -> Result<()> {
+    /// Tells the parent run's cluster how its `pipeline:` step's child ended.
+    pub async fn child_ended(
+        &self,
+        parent_cluster: &str,
+        parent_run: &str,
+        step: &str,
+        end: ChildEnd<'_>,
+    ) -> Result<()> {
+        let result = child_result(parent_run, step, end);
         let id = match &result.child_run {
             Some(run) => subjects::child_result_id(run),
-            None => subjects::child_result_id(&format!("{}-{}", result.parent_run, result.step)),
+            None => subjects::child_result_id(&subjects::child_delivery_id(parent_run, step)),
         };
         self.publish(
-            subjects::child_result(parent_cluster, &result.parent_run),
+            subjects::child_result(parent_cluster, parent_run),
             &id,
-            result,
+            &result,
         )
         .await?;
         Ok(())
@@ -103,16 +142,12 @@ impl Bus {
     /// The decision for an event; only the latest per event is kept, so a redelivered
     /// event's new decision replaces the old one (no message id).
     pub async fn decision(&self, decision: &Decision) -> Result<()> {
-        let payload = serde_json::to_vec(decision).map_err(|source| Error::Encode {
-            what: "a decision",
-            source,
-        })?;
-        let ack = self
-            .js
-            .publish(subjects::decision(&decision.event_id), payload.into())
-            .await
-            .map_err(|e| Error::nats("publish a decision", e))?;
-        ack.await.map_err(|e| Error::nats("ack of a decision", e))?;
+        sluice_core::bus::publish_json_replacing(
+            &self.js,
+            subjects::decision(&decision.event_id),
+            decision,
+        )
+        .await?;
         Ok(())
     }
 
@@ -140,5 +175,39 @@ impl Bus {
         )
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_core::run::RunRequest;
+
+    use super::*;
+
+    #[test]
+    fn a_child_result_carries_the_childs_end_or_why_none_started() {
+        let req: RunRequest = serde_json::from_value(serde_json::json!({
+            "run_id": "child-1",
+            "pipeline": "deploy",
+            "cluster": "eu-1",
+            "event_id": "manual:parent-1-deploy",
+            "steps": [],
+            "created_at": "2026-12-01T00:00:00Z",
+        }))
+        .expect("a run request");
+        let update = StatusUpdate::for_run(&req, RunState::Succeeded, Some("done".into()));
+        let finished = child_result("parent-1", "deploy", ChildEnd::Finished(&update));
+        assert_eq!(finished.parent_run, "parent-1");
+        assert_eq!(finished.step, "deploy");
+        assert_eq!(finished.child_run.as_deref(), Some("child-1"));
+        assert_eq!(finished.cluster.as_deref(), Some("eu-1"));
+        assert_eq!(finished.state, RunState::Succeeded);
+        assert_eq!(finished.message.as_deref(), Some("done"));
+
+        let refused = child_result("parent-1", "deploy", ChildEnd::NotStarted("refused"));
+        assert_eq!(refused.child_run, None);
+        assert_eq!(refused.cluster, None);
+        assert_eq!(refused.state, RunState::Failed);
+        assert_eq!(refused.message.as_deref(), Some("refused"));
     }
 }

@@ -28,7 +28,7 @@ use sluice_core::streams::{self, StreamSettings};
 use sluice_core::subjects;
 use tokio_util::sync::CancellationToken;
 
-pub use bus::Bus;
+pub use bus::{Bus, ChildEnd};
 pub use consume::{Consumers, Consuming};
 pub use error::{Error, Result};
 

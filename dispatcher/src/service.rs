@@ -12,14 +12,13 @@ use async_nats::jetstream::AckKind;
 use futures::StreamExt;
 use sluice_core::pipeline::Pipeline;
 use sluice_core::run::{
-    ChildAction, ChildRequest, ChildResult, Decision, ParentRef, PlannedRun, RunRequest, RunState,
-    StatusUpdate,
+    ChildAction, ChildRequest, Decision, ParentRef, PlannedRun, RunRequest, RunState, StatusUpdate,
 };
 use sluice_core::{subjects, Event, Provider};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, ChildEnd};
 use crate::consume::{self, keep_consuming, Consuming};
 use crate::forge::ChangedFiles;
 use crate::groups::{self, Admission};
@@ -271,17 +270,25 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
             runs,
         })
         .await?;
-    if let Some(result) = unstarted_child(event, &decision_runs) {
-        if let Some(parent) = &event.parent {
-            ctx.bus.child_result(&parent.cluster, &result).await?;
-        }
+    if let Some((parent, why)) = unstarted_child(event, &decision_runs) {
+        ctx.bus
+            .child_ended(
+                &parent.cluster,
+                &parent.run_id,
+                &parent.step,
+                ChildEnd::NotStarted(&why),
+            )
+            .await?;
     }
     Ok(count)
 }
 
 /// A child event that started no run of its pipeline: the parent is told at once, with
 /// the decision's reason, instead of waiting for a result that never comes.
-fn unstarted_child(event: &Event, runs: &[(String, String)]) -> Option<ChildResult> {
+fn unstarted_child<'e>(
+    event: &'e Event,
+    runs: &[(String, String)],
+) -> Option<(&'e ParentRef, String)> {
     let parent = event
         .parent
         .as_ref()
@@ -290,18 +297,11 @@ fn unstarted_child(event: &Event, runs: &[(String, String)]) -> Option<ChildResu
     if runs.iter().any(|(pipeline, _)| pipeline == child) {
         return None;
     }
-    Some(ChildResult {
-        parent_run: parent.run_id.clone(),
-        step: parent.step.clone(),
-        child_run: None,
-        cluster: None,
-        state: RunState::Failed,
-        message: Some(format!(
-            "the dispatcher started no run of `{child}` (see `sluice events why {}`)",
-            event.id
-        )),
-        at: OffsetDateTime::now_utc(),
-    })
+    let why = format!(
+        "the dispatcher started no run of `{child}` (see `sluice events why {}`)",
+        event.id
+    );
+    Some((parent, why))
 }
 
 /// A pull request event without changed files, and a candidate pipeline that filters
@@ -369,16 +369,14 @@ async fn release_slot(ctx: &Context, payload: &[u8]) -> Result<()> {
     }
     if let Some(parent) = &update.parent {
         // The parent's runner cannot read the child's cluster: relay its end.
-        let result = ChildResult {
-            parent_run: parent.run_id.clone(),
-            step: parent.step.clone(),
-            child_run: Some(update.run_id.clone()),
-            cluster: update.cluster.clone(),
-            state: update.state,
-            message: update.message.clone(),
-            at: OffsetDateTime::now_utc(),
-        };
-        ctx.bus.child_result(&parent.cluster, &result).await?;
+        ctx.bus
+            .child_ended(
+                &parent.cluster,
+                &parent.run_id,
+                &parent.step,
+                ChildEnd::Finished(&update),
+            )
+            .await?;
     }
     let Some(group) = &update.concurrency_group else {
         return Ok(());
@@ -545,16 +543,13 @@ async fn refuse(ctx: &Context, subject: &str, payload: &[u8], why: &Error) {
     {
         return;
     }
-    let result = ChildResult {
-        parent_run: req.parent_run,
-        step: req.step,
-        child_run: None,
-        cluster: None,
-        state: RunState::Failed,
-        message: Some(format!("child run refused: {why}")),
-        at: OffsetDateTime::now_utc(),
-    };
-    if let Err(e) = ctx.bus.child_result(cluster, &result).await {
+    let why = format!("child run refused: {why}");
+    let end = ChildEnd::NotStarted(&why);
+    if let Err(e) = ctx
+        .bus
+        .child_ended(cluster, &req.parent_run, &req.step, end)
+        .await
+    {
         tracing::warn!(error = %e, "cannot tell the parent its child request was refused");
     }
 }
