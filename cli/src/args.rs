@@ -222,6 +222,10 @@ pub struct RunnerArgs {
     /// The cluster whose runs to take (`sluice.runs.<cluster>`).
     #[arg(long, env = "SLUICE_CLUSTER")]
     pub cluster: String,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (the kubelet's probes and
+    /// Prometheus).
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = sluice_core::admin::DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
     /// Where steps run.
     #[arg(
         long,

@@ -22,6 +22,7 @@ pub async fn run(
     // clap refused what is out of range; the library checks again.
     config.max_running = a.max_running;
     config.ack_wait = a.ack_wait.0;
+    config.admin_listen = Some(a.admin_listen);
     config.executor = match a.executor {
         ExecutorKind::Local => {
             tracing::warn!(

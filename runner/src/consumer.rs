@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancels::Cancelled;
+use crate::metrics::{ClusterLabel, Metrics, ResultLabel, RunResult};
 use crate::report::Reporter;
 use crate::resume::Follow;
 use crate::wait::Backoff;
@@ -68,9 +69,28 @@ impl Running {
 pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()> {
     let client = sluice_core::nats::connect(&config.nats).await?;
     let js = jetstream::new(client.clone());
+    let metrics = Metrics::default();
+    let mut admin = sluice_core::admin::Admin::new(env!("CARGO_PKG_VERSION"));
+    metrics.register(admin.registry("sluice_runner"));
+    admin.nats(client.clone());
+    // Not ready until the runner has joined its cluster's consumer group, and not while
+    // its pulls fail.
+    let consuming = admin.check("consumer", "not yet joined the cluster's consumer group");
+    if let Some(listen) = config.admin_listen {
+        admin.serve(listen, shutdown.clone()).await?;
+    }
     let Some(mut consumer) = join_retrying(&js, &config, &shutdown).await else {
         return Ok(());
     };
+    consuming.ready();
+    // A handle on the one series, not the family's lock guard.
+    let in_flight = metrics
+        .runs_in_flight
+        .get_or_create(&ClusterLabel {
+            cluster: config.cluster.clone(),
+        })
+        .clone();
+    in_flight.set(0);
     // The consumer's ack wait, not the flag's, decides how often progress is signalled.
     let mut ack_wait = consumer.cached_info().config.ack_wait;
     // The runs stream keeps a request at most its max age: a cancel older than that
@@ -123,18 +143,27 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         let pulled = pull(&consumer, &mut permits, &shutdown, |message, permit| {
             let (js, running) = (js.clone(), running.clone());
             let (executor, runner_id) = (config.executor.clone(), config.runner_id.clone());
+            let metrics = metrics.clone();
             tasks.spawn(async move {
-                handle(js, running, executor, message, ack_wait, runner_id).await;
+                handle(
+                    js, running, executor, message, ack_wait, runner_id, &metrics,
+                )
+                .await;
                 drop(permit);
             });
         })
         .await;
         drop(permits);
         while tasks.try_join_next().is_some() {}
+        in_flight.set(i64::try_from(tasks.len()).unwrap_or(i64::MAX));
         match pulled {
-            Pulled::Done => backoff.reset(),
+            Pulled::Done => {
+                backoff.reset();
+                consuming.ready();
+            }
             Pulled::Stopping => break,
             Pulled::Failed(e) => {
+                consuming.failing(format!("pulling runs failed: {e}; recovering"));
                 // Never idle on a dead consumer: wait, then join the group again, which
                 // finds the consumer as it is now (or creates it when it is missing and
                 // this credential may).
@@ -148,6 +177,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
                     Ok(c) => {
                         ack_wait = c.cached_info().config.ack_wait;
                         consumer = c;
+                        consuming.ready();
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot join the cluster's consumer group yet")
@@ -259,6 +289,7 @@ async fn handle(
     message: Message,
     ack_wait: Duration,
     runner_id: String,
+    metrics: &Metrics,
 ) {
     // Only what acknowledging needs is kept while the run goes on, not the payload:
     // thousands of runs may be in flight.
@@ -320,6 +351,11 @@ async fn handle(
         })
     });
     tracing::info!(run_id = %req.run_id, pipeline = %req.pipeline, "run started");
+    let started = std::time::Instant::now();
+    let waited = OffsetDateTime::now_utc() - req.created_at;
+    metrics
+        .pickup_seconds
+        .observe(waited.as_seconds_f64().max(0.0));
     let outcome = executor.run(req, &reporter, &token).await;
     if outcome.state == RunState::Queued {
         // Handed back by a stopping runner: redelivered at once to another replica,
@@ -333,6 +369,18 @@ async fn handle(
         return;
     }
     Box::pin(reporter.status(None, outcome.state, None, outcome.message.clone())).await;
+    let result = outcome.state.as_str();
+    metrics
+        .runs
+        .get_or_create(&RunResult {
+            cluster: req.cluster.clone(),
+            result,
+        })
+        .inc();
+    metrics
+        .run_seconds
+        .get_or_create(&ResultLabel { result })
+        .observe(started.elapsed().as_secs_f64());
     drop(progress);
     executor.finished(req);
     if let Ok(mut t) = running.tokens.lock() {

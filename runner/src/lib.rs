@@ -14,6 +14,7 @@ pub mod executor;
 pub mod kubernetes;
 pub mod lines;
 pub mod local;
+pub mod metrics;
 pub mod report;
 mod resume;
 mod wait;
@@ -54,6 +55,9 @@ pub struct RunnerConfig {
     /// another replica. At least [`MIN_ACK_WAIT`].
     pub ack_wait: Duration,
     pub executor: Executor,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served; none when `None` (`sluice
+    /// dev`, tests).
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where steps run.
@@ -101,6 +105,7 @@ impl RunnerConfig {
                 workdir,
                 keep_workspaces: false,
             }),
+            admin_listen: None,
         }
     }
 

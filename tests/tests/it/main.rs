@@ -2,6 +2,7 @@
 //! kube, octocrab and axum are linked once. Tests that install a global tracing
 //! subscriber stay separate (`tests/tests/ingest_logs.rs`).
 
+mod admin_endpoints;
 mod dispatch_changed_files;
 mod dispatch_flow;
 mod dispatch_matching;
