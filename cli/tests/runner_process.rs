@@ -36,6 +36,8 @@ fn runner(nats_url: &str, kubeconfig: &str, id: &str) -> Child {
             id,
         ])
         .env("SLUICE_NATS_URL", nats_url)
+        // Any free port: two replicas may run at once.
+        .env("SLUICE_ADMIN_LISTEN", "127.0.0.1:0")
         .env("KUBECONFIG", kubeconfig)
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())

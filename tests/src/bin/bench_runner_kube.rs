@@ -234,6 +234,7 @@ async fn rss(a: &Args, bin: &PathBuf) -> anyhow::Result<()> {
         // with it the Pod creates under way at once, stays at its default of 40).
         .args(["--kube-qps", "2000"])
         .args(["--ack-wait", "60s", "--delete-after", "1h"])
+        .args(["--admin-listen", "127.0.0.1:0"])
         .env("SLUICE_NATS_URL", nats.url())
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "warn")
