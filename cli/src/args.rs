@@ -185,6 +185,10 @@ pub struct DispatcherArgs {
     /// Commit status requests per hour and forge token (GitHub allows 5,000).
     #[arg(long, env = "SLUICE_FORGE_REQUESTS_PER_HOUR", default_value_t = sluice_dispatcher::reporter::REQUESTS_PER_HOUR, value_parser = at_least_one_of::<u32>)]
     pub forge_requests_per_hour: u32,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (the kubelet's probes and
+    /// Prometheus).
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = sluice_core::admin::DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
 }
 
 #[derive(Debug, Args)]

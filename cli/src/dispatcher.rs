@@ -50,6 +50,54 @@ pub async fn run(
         }),
         ..DispatcherConfig::new(global.nats("sluice-dispatcher"))
     };
-    sluice_dispatcher::run(config, shutdown).await?;
+    let handle = sluice_dispatcher::start(config, shutdown.clone());
+    serve_admin(global, a.admin_listen, handle.consumers().clone(), shutdown).await?;
+    handle.wait().await?;
+    Ok(())
+}
+
+/// `/healthz`, `/readyz` and `/metrics` for the dispatcher: ready while NATS is
+/// connected, its streams exist and every consumer loop is pulling.
+///
+/// Readiness asks NATS through a connection of its own, so a probe never queues behind
+/// the dispatcher's own traffic; both connect to the same servers with the same
+/// credential.
+async fn serve_admin(
+    global: &Global,
+    listen: std::net::SocketAddr,
+    consumers: sluice_dispatcher::Consumers,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use sluice_core::subjects;
+    let client = sluice_core::nats::connect(&global.nats("sluice-dispatcher-admin")).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut admin = sluice_core::admin::Admin::new(env!("CARGO_PKG_VERSION"));
+    admin.nats(client);
+    admin.probe("streams", move || {
+        let js = js.clone();
+        async move {
+            sluice_core::streams::check_streams(
+                &js,
+                &[
+                    subjects::EVENTS_STREAM,
+                    subjects::RUNS_STREAM,
+                    subjects::STATUS_STREAM,
+                ],
+            )
+            .await
+            .map_err(|e| e.to_string())
+        }
+    });
+    admin.probe("consumers", move || {
+        let stopped = consumers.stopped();
+        async move {
+            if stopped.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not consuming, recovering: {}", stopped.join(", ")))
+            }
+        }
+    });
+    admin.serve(listen, shutdown).await?;
     Ok(())
 }

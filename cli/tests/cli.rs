@@ -704,3 +704,96 @@ fn runner_flags_out_of_range_are_refused_with_a_message() {
         );
     }
 }
+
+/// `GET path` on `addr` over a plain socket: the status code and body, or `None` while
+/// nothing answers.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let code = answer.split(' ').nth(1)?.parse().ok()?;
+    let body = answer.split_once("\r\n\r\n")?.1.to_owned();
+    Some((code, body))
+}
+
+/// `sluice dispatcher` serves its admin endpoints: ready once its consumers pull, 503
+/// naming NATS while NATS is down, ready again after NATS restarts, metrics with the
+/// build; SIGTERM ends it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_admin_endpoints_tell_the_truth_through_a_nats_restart() {
+    init_logs();
+    let mut nats = NatsServer::start().await;
+    let url = nats.url();
+    let js = jetstream(&url).await;
+    provision(&js).await;
+    let admin = format!("127.0.0.1:{}", sluice_tests::nats::reserve_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("dispatcher")
+        .env("SLUICE_NATS_URL", &url)
+        .env("SLUICE_ADMIN_LISTEN", &admin)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the dispatcher");
+    let status = |want: u16| {
+        let admin = admin.clone();
+        move || {
+            let admin = admin.clone();
+            async move {
+                tokio::task::spawn_blocking(move || http_get(&admin, "/readyz"))
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|(code, _)| *code == want)
+                    .map(|(_, body)| body)
+            }
+        }
+    };
+    wait_for(
+        "the dispatcher to be ready",
+        Duration::from_secs(30),
+        status(200),
+    )
+    .await;
+    let admin2 = admin.clone();
+    let (code, metrics) = tokio::task::spawn_blocking(move || http_get(&admin2, "/metrics"))
+        .await
+        .expect("join")
+        .expect("metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("sluice_build_info{version="), "{metrics}");
+    assert!(metrics.contains("sluice_nats_connected 1"), "{metrics}");
+
+    nats.kill();
+    let body = wait_for(
+        "a 503 while NATS is down",
+        Duration::from_secs(30),
+        status(503),
+    )
+    .await;
+    let verdict: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(verdict["failed"][0]["check"], "nats", "{body}");
+    nats.restart().await;
+    wait_for(
+        "ready again after NATS is back",
+        Duration::from_secs(60),
+        status(200),
+    )
+    .await;
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let exited = tokio::task::spawn_blocking(move || child.wait().expect("exit"))
+        .await
+        .expect("join");
+    assert!(exited.success(), "{exited:?}");
+}
