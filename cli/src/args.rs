@@ -189,6 +189,10 @@ pub struct DispatcherArgs {
     /// Prometheus).
     #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = sluice_core::admin::DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
+    /// Time the events in hand get to finish after SIGTERM; those still running then
+    /// are handed back to NATS for another replica.
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value_t = HumanDuration(sluice_dispatcher::SHUTDOWN_GRACE), value_parser = human_duration)]
+    pub shutdown_grace: HumanDuration,
 }
 
 #[derive(Debug, Args)]

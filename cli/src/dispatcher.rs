@@ -35,6 +35,7 @@ pub async fn run(
         default_cluster: a.default_cluster,
         concurrency: a.concurrency,
         max_attempts: a.max_attempts,
+        shutdown_grace: a.shutdown_grace.0,
         forge: ForgeConfig {
             github_app,
             github_token: a.github_token,

@@ -40,6 +40,9 @@ pub const MAX_ATTEMPTS: i64 = 5;
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time an event may be in hand before NATS redelivers it.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Default `--shutdown-grace`: time the events in hand get to finish after SIGTERM
+/// before they are handed back.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 /// Everything `sluice dispatcher` is configured with.
 #[derive(Debug, Clone)]
@@ -60,6 +63,9 @@ pub struct DispatcherConfig {
     pub forge: forge::ForgeConfig,
     /// Commit statuses back to the forges; off when `None`.
     pub reporter: Option<reporter::ReporterConfig>,
+    /// After shutdown starts, how long the events in hand may take to finish; those
+    /// still running then are handed back to NATS unfinished.
+    pub shutdown_grace: Duration,
 }
 
 impl DispatcherConfig {
@@ -74,6 +80,7 @@ impl DispatcherConfig {
             ack_wait: ACK_WAIT,
             forge: forge::ForgeConfig::default(),
             reporter: None,
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 
@@ -137,7 +144,10 @@ pub fn start(config: DispatcherConfig, shutdown: CancellationToken) -> Handle {
     Handle { consumers, task }
 }
 
-/// Runs the dispatcher until `shutdown`: stops pulling, finishes the events in hand.
+/// Runs the dispatcher until `shutdown`. Then it stops pulling, finishes the messages
+/// in hand, hands back (nak without delay) those still running when
+/// `config.shutdown_grace` is over, and returns: nothing taken is lost, and each is
+/// dispatched once by whichever replica takes it next.
 pub async fn run(config: DispatcherConfig, shutdown: CancellationToken) -> Result<()> {
     let consumers = Consumers::new(config.reporter.is_some());
     run_with(config, consumers, shutdown).await
@@ -197,34 +207,77 @@ async fn run_with(
         ack_wait: config.ack_wait,
         changed_files,
         liveness,
+        hand_back: CancellationToken::new(),
+    });
+    // The grace period starts with shutdown; at its end, whatever is still in hand is
+    // handed back.
+    let grace = tokio::spawn({
+        let (shutdown, hand_back, grace) = (
+            shutdown.clone(),
+            ctx.hand_back.clone(),
+            config.shutdown_grace,
+        );
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!(
+                ?grace,
+                "shutting down: no new messages, finishing those in hand"
+            );
+            tokio::time::sleep(grace).await;
+            hand_back.cancel();
+        }
     });
     tracing::info!(
         concurrency = config.concurrency,
         "dispatcher consuming events"
     );
-    tokio::join!(
-        service::consume_events(
-            ctx.clone(),
-            config.concurrency,
-            consumers.events.clone(),
-            shutdown.clone()
-        ),
-        service::consume_statuses(ctx.clone(), consumers.statuses.clone(), shutdown.clone()),
-        service::consume_children(ctx, consumers.children.clone(), shutdown.clone()),
-    );
+    let consuming = async {
+        tokio::join!(
+            service::consume_events(
+                ctx.clone(),
+                config.concurrency,
+                consumers.events.clone(),
+                shutdown.clone()
+            ),
+            service::consume_statuses(ctx.clone(), consumers.statuses.clone(), shutdown.clone()),
+            service::consume_children(ctx.clone(), consumers.children.clone(), shutdown.clone()),
+        )
+    };
+    tokio::select! {
+        _ = consuming => {}
+        // Handing back is a publish each; a loop still busy after that (opening a
+        // consumer on a server that does not answer) holds nothing to hand back.
+        () = async {
+            ctx.hand_back.cancelled().await;
+            tokio::time::sleep(HAND_BACK_TIME).await;
+        } => tracing::warn!("consumers still busy after the grace period; stopping them"),
+    }
     watcher.abort();
     liveness_task.abort();
-    if let Some(task) = reporting {
-        match task.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "the commit status reporter failed"),
-            Err(e) => tracing::error!(error = %e, "the commit status reporter panicked"),
-            Ok(Ok(())) => {}
+    if let Some(mut task) = reporting {
+        // Statuses not yet sent stay queued in their bucket for the next dispatcher.
+        let ended = tokio::select! {
+            ended = &mut task => Some(ended),
+            () = ctx.hand_back.cancelled() => None,
+        };
+        match ended {
+            Some(Ok(Err(e))) => tracing::error!(error = %e, "the commit status reporter failed"),
+            Some(Err(e)) => tracing::error!(error = %e, "the commit status reporter panicked"),
+            Some(Ok(Ok(()))) => {}
+            None => {
+                tracing::warn!("shutdown grace period over; stopping the commit status reporter");
+                task.abort();
+            }
         }
     }
+    grace.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     tracing::info!("dispatcher stopped");
     Ok(())
 }
+
+/// Time the messages still in hand at the end of the grace period get to be handed back.
+const HAND_BACK_TIME: Duration = Duration::from_secs(1);
 
 /// Everything the dispatcher reads or writes.
 const NEEDS: streams::Needs = streams::Needs {

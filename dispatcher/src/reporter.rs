@@ -192,13 +192,15 @@ async fn flush_loop(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = flush(&kv, &sender).await {
+        if let Err(e) = flush(&kv, &sender, &shutdown).await {
             tracing::warn!(error = %e, "sending commit statuses failed; will retry");
         }
     }
 }
 
-async fn flush(kv: &Store, sender: &Sender) -> Result<()> {
+/// Sends what the bucket holds; on shutdown it stops between statuses (what is left
+/// stays queued for the next dispatcher).
+async fn flush(kv: &Store, sender: &Sender, shutdown: &CancellationToken) -> Result<()> {
     let keys: Vec<String> = kv
         .keys()
         .await
@@ -207,6 +209,9 @@ async fn flush(kv: &Store, sender: &Sender) -> Result<()> {
         .await
         .map_err(|e| Error::nats("list queued commit statuses", e))?;
     for key in keys {
+        if shutdown.is_cancelled() {
+            break;
+        }
         let Some(entry) = kv
             .entry(&key)
             .await

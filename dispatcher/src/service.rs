@@ -2,6 +2,7 @@
 //! concurrency slots and relay child results; and runners' child requests. Each is a
 //! session that [`crate::consume::keep_consuming`] starts again whenever it ends.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ pub struct Context {
     pub ack_wait: Duration,
     pub changed_files: ChangedFiles,
     pub liveness: Arc<crate::liveness::Liveness>,
+    /// Tripped when the shutdown grace period ends: messages still in hand are handed
+    /// back instead of finished.
+    pub hand_back: CancellationToken,
 }
 
 /// Durable consumer names: every replica joins the same ones.
@@ -105,13 +109,27 @@ async fn events_session(
     consume::pulled(messages, EVENTS_CONSUMER, shutdown.clone())
         .for_each_concurrent(concurrency, |message| {
             let ctx = ctx.clone();
-            async move { handle_event(&ctx, message).await }
+            async move { in_hand(&ctx, &message, handle_event(&ctx, &message)).await }
         })
         .await;
     Ok(())
 }
 
-async fn handle_event(ctx: &Context, message: Message) {
+/// Runs `handle` for `message` unless the shutdown grace period ends first: the message
+/// is then handed back (a nak without delay) for another replica, or this one
+/// restarted, to take at once. What the handler had already published is published
+/// again then, and dropped as a duplicate by its message id.
+async fn in_hand(ctx: &Context, message: &Message, handle: impl Future<Output = ()>) {
+    tokio::select! {
+        () = handle => {}
+        () = ctx.hand_back.cancelled() => {
+            tracing::info!(subject = %message.subject, "shutdown grace period over; handing the message back");
+            ack(message, AckKind::Nak(None)).await;
+        }
+    }
+}
+
+async fn handle_event(ctx: &Context, message: &Message) {
     let (delivered, sequence) = match message.info() {
         Ok(info) => (info.delivered, info.stream_sequence),
         Err(_) => (1, 0),
@@ -124,7 +142,7 @@ async fn handle_event(ctx: &Context, message: Message) {
     match result {
         Ok((event_id, runs)) => {
             tracing::info!(event_id = %event_id, runs, "event dispatched");
-            ack(&message, AckKind::Ack).await;
+            ack(message, AckKind::Ack).await;
         }
         Err(e) if !e.is_retryable() || delivered >= ctx.max_attempts => {
             tracing::error!(subject = %subject, sequence, attempts = delivered, error = %e, "event moved to the dead-letter subject");
@@ -139,7 +157,7 @@ async fn handle_event(ctx: &Context, message: Message) {
                 )
                 .await
             {
-                Ok(()) => ack(&message, AckKind::Term).await,
+                Ok(()) => ack(message, AckKind::Term).await,
                 // Not acknowledged: it comes back and is dead-lettered then.
                 Err(dl) => tracing::error!(error = %dl, "cannot dead-letter the event"),
             }
@@ -147,7 +165,7 @@ async fn handle_event(ctx: &Context, message: Message) {
         Err(e) => {
             let delay = Duration::from_secs(1 << delivered.clamp(0, 5));
             tracing::warn!(subject = %subject, sequence, attempt = delivered, error = %e, retry_in = ?delay, "event dispatch failed, will retry");
-            ack(&message, AckKind::Nak(Some(delay))).await;
+            ack(message, AckKind::Nak(Some(delay))).await;
         }
     }
 }
@@ -346,18 +364,20 @@ async fn statuses_session(
     consume::pulled(messages, STATUS_CONSUMER, shutdown.clone())
         .for_each_concurrent(16, |message| {
             let ctx = ctx.clone();
-            async move {
-                match release_slot(&ctx, &message.payload).await {
-                    Ok(()) => ack(&message, AckKind::Ack).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "freeing a concurrency slot failed, will retry");
-                        ack(&message, AckKind::Nak(Some(Duration::from_secs(2)))).await;
-                    }
-                }
-            }
+            async move { in_hand(&ctx, &message, handle_status(&ctx, &message)).await }
         })
         .await;
     Ok(())
+}
+
+async fn handle_status(ctx: &Context, message: &Message) {
+    match release_slot(ctx, &message.payload).await {
+        Ok(()) => ack(message, AckKind::Ack).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "freeing a concurrency slot failed, will retry");
+            ack(message, AckKind::Nak(Some(Duration::from_secs(2)))).await;
+        }
+    }
 }
 
 async fn release_slot(ctx: &Context, payload: &[u8]) -> Result<()> {
@@ -417,24 +437,26 @@ async fn children_session(
     consume::pulled(messages, CHILDREN_CONSUMER, shutdown.clone())
         .for_each_concurrent(16, |message| {
             let ctx = ctx.clone();
-            async move {
-                let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-                match child_request(&ctx, &message.subject, &message.payload).await {
-                    Ok(()) => ack(&message, AckKind::Ack).await,
-                    Err(why) if why.is_retryable() && delivered < ctx.max_attempts => {
-                        tracing::info!(reason = %why, attempt = delivered, "child request not ready yet, will retry");
-                        ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                    }
-                    Err(why) => {
-                        tracing::warn!(subject = %message.subject, reason = %why, "child request refused");
-                        refuse(&ctx, &message.subject, &message.payload, &why).await;
-                        ack(&message, AckKind::Term).await;
-                    }
-                }
-            }
+            async move { in_hand(&ctx, &message, handle_child(&ctx, &message)).await }
         })
         .await;
     Ok(())
+}
+
+async fn handle_child(ctx: &Context, message: &Message) {
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+    match child_request(ctx, &message.subject, &message.payload).await {
+        Ok(()) => ack(message, AckKind::Ack).await,
+        Err(why) if why.is_retryable() && delivered < ctx.max_attempts => {
+            tracing::info!(reason = %why, attempt = delivered, "child request not ready yet, will retry");
+            ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+        Err(why) => {
+            tracing::warn!(subject = %message.subject, reason = %why, "child request refused");
+            refuse(ctx, &message.subject, &message.payload, &why).await;
+            ack(message, AckKind::Term).await;
+        }
+    }
 }
 
 /// Starts or cancels the child a runner asks for, after checking that the parent run

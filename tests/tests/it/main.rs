@@ -7,6 +7,7 @@ mod dispatch_changed_files;
 mod dispatch_flow;
 mod dispatch_matching;
 mod dispatch_recovery;
+mod dispatch_shutdown;
 mod end_to_end;
 mod ingest_connections;
 mod ingest_delivery;
