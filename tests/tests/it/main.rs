@@ -15,6 +15,7 @@ mod ingest_fixtures;
 mod ingest_lifecycle;
 mod ingest_rejects;
 mod ingest_schemes;
+mod ingest_store_refusals;
 mod nats_permissions;
 mod reporter;
 mod runner_kubernetes;
