@@ -22,8 +22,11 @@ pub const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// `now` for the Standard Webhooks target, so seeds stay inside the tolerance.
 pub const NOW: i64 = 1_700_000_000;
 
+/// A target's body: raw bytes in, a panic or a hang as the finding.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name: what `scripts/fuzz` runs and the replay test checks.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("verify_github", verify_github),
     ("verify_gitlab", verify_gitlab),
     ("verify_standard", verify_standard),
@@ -141,10 +144,16 @@ pub fn step_lines(data: &[u8]) {
         let mut lines = sluice_runner::lines::Lines::new(reader);
         let mut total = 0;
         while let Ok(Some(line)) = lines.next_line().await {
-            assert!(line.len() <= sluice_runner::lines::MAX_LINE, "a line over MAX_LINE");
+            assert!(
+                line.len() <= sluice_runner::lines::MAX_LINE,
+                "a line over MAX_LINE"
+            );
             total += line.len();
         }
-        assert!(total <= data.len() * 3, "more text out than bytes in, beyond U+FFFD");
+        assert!(
+            total <= data.len() * 3,
+            "more text out than bytes in, beyond U+FFFD"
+        );
     });
 }
 

@@ -24,7 +24,11 @@ fn fixtures(provider: &str) -> Vec<(String, Vec<u8>)> {
         .unwrap_or_else(|e| panic!("cannot read the fixtures in {}: {e}", dir.display()))
         .filter_map(|entry| {
             let path = entry.ok()?.path();
-            let name = path.file_name()?.to_str()?.strip_suffix(".json")?.to_owned();
+            let name = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".json")?
+                .to_owned();
             Some((name, std::fs::read(&path).ok()?))
         })
         .collect();
@@ -136,7 +140,12 @@ pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
         ]
         .iter()
         .enumerate()
-        .map(|(i, expr)| (format!("expr{i}"), with_headers(&[expr], EVENT_JSON.as_bytes())))
+        .map(|(i, expr)| {
+            (
+                format!("expr{i}"),
+                with_headers(&[expr], EVENT_JSON.as_bytes()),
+            )
+        })
         .collect(),
         "step_lines" => vec![
             ("plain".into(), b"one\ntwo\r\nthree".to_vec()),

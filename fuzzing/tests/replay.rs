@@ -23,7 +23,10 @@ fn seeds_and_kept_findings_replay_cleanly() {
             }
         }
     }
-    assert!(replayed > sluice_fuzzing::TARGETS.len(), "{replayed} inputs");
+    assert!(
+        replayed > sluice_fuzzing::TARGETS.len(),
+        "{replayed} inputs"
+    );
 }
 
 #[test]
@@ -31,8 +34,8 @@ fn every_target_has_a_cargo_fuzz_binary() {
     let targets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/fuzz_targets");
     for (target, _) in sluice_fuzzing::TARGETS {
         let file = targets.join(format!("{target}.rs"));
-        let body = std::fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let body =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         assert!(
             body.contains(&format!("sluice_fuzzing::{target}(")),
             "{} must call sluice_fuzzing::{target}",
