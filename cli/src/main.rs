@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = sluice_core::shutdown::on_signal();
     if let args::Command::Runs(c) = cli.command {
         // Scripts rely on `runs get --wait` exit codes.
-        let code = runs::run(&cli.global, c).await?;
+        let code = runs::run(&cli.global, c, shutdown).await?;
         std::process::exit(code);
     }
     match cli.command {
@@ -38,7 +38,9 @@ async fn main() -> anyhow::Result<()> {
         args::Command::Pipelines(c) => pipelines::run(&cli.global, c).await,
         args::Command::Events(c) => events::run(&cli.global, c).await,
         args::Command::Runs(_) => Ok(()),
-        args::Command::Status { output, watch } => status::run(&cli.global, output, watch).await,
+        args::Command::Status { output, watch } => {
+            status::run(&cli.global, output, watch, shutdown).await
+        }
         args::Command::Streams(c) => streams::run(&cli.global, c).await,
         args::Command::Nats(c) => nats_admin::run(c.action()),
         args::Command::Cluster(c) => nats_admin::run(c.action()),

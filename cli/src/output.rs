@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::args::Output;
 
@@ -44,7 +45,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 
 /// Runs `draw` every 2 seconds until Ctrl-C (`--watch`). On a terminal each frame
 /// replaces the last; piped, frames follow each other with a blank line between.
-pub async fn watch<F, Fut>(mut draw: F) -> anyhow::Result<()>
+pub async fn watch<F, Fut>(shutdown: &CancellationToken, mut draw: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
@@ -58,10 +59,16 @@ where
             print!("\x1b[2J\x1b[H");
             println!("every 2s, Ctrl-C to stop · {now}\n");
         }
-        draw().await?;
-        let _ = std::io::stdout().flush();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = shutdown.cancelled() => return Ok(()),
+            drawn = draw() => drawn?,
+        }
+        let _ = std::io::stdout().flush();
+        // The process's shutdown token, not a Ctrl-C listener of its own: one made here
+        // would miss a signal that arrives while a frame is drawn, and --watch would
+        // never end.
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
         if !terminal {

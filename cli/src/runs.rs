@@ -15,7 +15,11 @@ use time::OffsetDateTime;
 use crate::args::{Global, Output, RunsCommand};
 use crate::output;
 
-pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<i32> {
+pub async fn run(
+    global: &Global,
+    command: RunsCommand,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<i32> {
     let client = crate::connect(global).await?;
     let js = jetstream::new(client);
     match command {
@@ -34,7 +38,7 @@ pub async fn run(global: &Global, command: RunsCommand) -> anyhow::Result<i32> {
                 limit,
             };
             if watch {
-                crate::output::watch(|| list(&js, &filter, output)).await?;
+                crate::output::watch(&shutdown, || list(&js, &filter, output)).await?;
             } else {
                 list(&js, &filter, output).await?;
             }

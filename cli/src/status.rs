@@ -40,11 +40,16 @@ struct RunnerStatus {
     seen_seconds_ago: i64,
 }
 
-pub async fn run(global: &Global, output: Output, watch: bool) -> anyhow::Result<()> {
+pub async fn run(
+    global: &Global,
+    output: Output,
+    watch: bool,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let client = crate::connect(global).await?;
     let js = async_nats::jetstream::new(client);
     if watch {
-        return output::watch(|| show(&js, output)).await;
+        return output::watch(&shutdown, || show(&js, output)).await;
     }
     show(&js, output).await
 }
