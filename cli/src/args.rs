@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
@@ -83,14 +82,14 @@ pub struct StreamsApplyArgs {
     #[arg(long, env = "SLUICE_STREAM_REPLICAS", default_value_t = StreamSettings::default().replicas, value_parser = replicas)]
     pub replicas: usize,
     /// How long a delivery id is recognised as a duplicate (GitHub redelivers for 3 days).
-    #[arg(long, env = "SLUICE_DEDUP_WINDOW", default_value = "72h", value_parser = duration)]
-    pub dedup_window: Duration,
+    #[arg(long, env = "SLUICE_DEDUP_WINDOW", default_value_t = HumanDuration(StreamSettings::default().dedup_window), value_parser = human_duration)]
+    pub dedup_window: HumanDuration,
     /// How long events are kept (at least the dedup window).
-    #[arg(long, env = "SLUICE_EVENTS_MAX_AGE", default_value = "7d", value_parser = duration)]
-    pub events_max_age: Duration,
+    #[arg(long, env = "SLUICE_EVENTS_MAX_AGE", default_value_t = HumanDuration(StreamSettings::default().events_max_age), value_parser = human_duration)]
+    pub events_max_age: HumanDuration,
     /// How long run states and logs are kept.
-    #[arg(long, env = "SLUICE_LOGS_MAX_AGE", default_value = "7d", value_parser = duration)]
-    pub logs_max_age: Duration,
+    #[arg(long, env = "SLUICE_LOGS_MAX_AGE", default_value_t = HumanDuration(StreamSettings::default().logs_max_age), value_parser = human_duration)]
+    pub logs_max_age: HumanDuration,
     /// Bytes of logs kept at most; the oldest go first.
     #[arg(long, env = "SLUICE_LOGS_MAX_BYTES", default_value_t = StreamSettings::default().logs_max_bytes)]
     pub logs_max_bytes: i64,
@@ -112,9 +111,9 @@ impl StreamsApplyArgs {
     pub fn settings(&self) -> StreamSettings {
         StreamSettings {
             replicas: self.replicas,
-            dedup_window: self.dedup_window,
-            events_max_age: self.events_max_age,
-            logs_max_age: self.logs_max_age,
+            dedup_window: self.dedup_window.0,
+            events_max_age: self.events_max_age.0,
+            logs_max_age: self.logs_max_age.0,
             logs_max_bytes: self.logs_max_bytes,
             clusters: self.clusters.clone(),
         }
@@ -485,10 +484,6 @@ impl Global {
             ..NatsOptions::new(&self.nats_url, name)
         }
     }
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    sluice_core::duration::parse(s)
 }
 
 fn secret(s: &str) -> Result<SecretString, String> {
