@@ -1,0 +1,582 @@
+//! The scenarios: one fault each, under load, then the invariants.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::Signal;
+use sluice_core::subjects;
+use tokio_util::sync::CancellationToken;
+
+use crate::check;
+use crate::env::{wait_healthy, Env};
+use crate::load::{Answer, Load};
+use crate::net;
+use crate::services::{self, Service};
+
+/// New deliveries a second during every scenario.
+const RATE: u32 = 10;
+/// Steady load before the fault, and after it is healed.
+const BEFORE: Duration = Duration::from_secs(5);
+const AFTER: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scenario {
+    Baseline,
+    LeaderKill,
+    MajorityDown,
+    LeaderPause,
+    DispatcherKill,
+    LeaderLinkCut,
+    RollingRestart,
+    RunnerKill,
+    IngestNodeCut,
+}
+
+pub const ALL: [Scenario; 9] = [
+    Scenario::Baseline,
+    Scenario::LeaderKill,
+    Scenario::MajorityDown,
+    Scenario::LeaderPause,
+    Scenario::DispatcherKill,
+    Scenario::LeaderLinkCut,
+    Scenario::RollingRestart,
+    Scenario::RunnerKill,
+    Scenario::IngestNodeCut,
+];
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Baseline => "baseline",
+            Scenario::LeaderKill => "leader-kill",
+            Scenario::MajorityDown => "majority-down",
+            Scenario::LeaderPause => "leader-pause",
+            Scenario::DispatcherKill => "dispatcher-kill",
+            Scenario::LeaderLinkCut => "leader-link-cut",
+            Scenario::RollingRestart => "rolling-restart",
+            Scenario::RunnerKill => "runner-kill",
+            Scenario::IngestNodeCut => "ingest-node-cut",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Scenario::Baseline => "no fault: the load alone, 10 s",
+            Scenario::LeaderKill => {
+                "the events stream's leader SIGKILLed, restarted 10 s later on its store"
+            }
+            Scenario::MajorityDown => "two of three nodes (the leader and one more) down for 60 s",
+            Scenario::LeaderPause => "the events stream's leader paused (SIGSTOP) for 15 s",
+            Scenario::DispatcherKill => {
+                "dispatcher-1 SIGKILLed at random moments for 30 s, restarted each time"
+            }
+            Scenario::LeaderLinkCut => {
+                "the events stream leader's link cut (ip link set … down) for 30 s"
+            }
+            Scenario::RollingRestart => {
+                "every node in turn put in lame duck mode (SIGUSR2), restarted when it exits"
+            }
+            Scenario::RunnerKill => {
+                "runner-c1 SIGKILLed right after a Pod create reaches the API, 3 times"
+            }
+            Scenario::IngestNodeCut => {
+                "the node most ingest connections use cut off for 30 s without a TCP reset"
+            }
+        }
+    }
+}
+
+pub fn choose(wanted: &[String]) -> anyhow::Result<Vec<Scenario>> {
+    if wanted.is_empty() {
+        return Ok(ALL.to_vec());
+    }
+    wanted
+        .iter()
+        .map(|w| {
+            ALL.iter()
+                .copied()
+                .find(|s| s.name() == w)
+                .with_context(|| format!("no scenario {w}: see --help"))
+        })
+        .collect()
+}
+
+/// A scenario's result and figures.
+#[derive(Debug)]
+pub struct Outcome {
+    pub name: &'static str,
+    pub failures: Vec<String>,
+    took: Duration,
+    requests: usize,
+    deliveries: usize,
+    unavailable: usize,
+    other: usize,
+    max_answer: Duration,
+    recovery: String,
+}
+
+impl Outcome {
+    pub fn row(&self) -> String {
+        format!(
+            "| {} | {} | {:.0} s | {} ({} deliveries) | {} | {} | {:.2} s | {} |",
+            self.name,
+            if self.failures.is_empty() {
+                "pass"
+            } else {
+                "FAIL"
+            },
+            self.took.as_secs_f64(),
+            self.requests,
+            self.deliveries,
+            self.unavailable,
+            self.other,
+            self.max_answer.as_secs_f64(),
+            self.recovery
+        )
+    }
+}
+
+/// Polls each ingest's `/readyz` every 500 ms.
+struct ReadyPoller {
+    polls: Arc<Mutex<Vec<(Instant, usize, u16)>>>,
+    stop: CancellationToken,
+}
+
+impl ReadyPoller {
+    fn start(http: reqwest::Client, urls: Vec<String>) -> ReadyPoller {
+        let polls = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        for (i, url) in urls.into_iter().enumerate() {
+            let (polls, stop, http) = (polls.clone(), stop.clone(), http.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let at = Instant::now();
+                    let status = services::status_of(
+                        &http,
+                        &format!("{url}/readyz"),
+                        Duration::from_secs(3),
+                    )
+                    .await;
+                    polls.lock().expect("polls").push((at, i, status));
+                }
+            });
+        }
+        ReadyPoller { polls, stop }
+    }
+
+    fn finish(self) -> Vec<(Instant, usize, u16)> {
+        self.stop.cancel();
+        self.polls.lock().expect("polls").clone()
+    }
+}
+
+/// A small xorshift generator: the random moments, reproducible from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("SLUICE_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        println!("  random moments from SLUICE_FAULT_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    fn millis(&mut self, low: u64, high: u64) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_millis(low + self.0 % (high - low))
+    }
+}
+
+fn ok(a: &Answer) -> bool {
+    a.status.is_some_and(|s| (200..300).contains(&s))
+}
+
+/// Holds the fault for its fixed duration (the scenario, not a synchronisation).
+async fn hold(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
+    let name = scenario.name();
+    println!("\n== {name}: {}", scenario.describe());
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    let mut notes = Vec::new();
+    if let Err(e) = env.seen.update(&env.js).await {
+        failures.push(format!("reading the streams before the scenario: {e:#}"));
+    }
+    match check::runs_last_seq(&env.js).await {
+        Ok(seq) => env.seen.runs_seq = seq,
+        Err(e) => failures.push(format!("SLUICE_RUNS info: {e:#}")),
+    }
+    let load = Load::start(
+        env.ingest_urls(),
+        RATE,
+        &format!("fs-{name}-{}", std::process::id()),
+    );
+    let poller = ReadyPoller::start(env.http.clone(), env.ingest_urls());
+    hold(BEFORE).await;
+    let fault_start = Instant::now();
+    // Services the fault restarts on purpose (the rest must never exit).
+    let mut restarted: Vec<String> = Vec::new();
+    if let Err(e) = fault(env, scenario, &mut notes, &mut restarted).await {
+        failures.push(format!("the fault itself: {e:#}"));
+    }
+    let heal = Instant::now();
+    for node in &env.nodes {
+        match wait_healthy(&env.http, node, Duration::from_secs(60)).await {
+            Ok(d) if d > Duration::from_millis(500) => notes.push(format!(
+                "{} healthy (/healthz) {:.1} s after the heal",
+                node.name,
+                (Instant::now() - heal).as_secs_f64()
+            )),
+            Ok(_) => {}
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    hold(AFTER.saturating_sub(heal.elapsed())).await;
+    let first_ok = load.first_ok_since(heal);
+    let report = load.finish(Duration::from_secs(60)).await;
+    let polls = poller.finish();
+
+    // Figures.
+    let answers = &report.answers;
+    let unavailable = answers.iter().filter(|a| a.status == Some(503)).count();
+    let other = answers
+        .iter()
+        .filter(|a| !ok(a) && a.status != Some(503))
+        .count();
+    let max_answer = answers.iter().map(|a| a.took).max().unwrap_or_default();
+    let failed_after_heal = answers
+        .iter()
+        .filter(|a| a.sent >= heal && !ok(a))
+        .map(|a| a.sent + a.took)
+        .max();
+    let recovery = match (failed_after_heal, first_ok) {
+        (None, _) => "0 s".to_owned(),
+        (Some(last), Some(first)) => format!(
+            "{:.1} s (first 2xx +{:.1} s)",
+            (last - heal).as_secs_f64(),
+            (first - heal).as_secs_f64()
+        ),
+        (Some(last), None) => format!("{:.1} s", (last - heal).as_secs_f64()),
+    };
+    let during: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.sent >= fault_start && a.sent < heal)
+        .collect();
+    notes.push(format!(
+        "during the fault ({:.1} s): {} requests, {} answered 2xx, {} 503",
+        (heal - fault_start).as_secs_f64(),
+        during.len(),
+        during.iter().filter(|a| ok(a)).count(),
+        during.iter().filter(|a| a.status == Some(503)).count()
+    ));
+    notes.push(readiness(&polls, answers, fault_start, heal));
+    let mut latencies: Vec<Duration> = answers.iter().map(|a| a.took).collect();
+    latencies.sort();
+    if !latencies.is_empty() {
+        notes.push(format!(
+            "answer time p50 {:.0} ms, p99 {:.0} ms, max {:.2} s",
+            latencies[latencies.len() / 2].as_secs_f64() * 1000.0,
+            latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)].as_secs_f64() * 1000.0,
+            max_answer.as_secs_f64()
+        ));
+    }
+
+    // Invariants.
+    if let Err(e) = env.seen.update(&env.js).await {
+        failures.push(format!("reading the streams: {e:#}"));
+    }
+    let runs = check::expected_runs(env, &report);
+    let settle = Instant::now();
+    match check::wait_finals(env, &runs, Duration::from_secs(120)).await {
+        Ok(missing) if missing.is_empty() => notes.push(format!(
+            "{} runs expected, all final {:.1} s after the load ended",
+            runs.len(),
+            settle.elapsed().as_secs_f64()
+        )),
+        Ok(missing) => failures.push(format!(
+            "{} of {} runs without a final state after 120 s (e.g. {})",
+            missing.len(),
+            runs.len(),
+            missing
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Err(e) => failures.push(format!("reading states: {e:#}")),
+    }
+    let runs_stored = match check::runs_last_seq(&env.js).await {
+        Ok(seq) => seq - env.seen.runs_seq,
+        Err(e) => {
+            failures.push(format!("SLUICE_RUNS info: {e:#}"));
+            0
+        }
+    };
+    failures.extend(check::invariants(env, &report, &runs, runs_stored));
+    match check::replicas_agree(env, Duration::from_secs(60)).await {
+        Ok(d) => notes.push(format!(
+            "replicas agree on every stream's last sequence ({:.1} s after the checks began)",
+            d.as_secs_f64()
+        )),
+        Err(e) => failures.push(e),
+    }
+    for s in env.services_mut() {
+        if let Some(status) = s.exited() {
+            failures.push(format!(
+                "{} exited ({status}); see {}",
+                s.name,
+                s.log_path().display()
+            ));
+        } else if s.starts > 1 && !restarted.contains(&s.name) {
+            failures.push(format!("{} was restarted", s.name));
+        }
+    }
+    let all: Vec<&Service> = env.services().collect();
+    match services::wait_ready(&env.http, &all, Duration::from_secs(60)).await {
+        Ok(_) => {}
+        Err(e) => failures.push(format!("services: {e}")),
+    }
+    for n in &notes {
+        println!("  {n}");
+    }
+    for f in &failures {
+        println!("  FAIL: {f}");
+    }
+    let outcome = Outcome {
+        name,
+        failures,
+        took: started.elapsed(),
+        requests: answers.len(),
+        deliveries: report.delivered.len(),
+        unavailable,
+        other,
+        max_answer,
+        recovery,
+    };
+    println!("  {}", outcome.row());
+    outcome
+}
+
+/// What `/readyz` said during the fault, against what the same ingest answered
+/// webhooks sent within a second of each poll.
+fn readiness(
+    polls: &[(Instant, usize, u16)],
+    answers: &[Answer],
+    from: Instant,
+    to: Instant,
+) -> String {
+    let in_fault: Vec<&(Instant, usize, u16)> = polls
+        .iter()
+        .filter(|(at, _, _)| *at >= from && *at < to)
+        .collect();
+    let ready = in_fault.iter().filter(|p| p.2 == 200).count();
+    let (mut false_ready, mut false_unready) = (0, 0);
+    for (at, ingest, status) in &in_fault {
+        let near: Vec<&Answer> = answers
+            .iter()
+            .filter(|a| {
+                a.ingest == *ingest
+                    && a.sent + Duration::from_secs(1) >= *at
+                    && a.sent <= *at + Duration::from_secs(1)
+            })
+            .collect();
+        if near.is_empty() {
+            continue;
+        }
+        let any_ok = near.iter().any(|a| ok(a));
+        if *status == 200 && !any_ok {
+            false_ready += 1;
+        }
+        if *status != 200 && near.iter().all(|a| ok(a)) {
+            false_unready += 1;
+        }
+    }
+    format!(
+        "ingest /readyz during the fault: {ready} of {} polls ready; {false_ready} said ready while that ingest answered every webhook within 1 s non-2xx, {false_unready} said not ready while it answered all 2xx",
+        in_fault.len()
+    )
+}
+
+async fn fault(
+    env: &mut Env,
+    scenario: Scenario,
+    notes: &mut Vec<String>,
+    restarted: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    match scenario {
+        Scenario::Baseline => hold(Duration::from_secs(10)).await,
+        Scenario::LeaderKill => {
+            let l = env.leader(subjects::EVENTS_STREAM).await?;
+            notes.push(format!("events leader {}", env.nodes[l].name));
+            let killed = Instant::now();
+            env.nodes[l].kill();
+            match new_leader(env, l, Duration::from_secs(30)).await {
+                Some((n, d)) => notes.push(format!(
+                    "new events leader {} after {:.1} s",
+                    env.nodes[n].name,
+                    d.as_secs_f64()
+                )),
+                None => notes.push("no new events leader within 30 s".into()),
+            }
+            hold(Duration::from_secs(10).saturating_sub(killed.elapsed())).await;
+            env.nodes[l].spawn()?;
+        }
+        Scenario::MajorityDown => {
+            let l = env.leader(subjects::EVENTS_STREAM).await?;
+            let other = (l + 1) % env.nodes.len();
+            notes.push(format!(
+                "down: {} (events leader) and {}",
+                env.nodes[l].name, env.nodes[other].name
+            ));
+            env.nodes[l].kill();
+            env.nodes[other].kill();
+            hold(Duration::from_secs(60)).await;
+            env.nodes[l].spawn()?;
+            env.nodes[other].spawn()?;
+        }
+        Scenario::LeaderPause => {
+            let l = env.leader(subjects::EVENTS_STREAM).await?;
+            notes.push(format!("paused: {} (events leader)", env.nodes[l].name));
+            env.nodes[l].signal(Signal::SIGSTOP);
+            hold(Duration::from_secs(15)).await;
+            env.nodes[l].signal(Signal::SIGCONT);
+        }
+        Scenario::DispatcherKill => {
+            let mut rng = Rng::new();
+            let end = Instant::now() + Duration::from_secs(30);
+            let mut kills = 0;
+            while Instant::now() < end {
+                hold(rng.millis(500, 4000)).await;
+                env.dispatchers[0].kill();
+                kills += 1;
+                hold(rng.millis(200, 1500)).await;
+                env.dispatchers[0].spawn()?;
+            }
+            restarted.push(env.dispatchers[0].name.clone());
+            notes.push(format!("dispatcher-1 killed {kills} times"));
+        }
+        Scenario::LeaderLinkCut => {
+            let l = env.leader(subjects::EVENTS_STREAM).await?;
+            notes.push(format!("cut: {} (events leader)", env.nodes[l].name));
+            net::link_down(env.nodes[l].index)?;
+            hold(Duration::from_secs(30)).await;
+            net::link_up(env.nodes[l].index)?;
+        }
+        Scenario::RollingRestart => {
+            let l = env.leader(subjects::EVENTS_STREAM).await?;
+            let mut order: Vec<usize> = (0..env.nodes.len()).filter(|i| *i != l).collect();
+            order.push(l);
+            for i in order {
+                let began = Instant::now();
+                env.nodes[i].signal(Signal::SIGUSR2);
+                if !env.nodes[i].wait_exit(Duration::from_secs(30)).await {
+                    notes.push(format!(
+                        "{} still running 30 s into lame duck mode: killed",
+                        env.nodes[i].name
+                    ));
+                    env.nodes[i].kill();
+                }
+                let exited = began.elapsed();
+                env.nodes[i].spawn()?;
+                let healthy = wait_healthy(&env.http, &env.nodes[i], Duration::from_secs(60))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e:#} after its restart"))?;
+                notes.push(format!(
+                    "{}: exited {:.1} s after SIGUSR2, healthy {:.1} s after its restart",
+                    env.nodes[i].name,
+                    exited.as_secs_f64(),
+                    healthy.as_secs_f64()
+                ));
+            }
+        }
+        Scenario::RunnerKill => {
+            for round in 0..3 {
+                let before = env.apis[0].created().len();
+                let until = Instant::now() + Duration::from_secs(20);
+                while env.apis[0].created().len() <= before {
+                    anyhow::ensure!(Instant::now() < until, "no Pod create for c1 within 20 s");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                env.runners[0].kill();
+                notes.push(format!(
+                    "round {}: runner-c1 killed after Pod create #{}",
+                    round + 1,
+                    before + 1
+                ));
+                hold(Duration::from_secs(2)).await;
+                env.runners[0].spawn()?;
+                services::wait_ready(&env.http, &[&env.runners[0]], Duration::from_secs(30))
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            }
+            restarted.push(env.runners[0].name.clone());
+        }
+        Scenario::IngestNodeCut => {
+            let n = ingest_node(env).await?;
+            notes.push(format!(
+                "cut without a reset: {} (the node most ingest connections use)",
+                env.nodes[n].name
+            ));
+            net::link_down(env.nodes[n].index)?;
+            hold(Duration::from_secs(30)).await;
+            net::link_up(env.nodes[n].index)?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until a node other than `old` leads the events stream.
+async fn new_leader(env: &Env, old: usize, deadline: Duration) -> Option<(usize, Duration)> {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if let Ok(Ok(l)) =
+            tokio::time::timeout(Duration::from_secs(2), env.leader(subjects::EVENTS_STREAM)).await
+        {
+            if l != old {
+                return Some((l, start.elapsed()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// The node holding the most connections named `sluice-ingest` (from `/connz`).
+async fn ingest_node(env: &Env) -> anyhow::Result<usize> {
+    let mut best = (0, 0);
+    for (i, node) in env.nodes.iter().enumerate() {
+        let v: serde_json::Value = env
+            .http
+            .get(format!("{}/connz?limit=1024", node.monitor()))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let n = v["connections"].as_array().map_or(0, |c| {
+            c.iter().filter(|c| c["name"] == "sluice-ingest").count()
+        });
+        if n > best.1 {
+            best = (i, n);
+        }
+    }
+    anyhow::ensure!(best.1 > 0, "no node has an ingest connection");
+    Ok(best.0)
+}

@@ -1,0 +1,126 @@
+//! Sluice's services as processes of the `sluice` binary, each with its own NKey seed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// One service process, restartable with the same arguments.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    /// `http://127.0.0.1:<port>`: health, readiness (and webhooks for ingest).
+    pub admin: String,
+    bin: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+    /// Times the suite started it (1 = never restarted).
+    pub starts: u32,
+}
+
+impl Service {
+    pub fn new(
+        name: &str,
+        bin: &Path,
+        port: u16,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        logs: &Path,
+    ) -> Service {
+        Service {
+            name: name.to_owned(),
+            admin: format!("http://127.0.0.1:{port}"),
+            bin: bin.to_owned(),
+            args,
+            env,
+            log: logs.join(format!("{name}.log")),
+            child: None,
+            starts: 0,
+        }
+    }
+
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.bin)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.name))?;
+        self.child = Some(child);
+        self.starts += 1;
+        Ok(())
+    }
+
+    /// `None` while running; the exit status once it has ended by itself.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.as_mut().map(Child::try_wait) {
+            None => Some("not started".into()),
+            Some(Ok(None)) => None,
+            Some(Ok(Some(status))) => Some(status.to_string()),
+            Some(Err(e)) => Some(e.to_string()),
+        }
+    }
+
+    /// SIGKILL and reap: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// GET `url`, the status (0 when there was no answer within `timeout`).
+pub async fn status_of(http: &reqwest::Client, url: &str, timeout: Duration) -> u16 {
+    match http.get(url).timeout(timeout).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until `/readyz` of every service answers 200; how long that took.
+pub async fn wait_ready(
+    http: &reqwest::Client,
+    services: &[&Service],
+    deadline: Duration,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    loop {
+        let mut waiting = Vec::new();
+        for s in services {
+            let status =
+                status_of(http, &format!("{}/readyz", s.admin), Duration::from_secs(3)).await;
+            if status != 200 {
+                waiting.push(format!("{} ({status})", s.name));
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > deadline {
+            return Err(format!(
+                "not ready after {deadline:?}: {}",
+                waiting.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
