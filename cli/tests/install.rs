@@ -76,7 +76,7 @@ fn dry_run(dir: &Path, api: &KubeApi) -> BTreeMap<String, Value> {
 fn sluice_objects(api: &KubeApi) -> Vec<String> {
     api.objects()
         .iter()
-        .filter(|o| !o["metadata"]["labels"]["app.kubernetes.io/part-of"].is_null())
+        .filter(|o| o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "sluice")
         .map(|o| {
             format!(
                 "{}/{}",
@@ -87,28 +87,45 @@ fn sluice_objects(api: &KubeApi) -> Vec<String> {
         .collect()
 }
 
-/// Presses Enter at every prompt of the wizard, then waits for it to finish.
-fn wizard_enter_everywhere(dir: &Path, api: &KubeApi) -> String {
+/// The wizard's prompts for a cluster that hosts both, in order.
+const PROMPTS: [&str; 11] = [
+    "Namespace",
+    "This cluster hosts",
+    "Cluster name",
+    "Existing NATS URL",
+    "Credentials folder",
+    "Webhook host",
+    "GitHub webhook secret",
+    "GitLab webhook token",
+    "GitHub token",
+    "GitLab token",
+    "Check the cluster and install?",
+];
+
+/// Drives the wizard: at each prompt, in order, types its answer and Enter (`None`:
+/// Enter alone), then
+/// waits for it to finish and returns what it showed.
+fn wizard(dir: &Path, api: &KubeApi, prompts: &[(&str, Option<&str>)]) -> String {
     let cmd = command(dir, api, &["install"]);
     let mut p = rexpect::session::spawn_command(cmd, Some(TIMEOUT_MS)).expect("spawn in a pty");
-    for prompt in [
-        "Namespace",
-        "This cluster hosts",
-        "Cluster name",
-        "Existing NATS URL",
-        "Credentials folder",
-        "Webhook host",
-        "GitHub webhook secret",
-        "GitLab webhook token",
-        "GitHub token",
-        "GitLab token",
-        "Check the cluster and install?",
-    ] {
-        p.exp_string(prompt)
+    let mut shown = String::new();
+    for (prompt, key) in prompts {
+        shown += &p
+            .exp_string(prompt)
             .unwrap_or_else(|e| panic!("prompt {prompt:?}: {e}"));
-        p.send_line("").expect("Enter");
+        shown += prompt;
+        match key {
+            None => p.send_line("").map(|_| ()).expect("Enter"),
+            Some(k) => p.send_line(k).map(|_| ()).expect("answer"),
+        }
     }
-    p.exp_eof().expect("the install ends")
+    shown + &p.exp_eof().expect("the install ends")
+}
+
+/// Presses Enter at every prompt of the wizard, then waits for it to finish.
+fn wizard_enter_everywhere(dir: &Path, api: &KubeApi) -> String {
+    let prompts: Vec<_> = PROMPTS.iter().map(|p| (*p, None)).collect();
+    wizard(dir, api, &prompts)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -120,6 +137,8 @@ async fn the_wizard_on_enter_equals_yes_applies_the_dry_run_converges_and_uninst
 
     let shown = tokio::task::block_in_place(|| wizard_enter_everywhere(&dir, api_ref));
     assert!(shown.contains("Sluice is installed"), "{shown}");
+    // No KEDA in the cluster: not offered, not applied.
+    assert!(!shown.contains("KEDA"), "{shown}");
     assert!(
         shown.contains("https://sluice.example.com/webhooks/github"),
         "{shown}"
@@ -256,4 +275,76 @@ async fn a_stuck_rollout_is_reported_with_its_reason() {
         "{said}"
     );
     assert!(said.contains("Back-off pulling image"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keda_is_offered_when_its_crd_exists_and_refused_by_preflight_without_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().to_owned();
+    let api = KubeApi::start().await;
+    api.install_keda();
+    let api_ref = &api;
+    let mut prompts: Vec<(&str, Option<&str>)> = PROMPTS[..10].iter().map(|p| (*p, None)).collect();
+    prompts.push(("Autoscale the runner with KEDA?", Some("y")));
+    prompts.push((PROMPTS[10], None));
+    let shown = tokio::task::block_in_place(|| wizard(&dir, api_ref, &prompts));
+    assert!(shown.contains("Sluice is installed"), "{shown}");
+    assert!(
+        shown.contains("runners:    KEDA, 1 to 10 replicas"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("created    ScaledObject/sluice-runner"),
+        "{shown}"
+    );
+    let applied = by_id(api.applied());
+    let so = &applied["ScaledObject/sluice-runner"];
+    assert_eq!(so["apiVersion"], "keda.sh/v1alpha1");
+    assert_eq!(so["spec"]["scaleTargetRef"]["name"], "sluice-runner");
+    assert_eq!(so["spec"]["minReplicaCount"], 1);
+    let trigger = &so["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "nats-jetstream");
+    assert_eq!(trigger["metadata"]["consumer"], "sluice-runner-default");
+    assert_eq!(trigger["metadata"]["stream"], "SLUICE_RUNS");
+    assert!(
+        applied["Deployment/sluice-runner"]["spec"]["replicas"].is_null(),
+        "KEDA owns the runner's replicas"
+    );
+    assert!(api.requests().iter().any(|r| r.method == "GET"
+        && r.uri
+            == "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/scaledobjects.keda.sh"));
+
+    // The same answers from flags give the same objects.
+    let flags = KubeApi::start().await;
+    flags.install_keda();
+    let flags_ref = &flags;
+    let yes = tokio::task::block_in_place(|| run(&dir, flags_ref, &["install", "--yes", "--keda"]));
+    assert!(yes.status.success(), "{}", text(&yes));
+    assert_eq!(by_id(flags.applied()), applied);
+
+    // Uninstall stops KEDA first, then drains the runners.
+    let out = tokio::task::block_in_place(|| run(&dir, api_ref, &["uninstall"]));
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.find("ScaledObject/sluice-runner") < said.find("Deployment/sluice-runner"),
+        "{said}"
+    );
+    assert_eq!(sluice_objects(&api), ["Namespace/sluice"]);
+
+    // No KEDA: --keda stops in preflight, with what to do, before any write.
+    let bare = KubeApi::start().await;
+    let bare_ref = &bare;
+    let out = tokio::task::block_in_place(|| run(&dir, bare_ref, &["install", "--yes", "--keda"]));
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    let line = said
+        .lines()
+        .find(|l| l.contains("KEDA is not installed"))
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(line.contains("install KEDA"), "{line}");
+    assert!(bare.writes().is_empty(), "{:?}", bare.writes());
+    // Uninstall in a cluster without KEDA still works (its kind is not served).
+    let out = tokio::task::block_in_place(|| run(&dir, bare_ref, &["uninstall"]));
+    assert!(text(&out).contains("Nothing to remove"), "{}", text(&out));
 }

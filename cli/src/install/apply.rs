@@ -282,13 +282,19 @@ pub async fn uninstall(
     timeout: Duration,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    let mut removed = 0;
+    let mut kinds = all_kinds();
+    kinds.retain(|k| k.kind != "Namespace");
+    kinds.sort_by_key(|k| std::cmp::Reverse(kind_order(&k.kind)));
+    // KEDA's ScaledObject first, so nothing scales the runners while they drain.
+    let (scalers, kinds): (Vec<_>, Vec<_>) = kinds.into_iter().partition(|k| k.group == "keda.sh");
+    removed += delete_labelled(client, namespace, &scalers, out).await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let runner_selector = format!("{SELECTOR},app.kubernetes.io/component=runner");
     let runners = deployments
         .list(&ListParams::default().labels(&runner_selector))
         .await
         .context("cannot list the runners' Deployments")?;
-    let mut removed = 0;
     for d in &runners.items {
         let name = d.metadata.name.clone().unwrap_or_default();
         deployments
@@ -315,22 +321,7 @@ pub async fn uninstall(
             tokio::time::sleep(POLL).await;
         }
     }
-    let mut kinds = all_kinds();
-    kinds.retain(|k| k.kind != "Namespace");
-    kinds.sort_by_key(|k| std::cmp::Reverse(kind_order(&k.kind)));
-    for kind in &kinds {
-        let api = api(client, kind, Some(namespace));
-        let list = api
-            .list(&ListParams::default().labels(SELECTOR))
-            .await
-            .with_context(|| format!("cannot list {}", kind.plural))?;
-        for o in list.items {
-            let name = o.metadata.name.clone().unwrap_or_default();
-            api.delete(&name, &DeleteParams::background()).await?;
-            writeln!(out, "  deleted    {}/{name}", kind.kind)?;
-            removed += 1;
-        }
-    }
+    removed += delete_labelled(client, namespace, &kinds, out).await?;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     // NATS's volumes carry Sluice's labels; the runners' caches are labelled as the
     // runner's own (managed-by sluice).
@@ -361,6 +352,34 @@ pub async fn uninstall(
         writeln!(out, "Removed {removed} objects. The namespace {namespace} is kept (`kubectl delete namespace {namespace}` removes it).")?;
     }
     Ok(())
+}
+
+/// Deletes every object of these kinds with Sluice's label; a kind the cluster does
+/// not serve (KEDA's, without KEDA) has none. Returns how many were deleted.
+async fn delete_labelled(
+    client: &kube::Client,
+    namespace: &str,
+    kinds: &[ApiResource],
+    out: &mut impl Write,
+) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for kind in kinds {
+        let api = api(client, kind, Some(namespace));
+        let list = match api.list(&ListParams::default().labels(SELECTOR)).await {
+            Ok(l) => l,
+            Err(kube::Error::Api(e)) if e.code == 404 && kind.group == "keda.sh" => continue,
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("cannot list {}", kind.plural)))
+            }
+        };
+        for o in list.items {
+            let name = o.metadata.name.clone().unwrap_or_default();
+            api.delete(&name, &DeleteParams::background()).await?;
+            writeln!(out, "  deleted    {}/{name}", kind.kind)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]

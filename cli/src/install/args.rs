@@ -126,6 +126,16 @@ pub struct ValueFlags {
     /// Runner-only: where runners may reach NATS (its port only).
     #[arg(long, env = "SLUICE_INSTALL_NATS_CIDR")]
     pub nats_cidr: Option<String>,
+    /// Scale the runner with a KEDA ScaledObject on the cluster's queue (KEDA must be
+    /// installed); `--keda=false` turns it off.
+    #[arg(long, env = "SLUICE_INSTALL_KEDA", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub keda: Option<bool>,
+    /// With --keda: the most runner replicas KEDA scales to.
+    #[arg(long, env = "SLUICE_INSTALL_KEDA_MAX_REPLICAS")]
+    pub keda_max_replicas: Option<i32>,
+    /// With --keda: NATS's monitoring listener (host:port) that KEDA reads.
+    #[arg(long, env = "SLUICE_INSTALL_KEDA_MONITORING_ENDPOINT")]
+    pub keda_monitoring_endpoint: Option<String>,
     /// GitHub webhook secret (generated when not given). Prefer the variable.
     #[arg(long, env = "SLUICE_INSTALL_GITHUB_WEBHOOK_SECRET", hide_env_values = true, value_parser = secret)]
     pub github_webhook_secret: Option<Secret>,
@@ -158,7 +168,7 @@ impl ValueFlags {
             dispatcher_replicas => dispatcher_replicas, runner_replicas => runner_replicas,
             max_running => max_running, stream_replicas => stream_replicas,
             ingest_host => ingest_host, api_server_cidr => api_server_cidr,
-            nats_cidr => nats_cidr,
+            nats_cidr => nats_cidr, keda => keda, keda_max_replicas => keda_max_replicas,
         );
         macro_rules! set_some {
             ($($field:ident => $target:ident),* $(,)?) => {
@@ -168,6 +178,7 @@ impl ValueFlags {
         set_some!(
             context => context, existing_nats_url => nats_url, nats_seed => nats_seed,
             storage_class => storage_class, ingress_class => ingress_class,
+            keda_monitoring_endpoint => keda_monitoring_endpoint,
             github_webhook_secret => github_webhook_secret,
             gitlab_webhook_token => gitlab_webhook_token,
             webhook_signing_secret => webhook_signing_secret,

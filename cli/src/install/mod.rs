@@ -79,6 +79,18 @@ pub async fn run(args: InstallArgs) -> anyhow::Result<()> {
     if interactive {
         let (contexts, current) = contexts();
         values = wizard::ask(values, &contexts, current.as_deref())?;
+        // KEDA is offered only when the cluster has it; without an answer from the
+        // API server it is not offered (preflight then says why the cluster is not
+        // reachable).
+        let keda_installed = if values.hosts.runner() {
+            match client(values.context.as_deref()).await {
+                Ok(c) => preflight::keda(&c).await == preflight::Keda::Served,
+                Err(_) => false,
+            }
+        } else {
+            false
+        };
+        values = wizard::ask_cluster_dependent(values, keda_installed)?;
     }
     check(&values)?;
     if args.dry_run {

@@ -14,6 +14,7 @@ macro_rules! objects {
     ($($kind:ident),* $(,)?) => {
         /// One object of the install.
         #[derive(Debug, Clone, PartialEq)]
+        #[allow(clippy::enum_variant_names)] // KEDA's kind is ScaledObject
         pub enum Object {
             $($kind(Box<$kind>),)*
         }
@@ -85,7 +86,50 @@ objects!(
     Job,
     Deployment,
     Ingress,
+    ScaledObject,
 );
+
+/// KEDA's `ScaledObject` (keda.sh/v1alpha1). k8s-openapi has no type for it, so the
+/// spec stays JSON; the render tests validate it against KEDA's own CRD schema.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct ScaledObject {
+    pub metadata: ObjectMeta,
+    pub spec: serde_json::Value,
+}
+
+impl k8s_openapi::Resource for ScaledObject {
+    const API_VERSION: &'static str = "keda.sh/v1alpha1";
+    const GROUP: &'static str = "keda.sh";
+    const KIND: &'static str = "ScaledObject";
+    const VERSION: &'static str = "v1alpha1";
+    const URL_PATH_SEGMENT: &'static str = "scaledobjects";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for ScaledObject {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl serde::Serialize for ScaledObject {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use k8s_openapi::Resource;
+        use serde::ser::SerializeStruct;
+        let mut out = s.serialize_struct("ScaledObject", 4)?;
+        out.serialize_field("apiVersion", Self::API_VERSION)?;
+        out.serialize_field("kind", Self::KIND)?;
+        out.serialize_field("metadata", &self.metadata)?;
+        out.serialize_field("spec", &self.spec)?;
+        out.end()
+    }
+}
 
 impl Object {
     pub fn name(&self) -> &str {

@@ -12,9 +12,11 @@ use k8s_openapi::api::authorization::v1::{
 };
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::Resource as _;
 use kube::api::{Api, ListParams, PostParams};
 
-use super::object::Object;
+use super::object::{Object, ScaledObject};
 use super::values::{Hosts, Values};
 
 /// The oldest and newest Kubernetes minor versions the manifests are validated for.
@@ -192,12 +194,67 @@ pub async fn run(client: &kube::Client, values: &Values, objects: &[Object]) -> 
     if values.installs_nats() || values.hosts.runner() {
         storage(client, values, &mut report).await;
     }
+    if values.keda {
+        match keda(client).await {
+            Keda::Served => {}
+            Keda::Absent => report.failures.push(KEDA_MISSING.into()),
+            Keda::Unserved(versions) => report.failures.push(format!(
+                "KEDA's CRD scaledobjects.keda.sh serves {versions}, not {}: upgrade KEDA to 2.x (https://keda.sh/docs/latest/deploy/), or install without --keda",
+                ScaledObject::API_VERSION
+            )),
+            Keda::Unknown(why) => report.notes.push(format!(
+                "cannot tell whether KEDA is installed ({why}); the ScaledObject is applied anyway and fails if KEDA's CRD is missing"
+            )),
+        }
+    }
     if values.hosts == Hosts::Runner {
         if let Err(line) = runner_nats(values).await {
             report.failures.push(line);
         }
     }
     report
+}
+
+/// KEDA's CRD, which the ScaledObject needs.
+pub const KEDA_CRD: &str = "scaledobjects.keda.sh";
+
+/// The line when `keda` is asked for and the cluster has no KEDA.
+pub const KEDA_MISSING: &str = "KEDA is not installed in this cluster (no CustomResourceDefinition scaledobjects.keda.sh): install KEDA (https://keda.sh/docs/latest/deploy/) and run the install again, or install without --keda (`keda: false`)";
+
+/// Whether the cluster serves KEDA's ScaledObject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Keda {
+    /// The CRD exists and serves `keda.sh/v1alpha1`.
+    Served,
+    /// No such CRD: KEDA is not installed.
+    Absent,
+    /// The CRD exists but serves only these other versions.
+    Unserved(String),
+    /// The API server would not say (e.g. no `get customresourcedefinitions`).
+    Unknown(String),
+}
+
+/// Asks the API server for KEDA's CRD.
+pub async fn keda(client: &kube::Client) -> Keda {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match crds.get_opt(KEDA_CRD).await {
+        Ok(None) => Keda::Absent,
+        Ok(Some(crd)) => {
+            let served: Vec<String> = crd
+                .spec
+                .versions
+                .iter()
+                .filter(|v| v.served)
+                .map(|v| format!("{}/{}", crd.spec.group, v.name))
+                .collect();
+            if served.iter().any(|v| v == ScaledObject::API_VERSION) {
+                Keda::Served
+            } else {
+                Keda::Unserved(served.join(", "))
+            }
+        }
+        Err(e) => Keda::Unknown(e.to_string()),
+    }
 }
 
 async fn storage(client: &kube::Client, values: &Values, report: &mut Report) {

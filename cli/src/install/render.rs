@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::object::{typed, Object};
-use super::values::{Secret, Values, NATS_CLIENT_PORT, NATS_NODES};
+use super::values::{Secret, Values, NATS_CLIENT_PORT, NATS_MONITOR_PORT, NATS_NODES};
 
 /// The field manager of every apply, and the value of `app.kubernetes.io/managed-by`.
 pub const FIELD_MANAGER: &str = "sluice";
@@ -21,7 +21,6 @@ pub const SELECTOR: &str = "app.kubernetes.io/part-of=sluice";
 /// The port ingest receives webhooks on (and serves its health and metrics).
 pub const INGEST_PORT: u16 = 8080;
 const NATS_CLUSTER_PORT: u16 = 6222;
-const NATS_MONITOR_PORT: u16 = 8222;
 /// The user the Sluice image runs as.
 pub const IMAGE_USER: i64 = 65532;
 /// NATS's user (the official image has none of its own): as high as the others.
@@ -103,6 +102,8 @@ pub fn kind_order(kind: &str) -> usize {
         "StatefulSet",
         "Job",
         "Deployment",
+        // After the Deployment it scales.
+        "ScaledObject",
         "Ingress",
     ]
     .iter()
@@ -283,11 +284,12 @@ impl Renderer<'_> {
         .into()
     }
 
+    /// `replicas` none: left to an autoscaler (KEDA), so an apply never resets it.
     #[allow(clippy::too_many_arguments)]
     fn deployment(
         &self,
         component: &str,
-        replicas: i32,
+        replicas: Option<i32>,
         service_account: &str,
         token: bool,
         container: Value,
@@ -295,12 +297,11 @@ impl Renderer<'_> {
         grace: u32,
     ) -> Object {
         let name = format!("sluice-{component}");
-        typed::<k8s_openapi::api::apps::v1::Deployment>(json!({
+        let mut deployment = json!({
             "apiVersion": "apps/v1",
             "kind": "Deployment",
             "metadata": self.meta(&name, component),
             "spec": {
-                "replicas": replicas,
                 "selector": { "matchLabels": self.selector(component) },
                 "strategy": {
                     "type": "RollingUpdate",
@@ -320,8 +321,11 @@ impl Renderer<'_> {
                     },
                 },
             },
-        }))
-        .into()
+        });
+        if let Some(n) = replicas {
+            deployment["spec"]["replicas"] = n.into();
+        }
+        typed::<k8s_openapi::api::apps::v1::Deployment>(deployment).into()
     }
 
     /// Replicas on different nodes where the cluster has them.
@@ -714,7 +718,7 @@ include "accounts.conf"
             self.pdb("sluice-ingest", component),
             self.deployment(
                 component,
-                self.v.ingest_replicas,
+                Some(self.v.ingest_replicas),
                 "sluice-ingest",
                 false,
                 container,
@@ -773,7 +777,7 @@ include "accounts.conf"
             self.pdb("sluice-dispatcher", component),
             self.deployment(
                 component,
-                self.v.dispatcher_replicas,
+                Some(self.v.dispatcher_replicas),
                 "sluice-dispatcher",
                 false,
                 container,
@@ -826,7 +830,7 @@ include "accounts.conf"
                 { "protocol": "TCP", "port": 6443 },
             ],
         });
-        vec![
+        let mut out = vec![
             self.service_account("sluice-runner", component, true),
             // Run Pods get this account, without its token (a pipeline naming a
             // runtime.service_account gets that one, with its token).
@@ -856,16 +860,61 @@ include "accounts.conf"
             self.pdb("sluice-runner", component),
             // A stopping runner hands its runs back at once (their Pods keep running
             // and another replica adopts them), so it needs little time.
+            // With KEDA the replicas are its to set: an apply must not reset them.
             self.deployment(
                 component,
-                self.v.runner_replicas,
+                (!self.v.keda).then_some(self.v.runner_replicas),
                 "sluice-runner",
                 true,
                 container,
                 vec![volume],
                 30,
             ),
-        ]
+        ];
+        if self.v.keda {
+            out.push(self.scaled_object());
+        }
+        out
+    }
+
+    /// KEDA's ScaledObject for the runner, as deploy/keda/runner-scaledobject.yaml
+    /// explains it: the nats-jetstream scaler on the cluster's durable consumer
+    /// (pending plus unacknowledged runs), one replica per `max_running` of them,
+    /// never fewer than one (a runner is what watches the running Pods).
+    fn scaled_object(&self) -> Object {
+        let component = "runner";
+        typed::<super::object::ScaledObject>(json!({
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledObject",
+            "metadata": self.meta("sluice-runner", component),
+            "spec": {
+                "scaleTargetRef": { "name": "sluice-runner" },
+                "minReplicaCount": 1,
+                "maxReplicaCount": self.v.keda_max_replicas,
+                "pollingInterval": 15,
+                "cooldownPeriod": 300,
+                // The trigger unreadable three times running: hold the usual replicas.
+                "fallback": { "failureThreshold": 3, "replicas": self.v.runner_replicas },
+                "advanced": {
+                    "horizontalPodAutoscalerConfig": {
+                        "behavior": { "scaleDown": { "stabilizationWindowSeconds": 300 } },
+                    },
+                },
+                "triggers": [{
+                    "type": "nats-jetstream",
+                    "metadata": {
+                        "natsServerMonitoringEndpoint": self.v.keda_monitoring_endpoint(),
+                        "useHttps": "false",
+                        "account": sluice_core::roles::ACCOUNT,
+                        "stream": sluice_core::subjects::RUNS_STREAM,
+                        "consumer": sluice_core::subjects::runner_consumer(&self.v.cluster),
+                        "lagThreshold": self.v.max_running.to_string(),
+                        "activationLagThreshold": "0",
+                    },
+                }],
+            },
+        }))
+        .into()
     }
 
     fn secrets(&self, m: &Material) -> Vec<Object> {
@@ -1036,6 +1085,121 @@ mod tests {
             .find(|o| o.id() == "ServiceAccount/sluice-build")
             .expect("sa");
         assert_eq!(build.to_json()["automountServiceAccountToken"], false);
+    }
+
+    fn keda_values() -> Values {
+        Values {
+            keda: true,
+            ..Values::default()
+        }
+    }
+
+    #[test]
+    fn with_keda_the_runner_gets_deploy_kedas_scaled_object_and_no_fixed_replicas() {
+        let objects = render(&keda_values(), None);
+        let find = |id: &str| {
+            objects
+                .iter()
+                .find(|o| o.id() == id)
+                .unwrap_or_else(|| panic!("{id}"))
+                .to_json()
+        };
+        let runner = find("Deployment/sluice-runner");
+        assert!(runner["spec"].get("replicas").is_none(), "{runner:#}");
+        assert_eq!(find("Deployment/sluice-ingest")["spec"]["replicas"], 2);
+        let rendered = find("ScaledObject/sluice-runner");
+        // The same object as the hand-applied deploy/keda/runner-scaledobject.yaml,
+        // for the same answers (cluster default in namespace sluice).
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/keda/runner-scaledobject.yaml"
+        );
+        let text = std::fs::read_to_string(path).expect("deploy/keda");
+        let file: Value = serde_saphyr::from_str(&text).expect("YAML");
+        assert_eq!(rendered["spec"], file["spec"]);
+        assert_eq!(rendered["apiVersion"], file["apiVersion"]);
+        let last = objects.iter().map(Object::kind).collect::<Vec<_>>();
+        assert!(
+            last.iter().position(|k| *k == "ScaledObject")
+                > last.iter().position(|k| *k == "Deployment"),
+            "{last:?}"
+        );
+        // A runner-only cluster reads its remote NATS's monitoring port.
+        let remote = Values {
+            hosts: Hosts::Runner,
+            cluster: "eu-1".into(),
+            nats_url: Some("tls://nats.example.com:4222".into()),
+            max_running: 20,
+            keda_max_replicas: 4,
+            ..keda_values()
+        };
+        let so = render(&remote, None)
+            .into_iter()
+            .find(|o| o.kind() == "ScaledObject")
+            .expect("ScaledObject")
+            .to_json();
+        let trigger = &so["spec"]["triggers"][0]["metadata"];
+        assert_eq!(
+            trigger["natsServerMonitoringEndpoint"],
+            "nats.example.com:8222"
+        );
+        assert_eq!(trigger["consumer"], "sluice-runner-eu-1");
+        assert_eq!(trigger["lagThreshold"], "20");
+        assert_eq!(so["spec"]["maxReplicaCount"], 4);
+        assert!(!render(&Values::default(), None)
+            .iter()
+            .any(|o| o.kind() == "ScaledObject"));
+    }
+
+    /// KEDA's CRD schema, strict, through scripts/lint-monitoring's validator (the
+    /// schema is read from ../shared/schemas/keda/, never copied here).
+    #[test]
+    fn the_scaled_object_validates_against_kedas_crd_schema() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let schema = std::env::var_os("SLUICE_KEDA_SCHEMA")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| root.join("../shared/schemas/keda/keda.sh_scaledobjects.yaml"));
+        let python_ok = std::process::Command::new("python3")
+            .args(["-c", "import yaml, jsonschema"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !schema.exists() || !python_ok {
+            eprintln!(
+                "skipped: needs KEDA's CRD at {} and python3 with yaml and jsonschema (scripts/install-deps)",
+                schema.display()
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        for (name, v) in [
+            ("both", keda_values()),
+            (
+                "runner",
+                Values {
+                    hosts: Hosts::Runner,
+                    cluster: "eu-1".into(),
+                    nats_url: Some("tls://nats.example.com:4222".into()),
+                    ..keda_values()
+                },
+            ),
+        ] {
+            let file = dir.path().join(format!("{name}.yaml"));
+            let yaml = super::super::object::to_yaml_stream(&render(&v, None));
+            std::fs::write(&file, yaml).expect("write");
+            let out = std::process::Command::new("python3")
+                .arg(root.join("scripts/lint-monitoring"))
+                .arg("validate-keda")
+                .arg(&file)
+                .env("SLUICE_KEDA_SCHEMA", &schema)
+                .output()
+                .expect("lint-monitoring");
+            assert!(
+                out.status.success(),
+                "{name}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     #[test]

@@ -32,6 +32,11 @@ pub const DEFAULT_INGEST_HOST: &str = "sluice.example.com";
 pub const DEFAULT_EGRESS_CIDR: &str = "0.0.0.0/0";
 /// Runs a runner replica executes at once (the runner's own default).
 pub const DEFAULT_MAX_RUNNING: u32 = 50;
+/// With KEDA: the most runner replicas it may scale to (docs/operations.md sizes it:
+/// replicas times --kube-qps is what the runners may ask of the API server).
+pub const DEFAULT_KEDA_MAX_REPLICAS: i32 = 10;
+/// NATS's monitoring port, which KEDA's nats-jetstream scaler reads.
+pub const NATS_MONITOR_PORT: u16 = 8222;
 
 /// What this cluster hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -147,6 +152,15 @@ pub struct Values {
     /// Replicas of each stream and bucket (`sluice streams apply --replicas`): 3 for
     /// the installed NATS cluster, 1 for a single existing server.
     pub stream_replicas: u32,
+    /// Scale the runner with a KEDA ScaledObject on the cluster's queue (KEDA must be
+    /// installed: its CRD `scaledobjects.keda.sh`). Off by default: KEDA then owns the
+    /// runner's replicas.
+    pub keda: bool,
+    /// With `keda`: the most replicas KEDA scales the runner to.
+    pub keda_max_replicas: i32,
+    /// With `keda`: the NATS monitoring endpoint (host:port) KEDA reads; none: the
+    /// installed NATS's Service, else the NATS URL's host on port 8222.
+    pub keda_monitoring_endpoint: Option<String>,
     /// Generated when not given (and kept from the cluster on a later run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub github_webhook_secret: Option<Secret>,
@@ -185,6 +199,9 @@ impl Default for Values {
             api_server_cidr: DEFAULT_EGRESS_CIDR.into(),
             nats_cidr: DEFAULT_EGRESS_CIDR.into(),
             stream_replicas: NATS_NODES as u32,
+            keda: false,
+            keda_max_replicas: DEFAULT_KEDA_MAX_REPLICAS,
+            keda_monitoring_endpoint: None,
             github_webhook_secret: None,
             gitlab_webhook_token: None,
             webhook_signing_secret: None,
@@ -231,6 +248,27 @@ impl Values {
                 self.namespace
             ),
         }
+    }
+
+    /// The NATS monitoring endpoint (host:port) KEDA's scaler reads: the answer, else
+    /// the installed NATS's Service, else the NATS URL's (first) host on port 8222.
+    pub fn keda_monitoring_endpoint(&self) -> String {
+        if let Some(endpoint) = &self.keda_monitoring_endpoint {
+            return endpoint.clone();
+        }
+        let host = match &self.nats_url {
+            None => format!("sluice-nats.{}.svc.cluster.local", self.namespace),
+            Some(url) => {
+                let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+                let host_port = rest.split(['/', ',']).next().unwrap_or("");
+                let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
+                match host_port.rsplit_once(':') {
+                    Some((h, p)) if p.parse::<u16>().is_ok() => h.to_owned(),
+                    _ => host_port.to_owned(),
+                }
+            }
+        };
+        format!("{host}:{NATS_MONITOR_PORT}")
     }
 
     /// The NATS port runners reach (runner-only clusters' egress).
@@ -339,6 +377,30 @@ impl Values {
                 ),
             );
         }
+        if self.keda {
+            check(
+                self.hosts.runner(),
+                "keda: only a cluster that hosts a runner scales it with KEDA (--hosts runner or both, or keda: false)".to_owned(),
+            );
+            check(
+                (1..=100).contains(&self.keda_max_replicas),
+                format!(
+                    "keda_max_replicas {}: must be 1 to 100 (--keda-max-replicas or `keda_max_replicas:`)",
+                    self.keda_max_replicas
+                ),
+            );
+            let endpoint = self.keda_monitoring_endpoint();
+            check(
+                !endpoint.contains("://")
+                    && !endpoint.contains(char::is_whitespace)
+                    && endpoint
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                format!(
+                    "keda_monitoring_endpoint `{endpoint}`: give NATS's monitoring listener as host:port, e.g. nats.example.com:8222 (--keda-monitoring-endpoint or `keda_monitoring_endpoint:`)"
+                ),
+            );
+        }
         if let Some(host) = Some(&self.ingest_host) {
             check(
                 !host.is_empty() && host.split('.').all(|l| is_dns_label(l) || l == "*"),
@@ -435,5 +497,37 @@ mod tests {
         assert_eq!(port("tls://nats.example.com:7422"), 7422);
         assert_eq!(port("tls://nats.example.com"), 4222);
         assert_eq!(port("wss://nats.example.com/ws"), 443);
+    }
+
+    #[test]
+    fn kedas_monitoring_endpoint_is_the_installed_nats_or_the_urls_host() {
+        let endpoint = |url: Option<&str>| {
+            Values {
+                nats_url: url.map(str::to_owned),
+                ..Values::default()
+            }
+            .keda_monitoring_endpoint()
+        };
+        assert_eq!(endpoint(None), "sluice-nats.sluice.svc.cluster.local:8222");
+        assert_eq!(
+            endpoint(Some("tls://nats.example.com:4222")),
+            "nats.example.com:8222"
+        );
+        assert_eq!(
+            endpoint(Some("nats://u:p@10.0.0.1,10.0.0.2")),
+            "10.0.0.1:8222"
+        );
+        let v = Values {
+            hosts: Hosts::ControlPlane,
+            keda: true,
+            keda_max_replicas: 0,
+            ..Values::default()
+        };
+        let errors = v.validate().expect_err("invalid").join("\n");
+        assert!(
+            errors.contains("keda: only a cluster that hosts a runner"),
+            "{errors}"
+        );
+        assert!(errors.contains("keda_max_replicas 0"), "{errors}");
     }
 }

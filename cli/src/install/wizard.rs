@@ -52,6 +52,16 @@ fn secret(
     })
 }
 
+/// A yes/no question; the answer is taken on Enter (`y`, `n`, or Enter alone for the
+/// default), so a typed line is never left over for the next prompt.
+fn yes_no(prompt: &str, default: bool) -> anyhow::Result<bool> {
+    Ok(Confirm::with_theme(&SimpleTheme)
+        .with_prompt(prompt)
+        .default(default)
+        .wait_for_newline(true)
+        .interact()?)
+}
+
 /// Asks every question; returns the answers.
 pub fn ask(mut v: Values, contexts: &[String], current: Option<&str>) -> anyhow::Result<Values> {
     eprintln!("Installing Sluice. Enter takes the answer in brackets.\n");
@@ -136,6 +146,19 @@ pub fn ask(mut v: Values, contexts: &[String], current: Option<&str>) -> anyhow:
     Ok(v)
 }
 
+/// The questions that depend on the cluster: KEDA's ScaledObject, offered only when
+/// `keda_installed` (its CRD exists) and the cluster hosts a runner.
+pub fn ask_cluster_dependent(mut v: Values, keda_installed: bool) -> anyhow::Result<Values> {
+    if v.hosts.runner() && keda_installed {
+        explain(&format!(
+            "KEDA is installed: it can scale the runner on this cluster's queue, 1 to {} replicas (it then owns the replica count).",
+            v.keda_max_replicas
+        ));
+        v.keda = yes_no("Autoscale the runner with KEDA?", v.keda)?;
+    }
+    Ok(v)
+}
+
 /// The summary lines of the answers (no secret).
 pub fn summary(v: &Values) -> Vec<String> {
     let mut lines = vec![
@@ -179,6 +202,17 @@ pub fn summary(v: &Values) -> Vec<String> {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default()
         ));
+    }
+    if v.hosts.runner() {
+        lines.push(if v.keda {
+            format!(
+                "runners:    KEDA, 1 to {} replicas on {}",
+                v.keda_max_replicas,
+                v.keda_monitoring_endpoint()
+            )
+        } else {
+            format!("runners:    {} replicas", v.runner_replicas)
+        });
     }
     lines
 }

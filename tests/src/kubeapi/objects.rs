@@ -3,7 +3,9 @@
 //! get, list by label and delete; `SelfSubjectAccessReview` answered from a deny list;
 //! `/version`; StorageClasses and Namespaces; Deployment, StatefulSet and Job status
 //! as their controllers would write it, and the claims of a StatefulSet's
-//! `volumeClaimTemplates`.
+//! `volumeClaimTemplates`; CustomResourceDefinitions, with a custom resource's kind
+//! served (applied, read, listed, deleted) only while its CRD exists, as an API
+//! server serves it (KEDA's ScaledObject, after `install_keda()`).
 //!
 //! Objects are kept as JSON: apply replaces what the manager applied (one manager is
 //! all the installer is), and the resourceVersion and generation move only when the
@@ -192,6 +194,9 @@ pub async fn handle(
     if resource == "persistentvolumeclaims" {
         return claims(&shared, &method, &uri, ns, name);
     }
+    if let Some(missing) = unserved(&shared, &prefix, &resource) {
+        return missing;
+    }
     if resource == "selfsubjectaccessreviews" && method == Method::POST {
         return access_review(&shared, &body);
     }
@@ -247,6 +252,44 @@ pub async fn handle(
             &format!("the double does not serve {method} {uri}"),
         ),
     }
+}
+
+/// Groups built into the API server; any other group is served only by a CRD.
+fn built_in(group: &str) -> bool {
+    !group.contains('.') || group.ends_with(".k8s.io")
+}
+
+/// `404` for a custom resource whose CRD does not exist or does not serve the
+/// version, with the API server's own message.
+fn unserved(shared: &Shared, prefix: &str, resource: &str) -> Option<Response> {
+    let mut parts = prefix.split('/').skip(1);
+    let (Some(group), Some(version)) = (parts.next(), parts.next()) else {
+        return None;
+    };
+    if built_in(group) {
+        return None;
+    }
+    let store = shared.objects.lock().expect("objects");
+    let crd = store.objects.get(&(
+        "apis/apiextensions.k8s.io/v1".to_owned(),
+        "customresourcedefinitions".to_owned(),
+        None,
+        format!("{resource}.{group}"),
+    ));
+    let served = crd.is_some_and(|crd| {
+        crd["spec"]["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|v| v["name"] == version && v["served"] == true)
+    });
+    (!served).then(|| {
+        status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+    })
 }
 
 fn apply(
@@ -556,6 +599,58 @@ impl super::KubeApi {
     /// replica, with an `Available=False` condition carrying `why`.
     pub fn hold_rollouts(&self, why: Option<&str>) {
         self.shared.objects.lock().expect("objects").hold_rollouts = why.map(str::to_owned);
+    }
+
+    /// Installs KEDA's CustomResourceDefinition `scaledobjects.keda.sh` (served version
+    /// `v1alpha1`, as KEDA 2.x ships it), so ScaledObjects can be applied.
+    pub fn install_keda(&self) {
+        let rv = {
+            let mut inner = self.shared.inner.lock().expect("state");
+            inner.rv += 1;
+            inner.rv
+        };
+        let names = json!({
+            "kind": "ScaledObject", "listKind": "ScaledObjectList", "plural": "scaledobjects",
+            "singular": "scaledobject", "shortNames": ["so"],
+        });
+        let crd = json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {
+                "name": "scaledobjects.keda.sh", "uid": format!("uid-{rv}"),
+                "resourceVersion": rv.to_string(), "generation": 1,
+                "creationTimestamp": serde_json::to_value(now()).expect("time"),
+                "annotations": { "controller-gen.kubebuilder.io/version": "v0.16.5" },
+                "labels": { "app.kubernetes.io/part-of": "keda-operator", "app.kubernetes.io/name": "keda-operator" },
+            },
+            "spec": {
+                "group": "keda.sh",
+                "names": names,
+                "scope": "Namespaced",
+                "versions": [{
+                    "name": "v1alpha1", "served": true, "storage": true,
+                    "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } },
+                    "subresources": { "status": {} },
+                }],
+            },
+            "status": {
+                "acceptedNames": names,
+                "storedVersions": ["v1alpha1"],
+                "conditions": [
+                    { "type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found" },
+                    { "type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted" },
+                ],
+            },
+        });
+        self.shared.objects.lock().expect("objects").objects.insert(
+            (
+                "apis/apiextensions.k8s.io/v1".into(),
+                "customresourcedefinitions".into(),
+                None,
+                "scaledobjects.keda.sh".into(),
+            ),
+            crd,
+        );
     }
 
     /// Removes every StorageClass.
