@@ -870,9 +870,66 @@ pub async fn payloads(js: &jetstream::Context) -> Result<jetstream::object_store
         .map_err(|e| not_there(format!("object store {}", subjects::PAYLOADS_BUCKET), &e))
 }
 
-/// Checks that the events stream exists; ingest's readiness probe.
-pub async fn check(js: &jetstream::Context) -> Result<()> {
-    check_streams(js, &[subjects::EVENTS_STREAM]).await
+/// Checks that each named stream can take a write now: it exists and, when replicated,
+/// has a leader and a quorum of current replicas. Ingest's readiness: a stream that
+/// exists but has lost its quorum answers its info for a while (from the last leader)
+/// while every publish to it times out.
+pub async fn check_writable(js: &jetstream::Context, names: &[&str]) -> Result<()> {
+    for name in names {
+        let stream_error = |reason: String| Error::Stream {
+            stream: (*name).to_owned(),
+            reason,
+        };
+        let mut stream = js
+            .get_stream(name)
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        writable(info.config.num_replicas, info.cluster.as_ref()).map_err(stream_error)?;
+    }
+    Ok(())
+}
+
+/// Whether a stream of `replicas` replicas, in this state, has a quorum to store a
+/// write: a leader, and with it a majority of the replicas current (caught up and
+/// seen recently by the leader). A single-replica stream needs no more than to exist.
+pub fn writable(
+    replicas: usize,
+    cluster: Option<&jetstream::stream::ClusterInfo>,
+) -> std::result::Result<(), String> {
+    if replicas <= 1 {
+        return Ok(());
+    }
+    let Some(cluster) = cluster else {
+        return Ok(());
+    };
+    if cluster.leader.is_none() {
+        return Err(
+            "no leader: the stream cannot store a write until its servers elect one".into(),
+        );
+    }
+    let current = 1 + cluster
+        .replicas
+        .iter()
+        .filter(|peer| peer.current && !peer.offline)
+        .count();
+    let quorum = replicas / 2 + 1;
+    if current < quorum {
+        let away: Vec<&str> = cluster
+            .replicas
+            .iter()
+            .filter(|peer| !peer.current || peer.offline)
+            .map(|peer| peer.name.as_str())
+            .collect();
+        return Err(format!(
+            "{current} of {replicas} replicas current, {quorum} needed to store a write (behind or unreachable: {})",
+            away.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that each named stream exists; used by readiness probes.
@@ -889,6 +946,76 @@ pub async fn check_streams(js: &jetstream::Context, names: &[&str]) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cluster(
+        leader: Option<&str>,
+        peers: &[(&str, bool, bool)],
+    ) -> jetstream::stream::ClusterInfo {
+        serde_json::from_value(serde_json::json!({
+            "name": "c",
+            "leader": leader,
+            "replicas": peers.iter().map(|(name, current, offline)| serde_json::json!({
+                "name": name, "current": current, "offline": offline, "active": 1_000_000,
+            })).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_replicated_stream_is_writable_only_with_a_leader_and_a_quorum() {
+        assert_eq!(writable(1, None), Ok(()));
+        assert_eq!(
+            writable(
+                3,
+                Some(&cluster(
+                    Some("n1"),
+                    &[("n2", true, false), ("n3", true, false)]
+                ))
+            ),
+            Ok(())
+        );
+        // One replica away: the leader and one current replica are still a quorum.
+        assert_eq!(
+            writable(
+                3,
+                Some(&cluster(
+                    Some("n1"),
+                    &[("n2", true, false), ("n3", false, true)]
+                ))
+            ),
+            Ok(())
+        );
+        // Two away: the leader alone is not.
+        let lost = writable(
+            3,
+            Some(&cluster(
+                Some("n1"),
+                &[("n2", false, true), ("n3", true, true)],
+            )),
+        )
+        .expect_err("no quorum");
+        assert!(lost.contains("1 of 3 replicas current, 2 needed"), "{lost}");
+        assert!(lost.contains("n2, n3"), "{lost}");
+        let leaderless =
+            writable(3, Some(&cluster(None, &[("n2", true, false)]))).expect_err("no leader");
+        assert!(leaderless.starts_with("no leader"), "{leaderless}");
+        // R5 with two away still has three of five.
+        assert_eq!(
+            writable(
+                5,
+                Some(&cluster(
+                    Some("n1"),
+                    &[
+                        ("n2", true, false),
+                        ("n3", true, false),
+                        ("n4", false, true),
+                        ("n5", false, false)
+                    ]
+                ))
+            ),
+            Ok(())
+        );
+    }
 
     #[test]
     fn dedup_window_never_exceeds_max_age() {

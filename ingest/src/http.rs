@@ -1,4 +1,5 @@
-//! The HTTP surface: one module per provider, plus health, readiness and metrics.
+//! The webhook endpoints, one module per provider (health, readiness and metrics are
+//! core's admin routes, merged beside them in `serve`).
 //!
 //! Each webhook endpoint follows the same order, so that nothing a client sends is
 //! trusted before it is verified: bound the body, check its type, read it, read only
@@ -13,7 +14,6 @@ mod gitlab;
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::Router;
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -58,8 +58,6 @@ pub struct AppState {
     pub publisher: Publisher,
     pub metrics: Metrics,
     pub limits: Limits,
-    /// Set once the streams have been provisioned.
-    pub provisioned: AtomicBool,
 }
 
 /// The ingest router.
@@ -68,9 +66,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/webhooks/github", post(webhook::<github::Github>))
         .route("/webhooks/gitlab", post(webhook::<gitlab::Gitlab>))
         .route("/webhooks/generic", post(webhook::<generic::Generic>))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -356,38 +351,4 @@ async fn store(state: &AppState, event: Event, raw: &[u8]) -> Result<Response, R
             })
         }
     }
-}
-
-// === Health ===
-
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if !state.provisioned.load(Ordering::Acquire) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "streams not provisioned yet\n",
-        )
-            .into_response();
-    }
-    let js = state.publisher.jetstream();
-    let check = tokio::time::timeout(Duration::from_secs(2), sluice_core::streams::check(js)).await;
-    match check {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "JetStream did not answer in 2s\n",
-        )
-            .into_response(),
-    }
-}
-
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-        .into_response()
 }

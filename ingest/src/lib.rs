@@ -15,10 +15,10 @@ pub mod server;
 pub mod verify;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_core::admin::{Admin, Check};
 use sluice_core::nats::NatsOptions;
 use sluice_core::streams::{self, StreamSettings};
 use tokio::net::TcpListener;
@@ -161,10 +161,24 @@ pub async fn serve(
     }
     let client = sluice_core::nats::connect(&config.nats).await?;
     let publisher = publish::Publisher::new(client.clone(), config.publish_timeout);
+    let metrics = metrics::Metrics::default();
+    let mut admin = Admin::new(env!("CARGO_PKG_VERSION"));
+    metrics.register(admin.registry("sluice_ingest"));
+    admin.nats(client.clone());
+    let provisioned = admin.check("streams", "streams not provisioned yet");
+    let probe_js = publisher.jetstream().clone();
+    admin.probe("events stream", move || {
+        let js = probe_js.clone();
+        async move {
+            streams::check_writable(&js, &[sluice_core::subjects::EVENTS_STREAM])
+                .await
+                .map_err(|e| e.to_string())
+        }
+    });
     let state = Arc::new(http::AppState {
         secrets: config.secrets,
         publisher,
-        metrics: metrics::Metrics::default(),
+        metrics,
         limits: http::Limits {
             max_body_bytes: config.max_body_bytes,
             read_timeout: config.read_timeout,
@@ -172,9 +186,13 @@ pub async fn serve(
             allow_sha1: config.allow_sha1,
             retry_after: Duration::from_secs(10),
         },
-        provisioned: AtomicBool::new(false),
     });
-    let provisioning = tokio::spawn(provision(state.clone(), config.streams, shutdown.clone()));
+    let provisioning = tokio::spawn(provision(
+        state.clone(),
+        provisioned,
+        config.streams,
+        shutdown.clone(),
+    ));
 
     let addr = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(%addr, nats = %config.nats.url, "ingest listening");
@@ -186,7 +204,7 @@ pub async fn serve(
     let connections = state.metrics.connections.clone();
     let server = server::serve(
         listener,
-        http::router(state),
+        http::router(state).merge(admin.router()),
         limits,
         connections,
         shutdown.clone(),
@@ -210,6 +228,7 @@ pub async fn serve(
 /// are answered 503, so nothing is lost meanwhile.
 async fn provision(
     state: Arc<http::AppState>,
+    provisioned: Check,
     settings: StreamSettings,
     shutdown: CancellationToken,
 ) {
@@ -219,7 +238,7 @@ async fn provision(
         match streams::prepare(js, &settings, NEEDS).await {
             Ok(differences) => {
                 streams::report("ingest", &differences);
-                state.provisioned.store(true, Ordering::Release);
+                provisioned.ready();
                 tracing::info!("streams ready");
                 return;
             }

@@ -38,10 +38,9 @@ pub struct ConnectionMetrics {
     pub timed_out: Family<TimeoutPhase, Counter>,
 }
 
-/// Every metric ingest exports, registered once at start-up.
-#[derive(Debug)]
+/// Every metric ingest exports; cheap to clone (each is a shared handle).
+#[derive(Debug, Clone)]
 pub struct Metrics {
-    pub registry: Registry,
     pub requests: Family<Outcome, Counter>,
     pub verification_failures: Family<VerifyFailure, Counter>,
     pub duplicates: Family<ProviderLabel, Counter>,
@@ -53,86 +52,74 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("sluice_ingest");
-        let requests = Family::<Outcome, Counter>::default();
-        let verification_failures = Family::<VerifyFailure, Counter>::default();
-        let duplicates = Family::<ProviderLabel, Counter>::default();
-        let by_reference = Counter::default();
-        // 100 µs to ~6.5 s: a healthy publish is sub-millisecond, a sick one times out.
-        let publish_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
-        registry.register(
-            "requests",
-            "Webhook requests by provider and outcome",
-            requests.clone(),
-        );
-        registry.register(
-            "verification_failures",
-            "Webhook requests refused by signature or token verification, by reason",
-            verification_failures.clone(),
-        );
-        registry.register(
-            "duplicates",
-            "Deliveries JetStream recognised as already stored",
-            duplicates.clone(),
-        );
-        registry.register(
-            "payloads_by_reference",
-            "Webhook bodies too large for one message, stored in the object store",
-            by_reference.clone(),
-        );
-        let in_flight = Gauge::default();
-        registry.register(
-            "requests_in_flight",
-            "Webhook requests being received, verified or stored right now",
-            in_flight.clone(),
-        );
-        registry.register(
-            "publish_duration_seconds",
-            "Time from publish to JetStream acknowledgement",
-            publish_seconds.clone(),
-        );
-        let connections = ConnectionMetrics::default();
-        registry.register(
-            "connections_open",
-            "Client connections open right now",
-            connections.open.clone(),
-        );
-        registry.register(
-            "connections_limited",
-            "Connections accepted only once a slot freed, because --max-connections were open",
-            connections.limited.clone(),
-        );
-        registry.register(
-            "connections_timed_out",
-            "Connections closed because a request's headers or the next request did not arrive in time",
-            connections.timed_out.clone(),
-        );
         Metrics {
-            registry,
-            requests,
-            verification_failures,
-            duplicates,
-            by_reference,
-            publish_seconds,
-            in_flight,
-            connections,
+            requests: Family::default(),
+            verification_failures: Family::default(),
+            duplicates: Family::default(),
+            by_reference: Counter::default(),
+            // 100 µs to ~6.5 s: a healthy publish is sub-millisecond, a sick one times out.
+            publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            in_flight: Gauge::default(),
+            connections: ConnectionMetrics::default(),
         }
     }
 }
 
 impl Metrics {
+    /// Registers every metric under `registry` (the admin surface's `sluice_ingest`
+    /// prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "requests",
+            "Webhook requests by provider and outcome",
+            self.requests.clone(),
+        );
+        registry.register(
+            "verification_failures",
+            "Webhook requests refused by signature or token verification, by reason",
+            self.verification_failures.clone(),
+        );
+        registry.register(
+            "duplicates",
+            "Deliveries JetStream recognised as already stored",
+            self.duplicates.clone(),
+        );
+        registry.register(
+            "payloads_by_reference",
+            "Webhook bodies too large for one message, stored in the object store",
+            self.by_reference.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Webhook requests being received, verified or stored right now",
+            self.in_flight.clone(),
+        );
+        registry.register(
+            "publish_duration_seconds",
+            "Time from publish to JetStream acknowledgement",
+            self.publish_seconds.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Client connections open right now",
+            self.connections.open.clone(),
+        );
+        registry.register(
+            "connections_limited",
+            "Connections accepted only once a slot freed, because --max-connections were open",
+            self.connections.limited.clone(),
+        );
+        registry.register(
+            "connections_timed_out",
+            "Connections closed because a request's headers or the next request did not arrive in time",
+            self.connections.timed_out.clone(),
+        );
+    }
+
     /// Counts one answered request.
     pub fn request(&self, provider: &'static str, outcome: &'static str) {
         self.requests
             .get_or_create(&Outcome { provider, outcome })
             .inc();
-    }
-
-    /// The text exposition format.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
     }
 }

@@ -220,3 +220,91 @@ async fn a_three_node_cluster_keeps_accepting_when_a_node_dies() {
         "each delivery stored once, in order, retries deduplicated"
     );
 }
+
+/// With two of three nodes gone, the events stream exists but cannot store a write:
+/// `/readyz` says so (naming the stream's quorum, not 200 from a stale stream info)
+/// while webhooks are answered 503, and is ready again once the nodes are back.
+#[tokio::test]
+async fn readiness_follows_the_events_streams_quorum() {
+    init_logs();
+    let mut cluster = NatsCluster::start().await;
+    let mut config = Ingest::config(&cluster.urls());
+    config.streams = StreamSettings {
+        replicas: 3,
+        ..StreamSettings::default()
+    };
+    config.publish_timeout = Duration::from_secs(2);
+    let ingest = Ingest::start_with(config).await;
+    let readyz = || {
+        let req = ingest.http.get(ingest.url("/readyz")).send();
+        async move {
+            let answer = req.await.ok()?;
+            let code = answer.status().as_u16();
+            let body: serde_json::Value = answer.json().await.ok()?;
+            Some((code, body))
+        }
+    };
+    wait_for(
+        "ready on a healthy cluster",
+        Duration::from_secs(30),
+        || async {
+            let (code, _) = readyz().await?;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
+
+    // The two nodes that are not the stream's leader: the leader, left alone, still
+    // answers the stream's info for a while, so "the stream exists" would say ready.
+    let js = jetstream(&cluster.nodes[0].url()).await;
+    let mut stream = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .expect("stream");
+    let info = stream.info().await.expect("info");
+    let leader = info
+        .cluster
+        .clone()
+        .and_then(|c| c.leader)
+        .expect("a leader");
+    let others: Vec<usize> = (0..3).filter(|i| format!("n{i}") != leader).collect();
+    for &i in &others {
+        cluster.nodes[i].kill();
+    }
+    let verdict = wait_for(
+        "a 503 naming the events stream",
+        Duration::from_secs(40),
+        || async {
+            let (code, body) = readyz().await?;
+            let names_stream = body["failed"]
+                .as_array()?
+                .iter()
+                .any(|f| f["check"] == "events stream");
+            (code == 503 && names_stream).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(verdict["ready"], false, "{verdict}");
+    let body = fixture("github/pull_request.opened.json");
+    let answer = ingest
+        .post_github("pull_request", "no-quorum-1", &body)
+        .await;
+    assert_eq!(
+        answer.status().as_u16(),
+        503,
+        "never 2xx for an unstored event"
+    );
+
+    for &i in &others {
+        cluster.nodes[i].restart().await;
+    }
+    wait_for(
+        "ready again once the nodes are back",
+        Duration::from_secs(60),
+        || async {
+            let (code, _) = readyz().await?;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
+}
