@@ -133,7 +133,14 @@ impl Env {
         };
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            match cli(&["streams", "apply", "--replicas", "3", "--clusters", "c1,c2"]) {
+            match cli(&[
+                "streams",
+                "apply",
+                "--replicas",
+                "3",
+                "--clusters",
+                "c1:10s,c2:10s",
+            ]) {
                 Ok(_) => break,
                 Err(e) if Instant::now() < until => {
                     tracing::debug!("streams apply: {e:#}; again");

@@ -57,6 +57,8 @@ struct State {
     answers: Vec<Answer>,
     /// Deliveries to send again, with when.
     redeliver: VecDeque<(Instant, String, usize)>,
+    /// Event id → requests sent for it so far (the redelivery backoff).
+    attempts: HashMap<String, u32>,
     in_flight: usize,
 }
 
@@ -76,7 +78,10 @@ pub struct Report {
     pub answers: Vec<Answer>,
 }
 
-const REDELIVER_AFTER: Duration = Duration::from_secs(2);
+/// A delivery not answered 2xx is sent again after 2 s, then 4 s, 8 s, at most 10 s.
+fn redeliver_after(attempts: u32) -> Duration {
+    Duration::from_secs((1u64 << attempts.min(4)).min(10))
+}
 /// Longer than any answer may take (10 s), so a slow answer is measured, not cut.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -255,7 +260,14 @@ async fn send(ctx: Arc<GenCtx>, ingest: usize, delivery: String, fixture: usize)
     if ok {
         s.delivered.insert(event_id, true);
     } else if !s.delivered.get(&event_id).copied().unwrap_or(false) {
-        s.redeliver
-            .push_back((Instant::now() + REDELIVER_AFTER, event_id, fixture));
+        let attempts = {
+            let n = s.attempts.entry(event_id.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let due = Instant::now() + redeliver_after(attempts);
+        // Keep the queue ordered by due time.
+        let at = s.redeliver.partition_point(|(d, _, _)| *d <= due);
+        s.redeliver.insert(at, (due, event_id, fixture));
     }
 }

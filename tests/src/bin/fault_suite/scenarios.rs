@@ -233,10 +233,17 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
     let fault_start = Instant::now();
     // Services the fault restarts on purpose (the rest must never exit).
     let mut restarted: Vec<String> = Vec::new();
+    let starts: Vec<u32> = env.services().map(|s| s.starts).collect();
     if let Err(e) = fault(env, scenario, &mut notes, &mut restarted).await {
         failures.push(format!("the fault itself: {e:#}"));
     }
     let heal = Instant::now();
+    notes.push(format!(
+        "fault {} – heal {} (UTC, for the logs)",
+        clock(fault_start),
+        clock(heal)
+    ));
+    let resumed = dispatch_resumed(env.js.clone());
     for node in &env.nodes {
         match wait_healthy(&env.http, node, Duration::from_secs(60)).await {
             Ok(d) if d > Duration::from_millis(500) => notes.push(format!(
@@ -331,6 +338,13 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
         }
     };
     failures.extend(check::invariants(env, &report, &runs, runs_stored));
+    resumed.abort();
+    if let Ok(Some(d)) = resumed.await {
+        notes.push(format!(
+            "first run request stored {:.1} s after the heal",
+            d.as_secs_f64()
+        ));
+    }
     match check::replicas_agree(env, Duration::from_secs(60)).await {
         Ok(d) => notes.push(format!(
             "replicas agree on every stream's last sequence ({:.1} s after the checks began)",
@@ -338,14 +352,14 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
         )),
         Err(e) => failures.push(e),
     }
-    for s in env.services_mut() {
+    for (s, before) in env.services_mut().zip(starts) {
         if let Some(status) = s.exited() {
             failures.push(format!(
                 "{} exited ({status}); see {}",
                 s.name,
                 s.log_path().display()
             ));
-        } else if s.starts > 1 && !restarted.contains(&s.name) {
+        } else if s.starts > before && !restarted.contains(&s.name) {
             failures.push(format!("{} was restarted", s.name));
         }
     }
@@ -373,6 +387,42 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
     };
     println!("  {}", outcome.row());
     outcome
+}
+
+/// Wall-clock time of an instant, `HH:MM:SS.mmm` UTC.
+fn clock(at: Instant) -> String {
+    let t = time::OffsetDateTime::now_utc() - at.elapsed();
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// How long after now `SLUICE_RUNS` first stores a new run request (polled for up to
+/// 150 s, or until aborted).
+fn dispatch_resumed(
+    js: async_nats::jetstream::Context,
+) -> tokio::task::JoinHandle<Option<Duration>> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut first = None;
+        while start.elapsed() < Duration::from_secs(150) {
+            if let Ok(Ok(seq)) =
+                tokio::time::timeout(Duration::from_secs(2), check::runs_last_seq(&js)).await
+            {
+                match first {
+                    None => first = Some(seq),
+                    Some(f) if seq > f => return Some(start.elapsed()),
+                    Some(_) => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        None
+    })
 }
 
 /// What `/readyz` said during the fault, against what the same ingest answered
