@@ -40,6 +40,14 @@ impl NatsOptions {
     }
 }
 
+/// How often a client pings a server that has sent it nothing. async-nats gives up on
+/// a connection after three intervals without a word from the server and moves to
+/// another URL, so this bounds how long a server that vanished without a TCP reset (a
+/// cut link, a paused or frozen node) can hold a service's connection: 6 s. At the
+/// former 10 s, ingest answered every webhook 503 for the 30 s a node was cut off while
+/// the two others could store them (the fault suite's `ingest-node-cut`).
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Connects, retrying forever with backoff: a service that starts before NATS, or
 /// outlives a NATS restart, keeps running and reconnects on its own.
 ///
@@ -72,7 +80,7 @@ async fn connect_with(opts: &NatsOptions, connect: ConnectOptions) -> Result<Cli
     let mut connect = connect
         .name(&opts.name)
         .connection_timeout(Duration::from_secs(5))
-        .ping_interval(Duration::from_secs(10));
+        .ping_interval(PING_INTERVAL);
     if let Some(path) = &opts.creds_file {
         connect = connect
             .credentials_file(path)

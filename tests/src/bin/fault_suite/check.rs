@@ -89,6 +89,7 @@ async fn read_from(
         return Ok(out);
     }
     let mut messages = consumer.messages().await?.take(pending as usize);
+    let mut last = *cursor;
     loop {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
@@ -99,9 +100,11 @@ async fn read_from(
             .info()
             .map_err(|e| anyhow::anyhow!("message info: {e}"))?
             .stream_sequence;
-        *cursor = (*cursor).max(seq);
+        last = last.max(seq);
         out.push((seq, m.subject.to_string(), m.payload.clone()));
     }
+    // Only a complete read moves the cursor: a failed one is read again.
+    *cursor = last;
     Ok(out)
 }
 
@@ -129,7 +132,13 @@ pub async fn wait_finals(
 ) -> anyhow::Result<Vec<String>> {
     let until = Instant::now() + deadline;
     loop {
-        env.seen.update(&env.js).await?;
+        // The suite's own connection may sit on a node that was just cut off: a
+        // failed read is tried again until the deadline.
+        if let Err(e) = env.seen.update(&env.js).await {
+            if Instant::now() > until {
+                return Err(e);
+            }
+        }
         let missing: Vec<String> = runs
             .keys()
             .filter(|r| !env.seen.finals.contains_key(*r))

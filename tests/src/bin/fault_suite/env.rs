@@ -335,11 +335,18 @@ pub async fn wait_healthy(
     let start = Instant::now();
     let url = format!("{}/healthz", node.monitor());
     loop {
-        if services::status_of(http, &url, Duration::from_secs(2)).await == 200 {
-            return Ok(start.elapsed());
-        }
+        let answer = http.get(&url).timeout(Duration::from_secs(2)).send().await;
+        let said = match answer {
+            Ok(r) if r.status() == 200 => return Ok(start.elapsed()),
+            Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => e.to_string(),
+        };
         if start.elapsed() > deadline {
-            bail!("{} not healthy after {deadline:?}", node.name);
+            bail!(
+                "{} not healthy after {deadline:?}: /healthz {}",
+                node.name,
+                said.trim()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
