@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use sluice_tests::kubeapi::KubeApi;
+use sluice_tests::kubeapi::{JobScript, KubeApi};
 
 const TIMEOUT_MS: u64 = 60_000;
 
@@ -88,7 +88,7 @@ fn sluice_objects(api: &KubeApi) -> Vec<String> {
 }
 
 /// The wizard's prompts for a cluster that hosts both, in order.
-const PROMPTS: [&str; 11] = [
+const PROMPTS: [&str; 12] = [
     "Namespace",
     "This cluster hosts",
     "Cluster name",
@@ -99,6 +99,7 @@ const PROMPTS: [&str; 11] = [
     "GitLab webhook token",
     "GitHub token",
     "GitLab token",
+    "Run a smoke pipeline at the end?",
     "Check the cluster and install?",
 ];
 
@@ -286,7 +287,7 @@ async fn keda_is_offered_when_its_crd_exists_and_refused_by_preflight_without_it
     let api_ref = &api;
     let mut prompts: Vec<(&str, Option<&str>)> = PROMPTS[..10].iter().map(|p| (*p, None)).collect();
     prompts.push(("Autoscale the runner with KEDA?", Some("y")));
-    prompts.push((PROMPTS[10], None));
+    prompts.extend(PROMPTS[10..].iter().map(|p| (*p, None)));
     let shown = tokio::task::block_in_place(|| wizard(&dir, api_ref, &prompts));
     assert!(shown.contains("Sluice is installed"), "{shown}");
     assert!(
@@ -347,4 +348,247 @@ async fn keda_is_offered_when_its_crd_exists_and_refused_by_preflight_without_it
     // Uninstall in a cluster without KEDA still works (its kind is not served).
     let out = tokio::task::block_in_place(|| run(&dir, bare_ref, &["uninstall"]));
     assert!(text(&out).contains("Nothing to remove"), "{}", text(&out));
+}
+
+/// The smoke Job the install applied, and its containers' args by name.
+fn smoke_job(api: &KubeApi) -> (Value, BTreeMap<String, Vec<String>>) {
+    let job = api
+        .applied()
+        .into_iter()
+        .find(|o| {
+            o["kind"] == "Job"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("sluice-smoke-"))
+        })
+        .expect("a smoke Job was applied");
+    let spec = &job["spec"]["template"]["spec"];
+    let args = spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(spec["containers"].as_array().into_iter().flatten())
+        .map(|c| {
+            let args = c["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| a.as_str().unwrap_or_default().to_owned())
+                .collect();
+            (c["name"].as_str().unwrap_or_default().to_owned(), args)
+        })
+        .collect();
+    (job, args)
+}
+
+fn script(steps: &[(&str, i32, &str)]) -> JobScript {
+    JobScript {
+        containers: steps
+            .iter()
+            .map(|(c, code, log)| ((*c).to_owned(), *code, (*log).to_owned()))
+            .collect(),
+        finish: true,
+    }
+}
+
+fn applied_pipeline(api: &KubeApi) -> Value {
+    let config = api
+        .applied()
+        .into_iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "sluice-smoke")
+        .expect("the smoke ConfigMap");
+    let text = config["data"]["pipeline.yaml"]
+        .as_str()
+        .expect("pipeline.yaml")
+        .to_owned();
+    sluice_core::pipeline::parse_documents("pipeline.yaml", &text).expect("a valid pipeline");
+    serde_saphyr::from_str(&text).expect("YAML")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_smoke_run_is_a_job_in_the_cluster_whose_result_the_install_reports() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().to_owned();
+    let api = KubeApi::start().await;
+    api.script_jobs(
+        "sluice-smoke-",
+        script(&[
+            ("apply", 0, "created    sluice-smoke"),
+            ("start", 0, "manual:install-smoke-1"),
+            ("logs", 0, "── hello ──\nSluice runs on cluster default"),
+            ("result", 0, "run … succeeded"),
+        ]),
+    );
+    let api_ref = &api;
+    let out = tokio::task::block_in_place(|| run(&dir, api_ref, &["install", "--yes", "--smoke"]));
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+
+    // The Job: apply the pipeline, start it by a manual event, follow the run that
+    // event starts, wait for its result; with the admin seed, over the in-cluster NATS.
+    let (job, args) = smoke_job(&api);
+    let delivery = args["start"]
+        .iter()
+        .skip_while(|a| *a != "--id")
+        .nth(1)
+        .expect("--id")
+        .clone();
+    let run_id = sluice_core::run::run_id(&format!("manual:{delivery}"), "sluice-smoke", 0);
+    let strs = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        args["apply"],
+        strs(&[
+            "pipelines",
+            "apply",
+            "-f",
+            "/etc/sluice-smoke/pipeline.yaml"
+        ])
+    );
+    assert_eq!(
+        args["start"],
+        strs(&[
+            "events",
+            "publish",
+            "--kind",
+            "smoke",
+            "--pipeline",
+            "sluice-smoke",
+            "--id",
+            &delivery
+        ])
+    );
+    assert_eq!(args["logs"], strs(&["runs", "logs", "--follow", &run_id]));
+    assert_eq!(args["result"], strs(&["runs", "get", "--wait", &run_id]));
+    let spec = &job["spec"]["template"]["spec"];
+    let inits: Vec<&str> = spec["initContainers"]
+        .as_array()
+        .expect("init containers")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(inits, ["apply", "start", "logs"], "in that order");
+    assert_eq!(spec["containers"][0]["name"], "result");
+    assert_eq!(
+        spec["volumes"][0]["secret"]["secretName"],
+        "sluice-nats-admin"
+    );
+    assert_eq!(job["spec"]["backoffLimit"], 0);
+    let env = &spec["containers"][0]["env"];
+    assert_eq!(env[0]["value"], "nats://sluice-nats.sluice.svc:4222");
+    let pipeline = applied_pipeline(&api);
+    assert_eq!(pipeline["name"], "sluice-smoke");
+    assert_eq!(pipeline["runtime"]["cluster"], "default");
+    assert_eq!(pipeline["steps"].as_array().map(Vec::len), Some(1));
+
+    // The report: the run's log and its result, before the next steps.
+    assert!(said.contains("│ Sluice runs on cluster default"), "{said}");
+    assert!(
+        said.contains(&format!("✓ the smoke run {run_id} succeeded")),
+        "{said}"
+    );
+    assert!(said.find("smoke run") < said.rfind("Next:"), "{said}");
+
+    // A run that fails: the install says so, with the result's last line, and fails.
+    let failing = KubeApi::start().await;
+    failing.script_jobs(
+        "sluice-smoke-",
+        script(&[
+            ("apply", 0, "created    sluice-smoke"),
+            ("start", 0, "manual:x"),
+            ("logs", 0, "── hello ──\nsh: echo: not found"),
+            ("result", 1, "run 0123 failed\n"),
+        ]),
+    );
+    let failing_ref = &failing;
+    let out =
+        tokio::task::block_in_place(|| run(&dir, failing_ref, &["install", "--yes", "--smoke"]));
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    let line = said
+        .lines()
+        .find(|l| l.contains("the smoke run failed:"))
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(line.contains("did not succeed: run 0123 failed"), "{line}");
+    assert!(
+        line.contains("kubectl -n sluice logs job/sluice-smoke-"),
+        "{line}"
+    );
+    assert!(said.contains("│ sh: echo: not found"), "{said}");
+    assert!(
+        said.contains("Sluice is installed, but the smoke run failed"),
+        "{said}"
+    );
+
+    // A step before the run fails: its own reason.
+    let unstarted = KubeApi::start().await;
+    unstarted.script_jobs(
+        "sluice-smoke-",
+        script(&[
+            ("apply", 0, "created    sluice-smoke"),
+            ("start", 1, "Error: JetStream did not store the event"),
+        ]),
+    );
+    let unstarted_ref = &unstarted;
+    let out =
+        tokio::task::block_in_place(|| run(&dir, unstarted_ref, &["install", "--yes", "--smoke"]));
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(
+            "could not start it with a manual event: Error: JetStream did not store the event"
+        ),
+        "{said}"
+    );
+
+    // A run that never ends: bounded by --timeout, saying what it waited for.
+    let stuck = KubeApi::start().await;
+    stuck.script_jobs(
+        "sluice-smoke-",
+        JobScript {
+            finish: false,
+            ..script(&[("apply", 0, ""), ("start", 0, "")])
+        },
+    );
+    let stuck_ref = &stuck;
+    let out = tokio::task::block_in_place(|| {
+        command(&dir, stuck_ref, &["install", "--yes", "--smoke"])
+            .env("SLUICE_INSTALL_TIMEOUT", "2s")
+            .output()
+            .expect("run")
+    });
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("did not finish: Job sluice-smoke-")
+            && said.contains("not finished after 2s: step logs running"),
+        "{said}"
+    );
+    assert!(
+        said.contains("is the runner of cluster default ready"),
+        "{said}"
+    );
+
+    // A runner-only cluster cannot: it has no credential that may start runs.
+    let out = tokio::task::block_in_place(|| {
+        run(
+            &dir,
+            api_ref,
+            &[
+                "install",
+                "--yes",
+                "--smoke",
+                "--hosts",
+                "runner",
+                "--existing-nats-url",
+                "nats://n:4222",
+                "--nats-seed",
+                "s.nk",
+            ],
+        )
+    });
+    assert!(
+        text(&out).contains("smoke: a runner-only cluster holds no credential"),
+        "{}",
+        text(&out)
+    );
 }

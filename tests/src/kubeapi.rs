@@ -38,6 +38,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 mod objects;
+pub use objects::JobScript;
 
 /// One request as the double received it.
 #[derive(Debug, Clone)]

@@ -136,6 +136,13 @@ pub struct ValueFlags {
     /// With --keda: NATS's monitoring listener (host:port) that KEDA reads.
     #[arg(long, env = "SLUICE_INSTALL_KEDA_MONITORING_ENDPOINT")]
     pub keda_monitoring_endpoint: Option<String>,
+    /// After installing, run a one-step pipeline on this cluster and report its result
+    /// (needs the control plane here); `--smoke=false` turns it off.
+    #[arg(long, env = "SLUICE_INSTALL_SMOKE", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub smoke: Option<bool>,
+    /// The image of the smoke pipeline's step (needs sh).
+    #[arg(long, env = "SLUICE_INSTALL_SMOKE_IMAGE")]
+    pub smoke_image: Option<String>,
     /// GitHub webhook secret (generated when not given). Prefer the variable.
     #[arg(long, env = "SLUICE_INSTALL_GITHUB_WEBHOOK_SECRET", hide_env_values = true, value_parser = secret)]
     pub github_webhook_secret: Option<Secret>,
@@ -169,6 +176,7 @@ impl ValueFlags {
             max_running => max_running, stream_replicas => stream_replicas,
             ingest_host => ingest_host, api_server_cidr => api_server_cidr,
             nats_cidr => nats_cidr, keda => keda, keda_max_replicas => keda_max_replicas,
+            smoke => smoke, smoke_image => smoke_image,
         );
         macro_rules! set_some {
             ($($field:ident => $target:ident),* $(,)?) => {

@@ -11,6 +11,7 @@ pub mod material;
 pub mod object;
 pub mod preflight;
 pub mod render;
+pub mod smoke;
 pub mod values;
 pub mod wizard;
 
@@ -109,7 +110,11 @@ pub async fn run(args: InstallArgs) -> anyhow::Result<()> {
     }
     let client = client(values.context.as_deref()).await?;
     println!("Checking the cluster …");
-    let report = preflight::run(&client, &values, &render::render(&values, None)).await;
+    let mut planned = render::render(&values, None);
+    if values.smoke {
+        planned.extend(render::smoke(&values, "preflight", 1));
+    }
+    let report = preflight::run(&client, &values, &planned).await;
     for note in &report.notes {
         println!("  note: {note}");
     }
@@ -152,10 +157,30 @@ pub async fn run(args: InstallArgs) -> anyhow::Result<()> {
     } else {
         println!("Sluice is installed: {changed} objects created or changed.");
     }
+    let smoke = if values.smoke {
+        let outcome = smoke::run(&client, &values, args.timeout, &mut std::io::stdout()).await?;
+        for line in outcome.log.lines() {
+            println!("  │ {line}");
+        }
+        match &outcome.result {
+            Ok(()) => println!(
+                "  ✓ the smoke run {} succeeded: cluster {} runs pipelines",
+                outcome.run_id, values.cluster
+            ),
+            Err(why) => eprintln!("  ✗ {why}"),
+        }
+        outcome.result
+    } else {
+        Ok(())
+    };
     for line in next_steps(&values, &material, std::io::stdout().is_terminal()) {
         println!("{line}");
     }
-    Ok(())
+    smoke.map_err(|_| {
+        anyhow::anyhow!(
+            "Sluice is installed, but the smoke run failed (above); `sluice install` again, or with --smoke=false, changes nothing installed"
+        )
+    })
 }
 
 /// The webhook URLs and secrets to paste into the forges, and the next commands.

@@ -107,6 +107,10 @@ pub fn needs(values: &Values, objects: &[Object], namespace_exists: bool) -> Vec
     if values.installs_nats() || values.hosts.runner() {
         verbs_on(&["list"], "storage.k8s.io", "storageclasses", None);
     }
+    if values.smoke {
+        // The smoke Job's result is read from its Pod's logs.
+        verbs_on(&["get"], "", "pods/log", ns);
+    }
     out.into_iter().collect()
 }
 

@@ -86,6 +86,41 @@ pub fn render(values: &Values, material: Option<&Material>) -> Vec<Object> {
     out
 }
 
+/// The smoke run's objects, applied after the install when `smoke` is asked for: a
+/// one-step pipeline for this cluster (ConfigMap `sluice-smoke`), and a Job in the
+/// cluster that applies it with the admin seed, starts it with a manual event
+/// `delivery`, follows its log and waits for its result; each step one container
+/// of the `sluice` image, in order (the image has no shell). The installer needs no
+/// route to NATS: it reads the Job's Pod and its logs from the API server.
+pub fn smoke(values: &Values, delivery: &str, timeout_secs: u64) -> Vec<Object> {
+    let r = Renderer { v: values };
+    let mut out = r.smoke(delivery, timeout_secs);
+    out.sort_by_key(|o| kind_order(o.kind()));
+    out
+}
+
+/// The smoke pipeline's name.
+pub const SMOKE_PIPELINE: &str = "sluice-smoke";
+/// The smoke Job's containers, in the order they run: apply the pipeline, start it,
+/// follow its log, wait for its result.
+pub const SMOKE_STEPS: [&str; 4] = ["apply", "start", "logs", "result"];
+const SMOKE_DIR: &str = "/etc/sluice-smoke";
+
+/// The id of the smoke run that the manual event `delivery` starts (run ids are
+/// derived from the event and the pipeline).
+pub fn smoke_run_id(delivery: &str) -> String {
+    sluice_core::run::run_id(
+        &format!("{}:{delivery}", sluice_core::Provider::Manual.as_str()),
+        SMOKE_PIPELINE,
+        0,
+    )
+}
+
+/// The smoke Job's name for `delivery`.
+pub fn smoke_job_name(delivery: &str) -> String {
+    format!("sluice-smoke-{}", short_hash(delivery.as_bytes()))
+}
+
 /// Apply order: what others refer to first; workloads once their configuration,
 /// credentials and policies exist; NATS before what connects to it.
 pub fn kind_order(kind: &str) -> usize {
@@ -915,6 +950,102 @@ include "accounts.conf"
             },
         }))
         .into()
+    }
+
+    /// The one-step smoke pipeline, for this cluster.
+    pub fn smoke_pipeline(&self) -> String {
+        format!(
+            "# The smoke pipeline of `sluice install --smoke`: one step on cluster {cluster}.\nname: {SMOKE_PIPELINE}\nruntime:\n  cluster: {cluster}\ntimeout: 10m\nsteps:\n  - name: hello\n    image: {image}\n    timeout: 5m\n    commands:\n      - echo \"Sluice runs on cluster {cluster}\"\n",
+            cluster = self.v.cluster,
+            image = self.v.smoke_image,
+        )
+    }
+
+    fn smoke(&self, delivery: &str, timeout_secs: u64) -> Vec<Object> {
+        let component = "smoke";
+        let run = smoke_run_id(delivery);
+        let file = format!("{SMOKE_DIR}/pipeline.yaml");
+        let (seed, seed_mount) = self.seed_volume("admin");
+        let steps: [(&str, Vec<&str>); 4] = [
+            ("apply", vec!["pipelines", "apply", "-f", &file]),
+            (
+                "start",
+                vec![
+                    "events",
+                    "publish",
+                    "--kind",
+                    "smoke",
+                    "--pipeline",
+                    SMOKE_PIPELINE,
+                    "--id",
+                    delivery,
+                ],
+            ),
+            ("logs", vec!["runs", "logs", "--follow", &run]),
+            ("result", vec!["runs", "get", "--wait", &run]),
+        ];
+        let mut containers: Vec<Value> = steps
+            .iter()
+            .map(|(name, args)| {
+                let mut c = self.sluice_container(name, args, self.nats_env());
+                c["env"] = json!(Self::env(&[
+                    ("SLUICE_NATS_URL", &self.v.nats_url_for_services()),
+                    ("SLUICE_NATS_NKEY", &format!("{NKEY_DIR}/nkey")),
+                ]));
+                c["resources"] = self.resources("50m", "32Mi", "500m", "128Mi");
+                c["volumeMounts"] = if *name == "apply" {
+                    json!([seed_mount, { "name": "pipeline", "mountPath": SMOKE_DIR, "readOnly": true }])
+                } else {
+                    json!([seed_mount])
+                };
+                c
+            })
+            .collect();
+        let result = containers.pop().expect("four steps");
+        vec![
+            self.service_account("sluice-smoke", component, false),
+            typed::<k8s_openapi::api::core::v1::ConfigMap>(json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": self.meta("sluice-smoke", component),
+                "data": { "pipeline.yaml": self.smoke_pipeline() },
+            }))
+            .into(),
+            self.network_policy(
+                component,
+                vec![],
+                vec![self.nats_egress(), Self::dns_egress()],
+            ),
+            typed::<k8s_openapi::api::batch::v1::Job>(json!({
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": self.meta(&smoke_job_name(delivery), component),
+                "spec": {
+                    // One attempt: a second would start a second run of the event's
+                    // pipeline only if the first never started, and hide why.
+                    "backoffLimit": 0,
+                    "activeDeadlineSeconds": timeout_secs,
+                    "ttlSecondsAfterFinished": 3600,
+                    "template": {
+                        "metadata": { "labels": self.labels(component) },
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "serviceAccountName": "sluice-smoke",
+                            "automountServiceAccountToken": false,
+                            "enableServiceLinks": false,
+                            "securityContext": self.pod_security(IMAGE_USER),
+                            "initContainers": containers,
+                            "containers": [result],
+                            "volumes": [
+                                seed,
+                                { "name": "pipeline", "configMap": { "name": "sluice-smoke" } },
+                            ],
+                        },
+                    },
+                },
+            }))
+            .into(),
+        ]
     }
 
     fn secrets(&self, m: &Material) -> Vec<Object> {

@@ -35,6 +35,8 @@ pub const DEFAULT_MAX_RUNNING: u32 = 50;
 /// With KEDA: the most runner replicas it may scale to (docs/operations.md sizes it:
 /// replicas times --kube-qps is what the runners may ask of the API server).
 pub const DEFAULT_KEDA_MAX_REPLICAS: i32 = 10;
+/// The image of the smoke pipeline's one step (it needs `sh` and `echo`).
+pub const DEFAULT_SMOKE_IMAGE: &str = "docker.io/library/alpine:3.20";
 /// NATS's monitoring port, which KEDA's nats-jetstream scaler reads.
 pub const NATS_MONITOR_PORT: u16 = 8222;
 
@@ -161,6 +163,11 @@ pub struct Values {
     /// With `keda`: the NATS monitoring endpoint (host:port) KEDA reads; none: the
     /// installed NATS's Service, else the NATS URL's host on port 8222.
     pub keda_monitoring_endpoint: Option<String>,
+    /// After the install, run a one-step pipeline on this cluster and report its
+    /// result (a cluster with the control plane: it holds the admin seed).
+    pub smoke: bool,
+    /// The image of the smoke pipeline's step.
+    pub smoke_image: String,
     /// Generated when not given (and kept from the cluster on a later run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub github_webhook_secret: Option<Secret>,
@@ -202,6 +209,8 @@ impl Default for Values {
             keda: false,
             keda_max_replicas: DEFAULT_KEDA_MAX_REPLICAS,
             keda_monitoring_endpoint: None,
+            smoke: false,
+            smoke_image: DEFAULT_SMOKE_IMAGE.into(),
             github_webhook_secret: None,
             gitlab_webhook_token: None,
             webhook_signing_secret: None,
@@ -399,6 +408,19 @@ impl Values {
                 format!(
                     "keda_monitoring_endpoint `{endpoint}`: give NATS's monitoring listener as host:port, e.g. nats.example.com:8222 (--keda-monitoring-endpoint or `keda_monitoring_endpoint:`)"
                 ),
+            );
+        }
+        if self.smoke {
+            check(
+                self.hosts.control_plane(),
+                format!(
+                    "smoke: a runner-only cluster holds no credential that may apply pipelines or start runs; run the smoke from the control plane's install, or start a pipeline with `runtime.cluster: {}` there (docs/install.md#the-smoke-run)",
+                    self.cluster
+                ),
+            );
+            check(
+                !self.smoke_image.trim().is_empty() && !self.smoke_image.contains(char::is_whitespace),
+                format!("smoke_image `{}`: name an image with sh, e.g. {DEFAULT_SMOKE_IMAGE} (--smoke-image or `smoke_image:`)", self.smoke_image),
             );
         }
         if let Some(host) = Some(&self.ingest_host) {

@@ -147,7 +147,8 @@ pub fn ask(mut v: Values, contexts: &[String], current: Option<&str>) -> anyhow:
 }
 
 /// The questions that depend on the cluster: KEDA's ScaledObject, offered only when
-/// `keda_installed` (its CRD exists) and the cluster hosts a runner.
+/// `keda_installed` (its CRD exists) and the cluster hosts a runner; the smoke run,
+/// where the control plane (and so the admin seed) is installed.
 pub fn ask_cluster_dependent(mut v: Values, keda_installed: bool) -> anyhow::Result<Values> {
     if v.hosts.runner() && keda_installed {
         explain(&format!(
@@ -155,6 +156,13 @@ pub fn ask_cluster_dependent(mut v: Values, keda_installed: bool) -> anyhow::Res
             v.keda_max_replicas
         ));
         v.keda = yes_no("Autoscale the runner with KEDA?", v.keda)?;
+    }
+    if v.hosts.control_plane() {
+        explain(&format!(
+            "A smoke run applies a one-step pipeline for cluster {}, starts it and shows its log (it needs a ready runner for the cluster).",
+            v.cluster
+        ));
+        v.smoke = yes_no("Run a smoke pipeline at the end?", v.smoke)?;
     }
     Ok(v)
 }
@@ -201,6 +209,12 @@ pub fn summary(v: &Values) -> Vec<String> {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default()
+        ));
+    }
+    if v.smoke {
+        lines.push(format!(
+            "smoke:      a one-step pipeline on cluster {} at the end",
+            v.cluster
         ));
     }
     if v.hosts.runner() {

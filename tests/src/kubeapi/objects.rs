@@ -43,6 +43,19 @@ pub struct Store {
     pub hold_rollouts: Option<String>,
     /// Applies that changed something, and deletes, as `METHOD path`.
     pub writes: Vec<String>,
+    /// Jobs whose name starts with the prefix run their Pod as scripted.
+    pub job_scripts: Vec<(String, JobScript)>,
+}
+
+/// How the Job controller and kubelet play a Job: each container of its Pod (init
+/// containers first) in order, with its exit code and log; the first non-zero exit
+/// fails the Pod and the Job (`backoffLimit: 0`), containers after it never start.
+/// With `finish: false` the Job stays active, its Pod running the first container.
+#[derive(Debug, Clone)]
+pub struct JobScript {
+    /// (container, exit code, log), in the order the containers run.
+    pub containers: Vec<(String, i32, String)>,
+    pub finish: bool,
 }
 
 impl Default for Store {
@@ -80,6 +93,7 @@ impl Default for Store {
             version: (1, 31),
             hold_rollouts: None,
             writes: Vec::new(),
+            job_scripts: Vec::new(),
         }
     }
 }
@@ -403,6 +417,11 @@ fn apply(
         "managedFields".into(),
         json!([{ "manager": manager, "operation": "Apply", "apiVersion": applied["apiVersion"] }]),
     );
+    let script = store
+        .job_scripts
+        .iter()
+        .find(|(prefix, _)| resource == "jobs" && name.starts_with(prefix.as_str()))
+        .map(|(_, s)| s.clone());
     controllers(
         shared,
         &mut stored,
@@ -410,6 +429,9 @@ fn apply(
         generation,
         store.hold_rollouts.clone(),
     );
+    if let Some(script) = script {
+        stored["status"] = run_job(shared, &stored, &script);
+    }
     store
         .writes
         .push(format!("APPLY {prefix}/{resource}/{name}"));
@@ -464,6 +486,139 @@ fn controllers(
             });
         }
         _ => {}
+    }
+}
+
+/// Plays a scripted Job: makes its Pod (labelled as the Job controller labels it),
+/// with each container's state and log, and returns the Job's status.
+fn run_job(shared: &Shared, job: &Value, script: &JobScript) -> Value {
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, Pod};
+    let ns = job["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_owned();
+    let job_name = job["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let uid = job["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let template = &job["spec"]["template"];
+    let mut labels = template["metadata"]["labels"].clone();
+    for (k, v) in [
+        ("batch.kubernetes.io/job-name", &job_name),
+        ("job-name", &job_name),
+        ("batch.kubernetes.io/controller-uid", &uid),
+        ("controller-uid", &uid),
+    ] {
+        labels[k] = v.clone().into();
+    }
+    let mut inner = shared.inner.lock().expect("state");
+    inner.rv += 1;
+    let rv = inner.rv;
+    let pod_name = format!("{job_name}-{rv:05}");
+    let mut pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": pod_name, "namespace": ns, "uid": format!("uid-{rv}"),
+            "resourceVersion": rv.to_string(), "labels": labels,
+            "creationTimestamp": serde_json::to_value(now()).expect("time"),
+            "ownerReferences": [{ "apiVersion": "batch/v1", "kind": "Job", "name": job_name, "uid": uid, "controller": true, "blockOwnerDeletion": true }],
+        },
+        "spec": template["spec"],
+        "status": { "phase": "Pending" },
+    }))
+    .expect("a Job's Pod template");
+    let spec = pod.spec.clone().unwrap_or_default();
+    let inits = spec.init_containers.clone().unwrap_or_default().len();
+    let names: Vec<String> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .map(|c| c.name.clone())
+        .collect();
+    let mut logs = std::collections::HashMap::new();
+    let mut failed = false;
+    let mut running = false;
+    for (i, name) in names.iter().enumerate() {
+        let entry = script.containers.iter().find(|(c, _, _)| c == name);
+        let state = match entry {
+            _ if failed || running => super::waiting("PodInitializing", None),
+            Some((_, code, log)) => {
+                let buf = super::LogBuf::new();
+                for line in log.lines() {
+                    buf.append(line.as_bytes());
+                }
+                buf.close();
+                logs.insert(name.clone(), buf);
+                failed = *code != 0;
+                ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: *code,
+                        reason: Some(if *code == 0 { "Completed" } else { "Error" }.into()),
+                        started_at: Some(now()),
+                        finished_at: Some(now()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+            }
+            None if !script.finish => {
+                running = true;
+                logs.insert(name.clone(), super::LogBuf::new());
+                ContainerState {
+                    running: Some(k8s_openapi::api::core::v1::ContainerStateRunning {
+                        started_at: Some(now()),
+                    }),
+                    ..Default::default()
+                }
+            }
+            None => super::waiting("PodInitializing", None),
+        };
+        super::set_container(&mut pod, i, inits, name, state);
+    }
+    let status = pod.status.get_or_insert_with(Default::default);
+    status.phase = Some(
+        if failed {
+            "Failed"
+        } else if running {
+            "Running"
+        } else {
+            "Succeeded"
+        }
+        .into(),
+    );
+    inner.pods.insert(
+        (ns, pod_name.clone()),
+        super::PodEntry {
+            pod: pod.clone(),
+            logs,
+            kill: tokio_util::sync::CancellationToken::new(),
+        },
+    );
+    inner.created.push(pod_name);
+    super::record(&mut inner, shared, "ADDED", pod);
+    if failed {
+        json!({
+            "failed": 1,
+            "conditions": [
+                { "type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit" },
+                { "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit" },
+            ],
+        })
+    } else if running {
+        json!({ "active": 1, "ready": 1 })
+    } else {
+        json!({
+            "succeeded": 1,
+            "conditions": [
+                { "type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached", "message": "Reached expected number of succeeded pods" },
+                { "type": "Complete", "status": "True", "reason": "CompletionsReached", "message": "Reached expected number of succeeded pods" },
+            ],
+        })
     }
 }
 
@@ -651,6 +806,17 @@ impl super::KubeApi {
             ),
             crd,
         );
+    }
+
+    /// Jobs applied from now on whose name starts with `prefix` get a Pod that runs as
+    /// `script` says (see [`JobScript`]), and the Job the status that follows.
+    pub fn script_jobs(&self, prefix: &str, script: JobScript) {
+        self.shared
+            .objects
+            .lock()
+            .expect("objects")
+            .job_scripts
+            .push((prefix.to_owned(), script));
     }
 
     /// Removes every StorageClass.
