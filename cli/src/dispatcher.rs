@@ -51,8 +51,16 @@ pub async fn run(
         }),
         ..DispatcherConfig::new(global.nats("sluice-dispatcher"))
     };
+    let metrics = config.metrics.clone();
     let handle = sluice_dispatcher::start(config, shutdown.clone());
-    serve_admin(global, a.admin_listen, handle.consumers().clone(), shutdown).await?;
+    serve_admin(
+        global,
+        a.admin_listen,
+        handle.consumers().clone(),
+        &metrics,
+        shutdown,
+    )
+    .await?;
     handle.wait().await?;
     Ok(())
 }
@@ -67,12 +75,14 @@ async fn serve_admin(
     global: &Global,
     listen: std::net::SocketAddr,
     consumers: sluice_dispatcher::Consumers,
+    metrics: &sluice_dispatcher::metrics::Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use sluice_core::subjects;
     let client = sluice_core::nats::connect(&global.nats("sluice-dispatcher-admin")).await?;
     let js = async_nats::jetstream::new(client.clone());
     let mut admin = sluice_core::admin::Admin::new(env!("CARGO_PKG_VERSION"));
+    metrics.register(&mut admin);
     admin.nats(client);
     admin.probe("streams", move || {
         let js = js.clone();

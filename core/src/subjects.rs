@@ -166,8 +166,16 @@ pub const REPORTER_CONSUMER: &str = "sluice-reporter";
 
 /// The durable consumer a cluster's runners share (the consumer group).
 pub fn runner_consumer(cluster: &str) -> String {
-    format!("sluice-runner-{cluster}")
+    format!("{RUNNER_CONSUMER_PREFIX}{cluster}")
 }
+
+/// The cluster whose runners share the durable consumer `name`, if it is one.
+pub fn runner_consumer_cluster(name: &str) -> Option<&str> {
+    name.strip_prefix(RUNNER_CONSUMER_PREFIX)
+        .filter(|cluster| !cluster.is_empty())
+}
+
+const RUNNER_CONSUMER_PREFIX: &str = "sluice-runner-";
 
 // === Message ids (`Nats-Msg-Id`) ===
 //
@@ -279,6 +287,9 @@ mod tests {
         assert_eq!(parse_runner_key("eu-1"), None);
         assert_eq!(parse_runner_key(".x"), None);
         assert_eq!(runner_consumer("eu-1"), "sluice-runner-eu-1");
+        assert_eq!(runner_consumer_cluster("sluice-runner-eu-1"), Some("eu-1"));
+        assert_eq!(runner_consumer_cluster("sluice-runner-"), None);
+        assert_eq!(runner_consumer_cluster("sluice-dispatcher"), None);
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub mod github;
 pub mod groups;
 pub mod liveness;
 pub mod matcher;
+pub mod metrics;
+pub mod pending;
 pub mod plan;
 pub mod registry;
 pub mod reporter;
@@ -66,6 +68,8 @@ pub struct DispatcherConfig {
     /// After shutdown starts, how long the events in hand may take to finish; those
     /// still running then are handed back to NATS unfinished.
     pub shutdown_grace: Duration,
+    /// Where the dispatcher counts what it does; register it on the admin surface.
+    pub metrics: metrics::Metrics,
 }
 
 impl DispatcherConfig {
@@ -81,6 +85,7 @@ impl DispatcherConfig {
             forge: forge::ForgeConfig::default(),
             reporter: None,
             shutdown_grace: SHUTDOWN_GRACE,
+            metrics: metrics::Metrics::default(),
         }
     }
 
@@ -195,6 +200,7 @@ async fn run_with(
                     config.forge.clone(),
                     r,
                     consuming,
+                    config.metrics.clone(),
                     shutdown.clone(),
                 ))
             });
@@ -207,8 +213,15 @@ async fn run_with(
         ack_wait: config.ack_wait,
         changed_files,
         liveness,
+        metrics: config.metrics.clone(),
         hand_back: CancellationToken::new(),
     });
+    let backlog = tokio::spawn(pending::watch(
+        ctx.bus.js.clone(),
+        config.metrics.clone(),
+        pending::INTERVAL,
+        shutdown.clone(),
+    ));
     // The grace period starts with shutdown; at its end, whatever is still in hand is
     // handed back.
     let grace = tokio::spawn({
@@ -254,6 +267,7 @@ async fn run_with(
     }
     watcher.abort();
     liveness_task.abort();
+    backlog.abort();
     if let Some(mut task) = reporting {
         // Statuses not yet sent stay queued in their bucket for the next dispatcher.
         let ended = tokio::select! {

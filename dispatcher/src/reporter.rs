@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consume::{self, keep_consuming, Consuming};
 use crate::forge::ForgeConfig;
+use crate::metrics::Metrics;
 use crate::{Error, Result};
 
 /// How statuses are reported.
@@ -76,10 +77,11 @@ pub async fn run(
     forge: ForgeConfig,
     config: ReporterConfig,
     consuming: Consuming,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let kv = streams::bucket(&js, subjects::REPORTS_BUCKET).await?;
-    let sender = Arc::new(Sender::new(forge, &config)?);
+    let sender = Arc::new(Sender::new(forge, &config, metrics)?);
     let intake = tokio::spawn({
         let (kv, shutdown) = (kv.clone(), shutdown.clone());
         async move {
@@ -208,6 +210,10 @@ async fn flush(kv: &Store, sender: &Sender, shutdown: &CancellationToken) -> Res
         .try_collect()
         .await
         .map_err(|e| Error::nats("list queued commit statuses", e))?;
+    sender
+        .metrics
+        .reporter_pending
+        .set(i64::try_from(keys.len()).unwrap_or(i64::MAX));
     for key in keys {
         if shutdown.is_cancelled() {
             break;
@@ -229,7 +235,7 @@ async fn flush(kv: &Store, sender: &Sender, shutdown: &CancellationToken) -> Res
                 // one is sent on the next round.
                 let _ = kv.delete_expect_revision(&key, Some(entry.revision)).await;
             }
-            Sent::Later => {}
+            Sent::Later(_) => {}
             Sent::Dropped(why) => {
                 tracing::warn!(run_id = %w.run_id, reason = %why, "commit status cannot be sent; dropping it");
                 let _ = kv.delete_expect_revision(&key, Some(entry.revision)).await;
@@ -241,10 +247,20 @@ async fn flush(kv: &Store, sender: &Sender, shutdown: &CancellationToken) -> Res
 
 enum Sent {
     Done,
-    /// Rate-limited or failed for now: keep it.
-    Later,
+    /// Not sent for now: keep it.
+    Later(Later),
     /// Can never succeed (no token for this forge, repository gone): log and forget.
     Dropped(Error),
+}
+
+/// Why a status waits for a later round.
+enum Later {
+    /// The own budget for the forge is spent: no request was made.
+    Budget,
+    /// The forge said to wait (403/429).
+    RateLimited,
+    /// The request failed (network, 5xx, no token for the repository yet).
+    Failed,
 }
 
 /// A forge client with its rate budget.
@@ -256,6 +272,7 @@ struct Sender {
     link_base_url: String,
     budgets: Mutex<HashMap<Provider, Budget>>,
     requests_per_hour: u32,
+    metrics: Metrics,
 }
 
 /// A token bucket, and a pause when the forge said to wait.
@@ -266,7 +283,7 @@ struct Budget {
 }
 
 impl Sender {
-    fn new(forge: ForgeConfig, config: &ReporterConfig) -> Result<Self> {
+    fn new(forge: ForgeConfig, config: &ReporterConfig, metrics: Metrics) -> Result<Self> {
         if config.requests_per_hour == 0 {
             return Err(Error::InvalidSetting {
                 setting: "forge requests per hour",
@@ -289,6 +306,7 @@ impl Sender {
             link_base_url: config.link_base_url.trim_end_matches('/').to_owned(),
             budgets: Mutex::new(HashMap::new()),
             requests_per_hour: config.requests_per_hour,
+            metrics,
         })
     }
 
@@ -327,7 +345,24 @@ impl Sender {
         }
     }
 
+    /// Sends one status and counts what became of it (nothing when the own budget
+    /// deferred it: no request was made).
     async fn send(&self, w: &Wanted) -> Sent {
+        let sent = self.try_send(w).await;
+        let outcome = match &sent {
+            Sent::Done => Some("sent"),
+            Sent::Later(Later::Budget) => None,
+            Sent::Later(Later::RateLimited) => Some("rate_limited"),
+            Sent::Later(Later::Failed) => Some("failed"),
+            Sent::Dropped(_) => Some("dropped"),
+        };
+        if let (Some(outcome), Provider::Github | Provider::Gitlab) = (outcome, w.provider) {
+            self.metrics.status(w.provider, outcome);
+        }
+        sent
+    }
+
+    async fn try_send(&self, w: &Wanted) -> Sent {
         let link = format!("{}/runs/{}", self.link_base_url, w.run_id);
         let context = format!("sluice/{}", w.pipeline);
         match w.provider {
@@ -336,14 +371,14 @@ impl Sender {
                     return Sent::Dropped(crate::github::NO_CREDENTIALS);
                 };
                 if !self.allow(Provider::Github).await {
-                    return Sent::Later;
+                    return Sent::Later(Later::Budget);
                 }
                 let client = match github.client(&w.repo).await {
                     Ok(c) => c,
                     Err(e) if !e.is_retryable() => return Sent::Dropped(e),
                     Err(e) => {
                         tracing::warn!(repo = %w.repo, error = %e, "no GitHub client for this repository yet");
-                        return Sent::Later;
+                        return Sent::Later(Later::Failed);
                     }
                 };
                 let state = match w.state {
@@ -366,7 +401,7 @@ impl Sender {
                     }
                     Err(e) => {
                         tracing::warn!(error = %Error::GitHub(e), "GitHub status request failed");
-                        Sent::Later
+                        Sent::Later(Later::Failed)
                     }
                 }
             }
@@ -375,7 +410,7 @@ impl Sender {
                     return Sent::Dropped(crate::forge::NO_GITLAB_TOKEN);
                 };
                 if !self.allow(Provider::Gitlab).await {
-                    return Sent::Later;
+                    return Sent::Later(Later::Budget);
                 }
                 let state = match w.state {
                     RunState::Queued | RunState::Scheduled => "pending",
@@ -409,7 +444,7 @@ impl Sender {
                     }
                     Err(e) => {
                         tracing::warn!(error = %Error::GitLab(e.without_url()), "GitLab status request failed");
-                        Sent::Later
+                        Sent::Later(Later::Failed)
                     }
                 }
             }
@@ -439,10 +474,10 @@ impl Sender {
                     })
                     .unwrap_or(60);
                 self.pause(forge, Duration::from_secs(wait)).await;
-                Sent::Later
+                Sent::Later(Later::RateLimited)
             }
             404 | 422 => Sent::Dropped(Error::ForgeStatus { forge, status }),
-            _ => Sent::Later,
+            _ => Sent::Later(Later::Failed),
         }
     }
 }

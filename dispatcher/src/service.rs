@@ -24,6 +24,7 @@ use crate::consume::{self, keep_consuming, Consuming};
 use crate::forge::ChangedFiles;
 use crate::groups::{self, Admission};
 use crate::matcher::{self, CelEvent};
+use crate::metrics::{ClusterLabel, EventOutcome};
 use crate::plan;
 use crate::registry::Registry;
 use crate::{Error, Result};
@@ -39,6 +40,7 @@ pub struct Context {
     pub ack_wait: Duration,
     pub changed_files: ChangedFiles,
     pub liveness: Arc<crate::liveness::Liveness>,
+    pub metrics: crate::metrics::Metrics,
     /// Tripped when the shutdown grace period ends: messages still in hand are handed
     /// back instead of finished.
     pub hand_back: CancellationToken,
@@ -130,18 +132,31 @@ async fn in_hand(ctx: &Context, message: &Message, handle: impl Future<Output = 
 }
 
 async fn handle_event(ctx: &Context, message: &Message) {
-    let (delivered, sequence) = match message.info() {
-        Ok(info) => (info.delivered, info.stream_sequence),
-        Err(_) => (1, 0),
+    let (delivered, sequence, stored) = match message.info() {
+        Ok(info) => (info.delivered, info.stream_sequence, Some(info.published)),
+        Err(_) => (1, 0, None),
     };
     let subject = message.subject.to_string();
+    // `sluice.events.<provider>.<kind>`: the label even when the body is unreadable.
+    let provider = subject.split('.').nth(2).unwrap_or("");
     let result = match read_event(&subject, sequence, &message.payload) {
         Ok(event) => dispatch(ctx, &event).await.map(|d| (event.id, d)),
         Err(e) => Err(e),
     };
     match result {
-        Ok((event_id, runs)) => {
-            tracing::info!(event_id = %event_id, runs, "event dispatched");
+        Ok((event_id, dispatched)) => {
+            tracing::info!(event_id = %event_id, runs = dispatched.runs, "event dispatched");
+            if dispatched.planned > 0 {
+                if let Some(stored) = stored {
+                    let took = OffsetDateTime::now_utc() - stored;
+                    ctx.metrics
+                        .dispatch_seconds
+                        .observe(took.as_seconds_f64().max(0.0));
+                }
+                ctx.metrics.event(provider, EventOutcome::DISPATCHED);
+            } else {
+                ctx.metrics.event(provider, EventOutcome::NO_RUN);
+            }
             ack(message, AckKind::Ack).await;
         }
         Err(e) if !e.is_retryable() || delivered >= ctx.max_attempts => {
@@ -157,7 +172,11 @@ async fn handle_event(ctx: &Context, message: &Message) {
                 )
                 .await
             {
-                Ok(()) => ack(message, AckKind::Term).await,
+                Ok(()) => {
+                    ctx.metrics.dead_letters.inc();
+                    ctx.metrics.event(provider, EventOutcome::DEAD_LETTERED);
+                    ack(message, AckKind::Term).await;
+                }
                 // Not acknowledged: it comes back and is dead-lettered then.
                 Err(dl) => tracing::error!(error = %dl, "cannot dead-letter the event"),
             }
@@ -165,6 +184,7 @@ async fn handle_event(ctx: &Context, message: &Message) {
         Err(e) => {
             let delay = Duration::from_secs(1 << delivered.clamp(0, 5));
             tracing::warn!(subject = %subject, sequence, attempt = delivered, error = %e, retry_in = ?delay, "event dispatch failed, will retry");
+            ctx.metrics.event(provider, EventOutcome::RETRIED);
             ack(message, AckKind::Nak(Some(delay))).await;
         }
     }
@@ -195,9 +215,17 @@ pub fn read_event(subject: &str, sequence: u64, payload: &[u8]) -> Result<Event>
     Ok(event)
 }
 
-/// Matches, plans and publishes the runs of one event, then its decision. Returns how
-/// many runs it started or queued.
-pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
+/// What [`dispatch`] did with one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatched {
+    /// Runs its decision lists: stored, queued, or already stored before (a redelivery).
+    pub runs: usize,
+    /// Of those, the runs this delivery stored or queued.
+    pub planned: usize,
+}
+
+/// Matches, plans and publishes the runs of one event, then its decision.
+pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
     let index = ctx.registry.current();
     let mut files_note = None;
     let mut with_files = None;
@@ -232,7 +260,8 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
         (evaluation, planned)
     };
     let mut runs = Vec::with_capacity(planned.len());
-    for (pipeline, req) in planned {
+    let (to_plan, mut planned) = (planned, 0);
+    for (pipeline, req) in to_plan {
         let admission = match (&pipeline.concurrency, &req.concurrency_group) {
             (Some(c), Some(group)) if c.cancel_in_progress || c.max_running.is_some() => {
                 groups::admit(&ctx.bus, &ctx.groups, &req, c, group).await?
@@ -244,6 +273,13 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
                 if ctx.bus.publish_run(&req).await? {
                     "duplicate"
                 } else {
+                    ctx.metrics
+                        .runs_planned
+                        .get_or_create(&ClusterLabel {
+                            cluster: req.cluster.clone(),
+                        })
+                        .inc();
+                    planned += 1;
                     "published"
                 }
             }
@@ -256,6 +292,7 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
                         Some(format!("waiting for a slot in concurrency group {group}")),
                     )
                     .await?;
+                planned += 1;
                 "queued"
             }
         };
@@ -266,7 +303,10 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<usize> {
             outcome: outcome.into(),
         });
     }
-    let count = runs.len();
+    let count = Dispatched {
+        runs: runs.len(),
+        planned,
+    };
     let decision_runs: Vec<(String, String)> = runs
         .iter()
         .map(|r| (r.pipeline.clone(), r.run_id.clone()))

@@ -69,7 +69,10 @@ impl Running {
 pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()> {
     let client = sluice_core::nats::connect(&config.nats).await?;
     let js = jetstream::new(client.clone());
-    let metrics = Metrics::default();
+    let mut metrics = Metrics::default();
+    if let Some(kube) = config.executor.kube_metrics() {
+        metrics.kube = kube.clone();
+    }
     let mut admin = sluice_core::admin::Admin::new(env!("CARGO_PKG_VERSION"));
     metrics.register(admin.registry("sluice_runner"));
     admin.nats(client.clone());

@@ -84,6 +84,14 @@ impl Executor {
         }
     }
 
+    /// What the Kubernetes executor counts of its API requests; none for the local one.
+    pub fn kube_metrics(&self) -> Option<&metrics::KubeMetrics> {
+        match self {
+            Executor::Local(_) => None,
+            Executor::Kubernetes(kube) => Some(kube.metrics()),
+        }
+    }
+
     /// After the run's final state is stored.
     pub(crate) fn finished(&self, req: &sluice_core::run::RunRequest) {
         if let Executor::Kubernetes(kube) = self {

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::{child_step, Outcome, Segment};
+use crate::metrics::KubeMetrics;
 use crate::report::Reporter;
 use crate::wait::sleep_until;
 use crate::{Error, Result};
@@ -124,6 +125,7 @@ pub struct KubeExecutor {
     pods: Arc<PodWatch>,
     /// Cancelled when the runner stops: runs in hand are handed back, Pods untouched.
     handoff: CancellationToken,
+    metrics: KubeMetrics,
 }
 
 impl std::fmt::Debug for KubeExecutor {
@@ -154,7 +156,8 @@ impl KubeExecutor {
         // The throttle retries, after taking a token; kube's own retry would not.
         config.default_retry = false;
         // One budget for every request, log streams' included.
-        let throttle = throttle::Throttle::new(qps, burst);
+        let metrics = KubeMetrics::default();
+        let throttle = throttle::Throttle::new(qps, burst, metrics.clone());
         let logs = LogClients::new(
             config.clone(),
             throttle.clone(),
@@ -175,7 +178,13 @@ impl KubeExecutor {
             settings: Arc::new(settings),
             pods: Arc::new(PodWatch::default()),
             handoff: CancellationToken::new(),
+            metrics,
         })
+    }
+
+    /// What it counts of its API requests, for the runner's `/metrics`.
+    pub fn metrics(&self) -> &KubeMetrics {
+        &self.metrics
     }
 
     fn api(&self) -> Api<Pod> {
@@ -415,7 +424,14 @@ impl KubeExecutor {
                 }
                 Ok(true)
             }
-            Err(e) => Err(decide::error(format!("cannot create Pod {name}: {e}"))),
+            Err(e) => {
+                let answer = match &e {
+                    kube::Error::Api(s) => Some((s.code, s.message.as_str())),
+                    _ => None,
+                };
+                self.metrics.pod_create_error(answer);
+                Err(decide::error(format!("cannot create Pod {name}: {e}")))
+            }
         }
     }
 }

@@ -16,6 +16,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
+use crate::metrics::KubeMetrics;
+
 /// A token bucket: `rate` tokens a second, up to `burst` at once. Waiters are served
 /// in the order they arrive.
 #[derive(Debug)]
@@ -117,13 +119,17 @@ impl Drop for Urgent<'_> {
 pub struct Throttle {
     bucket: Arc<TokenBucket>,
     max_retries: u32,
+    metrics: KubeMetrics,
 }
 
 impl Throttle {
-    pub fn new(rate: NonZeroU32, burst: NonZeroU32) -> Self {
+    /// Counts every request it sends, and the time each waited for its token, in
+    /// `metrics`.
+    pub fn new(rate: NonZeroU32, burst: NonZeroU32, metrics: KubeMetrics) -> Self {
         Throttle {
             bucket: Arc::new(TokenBucket::new(rate, burst)),
             max_retries: 8,
+            metrics,
         }
     }
 }
@@ -138,6 +144,7 @@ impl<S> Layer<S> for Throttle {
             inner: Arc::new(Mutex::new(inner)),
             bucket: self.bucket.clone(),
             max_retries: self.max_retries,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -147,6 +154,7 @@ pub struct Throttled<S> {
     inner: Arc<Mutex<S>>,
     bucket: Arc<TokenBucket>,
     max_retries: u32,
+    metrics: KubeMetrics,
 }
 
 fn retryable(status: StatusCode) -> bool {
@@ -200,26 +208,42 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let (inner, bucket, max_retries) =
-            (self.inner.clone(), self.bucket.clone(), self.max_retries);
+        let (inner, bucket, max_retries, metrics) = (
+            self.inner.clone(),
+            self.bucket.clone(),
+            self.max_retries,
+            self.metrics.clone(),
+        );
         Box::pin(async move {
             // kube-rs names each request's kind in its extensions.
-            let rank = match req.extensions().get::<&'static str>() {
-                Some(&"log_stream") => Rank::Later,
+            let kind = req.extensions().get::<&'static str>().copied();
+            let rank = match kind {
+                Some("log_stream") => Rank::Later,
                 _ => Rank::First,
             };
             let mut req = req;
             let mut attempt = 0;
             loop {
                 let again = (attempt < max_retries).then(|| copy(&req)).flatten();
+                let waited = Instant::now();
                 bucket.acquire(rank).await;
+                metrics
+                    .rate_limited_seconds
+                    .inc_by(waited.elapsed().as_secs_f64());
                 let sent = {
                     let mut service = inner.lock().await;
                     let ready = service.ready().await.map_err(Into::into)?;
                     ready.call(req)
                 };
-                let response = sent.await.map_err(Into::into)?;
+                let response = match sent.await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        metrics.request(kind, None);
+                        return Err(e.into());
+                    }
+                };
                 let status = response.status();
+                metrics.request(kind, Some(status.as_u16()));
                 match again {
                     Some(next) if retryable(status) => {
                         let wait =

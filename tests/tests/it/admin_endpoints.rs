@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use sluice_core::admin::Admin;
 use sluice_tests::ingest::jetstream;
 use sluice_tests::nats::{reserve_port, NatsServer};
 use sluice_tests::runner::{final_state, git_repo, publish_run, run_request, step, Runner};
@@ -156,4 +157,216 @@ async fn a_runner_is_ready_once_joined_not_while_nats_is_down_and_again_after() 
         },
     )
     .await;
+}
+
+/// Serves `admin` on a free loopback port until the test ends.
+async fn serve(admin: Admin) -> (SocketAddr, tokio_util::sync::DropGuard) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (addr, _task) = admin
+        .serve("127.0.0.1:0".parse().unwrap(), stop.clone())
+        .await
+        .expect("admin endpoints");
+    (addr, stop.drop_guard())
+}
+
+/// `(name, type)` of every family `register` puts on an admin surface once `sample`
+/// has given each labelled family a series (without one, a family is not written).
+async fn registered(register: impl FnOnce(&mut Admin)) -> BTreeSet<(String, String)> {
+    let mut admin = Admin::new("0.0.0-test");
+    register(&mut admin);
+    let (addr, _stop) = serve(admin).await;
+    let (code, metrics) = get(addr, "/metrics").await.expect("/metrics");
+    assert_eq!(code, 200);
+    families(&metrics)
+}
+
+/// Both ways: every family a service registers is in its golden list, and every listed
+/// family is registered, so a rename or a new metric is a deliberate change there.
+#[tokio::test]
+async fn each_service_registers_exactly_its_golden_list() {
+    let ingest = sluice_ingest::metrics::Metrics::default();
+    ingest.request("github", "accepted");
+    ingest
+        .verification_failures
+        .get_or_create(&sluice_ingest::metrics::VerifyFailure {
+            provider: "github",
+            reason: "mismatch",
+        })
+        .inc();
+    ingest
+        .duplicates
+        .get_or_create(&sluice_ingest::metrics::ProviderLabel { provider: "github" })
+        .inc();
+    ingest
+        .connections
+        .timed_out
+        .get_or_create(&sluice_ingest::metrics::TimeoutPhase { phase: "idle" })
+        .inc();
+    let exported = registered(|a| ingest.register(a.registry("sluice_ingest"))).await;
+    assert_eq!(
+        exported,
+        golden("ingest"),
+        "tests/golden/metrics/ingest.txt"
+    );
+
+    let dispatcher = sluice_dispatcher::metrics::Metrics::default();
+    dispatcher.event("github", "dispatched");
+    let eu = sluice_dispatcher::metrics::ClusterLabel {
+        cluster: "eu-1".into(),
+    };
+    dispatcher.runs_planned.get_or_create(&eu).inc();
+    dispatcher.runs_pending.get_or_create(&eu).set(1);
+    dispatcher.status(sluice_core::Provider::Github, "sent");
+    let exported = registered(|a| dispatcher.register(a)).await;
+    assert_eq!(
+        exported,
+        golden("dispatcher"),
+        "tests/golden/metrics/dispatcher.txt"
+    );
+
+    let runner = sluice_runner::metrics::Metrics::default();
+    runner
+        .runs_in_flight
+        .get_or_create(&sluice_runner::metrics::ClusterLabel {
+            cluster: "eu-1".into(),
+        })
+        .set(0);
+    runner
+        .runs
+        .get_or_create(&sluice_runner::metrics::RunResult {
+            cluster: "eu-1".into(),
+            result: "succeeded",
+        })
+        .inc();
+    runner
+        .run_seconds
+        .get_or_create(&sluice_runner::metrics::ResultLabel {
+            result: "succeeded",
+        })
+        .observe(1.0);
+    runner.kube.request(Some("create"), Some(201));
+    runner.kube.pod_create_error(None);
+    let exported = registered(|a| runner.register(a.registry("sluice_runner"))).await;
+    assert_eq!(
+        exported,
+        golden("runner"),
+        "tests/golden/metrics/runner.txt"
+    );
+}
+
+/// A real ingest's `/metrics`, on its own port beside the webhooks: the families every
+/// service has, and nothing outside its golden list.
+#[tokio::test]
+async fn ingest_serves_the_admin_surface_beside_its_webhooks() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let ingest = sluice_tests::ingest::Ingest::start(&nats.url()).await;
+    let answer = ingest
+        .post_github(
+            "pull_request",
+            "m-1",
+            &sluice_tests::fixture("github/pull_request.opened.json"),
+        )
+        .await;
+    assert_eq!(answer.status().as_u16(), 202);
+    let metrics = ingest
+        .http
+        .get(ingest.url("/metrics"))
+        .send()
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(metrics.contains("sluice_build_info{version="), "{metrics}");
+    assert!(metrics.contains("sluice_nats_connected 1"), "{metrics}");
+    assert!(
+        metrics
+            .contains("sluice_ingest_requests_total{provider=\"github\",outcome=\"accepted\"} 1"),
+        "{metrics}"
+    );
+    let unknown: Vec<_> = families(&metrics)
+        .difference(&golden("ingest"))
+        .cloned()
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "not in tests/golden/metrics/ingest.txt: {unknown:?}"
+    );
+}
+
+/// The dispatcher counts what it does on the real path: an event dispatched, the run it
+/// planned, the time that took, an unreadable event dead-lettered, and the backlog of
+/// a cluster whose runners are all away.
+#[tokio::test]
+async fn the_dispatcher_counts_events_runs_dead_letters_and_each_clusters_backlog() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    sluice_core::streams::apply(
+        &js,
+        &sluice_core::streams::StreamSettings {
+            clusters: vec![sluice_core::streams::ClusterConsumer::new("eu-1")],
+            ..Default::default()
+        },
+        false,
+    )
+    .await
+    .expect("streams");
+    sluice_tests::dispatcher::apply(
+        &js,
+        r#"
+name: app-ci
+triggers:
+  - provider: github
+    kinds: [push]
+runtime: { cluster: eu-1 }
+steps:
+  - { name: test, image: alpine, commands: ["true"] }
+"#,
+    )
+    .await;
+    let config = sluice_tests::dispatcher::Dispatcher::config(&nats.url());
+    let metrics = config.metrics.clone();
+    let _dispatcher = sluice_tests::dispatcher::Dispatcher::start_with(config).await;
+    let (admin, _stop) = serve({
+        let mut admin = Admin::new("0.0.0-test");
+        metrics.register(&mut admin);
+        admin
+    })
+    .await;
+
+    let mut event = sluice_core::Event::new(sluice_core::Provider::Github, "m-1", "push");
+    event.repo = Some("acme/app".into());
+    event.git_ref = Some("refs/heads/main".into());
+    event.sha = Some("abc".into());
+    sluice_tests::dispatcher::publish_event(&js, &event).await;
+    js.publish("sluice.events.github.push", "{not json".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+
+    let wanted = [
+        "sluice_dispatcher_events_total{provider=\"github\",outcome=\"dispatched\"} 1",
+        "sluice_dispatcher_events_total{provider=\"github\",outcome=\"dead_lettered\"} 1",
+        "sluice_dispatcher_runs_planned_total{cluster=\"eu-1\"} 1",
+        "sluice_dispatcher_dispatch_duration_seconds_count 1",
+        "sluice_dispatcher_dead_letters_total 1",
+        // No runner took it: the whole backlog.
+        "sluice_runs_pending{cluster=\"eu-1\"} 1",
+    ];
+    let metrics = wait_for("every count", Duration::from_secs(30), || async {
+        let (_, m) = get(admin, "/metrics").await?;
+        wanted.iter().all(|w| m.contains(w)).then_some(m)
+    })
+    .await;
+    let unknown: Vec<_> = families(&metrics)
+        .difference(&golden("dispatcher"))
+        .cloned()
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "not in tests/golden/metrics/dispatcher.txt: {unknown:?}"
+    );
 }

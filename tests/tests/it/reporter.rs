@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sluice_core::run::{RunState, StatusUpdate};
 use sluice_dispatcher::forge::ForgeConfig;
+use sluice_dispatcher::metrics::StatusOutcome;
 use sluice_dispatcher::reporter::ReporterConfig;
 use sluice_tests::dispatcher::{provision, Dispatcher};
 use sluice_tests::ingest::jetstream;
@@ -93,6 +94,7 @@ async fn rate_limits_delay_statuses_but_never_lose_them() {
         interval: Duration::from_millis(100),
         requests_per_hour: 36_000,
     });
+    let metrics = config.metrics.clone();
     let _dispatcher = Dispatcher::start_with(config).await;
 
     publish(
@@ -152,6 +154,21 @@ async fn rate_limits_delay_statuses_but_never_lose_them() {
     })
     .await;
     gitlab.verify().await;
+
+    // Each request counted by what became of it; the queue empties once all are sent.
+    let count = |forge: &'static str, outcome: &'static str| {
+        metrics
+            .reporter_statuses
+            .get_or_create(&StatusOutcome { forge, outcome })
+            .get()
+    };
+    wait_for("nothing left queued", Duration::from_secs(20), || async {
+        (metrics.reporter_pending.get() == 0 && count("gitlab", "sent") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(count("github", "rate_limited"), 1);
+    assert_eq!(count("github", "sent"), 1);
+    assert_eq!(count("github", "failed"), 0);
 }
 
 /// A throwaway GitHub App key, made for this run only, in the PKCS#1 PEM GitHub hands out.

@@ -817,3 +817,99 @@ async fn logs_fall_back_to_http1_where_http2_is_not_offered() {
         .iter()
         .all(|r| r.version == http::Version::HTTP_11));
 }
+
+/// The runner's `/metrics` counts its API requests by verb and answer, the throttled
+/// ones too, and a Pod create the API refuses by its reason.
+#[tokio::test]
+async fn api_requests_and_refused_pod_creates_are_counted() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    let (repo, sha) = git_repo();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", sluice_tests::nats::reserve_port())
+        .parse()
+        .unwrap();
+    let _runner = Runner::start_kube_with(
+        &nats.url(),
+        "eu-1",
+        "r1",
+        &api,
+        |_| {},
+        |c| {
+            c.admin_listen = Some(admin);
+        },
+    )
+    .await;
+
+    // One request on Pods is throttled (and retried), a later create refused outright.
+    api.fail_next(1, 429, "/pods");
+    publish_run(
+        &js,
+        &run_request(
+            "counted-1",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("s", &["true"])],
+        ),
+    )
+    .await;
+    let done = wait_for("the first run", DEADLINE, || final_state(&js, "counted-1")).await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    api.fail_next(1, 403, "/pods");
+    publish_run(
+        &js,
+        &run_request(
+            "counted-2",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step("s", &["true"])],
+        ),
+    )
+    .await;
+    let done = wait_for("the refused run", DEADLINE, || {
+        final_state(&js, "counted-2")
+    })
+    .await;
+    assert_eq!(done.state, RunState::Error, "{done:?}");
+
+    let wanted = [
+        // Whichever request on Pods came first: the start-up sweep's list or a create.
+        "code=\"429\"} 1",
+        "sluice_runner_kube_requests_total{verb=\"create\",code=\"201\"} 1",
+        "sluice_runner_kube_requests_total{verb=\"create\",code=\"403\"} 1",
+        "sluice_runner_pod_create_errors_total{reason=\"forbidden\"} 1",
+        "sluice_runner_kube_rate_limited_seconds_total",
+    ];
+    let scrape = || async {
+        reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    };
+    let counted = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(m) = scrape().await {
+                if wanted.iter().all(|w| m.contains(w)) {
+                    return m;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let metrics = match counted {
+        Ok(m) => m,
+        Err(_) => panic!("not every count in: {:?}", scrape().await),
+    };
+    // The watch and the log streams are counted under their verbs.
+    assert!(
+        metrics.contains("sluice_runner_kube_requests_total{verb=\"watch\",code=\"200\"}"),
+        "{metrics}"
+    );
+}
