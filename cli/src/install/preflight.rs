@@ -310,11 +310,20 @@ async fn runner_nats(values: &Values) -> Result<(), String> {
     let client = sluice_core::nats::connect_once(&options, Duration::from_secs(5))
         .await
         .map_err(|e| {
-            format!(
-                "cannot reach NATS at {url} with {} ({e}): check the URL, that this machine can reach it, and that the seed is the one `sluice cluster add {}` wrote",
-                seed.display(),
-                values.cluster
-            )
+            let why = one_line(&e.to_string());
+            if why.to_lowercase().contains("authorization") {
+                format!(
+                    "NATS at {url} refused the seed {} ({why}): use runner-{c}.nk from `sluice cluster add {c}` on the control plane, and re-run the control plane's install (its NATS then knows the user)",
+                    seed.display(),
+                    c = values.cluster
+                )
+            } else {
+                format!(
+                    "cannot reach NATS at {url} with {} ({why}): check the URL, that this machine can reach it, and that the seed is the one `sluice cluster add {}` wrote",
+                    seed.display(),
+                    values.cluster
+                )
+            }
         })?;
     let js = async_nats::jetstream::new(client);
     let consumer = sluice_core::subjects::runner_consumer(&values.cluster);
@@ -325,11 +334,17 @@ async fn runner_nats(values: &Values) -> Result<(), String> {
     .await
     .map(|_| ())
     .map_err(|e| {
+        let e = one_line(&e.to_string());
         format!(
             "cluster {}'s consumer {consumer} is not on NATS ({e}): on the control plane run `sluice streams apply --clusters …,{}` (or re-run `sluice install` there with the cluster in --clusters)",
             values.cluster, values.cluster
         )
     })
+}
+
+/// An error's text on one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
