@@ -140,6 +140,10 @@ impl Env {
                 "3",
                 "--clusters",
                 "c1:10s,c2:10s",
+                // Logs kept small: JetStream refuses to place a stream whose byte
+                // limit exceeds the free disk (the default is 5 GiB).
+                "--logs-max-bytes",
+                "268435456",
             ]) {
                 Ok(_) => break,
                 Err(e) if Instant::now() < until => {
