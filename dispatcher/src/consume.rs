@@ -22,8 +22,9 @@ use crate::{Error, Result};
 
 /// The wait before the first new session after one ended.
 pub const FIRST_RETRY: Duration = Duration::from_millis(100);
-/// The longest wait between sessions.
-pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// The longest wait between sessions: also how late dispatching may resume after NATS
+/// came back, so seconds (a try is one request per consumer loop).
+pub const MAX_RETRY: Duration = Duration::from_secs(5);
 /// How often the server signals an idle pull; two missed end the session, so a server
 /// that went away is noticed even when no message is due.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
