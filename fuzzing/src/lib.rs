@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("cel", cel),
     ("step_lines", step_lines),
     ("contract", contract),
+    ("ingest_router", ingest_router),
 ];
 
 /// Splits `header lines \n\n body`; an input without the blank line is all headers.
@@ -182,5 +183,116 @@ fn runtime() -> &'static tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("a runtime")
+    })
+}
+
+/// Raw bytes as a client's connection to ingest: hyper's HTTP/1.1 parser, the
+/// connection's phases and ingest's whole router (body limits, content types, every
+/// verifier and normalizer, the metrics). The seeds are signed requests, so the fuzzer
+/// starts past verification; the store is a NATS client with no server (its publish
+/// times out at once), so a verified event is answered 503, as when JetStream is away.
+pub fn ingest_router(data: &[u8]) {
+    ingest_exchange(data);
+}
+
+/// What ingest answers on a connection that sent `data` and then nothing more.
+pub fn ingest_exchange(data: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (runtime, app) = ingest_app();
+    runtime.block_on(async {
+        let (mut client, server) = tokio::io::duplex(16 * 1024);
+        let served = tokio::spawn(sluice_ingest::server::serve_connection(
+            server,
+            app.router.clone(),
+            app.limits,
+            app.metrics.connections.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let exchange = async {
+            let (mut read, mut write) = tokio::io::split(&mut client);
+            // Not shut down after the input: hyper closes a connection whose client
+            // half-closed without answering its request. The server closes it
+            // instead, once it has waited the (short) idle or header timeout.
+            let send = async {
+                // The server may answer and close before reading everything.
+                let _ = write.write_all(data).await;
+            };
+            let mut answer = Vec::new();
+            let receive = read.read_to_end(&mut answer);
+            let _ = tokio::join!(send, receive);
+            answer
+        };
+        // Every path ends at the input's end; the bound turns a hang into a finding
+        // well inside libFuzzer's own timeout.
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+            .await
+            .unwrap_or_else(|_| panic!("no answer within 5 s"));
+        served.abort();
+        answer
+    })
+}
+
+struct IngestApp {
+    router: axum::Router,
+    limits: sluice_ingest::server::ConnectionLimits,
+    metrics: sluice_ingest::metrics::Metrics,
+}
+
+/// One runtime and one router for every input: building them per input would be most
+/// of the work.
+fn ingest_app() -> &'static (tokio::runtime::Runtime, IngestApp) {
+    static APP: OnceLock<(tokio::runtime::Runtime, IngestApp)> = OnceLock::new();
+    APP.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let app = runtime.block_on(async {
+            // Port 9 (discard) on loopback: nothing listens, so the client keeps
+            // reconnecting in the background and every publish times out.
+            let client = async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect("nats://127.0.0.1:9")
+                .await
+                .expect("a client that connects later");
+            let github = SecretString::from(SECRET.to_owned());
+            let standard = SecretString::from(STANDARD_SECRET.to_owned());
+            let secrets = sluice_ingest::Secrets::load(sluice_ingest::SecretSources {
+                github: Some(&github),
+                gitlab: Some(&github),
+                generic: Some(&standard),
+                file: None,
+            })
+            .expect("the secrets");
+            let metrics = sluice_ingest::metrics::Metrics::default();
+            let state = std::sync::Arc::new(sluice_ingest::http::AppState {
+                secrets,
+                publisher: sluice_ingest::publish::Publisher::new(
+                    client,
+                    std::time::Duration::from_millis(1),
+                ),
+                metrics: metrics.clone(),
+                limits: sluice_ingest::http::Limits {
+                    max_body_bytes: 256 * 1024,
+                    read_timeout: std::time::Duration::from_millis(100),
+                    // The seeds are signed at NOW, years ago.
+                    tolerance: std::time::Duration::from_secs(u64::from(u32::MAX)),
+                    allow_sha1: true,
+                    retry_after: std::time::Duration::from_secs(10),
+                },
+            });
+            IngestApp {
+                router: sluice_ingest::http::router(state),
+                // Short, so that each input ends soon after its last byte: at once
+                // after its last answer, soon for a request left unfinished.
+                limits: sluice_ingest::server::ConnectionLimits {
+                    header_timeout: std::time::Duration::from_millis(20),
+                    idle_timeout: std::time::Duration::from_millis(1),
+                    max_connections: 1,
+                },
+                metrics,
+            }
+        });
+        (runtime, app)
     })
 }

@@ -160,8 +160,105 @@ pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
             out.push(("key".into(), b"eu-1.runner-1".to_vec()));
             out
         }
+        "ingest_router" => router_seeds(),
         other => panic!("no target {other}"),
     }
+}
+
+/// An HTTP/1.1 request as a client writes it on the connection.
+fn request(path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("POST {path} HTTP/1.1\r\nhost: ingest\r\n");
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Signed requests to each endpoint from the fixtures, a pair on one kept-alive
+/// connection, a chunked body and a few a client gets wrong.
+fn router_seeds() -> Vec<(String, Vec<u8>)> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let secret = crate::SECRET.as_bytes();
+    let json = ("content-type", "application/json");
+    let mut out: Vec<(String, Vec<u8>)> = fixtures("github")
+        .into_iter()
+        .map(|(name, body)| {
+            let sig = format!("sha256={}", hex::encode(hmac256(secret, &[&body])));
+            let headers = [
+                json,
+                ("x-github-event", event_name(&name)),
+                ("x-github-delivery", "d-1"),
+                ("x-hub-signature-256", sig.as_str()),
+            ];
+            (
+                format!("github-{name}"),
+                request("/webhooks/github", &headers, &body),
+            )
+        })
+        .collect();
+    out.extend(fixtures("gitlab").into_iter().map(|(name, body)| {
+        let headers = [
+            json,
+            ("x-gitlab-event", gitlab_event(&name)),
+            ("x-gitlab-event-uuid", "u-1"),
+            ("x-gitlab-token", crate::SECRET),
+        ];
+        (
+            format!("gitlab-{name}"),
+            request("/webhooks/gitlab", &headers, &body),
+        )
+    }));
+    let key = b64
+        .decode(crate::STANDARD_SECRET.trim_start_matches("whsec_"))
+        .expect("the secret is base64");
+    let body = br#"{"type":"deploy.requested","repo":"acme/app","ref":"refs/heads/main"}"#;
+    let ts = crate::NOW.to_string();
+    let sig = format!(
+        "v1,{}",
+        b64.encode(hmac256(&key, &[b"msg_1", b".", ts.as_bytes(), b".", body]))
+    );
+    let generic = request(
+        "/webhooks/generic",
+        &[
+            json,
+            ("webhook-id", "msg_1"),
+            ("webhook-timestamp", ts.as_str()),
+            ("webhook-signature", sig.as_str()),
+        ],
+        body,
+    );
+    let mut pair = generic.clone();
+    pair.extend_from_slice(&request("/webhooks/github", &[json], b"{}"));
+    out.push(("generic".into(), generic));
+    out.push(("kept-alive-pair".into(), pair));
+    out.push((
+        "chunked".into(),
+        b"POST /webhooks/github HTTP/1.1\r\nhost: ingest\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nx-github-event: ping\r\nx-github-delivery: d-2\r\n\r\n2\r\n{}\r\n0\r\n\r\n".to_vec(),
+    ));
+    out.push((
+        "form".into(),
+        request(
+            "/webhooks/github",
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("x-github-event", "ping"),
+            ],
+            b"payload=%7B%7D",
+        ),
+    ));
+    out.push((
+        "get".into(),
+        b"GET /webhooks/gitlab HTTP/1.1\r\nhost: ingest\r\n\r\n".to_vec(),
+    ));
+    out.push((
+        "short-body".into(),
+        b"POST /webhooks/generic HTTP/1.1\r\ncontent-length: 100\r\n\r\n{".to_vec(),
+    ));
+    out
 }
 
 fn collect_yaml(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {

@@ -43,3 +43,25 @@ fn every_target_has_a_cargo_fuzz_binary() {
         );
     }
 }
+
+/// The router target reaches past verification: a signed seed is verified and then
+/// refused only because nothing stores it (503), an unsigned one is refused (401), and
+/// both requests of a kept-alive pair are answered.
+#[test]
+fn the_router_target_answers_as_ingest_does() {
+    let seeds = sluice_fuzzing::seeds::seeds("ingest_router");
+    let seed = |name: &str| {
+        let (_, input) = seeds
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no seed {name}"));
+        String::from_utf8_lossy(&sluice_fuzzing::ingest_exchange(input)).into_owned()
+    };
+    let signed = seed("github-pull_request.opened");
+    assert!(signed.starts_with("HTTP/1.1 503"), "{signed}");
+    let pair = seed("kept-alive-pair");
+    assert!(pair.starts_with("HTTP/1.1 503"), "{pair}");
+    assert!(pair.contains("HTTP/1.1 401"), "the second request: {pair}");
+    let short = seed("short-body");
+    assert!(short.starts_with("HTTP/1.1 4"), "{short}");
+}

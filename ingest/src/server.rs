@@ -104,6 +104,20 @@ async fn connection(
     _permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
+    serve_connection(stream, app, limits, metrics, shutdown).await;
+}
+
+/// Serves one connection on any byte stream exactly as the accept loop serves a TCP
+/// one (the fuzz target feeds raw requests through it).
+pub async fn serve_connection<S>(
+    stream: S,
+    app: Router,
+    limits: ConnectionLimits,
+    metrics: ConnectionMetrics,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     metrics.open.inc();
     let _open = Open(&metrics);
     let activity = Arc::new(Activity::new());
@@ -260,12 +274,12 @@ impl Drop for Busy {
 }
 
 /// The socket, reporting reads to the connection's [`Activity`].
-struct Watched {
-    inner: TcpStream,
+struct Watched<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -281,7 +295,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
