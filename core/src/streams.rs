@@ -880,14 +880,12 @@ pub async fn check_writable(js: &jetstream::Context, names: &[&str]) -> Result<(
             stream: (*name).to_owned(),
             reason,
         };
-        let mut stream = js
+        // Getting the stream is one STREAM.INFO request: its answer is the state.
+        let stream = js
             .get_stream(name)
             .await
             .map_err(|e| stream_error(e.to_string()))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| stream_error(e.to_string()))?;
+        let info = stream.cached_info();
         writable(info.config.num_replicas, info.cluster.as_ref()).map_err(stream_error)?;
     }
     Ok(())

@@ -99,18 +99,21 @@ pub async fn admit(
 }
 
 /// Frees `run_id`'s slot in `group` and publishes the queued runs that now fit.
+/// Returns the cluster of each run request this call stored (not one a retry found
+/// already stored).
 pub async fn release(
     bus: &Bus,
     kv: &Store,
     group: &str,
     run_id: &str,
     max_running: Option<u32>,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let key = id_digest(group);
+    let mut stored = Vec::new();
     for _ in 0..CAS_ATTEMPTS {
         let (mut state, revision) = load(kv, &key).await?;
         if revision.is_none() {
-            return Ok(());
+            return Ok(stored);
         }
         let before = state.running.len() + state.queued.len();
         state.running.retain(|m| m.run_id != run_id);
@@ -127,16 +130,18 @@ pub async fn release(
             started.push(next);
         }
         if before == state.running.len() + state.queued.len() && started.is_empty() {
-            return Ok(());
+            return Ok(stored);
         }
         for next in &started {
-            bus.publish_run(next).await?;
+            if !bus.publish_run(next).await? {
+                stored.push(next.cluster.clone());
+            }
         }
         if store(kv, &key, &state, revision).await? {
             for next in &started {
                 tracing::info!(run_id = %next.run_id, group, "queued run started");
             }
-            return Ok(());
+            return Ok(stored);
         }
     }
     Err(Error::Contention(group.to_owned()))

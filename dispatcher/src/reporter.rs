@@ -210,10 +210,8 @@ async fn flush(kv: &Store, sender: &Sender, shutdown: &CancellationToken) -> Res
         .try_collect()
         .await
         .map_err(|e| Error::nats("list queued commit statuses", e))?;
-    sender
-        .metrics
-        .reporter_pending
-        .set(i64::try_from(keys.len()).unwrap_or(i64::MAX));
+    let pending = &sender.metrics.reporter_pending;
+    pending.set(i64::try_from(keys.len()).unwrap_or(i64::MAX));
     for key in keys {
         if shutdown.is_cancelled() {
             break;
@@ -233,12 +231,24 @@ async fn flush(kv: &Store, sender: &Sender, shutdown: &CancellationToken) -> Res
             Sent::Done => {
                 // Removed only if no newer state arrived meanwhile; otherwise the newer
                 // one is sent on the next round.
-                let _ = kv.delete_expect_revision(&key, Some(entry.revision)).await;
+                if kv
+                    .delete_expect_revision(&key, Some(entry.revision))
+                    .await
+                    .is_ok()
+                {
+                    pending.dec();
+                }
             }
             Sent::Later(_) => {}
             Sent::Dropped(why) => {
                 tracing::warn!(run_id = %w.run_id, reason = %why, "commit status cannot be sent; dropping it");
-                let _ = kv.delete_expect_revision(&key, Some(entry.revision)).await;
+                if kv
+                    .delete_expect_revision(&key, Some(entry.revision))
+                    .await
+                    .is_ok()
+                {
+                    pending.dec();
+                }
             }
         }
     }

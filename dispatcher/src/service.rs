@@ -146,13 +146,13 @@ async fn handle_event(ctx: &Context, message: &Message) {
     match result {
         Ok((event_id, dispatched)) => {
             tracing::info!(event_id = %event_id, runs = dispatched.runs, "event dispatched");
+            if let (Some(stored), Some(last)) = (stored, dispatched.last_stored) {
+                let took = last - stored;
+                ctx.metrics
+                    .dispatch_seconds
+                    .observe(took.as_seconds_f64().max(0.0));
+            }
             if dispatched.planned > 0 {
-                if let Some(stored) = stored {
-                    let took = OffsetDateTime::now_utc() - stored;
-                    ctx.metrics
-                        .dispatch_seconds
-                        .observe(took.as_seconds_f64().max(0.0));
-                }
                 ctx.metrics.event(provider, EventOutcome::DISPATCHED);
             } else {
                 ctx.metrics.event(provider, EventOutcome::NO_RUN);
@@ -222,6 +222,9 @@ pub struct Dispatched {
     pub runs: usize,
     /// Of those, the runs this delivery stored or queued.
     pub planned: usize,
+    /// When the last run request this delivery stored was acknowledged; `None` when it
+    /// stored none.
+    pub last_stored: Option<OffsetDateTime>,
 }
 
 /// Matches, plans and publishes the runs of one event, then its decision.
@@ -260,7 +263,7 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
         (evaluation, planned)
     };
     let mut runs = Vec::with_capacity(planned.len());
-    let (to_plan, mut planned) = (planned, 0);
+    let (to_plan, mut planned, mut last_stored) = (planned, 0, None);
     for (pipeline, req) in to_plan {
         let admission = match (&pipeline.concurrency, &req.concurrency_group) {
             (Some(c), Some(group)) if c.cancel_in_progress || c.max_running.is_some() => {
@@ -280,6 +283,7 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
                         })
                         .inc();
                     planned += 1;
+                    last_stored = Some(OffsetDateTime::now_utc());
                     "published"
                 }
             }
@@ -306,6 +310,7 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
     let count = Dispatched {
         runs: runs.len(),
         planned,
+        last_stored,
     };
     let decision_runs: Vec<(String, String)> = runs
         .iter()
@@ -447,7 +452,15 @@ async fn release_slot(ctx: &Context, payload: &[u8]) -> Result<()> {
         .get(&update.pipeline)
         .and_then(|p| p.concurrency.as_ref())
         .and_then(|c| c.max_running);
-    groups::release(&ctx.bus, &ctx.groups, group, &update.run_id, max_running).await
+    let started =
+        groups::release(&ctx.bus, &ctx.groups, group, &update.run_id, max_running).await?;
+    for cluster in started {
+        ctx.metrics
+            .runs_planned
+            .get_or_create(&ClusterLabel { cluster })
+            .inc();
+    }
+    Ok(())
 }
 
 // === Child pipelines ===

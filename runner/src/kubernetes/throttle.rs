@@ -232,8 +232,13 @@ where
                     .inc_by(waited.elapsed().as_secs_f64());
                 let sent = {
                     let mut service = inner.lock().await;
-                    let ready = service.ready().await.map_err(Into::into)?;
-                    ready.call(req)
+                    match service.ready().await {
+                        Ok(ready) => ready.call(req),
+                        Err(e) => {
+                            metrics.request(kind, None);
+                            return Err(e.into());
+                        }
+                    }
                 };
                 let response = match sent.await {
                     Ok(response) => response,
@@ -328,6 +333,37 @@ mod tests {
         }
         log.await.unwrap();
         assert_eq!(*order.lock().unwrap(), ["pod-1", "pod-2", "pod-3", "log"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_request_and_its_wait_for_a_token_are_counted() {
+        let metrics = KubeMetrics::default();
+        let throttle = Throttle::new(
+            NonZeroU32::new(10).expect("rate"),
+            NonZeroU32::new(1).expect("burst"),
+            metrics.clone(),
+        );
+        let api = tower::service_fn(|_: Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        });
+        let mut throttled = throttle.layer(api);
+        for _ in 0..3 {
+            throttled
+                .call(Request::new(Body::empty()))
+                .await
+                .expect("answered");
+        }
+        // A burst of one at 10/s: the second and third requests waited 100 ms each.
+        let waited = metrics.rate_limited_seconds.get();
+        assert!((waited - 0.2).abs() < 0.005, "{waited}");
+        let answered = metrics
+            .requests
+            .get_or_create(&crate::metrics::KubeRequest {
+                verb: "other",
+                code: "200".into(),
+            })
+            .get();
+        assert_eq!(answered, 3);
     }
 
     #[test]

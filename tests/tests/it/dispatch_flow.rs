@@ -330,7 +330,9 @@ steps:
 "#,
     )
     .await;
-    let _dispatcher = Dispatcher::start(&nats.url()).await;
+    let config = Dispatcher::config(&nats.url());
+    let metrics = config.metrics.clone();
+    let _dispatcher = Dispatcher::start_with(config).await;
 
     // cancel_in_progress: the second run cancels the first.
     publish_event(&js, &push_event("c-1", "acme/cancel")).await;
@@ -411,6 +413,29 @@ steps:
         || published(second.clone()),
     )
     .await;
+
+    // Counted as planned when stored: c-1, c-2 and q-1 at once, q-2 once released.
+    let planned = || {
+        metrics
+            .runs_planned
+            .get_or_create(&sluice_dispatcher::metrics::ClusterLabel {
+                cluster: "eu-1".into(),
+            })
+            .get()
+    };
+    wait_for("four runs planned", Duration::from_secs(20), || async {
+        (planned() == 4).then_some(())
+    })
+    .await;
+    // Timed only for the events that stored a run request themselves.
+    let timed = {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("d", "", metrics.dispatch_seconds.clone());
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        out
+    };
+    assert!(timed.contains("d_count 3\n"), "{timed}");
 }
 
 #[tokio::test]
