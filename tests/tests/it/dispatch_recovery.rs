@@ -145,3 +145,69 @@ async fn consumers_report_stopping_while_nats_is_down_and_consume_again_after_a_
     wait_for_run(&js, "github:after-restart", Duration::from_secs(30)).await;
     dispatcher.stop().await;
 }
+
+/// The pipelines the dispatcher matches follow the bucket across a nats-server restart:
+/// a pipeline applied after it is dispatched to, one deleted is not.
+#[tokio::test]
+async fn pipeline_changes_after_a_nats_restart_are_seen() {
+    init_logs();
+    let mut nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    apply(&js, PIPELINE).await;
+    let dispatcher = Dispatcher::start(&nats.url()).await;
+    wait_for("every consumer consuming", Duration::from_secs(20), || {
+        let stopped = dispatcher.consumers().stopped();
+        async move { stopped.is_empty().then_some(()) }
+    })
+    .await;
+
+    nats.stop();
+    wait_for("the consumers to notice", Duration::from_secs(40), || {
+        let stopped = dispatcher.consumers().stopped();
+        async move { (stopped.len() == 3).then_some(()) }
+    })
+    .await;
+    nats.restart().await;
+    wait_for("consuming again", Duration::from_secs(60), || {
+        let stopped = dispatcher.consumers().stopped();
+        async move { stopped.is_empty().then_some(()) }
+    })
+    .await;
+
+    let js = jetstream(&nats.url()).await;
+    apply(&js, &PIPELINE.replace("name: build", "name: lint")).await;
+    let kv = js
+        .get_key_value(subjects::PIPELINES_BUCKET)
+        .await
+        .expect("bucket");
+    kv.delete("build").await.expect("delete");
+    // Each try is a new event: the first ones may be matched before the change is seen.
+    let mut i = 0;
+    wait_for(
+        "an event matched against the changed pipelines",
+        Duration::from_secs(30),
+        || {
+            i += 1;
+            let id = format!("changed-{i}");
+            let js = js.clone();
+            async move {
+                let mut event = sluice_core::Event::new(sluice_core::Provider::Github, &id, "push");
+                event.repo = Some("acme/app".into());
+                event.git_ref = Some("refs/heads/main".into());
+                event.sha = Some("abc".into());
+                sluice_tests::dispatcher::publish_event(&js, &event).await;
+                let event_id = format!("github:{id}");
+                let decision = wait_for("its decision", Duration::from_secs(10), || {
+                    sluice_tests::dispatcher::decision(&js, &event_id)
+                })
+                .await;
+                let pipelines: Vec<String> =
+                    decision.runs.iter().map(|r| r.pipeline.clone()).collect();
+                (pipelines == ["lint"]).then_some(())
+            }
+        },
+    )
+    .await;
+    dispatcher.stop().await;
+}
