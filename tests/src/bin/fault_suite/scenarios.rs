@@ -252,9 +252,10 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
                 (Instant::now() - heal).as_secs_f64()
             )),
             Ok(_) => {}
-            // A reader's R1 ordered consumer that a healed node still lists but does
-            // not hold keeps its /healthz at 503 (NATS); the replicas are checked below.
-            Err(e) if format!("{e:#}").contains("sluice-read-") => {
+            // An R1 ordered consumer (a reader's, or a service's bucket watch) that a
+            // healed node still lists but does not hold keeps its /healthz at 503
+            // (NATS); the replicas and the services are checked below.
+            Err(e) if orphaned_ordered_consumer(&format!("{e:#}")) => {
                 notes.push(format!("NATS: {e:#}"))
             }
             Err(e) => failures.push(format!("{e:#}")),
@@ -640,4 +641,49 @@ async fn ingest_node(env: &Env) -> anyhow::Result<usize> {
     }
     anyhow::ensure!(best.1 > 0, "no node has an ingest connection");
     Ok(best.0)
+}
+
+/// Whether a node's `/healthz` complaint is only an ordered consumer it no longer holds:
+/// `JetStream consumer 'ACCOUNT > STREAM > NAME' is not current: consumer not found`
+/// where NAME is not one of Sluice's durable consumers (`sluice-…`) but a reader's
+/// (`sluice-read-…`) or a generated one (a KV watch's).
+fn orphaned_ordered_consumer(said: &str) -> bool {
+    if !said.contains("consumer not found") {
+        return false;
+    }
+    let Some(rest) = said.split("JetStream consumer '").nth(1) else {
+        return false;
+    };
+    let Some(path) = rest.split('\'').next() else {
+        return false;
+    };
+    // The body is JSON as NATS writes it: `>` escaped as `\u003e`.
+    let path = path.replace("\\u003e", ">");
+    let name = path.rsplit('>').next().unwrap_or("").trim();
+    name.starts_with("sluice-read-") || !name.starts_with("sluice-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::orphaned_ordered_consumer;
+
+    #[test]
+    fn only_ordered_consumers_a_node_lost_are_notes() {
+        let said = |name: &str| {
+            format!("n3 not healthy after 60s: /healthz 503 Service Unavailable: {{\"status\":\"unavailable\",\"error\":\"JetStream consumer 'SLUICE > KV_SLUICE_PIPELINES > {name}' is not current: consumer not found\"}}")
+        };
+        assert!(orphaned_ordered_consumer(&said("ctutrNiE")));
+        // As NATS's JSON writes it.
+        assert!(orphaned_ordered_consumer(
+            &said("ctutrNiE").replace('>', "\\u003e")
+        ));
+        assert!(!orphaned_ordered_consumer(
+            &said("sluice-runner-c1").replace('>', "\\u003e")
+        ));
+        assert!(orphaned_ordered_consumer(&said("sluice-read-7")));
+        assert!(!orphaned_ordered_consumer(&said("sluice-runner-c1")));
+        assert!(!orphaned_ordered_consumer(
+            "n3 not healthy after 60s: /healthz error sending request"
+        ));
+    }
 }
