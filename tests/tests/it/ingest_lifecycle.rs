@@ -222,7 +222,8 @@ async fn a_three_node_cluster_keeps_accepting_when_a_node_dies() {
 }
 
 /// With two of three nodes gone, the events stream exists but cannot store a write:
-/// `/readyz` says so (naming the stream's quorum, not 200 from a stale stream info)
+/// `/readyz` says so (503 naming the events stream, where an existence check answered
+/// 200 from the lone leader's stream info; the reason may be the quorum or a timeout)
 /// while webhooks are answered 503, and is ready again once the nodes are back.
 #[tokio::test]
 async fn readiness_follows_the_events_streams_quorum() {
