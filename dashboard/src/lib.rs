@@ -1,0 +1,164 @@
+//! The Sluice dashboard: server-rendered pages of runs, their logs, dispatch decisions,
+//! pipelines and clusters, read from JetStream. It only reads (its NATS credential is
+//! [`sluice_core::roles::Role::Dashboard`]): several replicas can serve behind one
+//! Service, each folding the status stream into its own [`index::RunIndex`].
+#![forbid(unsafe_code)]
+
+pub mod ansi;
+pub mod index;
+mod live;
+mod pages;
+pub mod read;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use sluice_core::admin::Admin;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Where `--listen` binds by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8090";
+
+/// Lines of each step the run page opens with; earlier ones are paged in on demand.
+pub const LOG_TAIL: usize = 500;
+
+/// Runs per page of `/runs`.
+pub const PAGE_SIZE: usize = 50;
+
+/// Every page's Content-Security-Policy: only this origin's own script and style, no
+/// inline code, nothing framed, forms posting only here.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// The dashboard's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] sluice_core::Error),
+    #[error("rendering a page")]
+    Render(#[from] askama::Error),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        // The detail goes to the log; the page says only that reading failed.
+        tracing::error!(error = %self, source = ?std::error::Error::source(&self), "a page failed");
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "The dashboard could not read JetStream; see its log.\n",
+        )
+            .into_response()
+    }
+}
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    pub js: jetstream::Context,
+    pub index: Arc<index::RunIndex>,
+    pub shutdown: CancellationToken,
+}
+
+/// A started dashboard: its address and its tasks.
+#[derive(Debug)]
+pub struct Dashboard {
+    pub addr: SocketAddr,
+    server: JoinHandle<()>,
+    follower: JoinHandle<()>,
+}
+
+impl Dashboard {
+    /// Waits until both the server and the index have stopped (after `shutdown`).
+    pub async fn wait(self) {
+        let _ = self.server.await;
+        let _ = self.follower.await;
+    }
+}
+
+/// Binds `listen`, starts folding the status stream and serves the pages and the admin
+/// endpoints (`/healthz`, `/readyz` — ready once the stored states are all read —,
+/// `/metrics`) until `shutdown`. Open server-sent event streams end with it.
+pub async fn start(
+    client: async_nats::Client,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<Dashboard> {
+    let js = jetstream::new(client.clone());
+    let index = Arc::new(index::RunIndex::default());
+    let mut admin = Admin::new(env!("CARGO_PKG_VERSION"));
+    admin.nats(client);
+    let ready = admin.check("runs", "the stored run states are not all read yet");
+    let follower = {
+        let (index, js, shutdown) = (index.clone(), js.clone(), shutdown.clone());
+        tokio::spawn(async move { index.follow(&js, ready, shutdown).await })
+    };
+    let state = AppState {
+        js,
+        index,
+        shutdown: shutdown.clone(),
+    };
+    let router = router(state).merge(admin.router());
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Listen {
+        addr: listen,
+        source,
+    })?;
+    let server = tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the dashboard stopped");
+        }
+    });
+    tracing::info!(%addr, "dashboard listening");
+    Ok(Dashboard {
+        addr,
+        server,
+        follower,
+    })
+}
+
+fn router(state: AppState) -> Router {
+    pages::routes()
+        .merge(live::routes())
+        .with_state(state)
+        .layer(axum::middleware::map_response(security_headers))
+}
+
+/// Headers on every answer: the CSP, no sniffing, no framing, no referrer to forges.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (
+            header::HeaderName::from_static("cross-origin-opener-policy"),
+            "same-origin",
+        ),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}

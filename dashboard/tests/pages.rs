@@ -1,0 +1,486 @@
+//! The dashboard over a real socket against a real nats-server: every page, escaping of
+//! attacker-controlled values, the security headers, and the server-sent event streams
+//! (a log resumed after `Last-Event-ID` with no gap and no repeat; the run list's live
+//! changes).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use sluice_core::run::{
+    Decision, LogChunk, LogLine, PipelineDecision, PlannedRun, RunState, StatusUpdate,
+    TriggerVerdict,
+};
+use sluice_core::{bus, subjects};
+use sluice_tests::nats::NatsServer;
+use sluice_tests::{dispatcher, wait_for};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+const XSS_REF: &str = "refs/heads/<script>alert(1)</script>";
+const XSS_LINE: &str = "\x1b[31m<img src=x onerror=alert(1)>\x1b[0m done";
+
+struct Env {
+    _nats: NatsServer,
+    js: async_nats::jetstream::Context,
+    base: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    dashboard: Option<sluice_dashboard::Dashboard>,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let nats = NatsServer::start().await;
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let js = async_nats::jetstream::new(client.clone());
+        dispatcher::provision(&js).await;
+        let shutdown = CancellationToken::new();
+        let dashboard = sluice_dashboard::start(
+            client,
+            "127.0.0.1:0".parse().expect("addr"),
+            shutdown.clone(),
+        )
+        .await
+        .expect("dashboard");
+        Env {
+            _nats: nats,
+            js,
+            base: format!("http://{}", dashboard.addr),
+            http: reqwest::Client::new(),
+            shutdown,
+            dashboard: Some(dashboard),
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, reqwest::header::HeaderMap, String) {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET");
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        (status, headers, res.text().await.expect("body"))
+    }
+
+    /// Waits until the index has read every stored state and `path` shows `text`.
+    async fn page_with(&self, path: &str, text: &str) -> String {
+        wait_for(
+            &format!("{path} to show {text}"),
+            Duration::from_secs(10),
+            || async {
+                let (status, _, body) = self.get(path).await;
+                (status == 200 && body.contains(text)).then_some(body)
+            },
+        )
+        .await
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(d) = self.dashboard.take() {
+            tokio::time::timeout(Duration::from_secs(10), d.wait())
+                .await
+                .expect("the dashboard stops on shutdown");
+        }
+    }
+}
+
+fn status(run: &str, step: Option<&str>, state: RunState, exit_code: Option<i32>) -> StatusUpdate {
+    StatusUpdate {
+        run_id: run.into(),
+        pipeline: "ci".into(),
+        state,
+        step: step.map(str::to_owned),
+        at: OffsetDateTime::now_utc(),
+        cluster: Some("eu-1".into()),
+        event_id: Some("github:d-1".into()),
+        concurrency_group: None,
+        exit_code,
+        message: None,
+        runner: Some("runner-a".into()),
+        repo: Some("acme/app".into()),
+        sha: Some("0123456789abcdef0123".into()),
+        parent: None,
+    }
+}
+
+async fn publish_status(js: &async_nats::jetstream::Context, u: &StatusUpdate) {
+    bus::publish_json(js, u.subject(), &u.message_id(), u)
+        .await
+        .expect("status stored");
+}
+
+/// Stores one chunk of `lines` lines and returns its stream sequence.
+async fn publish_log(
+    js: &async_nats::jetstream::Context,
+    run: &str,
+    step: &str,
+    seq: u64,
+    lines: Vec<String>,
+) -> u64 {
+    let chunk = LogChunk {
+        run_id: run.into(),
+        step: step.into(),
+        seq,
+        lines: lines
+            .into_iter()
+            .map(|text| LogLine {
+                stream: "stdout".into(),
+                text,
+            })
+            .collect(),
+    };
+    bus::publish_json(
+        js,
+        subjects::logs("eu-1", run),
+        &subjects::log_chunk_id(run, step, seq),
+        &chunk,
+    )
+    .await
+    .expect("log stored")
+    .sequence
+}
+
+fn decision() -> Decision {
+    Decision {
+        event_id: "github:d-1".into(),
+        provider: "github".into(),
+        kind: "push".into(),
+        action: None,
+        repo: Some("acme/app".into()),
+        git_ref: Some(XSS_REF.into()),
+        sha: Some("0123456789abcdef0123".into()),
+        clone_url: Some("https://github.com/acme/app.git".into()),
+        pr: None,
+        decided_at: OffsetDateTime::now_utc(),
+        pipelines: vec![
+            PipelineDecision {
+                pipeline: "ci".into(),
+                matched: true,
+                triggers: vec![TriggerVerdict {
+                    index: 0,
+                    matched: true,
+                    failed: None,
+                    detail: "push to a branch".into(),
+                }],
+                note: None,
+            },
+            PipelineDecision {
+                pipeline: "deploy".into(),
+                matched: false,
+                triggers: vec![TriggerVerdict {
+                    index: 0,
+                    matched: false,
+                    failed: Some("branches".into()),
+                    detail: "wanted main".into(),
+                }],
+                note: None,
+            },
+        ],
+        not_considered: 3,
+        runs: vec![PlannedRun {
+            run_id: "run-1".into(),
+            pipeline: "ci".into(),
+            cluster: "eu-1".into(),
+            outcome: "published".into(),
+        }],
+    }
+}
+
+#[tokio::test]
+async fn every_page_renders_stored_data_escaped_and_with_strict_headers() {
+    let env = Env::start().await;
+    let js = &env.js;
+    dispatcher::apply(
+        js,
+        "name: ci\ntriggers:\n  - provider: github\n    kinds: [push]\nsteps:\n  - name: build\n    image: alpine\n    commands: [make]\n",
+    )
+    .await;
+    bus::publish_json_replacing(js, subjects::decision("github:d-1"), &decision())
+        .await
+        .expect("decision stored");
+    publish_status(js, &status("run-1", None, RunState::Running, None)).await;
+    publish_status(js, &status("run-1", Some("build"), RunState::Running, None)).await;
+    publish_log(
+        js,
+        "run-1",
+        "build",
+        0,
+        vec!["compiling".into(), XSS_LINE.into()],
+    )
+    .await;
+    publish_status(
+        js,
+        &status("run-1", Some("build"), RunState::Failed, Some(2)),
+    )
+    .await;
+    publish_status(js, &status("run-1", None, RunState::Failed, None)).await;
+    publish_status(js, &status("run-2", None, RunState::Succeeded, None)).await;
+
+    let list = env.page_with("/runs", "run-2").await;
+    assert!(list.contains("href=\"/runs/run-1\""), "{list}");
+    assert!(
+        list.find("run-2") < list.find("run-1"),
+        "newest first: {list}"
+    );
+    let failed = env.page_with("/runs?state=failed", "run-1").await;
+    assert!(
+        !failed.contains("run-2"),
+        "the state filter applies: {failed}"
+    );
+
+    let (code, headers, run) = env.get("/runs/run-1").await;
+    assert_eq!(code, 200);
+    let csp = headers["content-security-policy"].to_str().expect("csp");
+    assert_eq!(csp, sluice_dashboard::CSP);
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("http"),
+        "{csp}"
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    // The branch name and the log line are text, never markup.
+    assert!(
+        run.contains("refs/heads/&#60;script&#62;alert(1)&#60;/script&#62;")
+            || run.contains("refs/heads/&lt;script&gt;"),
+        "{run}"
+    );
+    assert!(
+        !run.contains("<script>alert") && !run.contains("<img"),
+        "{run}"
+    );
+    assert!(
+        run.contains("<span class=\"ansi-red\">&#60;img src=x onerror=alert(1)&#62;</span>")
+            || run.contains("<span class=\"ansi-red\">&lt;img src=x onerror=alert(1)&gt;</span>"),
+        "ANSI red is a class and the text escaped: {run}"
+    );
+    assert!(!run.contains('\x1b'), "no raw escape code");
+    assert!(run.contains("id=\"build-L2\""), "a link per line: {run}");
+    assert!(run.contains("exit 2"), "{run}");
+    assert!(run.contains("href=\"https://github.com/acme/app/commit/0123456789abcdef0123\""));
+    assert!(run.contains("href=\"/events/github:d-1\""), "{run}");
+    assert!(run.contains(" open>"), "the failed step is opened: {run}");
+
+    let (code, headers, raw) = env.get("/runs/run-1/log.txt").await;
+    assert_eq!(code, 200);
+    assert!(headers["content-type"]
+        .to_str()
+        .expect("type")
+        .starts_with("text/plain"));
+    assert_eq!(raw, format!("── build ──\ncompiling\n{XSS_LINE}\n"));
+
+    let (code, _, event) = env.get("/events/github:d-1").await;
+    assert_eq!(code, 200);
+    assert!(
+        event.contains("wanted main") && event.contains("branches"),
+        "{event}"
+    );
+    assert!(event.contains("href=\"/runs/run-1\""), "{event}");
+    assert!(event.contains("3 others do not watch"), "{event}");
+
+    let (code, _, pipelines) = env.get("/pipelines").await;
+    assert_eq!(code, 200);
+    assert!(pipelines.contains("href=\"/pipelines/ci\""), "{pipelines}");
+    let (code, _, ci) = env.get("/pipelines/ci").await;
+    assert_eq!(code, 200);
+    assert!(
+        ci.contains("Revision 1") && ci.contains("run-1") && ci.contains("make"),
+        "{ci}"
+    );
+
+    let (code, _, clusters) = env.get("/clusters").await;
+    assert_eq!(code, 200);
+    assert!(
+        clusters.contains("eu-1") && clusters.contains("in flight: 0"),
+        "{clusters}"
+    );
+
+    for missing in [
+        "/runs/nope",
+        "/runs/a.b",
+        "/events/github:none",
+        "/pipelines/nope",
+    ] {
+        assert_eq!(env.get(missing).await.0, 404, "{missing}");
+    }
+    let (code, _, js_asset) = env.get("/assets/app.js").await;
+    assert_eq!(code, 200);
+    assert!(js_asset.contains("EventSource"));
+    assert!(!js_asset.contains("innerHTML"), "the script sets text only");
+    assert_eq!(env.get("/readyz").await.0, 200);
+    env.stop().await;
+}
+
+/// One parsed server-sent event.
+#[derive(Debug)]
+struct Sse {
+    id: Option<String>,
+    event: Option<String>,
+    data: String,
+}
+
+/// Reads events from a streaming answer until `n` are in (comments are skipped).
+async fn read_events(res: reqwest::Response, n: usize) -> Vec<Sse> {
+    let mut body = res.bytes_stream();
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    let read = async {
+        while out.len() < n {
+            let bytes = body
+                .next()
+                .await
+                .expect("the stream stays open")
+                .expect("bytes");
+            buf.push_str(std::str::from_utf8(&bytes).expect("utf-8"));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let mut e = Sse {
+                    id: None,
+                    event: None,
+                    data: String::new(),
+                };
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        e.id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        e.event = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        e.data.push_str(v.trim_start());
+                    }
+                }
+                if e.event.is_some() || !e.data.is_empty() {
+                    out.push(e);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the events arrive");
+    out
+}
+
+fn lines_of(events: &[Sse]) -> Vec<String> {
+    events
+        .iter()
+        .flat_map(|e| {
+            let v: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+            v["lines"]
+                .as_array()
+                .expect("lines")
+                .iter()
+                .map(|segs| {
+                    segs.as_array()
+                        .expect("segments")
+                        .iter()
+                        .map(|s| s["text"].as_str().expect("text").to_owned())
+                        .collect::<String>()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_log_stream_resumes_after_last_event_id_with_no_gap_and_no_repeat() {
+    let env = Env::start().await;
+    let js = &env.js;
+    publish_status(js, &status("run-9", Some("build"), RunState::Running, None)).await;
+    let mut sequences = Vec::new();
+    for seq in 0..3u64 {
+        let lines = vec![
+            format!("line {}", 2 * seq + 1),
+            format!("line {}", 2 * seq + 2),
+        ];
+        sequences.push(publish_log(js, "run-9", "build", seq, lines).await);
+    }
+    let url = format!("{}/runs/run-9/log/live", env.base);
+    let res = env.http.get(&url).send().await.expect("connect");
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let first = read_events(res, 3).await;
+    let ids: Vec<u64> = first
+        .iter()
+        .map(|e| e.id.as_deref().expect("id").parse().expect("number"))
+        .collect();
+    assert_eq!(
+        ids, sequences,
+        "each event's id is its chunk's stream sequence"
+    );
+    assert!(first.iter().all(|e| e.event.as_deref() == Some("log")));
+    assert_eq!(lines_of(&first).len(), 6);
+    // The connection drops; more is stored meanwhile; the browser reconnects with the
+    // last id it saw.
+    for seq in 3..5u64 {
+        let lines = vec![
+            format!("line {}", 2 * seq + 1),
+            format!("line {}", 2 * seq + 2),
+        ];
+        sequences.push(publish_log(js, "run-9", "build", seq, lines).await);
+    }
+    let res = env
+        .http
+        .get(&url)
+        .header("Last-Event-ID", ids[2].to_string())
+        .send()
+        .await
+        .expect("reconnect");
+    let second = read_events(res, 2).await;
+    let resumed: Vec<u64> = second
+        .iter()
+        .map(|e| e.id.as_deref().expect("id").parse().expect("number"))
+        .collect();
+    assert_eq!(
+        resumed,
+        sequences[3..],
+        "exactly the chunks after the last id"
+    );
+    let all: Vec<String> = lines_of(&first)
+        .into_iter()
+        .chain(lines_of(&second))
+        .collect();
+    let want: Vec<String> = (1..=10).map(|n| format!("line {n}")).collect();
+    assert_eq!(all, want, "no gap and no duplicate");
+
+    // The page rendered before the reconnect names the sequence the stream goes on from.
+    let page = env.page_with("/runs/run-9", "line 10").await;
+    assert!(
+        page.contains(&format!("data-after=\"{}\"", sequences[4])),
+        "{page}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn new_runs_and_state_changes_reach_the_live_run_list() {
+    let env = Env::start().await;
+    let js = &env.js;
+    env.page_with("/readyz", "").await;
+    let res = env
+        .http
+        .get(format!("{}/runs/live?pipeline=ci", env.base))
+        .send()
+        .await
+        .expect("connect");
+    assert_eq!(res.status(), 200);
+    let mut other = status("run-x", None, RunState::Queued, None);
+    other.pipeline = "other".into();
+    publish_status(js, &other).await;
+    publish_status(js, &status("run-live", None, RunState::Queued, None)).await;
+    publish_status(js, &status("run-live", None, RunState::Running, None)).await;
+    let events = read_events(res, 2).await;
+    let rows: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(e.event.as_deref(), Some("run"));
+            serde_json::from_str(&e.data).expect("json")
+        })
+        .collect();
+    assert_eq!(
+        rows[0]["run_id"], "run-live",
+        "the filtered-out run is not sent"
+    );
+    assert_eq!(rows[0]["state"], "queued");
+    assert_eq!(rows[1]["state"], "running");
+    env.stop().await;
+}
