@@ -7,8 +7,10 @@ pub mod dispatcher;
 pub mod ingest;
 pub mod kubeapi;
 pub mod nats;
+pub mod process;
 pub mod runner;
 pub mod sign;
+pub mod streams;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -1,4 +1,5 @@
-//! Sluice's services as processes of the `sluice` binary, each with its own NKey seed.
+//! Sluice's services as processes of the `sluice` binary (the fault suite, the spike
+//! benchmark), each with its own NKey seed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -80,12 +81,23 @@ impl Service {
     pub fn log_path(&self) -> &Path {
         &self.log
     }
+
+    /// The process's peak resident set (`VmHWM`) in bytes, while it runs.
+    pub fn peak_rss(&self) -> Option<u64> {
+        peak_rss(self.child.as_ref()?.id())
+    }
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A process's peak resident set (`VmHWM`) in bytes.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:").map(|kib| kib * 1024)
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// GET `url`, the status (0 when there was no answer within `timeout`).

@@ -375,11 +375,7 @@ impl IngestProcess {
     }
 
     fn peak_rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        sluice_tests::process::status_kib(self.child.id(), "VmHWM:")
             .context("no VmHWM in /proc status")
     }
 

@@ -215,12 +215,6 @@ async fn pods_per_second(a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn proc_status(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// 3. A `sluice runner` process holding `in_flight` runs whose Pods keep running.
 async fn rss(a: &Args, bin: &PathBuf) -> anyhow::Result<()> {
     let (nats, js) = nats().await?;
@@ -243,7 +237,7 @@ async fn rss(a: &Args, bin: &PathBuf) -> anyhow::Result<()> {
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
     joined(&js, "rss").await;
-    let idle = proc_status(child.id(), "VmRSS:").unwrap_or(0);
+    let idle = sluice_tests::process::status_kib(child.id(), "VmRSS:").unwrap_or(0);
     for i in 0..a.in_flight {
         publish_run(&js, &request(i, "m", "rss")).await;
     }
@@ -264,10 +258,10 @@ async fn rss(a: &Args, bin: &PathBuf) -> anyhow::Result<()> {
     let filled = started.elapsed();
     let mut peak_rss = 0;
     for _ in 0..10 {
-        peak_rss = peak_rss.max(proc_status(child.id(), "VmRSS:").unwrap_or(0));
+        peak_rss = peak_rss.max(sluice_tests::process::status_kib(child.id(), "VmRSS:").unwrap_or(0));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let hwm = proc_status(child.id(), "VmHWM:").unwrap_or(0);
+    let hwm = sluice_tests::process::status_kib(child.id(), "VmHWM:").unwrap_or(0);
     let _ = child.kill();
     let _ = child.wait();
     println!(

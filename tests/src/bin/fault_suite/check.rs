@@ -4,13 +4,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
-use futures::StreamExt;
+use async_nats::jetstream;
 use sluice_core::run::StatusUpdate;
 use sluice_core::{subjects, Event};
 
 use crate::env::{pipeline_for, Env};
 use crate::load::Report;
+use sluice_tests::streams::read_from;
 
 /// Everything read so far from `SLUICE_EVENTS` and `SLUICE_STATUS`.
 #[derive(Debug, Default)]
@@ -35,7 +35,7 @@ impl Seen {
 
     /// Reads what was stored since the last call.
     pub async fn update(&mut self, js: &jetstream::Context) -> anyhow::Result<()> {
-        for (_, _, payload) in read_from(
+        for stored in read_from(
             js,
             subjects::EVENTS_STREAM,
             "sluice.events.>",
@@ -43,11 +43,11 @@ impl Seen {
         )
         .await?
         {
-            let event: Event = serde_json::from_slice(&payload).context("stored event")?;
+            let event: Event = serde_json::from_slice(&stored.payload).context("stored event")?;
             let entry = self.events.entry(event.id).or_insert((0, event.kind));
             entry.0 += 1;
         }
-        for (_, _, payload) in read_from(
+        for stored in read_from(
             js,
             subjects::STATUS_STREAM,
             "sluice.status.>",
@@ -55,7 +55,7 @@ impl Seen {
         )
         .await?
         {
-            let update: StatusUpdate = serde_json::from_slice(&payload).context("stored state")?;
+            let update: StatusUpdate = serde_json::from_slice(&stored.payload).context("stored state")?;
             if update.step.is_none() && update.state.is_final() {
                 self.finals
                     .entry(update.run_id)
@@ -70,42 +70,6 @@ impl Seen {
 pub async fn runs_last_seq(js: &jetstream::Context) -> anyhow::Result<u64> {
     let mut stream = js.get_stream(subjects::RUNS_STREAM).await?;
     Ok(stream.info().await?.state.last_sequence)
-}
-
-/// Messages of `stream` after sequence `cursor` (which moves on), up to what is there
-/// now.
-async fn read_from(
-    js: &jetstream::Context,
-    stream: &str,
-    filter: &str,
-    cursor: &mut u64,
-) -> anyhow::Result<Vec<(u64, String, bytes::Bytes)>> {
-    let policy = DeliverPolicy::ByStartSequence {
-        start_sequence: *cursor + 1,
-    };
-    let (consumer, pending) = sluice_core::bus::ordered(js, stream, filter.into(), policy).await?;
-    let mut out = Vec::new();
-    if pending == 0 {
-        return Ok(out);
-    }
-    let mut messages = consumer.messages().await?.take(pending as usize);
-    let mut last = *cursor;
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .with_context(|| format!("reading {stream} stalled"))?;
-        let Some(m) = next else { break };
-        let m = m.map_err(|e| anyhow::anyhow!("read {stream}: {e}"))?;
-        let seq = m
-            .info()
-            .map_err(|e| anyhow::anyhow!("message info: {e}"))?
-            .stream_sequence;
-        last = last.max(seq);
-        out.push((seq, m.subject.to_string(), m.payload.clone()));
-    }
-    // Only a complete read moves the cursor: a failed one is read again.
-    *cursor = last;
-    Ok(out)
 }
 
 /// The runs the scenario's stored events must have led to: run id → (pipeline, cluster).

@@ -14,7 +14,7 @@ use sluice_tests::kubeapi::KubeApi;
 use sluice_tests::nats::reserve_port;
 
 use crate::net::{self, Node};
-use crate::services::{self, Service};
+use sluice_tests::process::{self as services, Service};
 
 pub const CLUSTERS: [&str; 2] = ["c1", "c2"];
 

@@ -9,7 +9,6 @@ mod env;
 mod load;
 mod net;
 mod scenarios;
-mod services;
 
 use std::time::Instant;
 

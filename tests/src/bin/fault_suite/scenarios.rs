@@ -12,7 +12,7 @@ use crate::check;
 use crate::env::{wait_healthy, Env};
 use crate::load::{Answer, Load};
 use crate::net;
-use crate::services::{self, Service};
+use sluice_tests::process::{self as services, Service};
 
 /// New deliveries a second during every scenario.
 const RATE: u32 = 10;

@@ -1,0 +1,887 @@
+//! The end-of-sprint spike: 10,000 signed `pull_request` webhooks sent within 10 s
+//! (open loop: each is sent on schedule whether or not earlier ones were answered) to
+//! two `sluice ingest` processes, two dispatchers holding 1,000 pipelines, and two
+//! runners per cluster for three clusters against the Kubernetes API double in its
+//! load mode, on the production setting: a 3-node JetStream cluster with R3 streams and
+//! `sync_interval: always` (then the same on one node, for comparison). Every service
+//! runs on its own credential from `sluice nats init`.
+//!
+//! Reported per configuration: the raw R3 publish capacity measured first in the same
+//! run, answer times, what the streams stored (against the answers), time from the
+//! last webhook to the last run planned, Pod creation per cluster against its limit,
+//! the time the backlog took to drain, and every process's peak RSS. A webhook
+//! answered 2xx but not stored, or stored twice, or a stored event without exactly one
+//! run, exits non-zero.
+//!
+//! Run with `./scripts/bench-spike` (docs/BENCHMARKS.md).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use sluice_core::nats::NatsOptions;
+use sluice_core::roles::{Role, ServerOptions};
+use sluice_core::run::{RunRequest, StatusUpdate};
+use sluice_core::{subjects, Event};
+use sluice_tests::auth::nats_admin;
+use sluice_tests::kubeapi::KubeApi;
+use sluice_tests::nats::{reserve_port, server_binary};
+use sluice_tests::process::{self, Service};
+use sluice_tests::streams::read_from;
+use time::OffsetDateTime;
+
+const CLUSTERS: [&str; 3] = ["c1", "c2", "c3"];
+/// The fixture's repository, replaced per webhook so events spread over pipelines.
+const FIXTURE_REPO: &str = "Codertocat/Hello-World";
+
+struct Args {
+    webhooks: usize,
+    seconds: f64,
+    pipelines: usize,
+    nodes: Vec<usize>,
+    runners: usize,
+    kube_qps: u32,
+    /// How long each simulated container runs.
+    run_for: Duration,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        webhooks: 10_000,
+        seconds: 10.0,
+        pipelines: 1_000,
+        nodes: vec![3, 1],
+        runners: 2,
+        kube_qps: sluice_runner::kubernetes::QPS,
+        run_for: Duration::from_millis(200),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--webhooks" => a.webhooks = value.parse()?,
+            "--seconds" => a.seconds = value.parse()?,
+            "--pipelines" => a.pipelines = value.parse()?,
+            "--nodes" => {
+                a.nodes = value
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?;
+                if a.nodes.iter().any(|n| *n != 1 && *n != 3) {
+                    bail!("--nodes takes 3, 1 or 3,1");
+                }
+            }
+            "--runners" => a.runners = value.parse()?,
+            "--kube-qps" => a.kube_qps = value.parse()?,
+            other => bail!(
+                "unknown flag {other}: use --webhooks, --seconds, --pipelines, --nodes, --runners, --kube-qps"
+            ),
+        }
+    }
+    anyhow::ensure!(
+        a.webhooks > 0 && a.pipelines > 0 && a.runners > 0,
+        "counts must be above zero"
+    );
+    Ok(a)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    let sluice = sluice_bin()?;
+    let payload = String::from_utf8(sluice_tests::fixture("github/pull_request.opened.json"))?;
+    println!(
+        "{} signed pull_request webhooks ({} bytes each) in {} s to 2 ingest; 2 dispatchers, {} pipelines; {} clusters x {} runners at {} Kubernetes requests/s each",
+        args.webhooks,
+        payload.len(),
+        args.seconds,
+        args.pipelines,
+        CLUSTERS.len(),
+        args.runners,
+        args.kube_qps
+    );
+    let mut failed = false;
+    for nodes in &args.nodes {
+        let report = spike(&args, *nodes, &sluice, &payload).await?;
+        report.print(&args);
+        failed |= !report.correct();
+    }
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// What one configuration measured.
+struct Report {
+    nodes: usize,
+    raw_publish_per_s: f64,
+    sent: usize,
+    /// Answer time of each request, by its status (0: no answer).
+    answers: Vec<(u16, Duration)>,
+    send_window: Duration,
+    stored_events: usize,
+    stored_twice: usize,
+    /// Answered 2xx yet not stored.
+    lost: usize,
+    /// Answered something else yet stored (the forge counts it as failed).
+    stored_but_refused: usize,
+    runs: usize,
+    runs_doubled: usize,
+    events_without_run: usize,
+    last_planned_after_last_webhook: Option<f64>,
+    /// Per cluster: Pods, Pods/s between the first and the last create, drained after
+    /// the last webhook (s), the limit.
+    clusters: Vec<(String, usize, f64, f64, f64)>,
+    all_final_after_last_webhook: Option<f64>,
+    rss: Vec<(String, u64)>,
+}
+
+impl Report {
+    fn correct(&self) -> bool {
+        self.lost == 0
+            && self.stored_twice == 0
+            && self.runs_doubled == 0
+            && self.events_without_run == 0
+    }
+
+    fn print(&self, args: &Args) {
+        let mut times: Vec<Duration> = self.answers.iter().map(|(_, t)| *t).collect();
+        times.sort();
+        let pct = |p: f64| -> f64 {
+            if times.is_empty() {
+                return 0.0;
+            }
+            let i = ((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1;
+            times[i].as_secs_f64() * 1000.0
+        };
+        let mut by_status: HashMap<u16, usize> = HashMap::new();
+        for (s, _) in &self.answers {
+            *by_status.entry(*s).or_default() += 1;
+        }
+        let mut statuses: Vec<_> = by_status.into_iter().collect();
+        statuses.sort();
+        let statuses = statuses
+            .iter()
+            .map(|(s, n)| match s {
+                0 => format!("{n} unanswered"),
+                s => format!("{n} × {s}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let ok = self
+            .answers
+            .iter()
+            .filter(|(s, _)| (200..300).contains(s))
+            .count();
+        let secs = |v: Option<f64>| v.map_or("never".to_owned(), |v| format!("{v:.2} s"));
+        println!();
+        let setting = if self.nodes == 3 {
+            "3 nodes, R3, sync_interval: always"
+        } else {
+            "1 node, R1, sync_interval: always"
+        };
+        println!("### {setting}");
+        println!();
+        println!("| measure | value |");
+        println!("|---|---|");
+        println!(
+            "| raw publish+ack capacity (28 KB, 64 in flight) | {:.0} msg/s |",
+            self.raw_publish_per_s
+        );
+        println!(
+            "| webhooks sent | {} in {:.2} s ({:.0}/s offered) |",
+            self.sent,
+            self.send_window.as_secs_f64(),
+            self.sent as f64 / self.send_window.as_secs_f64().max(0.001)
+        );
+        println!("| answers | {statuses} |");
+        println!(
+            "| answer time | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
+            pct(0.50),
+            pct(0.99),
+            pct(1.0)
+        );
+        println!(
+            "| events stored | {} ({} answered 2xx; {} lost, {} stored twice, {} stored although refused) |",
+            self.stored_events, ok, self.lost, self.stored_twice, self.stored_but_refused
+        );
+        println!(
+            "| runs planned | {} ({} events without exactly one run, {} doubled) |",
+            self.runs, self.events_without_run, self.runs_doubled
+        );
+        println!(
+            "| last webhook → last run planned | {} |",
+            secs(self.last_planned_after_last_webhook)
+        );
+        for (cluster, pods, rate, drained, limit) in &self.clusters {
+            println!(
+                "| {cluster}: Pods created | {pods} at {rate:.1}/s (limit {limit:.0}/s: {} runners × {}); backlog drained {drained:.1} s after the last webhook |",
+                args.runners, args.kube_qps
+            );
+        }
+        println!(
+            "| last webhook → every run final | {} |",
+            secs(self.all_final_after_last_webhook)
+        );
+        let rss = self
+            .rss
+            .iter()
+            .map(|(name, b)| format!("{name} {:.1}", *b as f64 / 1048576.0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!("| peak RSS (MiB) | {rss} |");
+        println!(
+            "| correct (nothing lost or doubled) | {} |",
+            if self.correct() { "yes" } else { "**NO**" }
+        );
+    }
+}
+
+/// The NATS nodes of one configuration.
+struct Nodes {
+    children: Vec<Child>,
+    monitors: Vec<String>,
+    urls: String,
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyhow::Result<Report> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+
+    // Credentials and configuration as an operator makes them (`sluice nats init`
+    // writes `sync_interval: always`).
+    let auth = dir.join("nats-auth");
+    let clusters: Vec<String> = CLUSTERS.iter().map(|c| (*c).to_owned()).collect();
+    nats_admin::init(
+        &auth,
+        &clusters,
+        &ServerOptions {
+            listen: "127.0.0.1:4222".into(),
+            store_dir: "/unused".into(),
+        },
+        false,
+    )?;
+    let nats = start_nodes(&auth.join(nats_admin::CONFIG_FILE), dir, nodes)?;
+    for monitor in &nats.monitors {
+        wait_healthy(&http, monitor).await?;
+    }
+    let seed = |role: &Role| auth.join(role.seed_file());
+    let admin = NatsOptions {
+        nkey_file: Some(seed(&Role::Admin)),
+        inbox_prefix: Some("_INBOX".into()),
+        ..NatsOptions::new(nats.urls.clone(), "bench-spike")
+    };
+    let js = jetstream::new(sluice_core::nats::connect(&admin).await?);
+    let role_env = |role: &Role| {
+        vec![
+            ("SLUICE_NATS_URL".to_owned(), nats.urls.clone()),
+            (
+                "SLUICE_NATS_NKEY".to_owned(),
+                seed(role).display().to_string(),
+            ),
+            ("RUST_LOG".to_owned(), "warn".to_owned()),
+        ]
+    };
+    let replicas = nodes.to_string();
+    let cluster_list = CLUSTERS.join(",");
+    // The cluster may still be settling ("insufficient resources"): retry a while.
+    retry(Duration::from_secs(60), || {
+        cli(
+            sluice,
+            &role_env(&Role::Admin),
+            &[
+                "streams",
+                "apply",
+                "--replicas",
+                &replicas,
+                "--clusters",
+                &cluster_list,
+                // JetStream refuses to place a stream whose byte limit exceeds the
+                // free disk (the default logs limit is 5 GiB).
+                "--logs-max-bytes",
+                "268435456",
+            ],
+        )
+    })
+    .await?;
+    let pipelines = dir.join("pipelines.yaml");
+    std::fs::write(&pipelines, pipelines_yaml(args.pipelines))?;
+    cli(
+        sluice,
+        &role_env(&Role::Admin),
+        &["pipelines", "apply", "-f", &pipelines.display().to_string()],
+    )?;
+
+    let raw_publish_per_s = raw_capacity(&js, nodes, payload.as_bytes()).await?;
+
+    let mut apis = Vec::new();
+    for _ in CLUSTERS {
+        apis.push(KubeApi::start_simulated(args.run_for).await);
+    }
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut services = Vec::new();
+    let mut ingest_urls = Vec::new();
+    for i in 1..=2 {
+        let port = reserve_port();
+        let mut env = role_env(&Role::Ingest);
+        env.push((
+            "SLUICE_GITHUB_WEBHOOK_SECRET".into(),
+            sluice_tests::ingest::GITHUB_SECRET.into(),
+        ));
+        let listen = format!("127.0.0.1:{port}");
+        let s = Service::new(
+            &format!("ingest-{i}"),
+            sluice,
+            port,
+            strings(&["ingest", "--listen", &listen, "--stream-replicas", &replicas]),
+            env,
+            &logs,
+        );
+        ingest_urls.push(s.admin.clone());
+        services.push(s);
+    }
+    for i in 1..=2 {
+        let port = reserve_port();
+        let listen = format!("127.0.0.1:{port}");
+        services.push(Service::new(
+            &format!("dispatcher-{i}"),
+            sluice,
+            port,
+            strings(&[
+                "dispatcher",
+                "--admin-listen",
+                &listen,
+                "--stream-replicas",
+                &replicas,
+            ]),
+            role_env(&Role::Dispatcher),
+            &logs,
+        ));
+    }
+    for (c, cluster) in CLUSTERS.iter().enumerate() {
+        let kube_dir = dir.join(format!("kube-{cluster}"));
+        std::fs::create_dir_all(&kube_dir)?;
+        let kubeconfig = apis[c].write_kubeconfig(&kube_dir);
+        for r in 0..args.runners {
+            let port = reserve_port();
+            let listen = format!("127.0.0.1:{port}");
+            let mut env = role_env(&Role::Runner((*cluster).to_owned()));
+            env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+            services.push(Service::new(
+                &format!("runner-{cluster}-{r}"),
+                sluice,
+                port,
+                strings(&[
+                    "runner",
+                    "--cluster",
+                    cluster,
+                    "--executor",
+                    "kubernetes",
+                    "--runner-id",
+                    &format!("{cluster}-{r}"),
+                    "--admin-listen",
+                    &listen,
+                    "--max-running",
+                    "500",
+                    "--kube-qps",
+                    &args.kube_qps.to_string(),
+                ]),
+                env,
+                &logs,
+            ));
+        }
+    }
+    for s in &mut services {
+        s.spawn()?;
+    }
+    let all: Vec<&Service> = services.iter().collect();
+    process::wait_ready(&http, &all, Duration::from_secs(90))
+        .await
+        .map_err(anyhow::Error::msg)?;
+
+    // The spike.
+    let requests = build_requests(args, payload);
+    let started_wall = SystemTime::now();
+    let (answers, send_window, last_sent) = send_all(args, &ingest_urls, requests).await?;
+    let last_sent_wall = started_wall + last_sent;
+
+    // What was stored, what was planned, and the drain.
+    let expected: usize = answers
+        .iter()
+        .filter(|a| (200..300).contains(&a.status))
+        .count();
+    let mut events_cursor = 0;
+    let mut stored: HashMap<String, u32> = HashMap::new();
+    let mut runs_cursor = 0;
+    let mut runs: HashMap<String, Vec<RunRequest>> = HashMap::new();
+    let mut last_planned: Option<OffsetDateTime> = None;
+    let mut status_cursor = 0;
+    let mut finals: HashMap<String, OffsetDateTime> = HashMap::new();
+    let drain_deadline = Instant::now()
+        + Duration::from_secs(120)
+        + Duration::from_secs_f64(
+            args.webhooks as f64 / (CLUSTERS.len() * args.runners) as f64 / args.kube_qps as f64
+                * 3.0,
+        );
+    let mut progress = Instant::now();
+    loop {
+        for m in read_from(
+            &js,
+            subjects::EVENTS_STREAM,
+            "sluice.events.>",
+            &mut events_cursor,
+        )
+        .await?
+        {
+            let e: Event = serde_json::from_slice(&m.payload).context("stored event")?;
+            *stored.entry(e.id).or_default() += 1;
+        }
+        for m in read_from(&js, subjects::RUNS_STREAM, "sluice.runs.>", &mut runs_cursor).await? {
+            let r: RunRequest = serde_json::from_slice(&m.payload).context("run request")?;
+            runs.entry(r.event_id.clone()).or_default().push(r);
+            last_planned = Some(last_planned.map_or(m.published, |l| l.max(m.published)));
+        }
+        for m in read_from(
+            &js,
+            subjects::STATUS_STREAM,
+            "sluice.status.>",
+            &mut status_cursor,
+        )
+        .await?
+        {
+            let u: StatusUpdate = serde_json::from_slice(&m.payload).context("state")?;
+            if u.step.is_none() && u.state.is_final() {
+                finals.entry(u.run_id).or_insert(m.published);
+            }
+        }
+        let planned: usize = runs.values().map(Vec::len).sum();
+        let done = stored.len() >= expected
+            && planned >= stored.len()
+            && finals.len() >= planned
+            && planned > 0;
+        if done {
+            break;
+        }
+        if Instant::now() > drain_deadline {
+            println!(
+                "drain deadline passed: {} events stored, {planned} runs planned, {} final",
+                stored.len(),
+                finals.len()
+            );
+            break;
+        }
+        if progress.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "  draining: {} events stored, {planned} runs planned, {} final, Pods {}",
+                stored.len(),
+                finals.len(),
+                apis.iter()
+                    .map(|a| a.created().len().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            );
+            progress = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let mut rss: Vec<(String, u64)> = services
+        .iter()
+        .map(|s| (s.name.clone(), s.peak_rss().unwrap_or(0)))
+        .collect();
+    for (i, c) in nats.children.iter().enumerate() {
+        rss.push((
+            format!("nats-{}", i + 1),
+            process::peak_rss(c.id()).unwrap_or(0),
+        ));
+    }
+
+    let status_of: HashMap<&str, u16> = answers
+        .iter()
+        .map(|a| (a.event_id.as_str(), a.status))
+        .collect();
+    let lost = answers
+        .iter()
+        .filter(|a| (200..300).contains(&a.status) && !stored.contains_key(&a.event_id))
+        .count();
+    let stored_but_refused = stored
+        .keys()
+        .filter(|id| status_of.get(id.as_str()).is_some_and(|s| !(200..300).contains(s)))
+        .count();
+    let stored_twice = stored.values().filter(|n| **n > 1).count();
+    let runs_doubled = runs.values().filter(|r| r.len() > 1).count();
+    let events_without_run = stored.keys().filter(|id| !runs.contains_key(*id)).count();
+    let since_last = |t: OffsetDateTime| -> f64 {
+        let t: SystemTime = t.into();
+        match t.duration_since(last_sent_wall) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        }
+    };
+    let last_sent_instant = answers
+        .iter()
+        .map(|a| a.sent)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let mut per_cluster = Vec::new();
+    for (c, cluster) in CLUSTERS.iter().enumerate() {
+        let mut created: Vec<Instant> = apis[c].created_at().into_values().collect();
+        created.sort();
+        let (rate, drained) = match (created.first(), created.last()) {
+            (Some(first), Some(last)) if created.len() > 1 => (
+                (created.len() - 1) as f64 / last.duration_since(*first).as_secs_f64(),
+                last.saturating_duration_since(last_sent_instant)
+                    .as_secs_f64(),
+            ),
+            _ => (0.0, 0.0),
+        };
+        per_cluster.push((
+            (*cluster).to_owned(),
+            created.len(),
+            rate,
+            drained,
+            (args.runners as u32 * args.kube_qps) as f64,
+        ));
+    }
+    for s in &mut services {
+        s.kill();
+    }
+    drop(nats);
+    Ok(Report {
+        nodes,
+        raw_publish_per_s,
+        sent: answers.len(),
+        answers: answers.iter().map(|a| (a.status, a.took)).collect(),
+        send_window,
+        stored_events: stored.len(),
+        stored_twice,
+        lost,
+        stored_but_refused,
+        runs: runs.values().map(Vec::len).sum(),
+        runs_doubled,
+        events_without_run,
+        last_planned_after_last_webhook: last_planned.map(since_last),
+        clusters: per_cluster,
+        all_final_after_last_webhook: finals.values().max().copied().map(since_last),
+        rss,
+    })
+}
+
+/// 95 % of the pipelines watch one repository each; every twentieth a glob of another
+/// organisation, so every event also evaluates it. Spread over the clusters.
+fn pipelines_yaml(n: usize) -> String {
+    let mut yaml = String::new();
+    for i in 0..n {
+        let repos = if i.is_multiple_of(20) {
+            format!("[\"team-{i}/*\"]")
+        } else {
+            format!("[acme/app-{i}]")
+        };
+        yaml.push_str(&format!(
+            "---\nname: p-{i}\ntriggers:\n  - repos: {repos}\n    kinds: [pull_request]\n    when: \"event.sha != ''\"\nruntime: {{ cluster: {} }}\nsteps:\n  - {{name: test, image: alpine, commands: [make]}}\n",
+            CLUSTERS[i % CLUSTERS.len()]
+        ));
+    }
+    yaml
+}
+
+/// The repository webhook `i` is for: one with its own pipeline.
+fn target_repo(i: usize, pipelines: usize) -> String {
+    let mut target = (i * 7919) % pipelines;
+    if target.is_multiple_of(20) {
+        target = (target + 1) % pipelines;
+    }
+    format!("acme/app-{target}")
+}
+
+struct Request {
+    delivery: String,
+    body: bytes::Bytes,
+    signature: String,
+}
+
+/// Every request built and signed before the clock starts, so the sender only sends.
+fn build_requests(args: &Args, payload: &str) -> Vec<Request> {
+    (0..args.webhooks)
+        .map(|i| {
+            let body = payload.replace(FIXTURE_REPO, &target_repo(i, args.pipelines));
+            let signature =
+                sluice_tests::sign::github_sha256(sluice_tests::ingest::GITHUB_SECRET, body.as_bytes());
+            Request {
+                delivery: format!("spike-{i:06}"),
+                body: bytes::Bytes::from(body),
+                signature,
+            }
+        })
+        .collect()
+}
+
+struct Answer {
+    event_id: String,
+    sent: Instant,
+    took: Duration,
+    /// 0: no answer.
+    status: u16,
+}
+
+/// Sends every request on its schedule (open loop), alternating between the ingest
+/// processes; returns the answers, the time sending took and when the last was sent
+/// (from the start).
+async fn send_all(
+    args: &Args,
+    ingests: &[String],
+    requests: Vec<Request>,
+) -> anyhow::Result<(Vec<Answer>, Duration, Duration)> {
+    let client = reqwest::Client::builder()
+        // Longer than any answer may take, so slow answers are measured, not cut.
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    let interval = Duration::from_secs_f64(args.seconds / args.webhooks as f64);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(requests.len());
+    let urls: Vec<Arc<str>> = ingests
+        .iter()
+        .map(|u| Arc::from(format!("{u}/webhooks/github")))
+        .collect();
+    for (i, r) in requests.into_iter().enumerate() {
+        tokio::time::sleep_until(start + interval * i as u32).await;
+        let client = client.clone();
+        let url = urls[i % urls.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let result = client
+                .post(&*url)
+                .header("content-type", "application/json")
+                .header("x-github-event", "pull_request")
+                .header("x-github-delivery", &r.delivery)
+                .header("x-hub-signature-256", &r.signature)
+                .body(r.body)
+                .send()
+                .await;
+            let status = match result {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    // Read the (small) body so the connection is reused.
+                    let _ = resp.bytes().await;
+                    status
+                }
+                Err(_) => 0,
+            };
+            Answer {
+                event_id: format!("github:{}", r.delivery),
+                sent,
+                took: sent.elapsed(),
+                status,
+            }
+        }));
+    }
+    let last_sent = start.elapsed();
+    let send_window = last_sent;
+    let mut answers = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        answers.push(t.await?);
+    }
+    Ok((answers, send_window, last_sent))
+}
+
+/// Publish+ack capacity of a stream configured like `SLUICE_EVENTS` (file storage,
+/// `replicas`), 64 publishes in flight for 5 s: the limit the spike's figures are read
+/// against.
+async fn raw_capacity(
+    js: &jetstream::Context,
+    replicas: usize,
+    payload: &[u8],
+) -> anyhow::Result<f64> {
+    let name = "BENCH_RAW";
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec!["bench.raw".into()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .context("create the raw publish stream")?;
+    let payload = bytes::Bytes::copy_from_slice(payload);
+    let start = Instant::now();
+    let window = Duration::from_secs(5);
+    let mut pending = std::collections::VecDeque::new();
+    let mut acked = 0u64;
+    let mut n = 0u64;
+    while start.elapsed() < window {
+        while pending.len() < 64 {
+            n += 1;
+            let ack = js
+                .send_publish(
+                    "bench.raw",
+                    PublishMessage::build()
+                        .payload(payload.clone())
+                        .message_id(format!("raw-{n}")),
+                )
+                .await?;
+            pending.push_back(ack);
+        }
+        if let Some(ack) = pending.pop_front() {
+            ack.await?;
+            acked += 1;
+        }
+    }
+    while let Some(ack) = pending.pop_front() {
+        ack.await?;
+        acked += 1;
+    }
+    let rate = acked as f64 / start.elapsed().as_secs_f64();
+    js.delete_stream(name).await?;
+    Ok(rate)
+}
+
+/// Each node's configuration from the `nats init` file (its users, `sync_interval:
+/// always`) with its own ports, store and name; routes between them when there are
+/// three.
+fn start_nodes(base: &Path, dir: &Path, count: usize) -> anyhow::Result<Nodes> {
+    let text = std::fs::read_to_string(base)?;
+    anyhow::ensure!(
+        text.contains("sync_interval: always"),
+        "nats init no longer writes sync_interval: always"
+    );
+    let ports: Vec<(u16, u16, u16)> = (0..count)
+        .map(|_| (reserve_port(), reserve_port(), reserve_port()))
+        .collect();
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, route, _)| format!("    nats://127.0.0.1:{route}"))
+        .collect();
+    let mut nodes = Nodes {
+        children: Vec::new(),
+        monitors: Vec::new(),
+        urls: ports
+            .iter()
+            .map(|(client, _, _)| format!("nats://127.0.0.1:{client}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    for (i, (client, route, monitor)) in ports.iter().enumerate() {
+        let store = dir.join(format!("n{i}-store"));
+        let mut conf = String::new();
+        for line in text.lines() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with("listen:") {
+                conf.push_str(&format!("listen: \"127.0.0.1:{client}\"\n"));
+            } else if trimmed.starts_with("store_dir:") {
+                conf.push_str(&format!("  store_dir: \"{}\"\n", store.display()));
+            } else {
+                conf.push_str(line);
+                conf.push('\n');
+            }
+        }
+        conf.push_str(&format!(
+            "\nserver_name: n{i}\nhttp: \"127.0.0.1:{monitor}\"\n"
+        ));
+        if count > 1 {
+            conf.push_str(&format!(
+                "cluster {{\n  name: sluice-spike\n  listen: \"127.0.0.1:{route}\"\n  routes: [\n{}\n  ]\n}}\n",
+                routes.join("\n")
+            ));
+        }
+        let config = dir.join(format!("n{i}.conf"));
+        std::fs::write(&config, conf)?;
+        let log = std::fs::File::create(dir.join(format!("n{i}.log")))?;
+        let child = Command::new(server_binary())
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start nats-server (./scripts/install-nats, SLUICE_NATS_SERVER)")?;
+        nodes.children.push(child);
+        nodes.monitors.push(format!("http://127.0.0.1:{monitor}"));
+    }
+    Ok(nodes)
+}
+
+/// Waits until a node's `/healthz` answers 200: its JetStream is up and current.
+async fn wait_healthy(http: &reqwest::Client, monitor: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("{monitor}/healthz")).send().await {
+            if r.status() == 200 {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{monitor}/healthz not 200 after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn retry(
+    deadline: Duration,
+    mut f: impl FnMut() -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    let until = Instant::now() + deadline;
+    loop {
+        match f() {
+            Ok(out) => return Ok(out),
+            Err(e) if Instant::now() < until => {
+                tracing::debug!("{e:#}; again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn cli(sluice: &Path, env: &[(String, String)], args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(sluice)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "sluice {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// `SLUICE_BIN`, else the `sluice` binary next to this one.
+fn sluice_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("SLUICE_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let me = std::env::current_exe()?;
+    let bin = me.parent().unwrap_or(Path::new(".")).join("sluice");
+    anyhow::ensure!(
+        bin.exists(),
+        "no sluice binary at {}: set SLUICE_BIN",
+        bin.display()
+    );
+    Ok(bin)
+}
