@@ -35,6 +35,8 @@ pub enum Command {
     Dev(DevArgs),
     /// Pull the runs of one cluster and execute them.
     Runner(RunnerArgs),
+    /// Serve the web dashboard: runs, live logs, decisions, pipelines, clusters (read-only).
+    Dashboard(DashboardArgs),
     /// Manage pipelines: apply, list, get, delete, validate.
     #[command(subcommand)]
     Pipelines(PipelinesCommand),
@@ -195,6 +197,13 @@ pub struct DispatcherArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// Where to serve the pages, and `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "SLUICE_DASHBOARD_LISTEN", default_value = sluice_dashboard::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Args)]
 pub struct DevArgs {
     /// Folder of pipeline YAML files, reloaded when it changes.
     #[arg(long, env = "SLUICE_DEV_PIPELINES", default_value = ".sluice")]
@@ -202,6 +211,9 @@ pub struct DevArgs {
     /// Where webhooks are received.
     #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Where the dashboard is served.
+    #[arg(long, env = "SLUICE_DASHBOARD_LISTEN", default_value = sluice_dashboard::DEFAULT_LISTEN)]
+    pub dashboard_listen: SocketAddr,
     /// Data folder: NATS store, workspaces, the generated webhook secret.
     #[arg(long, env = "SLUICE_DEV_DATA", default_value = ".sluice-data")]
     pub data: PathBuf,

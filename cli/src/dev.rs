@@ -98,12 +98,21 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
         runners.push(tokio::spawn(sluice_runner::run(config, shutdown.clone())));
     }
 
+    let dashboard = sluice_dashboard::start(
+        sluice_core::nats::connect(&nats("sluice-dashboard")).await?,
+        a.dashboard_listen,
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| "cannot serve the dashboard (set --dashboard-listen)")?;
+
     let base = format!("http://{}", a.listen);
     println!();
     println!("Sluice is running (dev mode).");
     println!("  webhooks   {base}/webhooks/github   secret: {secret}");
     println!("             {base}/webhooks/gitlab   (set SLUICE_GITLAB_WEBHOOK_TOKEN)");
     println!("             {base}/webhooks/generic  (set SLUICE_WEBHOOK_SIGNING_SECRET)");
+    println!("  dashboard  http://{}/runs", dashboard.addr);
     println!("  NATS       {nats_url}");
     println!(
         "  pipelines  {} ({} loaded; changes are picked up)",
@@ -150,6 +159,7 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     }
     let _ = dispatcher.await;
     let _ = ingest.await;
+    dashboard.wait().await;
     if let Some(mut server) = server {
         // SIGTERM: the server flushes its store and exits.
         if let Some(pid) = server.id() {

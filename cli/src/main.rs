@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod dashboard;
 mod dev;
 mod dispatcher;
 mod events;
@@ -35,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
         args::Command::Dispatcher(a) => dispatcher::run(&cli.global, a, shutdown).await,
         args::Command::Dev(a) => dev::run(&cli.global, a, shutdown).await,
         args::Command::Runner(a) => runner::run(&cli.global, a, shutdown).await,
+        args::Command::Dashboard(a) => dashboard::run(&cli.global, a, shutdown).await,
         args::Command::Pipelines(c) => pipelines::run(&cli.global, c).await,
         args::Command::Events(c) => events::run(&cli.global, c).await,
         args::Command::Runs(_) => Ok(()),

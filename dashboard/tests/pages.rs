@@ -484,3 +484,113 @@ async fn new_runs_and_state_changes_reach_the_live_run_list() {
     assert_eq!(rows[1]["state"], "running");
     env.stop().await;
 }
+
+/// The dashboard on its own role's seed (`dashboard.nk` from `sluice nats init`) reads
+/// every page without one permission violation: the role covers what it reads.
+#[tokio::test]
+async fn every_page_reads_with_the_dashboard_roles_credential_only() {
+    use sluice_core::roles::Role;
+    use sluice_tests::auth::AuthNats;
+    let server = AuthNats::start(&["eu-1"]).await;
+    let admin = sluice_core::nats::connect(&server.options(&Role::Admin))
+        .await
+        .expect("admin");
+    let js = async_nats::jetstream::new(admin);
+    let settings = sluice_core::streams::StreamSettings {
+        clusters: vec![sluice_core::streams::ClusterConsumer::new("eu-1")],
+        ..Default::default()
+    };
+    sluice_core::streams::apply(&js, &settings, false)
+        .await
+        .expect("streams");
+    dispatcher::apply(
+        &js,
+        "name: ci\nsteps:\n  - name: build\n    image: alpine\n    commands: [make]\n",
+    )
+    .await;
+    bus::publish_json_replacing(&js, subjects::decision("github:d-1"), &decision())
+        .await
+        .expect("decision");
+    publish_status(
+        &js,
+        &status("run-1", Some("build"), RunState::Running, None),
+    )
+    .await;
+    publish_log(&js, "run-1", "build", 0, vec!["hello".into()]).await;
+    let runners = sluice_core::streams::bucket(&js, subjects::RUNNERS_BUCKET)
+        .await
+        .expect("runners bucket");
+    let beat = sluice_core::run::Heartbeat {
+        cluster: "eu-1".into(),
+        runner: "runner-a".into(),
+        max_running: 4,
+        at: 0,
+    };
+    runners
+        .put(
+            subjects::runner_key("eu-1", "runner-a"),
+            serde_json::to_vec(&beat).expect("json").into(),
+        )
+        .await
+        .expect("heartbeat");
+
+    let client = sluice_core::nats::connect(&server.options(&Role::Dashboard))
+        .await
+        .expect("the dashboard's seed connects");
+    let shutdown = CancellationToken::new();
+    let dashboard = sluice_dashboard::start(
+        client,
+        "127.0.0.1:0".parse().expect("addr"),
+        shutdown.clone(),
+    )
+    .await
+    .expect("dashboard");
+    let base = format!("http://{}", dashboard.addr);
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let res = http.get(format!("{base}{path}")).send().await.expect("GET");
+            (res.status().as_u16(), res.text().await.expect("body"))
+        }
+    };
+    wait_for(
+        "the index to read the states",
+        Duration::from_secs(10),
+        || async { (get("/readyz").await.0 == 200).then_some(()) },
+    )
+    .await;
+    for (path, want) in [
+        ("/runs", "run-1"),
+        ("/runs/run-1", "hello"),
+        ("/runs/run-1/log.txt", "hello"),
+        ("/events/github:d-1", "wanted main"),
+        ("/pipelines", "ci"),
+        ("/pipelines/ci", "make"),
+        ("/clusters", "runner-a"),
+    ] {
+        let (code, body) = get(path).await;
+        assert_eq!(code, 200, "{path}: {body}");
+        assert!(body.contains(want), "{path}: {body}");
+    }
+    let clusters = get("/clusters").await.1;
+    assert!(
+        clusters.contains("Backlog: 0"),
+        "the runner consumer's backlog: {clusters}"
+    );
+    let res = http
+        .get(format!("{base}/runs/run-1/log/live"))
+        .send()
+        .await
+        .expect("live log");
+    assert_eq!(read_events(res, 1).await.len(), 1);
+    let violations: Vec<String> = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect();
+    assert!(violations.is_empty(), "{violations:#?}");
+    shutdown.cancel();
+    dashboard.wait().await;
+}
