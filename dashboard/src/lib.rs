@@ -66,6 +66,39 @@ impl IntoResponse for Error {
 }
 
 /// What the handlers share.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> axum::http::HeaderMap {
+        let mut h = axum::http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn only_same_site_requests_may_write() {
+        assert!(same_site(&headers(&[])));
+        assert!(same_site(&headers(&[
+            ("host", "d:8090"),
+            ("origin", "http://d:8090")
+        ])));
+        assert!(same_site(&headers(&[("sec-fetch-site", "same-origin")])));
+        assert!(!same_site(&headers(&[("sec-fetch-site", "cross-site")])));
+        assert!(!same_site(&headers(&[("sec-fetch-site", "same-site")])));
+        assert!(!same_site(&headers(&[
+            ("host", "d:8090"),
+            ("origin", "null")
+        ])));
+        assert!(!same_site(&headers(&[
+            ("host", "d:8090"),
+            ("origin", "http://evil:8090")
+        ])));
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
     pub js: jetstream::Context,
@@ -142,7 +175,42 @@ fn router(state: AppState) -> Router {
     pages::routes()
         .merge(live::routes())
         .with_state(state)
+        .layer(axum::middleware::from_fn(same_site_writes_only))
         .layer(axum::middleware::map_response(security_headers))
+}
+
+/// Refuses, with 403, any request but a read (GET, HEAD) that a browser says comes from
+/// another site (`Sec-Fetch-Site`), or whose `Origin` is not this host: a page elsewhere
+/// cannot make a visitor's browser post here.
+async fn same_site_writes_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::Method;
+    if matches!(*request.method(), Method::GET | Method::HEAD) || same_site(request.headers()) {
+        return next.run(request).await;
+    }
+    tracing::warn!(method = %request.method(), uri = %request.uri(), "a cross-site request was refused");
+    (StatusCode::FORBIDDEN, "cross-site requests are refused\n").into_response()
+}
+
+fn same_site(headers: &axum::http::HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site") {
+        if !matches!(site, "same-origin" | "none") {
+            return false;
+        }
+    }
+    match (text("origin"), text("host")) {
+        (None, _) => true,
+        (Some(origin), Some(host)) => {
+            origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                == Some(host)
+        }
+        (Some(_), None) => false,
+    }
 }
 
 /// Headers on every answer: the CSP, no sniffing, no framing, no referrer to forges.

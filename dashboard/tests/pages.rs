@@ -309,6 +309,23 @@ async fn every_page_renders_stored_data_escaped_and_with_strict_headers() {
     assert!(js_asset.contains("EventSource"));
     assert!(!js_asset.contains("innerHTML"), "the script sets text only");
     assert_eq!(env.get("/readyz").await.0, 200);
+    for (name, value) in [
+        ("sec-fetch-site", "cross-site"),
+        ("origin", "https://evil.example"),
+    ] {
+        let res = env
+            .http
+            .post(format!("{}/runs/run-1", env.base))
+            .header(name, value)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(
+            res.status().as_u16(),
+            403,
+            "a cross-site POST ({name}) is refused"
+        );
+    }
     env.stop().await;
 }
 
