@@ -29,6 +29,8 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/clusters", get(clusters))
         .route("/assets/app.css", get(css))
         .route("/assets/app.js", get(js))
+        // Browsers ask for it on every site; there is none.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
 }
 
 fn page(t: impl Template) -> Result<Response> {
