@@ -70,6 +70,10 @@ pub enum PublishError {
     #[error("JetStream did not acknowledge within {0:?}")]
     Timeout(Duration),
 
+    /// Refused before publishing: the events ahead would not be stored in time.
+    #[error("JetStream is behind: {waiting} events waiting, about {wait:?} to store them")]
+    Behind { waiting: usize, wait: Duration },
+
     /// JetStream did not store the event now (no stream yet, no leader, too many in
     /// flight, a lost connection).
     #[error("JetStream did not store the event: {0}")]
@@ -122,6 +126,7 @@ impl PublishError {
             PublishError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
             PublishError::Disconnected
             | PublishError::Timeout(_)
+            | PublishError::Behind { .. }
             | PublishError::Refused(_)
             | PublishError::PayloadStore(_)
             | PublishError::Payload(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -133,6 +138,9 @@ impl PublishError {
         match self {
             PublishError::TooLarge(_) => "the event is larger than the events stream accepts",
             PublishError::Encode(_) => "the event could not be encoded",
+            PublishError::Behind { .. } => {
+                "too many events are waiting to be stored; this one was not stored, retry later"
+            }
             _ => "the event could not be stored; retry later",
         }
     }
@@ -141,6 +149,7 @@ impl PublishError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             PublishError::Timeout(_) => "timeout",
+            PublishError::Behind { .. } => "shed",
             PublishError::TooLarge(_) => "too_large",
             PublishError::Encode(_) => "internal",
             PublishError::Disconnected

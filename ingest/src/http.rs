@@ -15,7 +15,7 @@ mod gitlab;
 use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -151,6 +151,7 @@ trait Endpoint {
         state: &'a AppState,
         headers: &'a HeaderMap,
         body: Body,
+        received: Instant,
     ) -> impl Future<Output = Result<Response, Reject>> + Send + 'a;
 }
 
@@ -166,10 +167,15 @@ async fn webhook<E: Endpoint>(
         provider = E::PROVIDER.as_str(),
         delivery_id = E::claimed_delivery(&headers).unwrap_or("-"),
     );
+    // The forge's clock starts about here: the answer is due within its timeout.
+    let received = Instant::now();
     state.metrics.in_flight.inc();
     // Decrement even if the client goes away and the handler is dropped mid-way.
     let _in_flight = InFlight(&state.metrics);
-    match E::handle(&state, &headers, body).instrument(span).await {
+    match E::handle(&state, &headers, body, received)
+        .instrument(span)
+        .await
+    {
         Ok(response) => response,
         Err(reject) => {
             state.metrics.request(E::PROVIDER.as_str(), reject.outcome);
@@ -305,11 +311,16 @@ fn now_unix() -> i64 {
 
 // === Storing and answering ===
 
-async fn store(state: &AppState, event: Event, raw: &[u8]) -> Result<Response, Reject> {
+async fn store(
+    state: &AppState,
+    event: Event,
+    raw: &[u8],
+    received: Instant,
+) -> Result<Response, Reject> {
     let provider = event.provider.as_str();
     let id = event.id.clone();
     let is_ping = event.kind == kind::PING;
-    match state.publisher.publish(event, raw).await {
+    match state.publisher.publish(event, raw, received).await {
         Ok((stored, took)) => {
             state.metrics.publish_seconds.observe(took.as_secs_f64());
             if stored.by_reference {

@@ -34,8 +34,11 @@ pub const LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
 ));
 /// Default `--max-body-bytes`: the forges' own cap, 25 MiB.
 pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
-/// Default `--publish-timeout`: with the read timeout, well inside the forges' 10 s.
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(4);
+/// Default `--publish-timeout`: nearly all of the forges' 10 s, so that a slow
+/// acknowledgement under a spike is waited for rather than answered 503 while it is
+/// stored; the wait never goes past [`publish::ANSWER_WITHIN`] from the request's
+/// arrival.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(8);
 /// Default `--read-timeout`: time a client has to send its body.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `--signature-tolerance`: Standard Webhooks' 5 minutes either way.

@@ -1,5 +1,6 @@
 //! Stores events in JetStream and waits for the acknowledgement.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
@@ -25,12 +26,17 @@ pub struct Stored {
     pub by_reference: bool,
 }
 
+/// Every forge gives up on a delivery after 10 s (GitHub, GitLab): an answer decided
+/// later reaches no one. Ingest answers within this of the request's arrival.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(9);
+
 /// Publishes envelopes to `SLUICE_EVENTS` with `Nats-Msg-Id` = event id.
 pub struct Publisher {
     client: async_nats::Client,
     js: jetstream::Context,
     payloads: OnceCell<ObjectStore>,
     timeout: Duration,
+    backlog: Backlog,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -53,6 +59,7 @@ impl Publisher {
             js,
             payloads: OnceCell::new(),
             timeout,
+            backlog: Backlog::default(),
         }
     }
 
@@ -62,21 +69,31 @@ impl Publisher {
     }
 
     /// Stores `event` with `raw` (the validated original payload) and returns once
-    /// JetStream has acknowledged it, or fails within the publish timeout.
+    /// JetStream has acknowledged it, or fails by the earlier of the publish timeout
+    /// and [`ANSWER_WITHIN`] from `received` (when the request arrived). Refuses at
+    /// once, without publishing, when the events ahead of it would not be stored in
+    /// that time (see [`behind`]): then the 503 is the truth, the event is not stored.
     pub async fn publish(
         &self,
         mut event: Event,
         raw: &[u8],
+        received: Instant,
     ) -> Result<(Stored, Duration), PublishError> {
         // Fail fast while disconnected: the client would otherwise buffer the message
         // and make the forge wait the whole timeout for a 503.
         if self.client.connection_state() != State::Connected {
             return Err(PublishError::Disconnected);
         }
+        let budget = self
+            .timeout
+            .min(ANSWER_WITHIN.saturating_sub(received.elapsed()));
+        let _waiting = self.backlog.admit(budget)?;
         let started = Instant::now();
-        let deadline = tokio::time::timeout(self.timeout, self.store(&mut event, raw)).await;
-        let stored = deadline.map_err(|_| PublishError::Timeout(self.timeout))??;
-        Ok((stored, started.elapsed()))
+        let deadline = tokio::time::timeout(budget, self.store(&mut event, raw)).await;
+        let stored = deadline.map_err(|_| PublishError::Timeout(budget))??;
+        let took = started.elapsed();
+        self.backlog.acknowledged(took);
+        Ok((stored, took))
     }
 
     async fn store(&self, event: &mut Event, raw: &[u8]) -> Result<Stored, PublishError> {
@@ -132,5 +149,137 @@ impl Publisher {
             size: raw.len() as u64,
             sha256: hex::encode(Sha256::digest(raw)),
         })
+    }
+}
+
+/// What ingest knows of how far behind JetStream is: the publishes waiting for their
+/// acknowledgement, and how fast and how late acknowledgements come back.
+#[derive(Debug, Default)]
+struct Backlog(Mutex<BacklogState>);
+
+#[derive(Debug)]
+struct BacklogState {
+    in_flight: usize,
+    window_start: Instant,
+    window_acks: u32,
+    /// Acknowledgements per second over the last full window.
+    rate: f64,
+    /// How long recent acknowledgements took (exponentially weighted).
+    latency: Duration,
+}
+
+impl Default for BacklogState {
+    fn default() -> Self {
+        BacklogState {
+            in_flight: 0,
+            window_start: Instant::now(),
+            window_acks: 0,
+            rate: 0.0,
+            latency: Duration::ZERO,
+        }
+    }
+}
+
+/// One publish counted in flight until it is dropped.
+struct Waiting<'a>(&'a Backlog);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        s.in_flight = s.in_flight.saturating_sub(1);
+    }
+}
+
+impl Backlog {
+    /// Counts a publish in flight, or refuses it when JetStream is too far behind to
+    /// store it within `budget`.
+    fn admit(&self, budget: Duration) -> Result<Waiting<'_>, PublishError> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(wait) = behind(s.in_flight, s.rate, s.latency, budget) {
+            return Err(PublishError::Behind {
+                waiting: s.in_flight,
+                wait,
+            });
+        }
+        s.in_flight += 1;
+        Ok(Waiting(self))
+    }
+
+    fn acknowledged(&self, took: Duration) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.latency = if s.latency.is_zero() {
+            took
+        } else {
+            s.latency.mul_f64(0.9) + took.mul_f64(0.1)
+        };
+        s.window_acks += 1;
+        let elapsed = s.window_start.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            s.rate = f64::from(s.window_acks) / elapsed.as_secs_f64();
+            s.window_acks = 0;
+            s.window_start = Instant::now();
+        }
+    }
+}
+
+/// Whether JetStream is too far behind to store one more event within `budget`, and
+/// if so the wait it would have: only when recent acknowledgements already take a
+/// quarter of the budget (JetStream is queueing, not just busy) and the `in_flight`
+/// events ahead, at the rate acknowledgements come back, need more than 80 % of it.
+/// A burst into an idle server is always admitted: its acknowledgements are fast, and
+/// the time left (not a guess) decides for the ones that are not.
+pub fn behind(
+    in_flight: usize,
+    acks_per_second: f64,
+    recent_latency: Duration,
+    budget: Duration,
+) -> Option<Duration> {
+    if recent_latency < budget / 4 || acks_per_second <= 0.0 {
+        return None;
+    }
+    let wait = Duration::from_secs_f64(in_flight as f64 / acks_per_second);
+    (wait > budget.mul_f64(0.8)).then_some(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: Duration = Duration::from_secs(8);
+
+    #[test]
+    fn a_burst_into_a_fast_server_is_admitted() {
+        // 5,000 in flight at an unknown rate with fast acknowledgements.
+        assert_eq!(behind(5_000, 0.0, Duration::ZERO, BUDGET), None);
+        assert_eq!(
+            behind(5_000, 500.0, Duration::from_millis(50), BUDGET),
+            None
+        );
+    }
+
+    #[test]
+    fn a_queue_that_cannot_drain_in_time_is_refused() {
+        // Acknowledgements take 3 s and come back at 500/s: 4,000 ahead need 8 s.
+        let wait = behind(4_000, 500.0, Duration::from_secs(3), BUDGET);
+        assert_eq!(wait, Some(Duration::from_secs(8)));
+        // 3,000 ahead need 6 s, inside 80 % of the budget.
+        assert_eq!(behind(3_000, 500.0, Duration::from_secs(3), BUDGET), None);
+    }
+
+    #[test]
+    fn a_stalled_server_is_left_to_the_timeout() {
+        // No acknowledgement in the last window: no rate to predict from.
+        assert_eq!(behind(10, 0.0, Duration::from_secs(5), BUDGET), None);
+    }
+
+    #[test]
+    fn in_flight_counts_what_is_waiting() {
+        let backlog = Backlog::default();
+        let a = backlog.admit(BUDGET).expect("admitted");
+        let b = backlog.admit(BUDGET).expect("admitted");
+        assert_eq!(backlog.0.lock().unwrap().in_flight, 2);
+        drop(a);
+        drop(b);
+        assert_eq!(backlog.0.lock().unwrap().in_flight, 0);
     }
 }

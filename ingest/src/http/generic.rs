@@ -1,6 +1,8 @@
 //! `POST /webhooks/generic`: Standard Webhooks (`webhook-id`, `webhook-timestamp`,
 //! `webhook-signature`), a JSON body with a `type`.
 
+use std::time::Instant;
+
 use axum::body::Body;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -23,7 +25,12 @@ impl Endpoint for Generic {
         header_str(headers, "webhook-id")
     }
 
-    async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Reject> {
+    async fn handle(
+        state: &AppState,
+        headers: &HeaderMap,
+        body: Body,
+        received: Instant,
+    ) -> Result<Response, Reject> {
         body_kind(headers, false)?;
         let body = read_body(headers, body, &state.limits).await?;
         let target = normalize::generic_target(&body);
@@ -53,6 +60,6 @@ impl Endpoint for Generic {
             serde_json::from_slice(&body).map_err(Malformed::from)?;
         same_target(target.as_deref(), parsed.repo())?;
         let event = normalize::generic(delivery, parsed)?;
-        store(state, event, &body).await
+        store(state, event, &body, received).await
     }
 }

@@ -2,6 +2,7 @@
 //! form-encoded (`payload=`) bodies.
 
 use std::borrow::Cow;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::HeaderMap;
@@ -25,7 +26,12 @@ impl Endpoint for Github {
         header_str(headers, "x-github-delivery")
     }
 
-    async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Reject> {
+    async fn handle(
+        state: &AppState,
+        headers: &HeaderMap,
+        body: Body,
+        received: Instant,
+    ) -> Result<Response, Reject> {
         let body_kind = body_kind(headers, true)?;
         let body = read_body(headers, body, &state.limits).await?;
         // A form body carries the JSON URL-encoded: decoding it is one copy at most as
@@ -62,7 +68,7 @@ impl Endpoint for Github {
             serde_json::from_slice(payload).map_err(Malformed::from)?;
         same_target(target.as_deref(), parsed.target())?;
         let event = normalize::github(event_name, delivery, parsed);
-        store(state, event, payload).await
+        store(state, event, payload, received).await
     }
 }
 

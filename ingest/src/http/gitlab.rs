@@ -1,6 +1,8 @@
 //! `POST /webhooks/gitlab`: `X-Gitlab-Token`, or a GitLab signing token (Standard
 //! Webhooks headers).
 
+use std::time::Instant;
+
 use axum::body::Body;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -25,7 +27,12 @@ impl Endpoint for Gitlab {
             .or_else(|| header_str(headers, "idempotency-key"))
     }
 
-    async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Reject> {
+    async fn handle(
+        state: &AppState,
+        headers: &HeaderMap,
+        body: Body,
+        received: Instant,
+    ) -> Result<Response, Reject> {
         body_kind(headers, false)?;
         let body = read_body(headers, body, &state.limits).await?;
         let target = normalize::gitlab_target(&body);
@@ -72,6 +79,6 @@ impl Endpoint for Gitlab {
             serde_json::from_slice(&body).map_err(Malformed::from)?;
         same_target(target.as_deref(), parsed.repo())?;
         let event = normalize::gitlab(event_name, delivery, parsed);
-        store(state, event, &body).await
+        store(state, event, &body, received).await
     }
 }

@@ -25,7 +25,7 @@ use anyhow::{bail, Context};
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use sluice_core::nats::NatsOptions;
 use sluice_core::roles::{Role, ServerOptions};
-use sluice_core::run::{RunRequest, StatusUpdate};
+use sluice_core::run::{Decision, StatusUpdate};
 use sluice_core::{subjects, Event};
 use sluice_tests::auth::nats_admin;
 use sluice_tests::kubeapi::KubeApi;
@@ -351,7 +351,13 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
             &format!("ingest-{i}"),
             sluice,
             port,
-            strings(&["ingest", "--listen", &listen, "--stream-replicas", &replicas]),
+            strings(&[
+                "ingest",
+                "--listen",
+                &listen,
+                "--stream-replicas",
+                &replicas,
+            ]),
             env,
             &logs,
         );
@@ -429,9 +435,11 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         .filter(|a| (200..300).contains(&a.status))
         .count();
     let mut events_cursor = 0;
-    let mut stored: HashMap<String, u32> = HashMap::new();
-    let mut runs_cursor = 0;
-    let mut runs: HashMap<String, Vec<RunRequest>> = HashMap::new();
+    // Event id → the stream sequences it was stored at.
+    let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut decisions_cursor = 0;
+    // Event id → the runs its (latest) decision published.
+    let mut runs: HashMap<String, Vec<String>> = HashMap::new();
     let mut last_planned: Option<OffsetDateTime> = None;
     let mut status_cursor = 0;
     let mut finals: HashMap<String, OffsetDateTime> = HashMap::new();
@@ -452,11 +460,26 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         .await?
         {
             let e: Event = serde_json::from_slice(&m.payload).context("stored event")?;
-            *stored.entry(e.id).or_default() += 1;
+            stored.entry(e.id).or_default().push(m.sequence);
         }
-        for m in read_from(&js, subjects::RUNS_STREAM, "sluice.runs.>", &mut runs_cursor).await? {
-            let r: RunRequest = serde_json::from_slice(&m.payload).context("run request")?;
-            runs.entry(r.event_id.clone()).or_default().push(r);
+        // Run requests leave their work-queue stream once taken; the decisions say
+        // which runs each event started (stored after its run requests).
+        for m in read_from(
+            &js,
+            subjects::DECISIONS_STREAM,
+            "sluice.decisions.>",
+            &mut decisions_cursor,
+        )
+        .await?
+        {
+            let d: Decision = serde_json::from_slice(&m.payload).context("decision")?;
+            let published: Vec<String> = d
+                .runs
+                .into_iter()
+                .filter(|r| r.outcome == "published")
+                .map(|r| r.run_id)
+                .collect();
+            runs.insert(d.event_id, published);
             last_planned = Some(last_planned.map_or(m.published, |l| l.max(m.published)));
         }
         for m in read_from(
@@ -524,11 +547,32 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         .count();
     let stored_but_refused = stored
         .keys()
-        .filter(|id| status_of.get(id.as_str()).is_some_and(|s| !(200..300).contains(s)))
+        .filter(|id| {
+            status_of
+                .get(id.as_str())
+                .is_some_and(|s| !(200..300).contains(s))
+        })
         .count();
-    let stored_twice = stored.values().filter(|n| **n > 1).count();
-    let runs_doubled = runs.values().filter(|r| r.len() > 1).count();
-    let events_without_run = stored.keys().filter(|id| !runs.contains_key(*id)).count();
+    let twice: Vec<_> = stored.iter().filter(|(_, seqs)| seqs.len() > 1).collect();
+    let stored_twice = twice.len();
+    for (id, seqs) in twice.iter().take(5) {
+        println!("stored twice: {id} at sequences {seqs:?}");
+    }
+    // A run created twice shows as its Pod created twice (Pod names come from the run
+    // id); an event that started more than one run, in its decision.
+    let mut pods_twice = 0;
+    for api in &apis {
+        let mut names = api.created();
+        let all = names.len();
+        names.sort();
+        names.dedup();
+        pods_twice += all - names.len();
+    }
+    let runs_doubled = pods_twice + runs.values().filter(|r| r.len() > 1).count();
+    let events_without_run = stored
+        .keys()
+        .filter(|id| runs.get(*id).is_none_or(|r| r.len() != 1))
+        .count();
     let since_last = |t: OffsetDateTime| -> f64 {
         let t: SystemTime = t.into();
         match t.duration_since(last_sent_wall) {
@@ -623,8 +667,10 @@ fn build_requests(args: &Args, payload: &str) -> Vec<Request> {
     (0..args.webhooks)
         .map(|i| {
             let body = payload.replace(FIXTURE_REPO, &target_repo(i, args.pipelines));
-            let signature =
-                sluice_tests::sign::github_sha256(sluice_tests::ingest::GITHUB_SECRET, body.as_bytes());
+            let signature = sluice_tests::sign::github_sha256(
+                sluice_tests::ingest::GITHUB_SECRET,
+                body.as_bytes(),
+            );
             Request {
                 delivery: format!("spike-{i:06}"),
                 body: bytes::Bytes::from(body),
