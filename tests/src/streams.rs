@@ -42,9 +42,7 @@ pub async fn read_from(
             .with_context(|| format!("reading {stream} stalled"))?;
         let Some(m) = next else { break };
         let m = m.map_err(|e| anyhow::anyhow!("read {stream}: {e}"))?;
-        let info = m
-            .info()
-            .map_err(|e| anyhow::anyhow!("message info: {e}"))?;
+        let info = m.info().map_err(|e| anyhow::anyhow!("message info: {e}"))?;
         let (sequence, published) = (info.stream_sequence, info.published);
         last = last.max(sequence);
         out.push(Stored {
