@@ -258,7 +258,8 @@ async fn rss(a: &Args, bin: &PathBuf) -> anyhow::Result<()> {
     let filled = started.elapsed();
     let mut peak_rss = 0;
     for _ in 0..10 {
-        peak_rss = peak_rss.max(sluice_tests::process::status_kib(child.id(), "VmRSS:").unwrap_or(0));
+        peak_rss =
+            peak_rss.max(sluice_tests::process::status_kib(child.id(), "VmRSS:").unwrap_or(0));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let hwm = sluice_tests::process::status_kib(child.id(), "VmHWM:").unwrap_or(0);

@@ -55,7 +55,8 @@ impl Seen {
         )
         .await?
         {
-            let update: StatusUpdate = serde_json::from_slice(&stored.payload).context("stored state")?;
+            let update: StatusUpdate =
+                serde_json::from_slice(&stored.payload).context("stored state")?;
             if update.step.is_none() && update.state.is_final() {
                 self.finals
                     .entry(update.run_id)
