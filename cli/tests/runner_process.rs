@@ -131,6 +131,8 @@ async fn sluice_dev_runs_steps_as_pods_with_the_kubernetes_executor() {
     let mut dev = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["dev", "--executor", "kubernetes", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
+        // Any free port: the default one may be taken on a shared machine.
+        .args(["--dashboard-listen", "127.0.0.1:0"])
         .arg("--pipelines")
         .arg(&pipelines)
         .arg("--data")
