@@ -90,7 +90,10 @@ impl Publisher {
         let _waiting = self.backlog.admit(budget)?;
         let started = Instant::now();
         let deadline = tokio::time::timeout(budget, self.store(&mut event, raw)).await;
-        let stored = deadline.map_err(|_| PublishError::Timeout(budget))??;
+        let stored = deadline.map_err(|_| {
+            self.backlog.timed_out(budget);
+            PublishError::Timeout(budget)
+        })??;
         let took = started.elapsed();
         self.backlog.acknowledged(took);
         Ok((stored, took))
@@ -180,6 +183,16 @@ impl Default for BacklogState {
     }
 }
 
+impl BacklogState {
+    fn observe(&mut self, took: Duration) {
+        self.latency = if self.latency.is_zero() {
+            took
+        } else {
+            self.latency.mul_f64(0.9) + took.mul_f64(0.1)
+        };
+    }
+}
+
 /// One publish counted in flight until it is dropped.
 struct Waiting<'a>(&'a Backlog);
 
@@ -201,17 +214,26 @@ impl Backlog {
                 wait,
             });
         }
+        if s.in_flight == 0 {
+            // The rate is measured over busy time only: an idle hour is not a slow
+            // hour. The last busy window's rate stands until this one has a second.
+            s.window_start = Instant::now();
+            s.window_acks = 0;
+        }
         s.in_flight += 1;
         Ok(Waiting(self))
     }
 
+    /// A publish not acknowledged within `waited`: its latency is at least that, so
+    /// a JetStream whose every acknowledgement is late still reads as behind.
+    fn timed_out(&self, waited: Duration) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.observe(waited);
+    }
+
     fn acknowledged(&self, took: Duration) {
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        s.latency = if s.latency.is_zero() {
-            took
-        } else {
-            s.latency.mul_f64(0.9) + took.mul_f64(0.1)
-        };
+        s.observe(took);
         s.window_acks += 1;
         let elapsed = s.window_start.elapsed();
         if elapsed >= Duration::from_secs(1) {
@@ -270,6 +292,26 @@ mod tests {
     fn a_stalled_server_is_left_to_the_timeout() {
         // No acknowledgement in the last window: no rate to predict from.
         assert_eq!(behind(10, 0.0, Duration::from_secs(5), BUDGET), None);
+    }
+
+    #[test]
+    fn a_slow_acknowledgement_after_an_idle_hour_does_not_shed() {
+        let backlog = Backlog::default();
+        backlog.0.lock().unwrap().window_start = Instant::now() - Duration::from_secs(3600);
+        let first = backlog.admit(BUDGET).expect("admitted");
+        let second = backlog.admit(BUDGET).expect("admitted");
+        // One slow acknowledgement: over the idle hour it would read as 1/3600 a second.
+        backlog.acknowledged(Duration::from_secs(3));
+        drop(first);
+        assert!(backlog.admit(BUDGET).is_ok(), "shed after an idle hour");
+        drop(second);
+    }
+
+    #[test]
+    fn late_acknowledgements_count_as_slow() {
+        let backlog = Backlog::default();
+        backlog.timed_out(BUDGET);
+        assert_eq!(backlog.0.lock().unwrap().latency, BUDGET);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 
 /// One service process, restartable with the same arguments.
 #[derive(Debug)]
@@ -132,6 +132,50 @@ pub async fn wait_ready(
                 "not ready after {deadline:?}: {}",
                 waiting.join(", ")
             ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `SLUICE_BIN`, else the `sluice` binary next to the running one (the harness
+/// binaries are built beside it).
+pub fn sluice_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("SLUICE_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let me = std::env::current_exe()?;
+    let bin = me.parent().unwrap_or(Path::new(".")).join("sluice");
+    anyhow::ensure!(
+        bin.exists(),
+        "no sluice binary at {}: set SLUICE_BIN",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Owned command-line arguments.
+pub fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Waits until a NATS node's `/healthz` (at its monitoring base URL) answers 200: its
+/// JetStream is up and current. How long that took.
+pub async fn nats_healthy(
+    http: &reqwest::Client,
+    monitor: &str,
+    deadline: Duration,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let url = format!("{monitor}/healthz");
+    loop {
+        let answer = http.get(&url).timeout(Duration::from_secs(2)).send().await;
+        let said = match answer {
+            Ok(r) if r.status() == 200 => return Ok(start.elapsed()),
+            Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => e.to_string(),
+        };
+        if start.elapsed() > deadline {
+            bail!("{url} not healthy after {deadline:?}: {}", said.trim());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -16,7 +16,7 @@
 //! Run with `./scripts/bench-spike` (docs/BENCHMARKS.md).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -30,7 +30,7 @@ use sluice_core::{subjects, Event};
 use sluice_tests::auth::nats_admin;
 use sluice_tests::kubeapi::KubeApi;
 use sluice_tests::nats::{reserve_port, server_binary};
-use sluice_tests::process::{self, Service};
+use sluice_tests::process::{self, strings, Service};
 use sluice_tests::streams::read_from;
 use time::OffsetDateTime;
 
@@ -92,7 +92,7 @@ fn args() -> anyhow::Result<Args> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
-    let sluice = sluice_bin()?;
+    let sluice = process::sluice_bin()?;
     let payload = String::from_utf8(sluice_tests::fixture("github/pull_request.opened.json"))?;
     println!(
         "{} signed pull_request webhooks ({} bytes each) in {} s to 2 ingest; 2 dispatchers, {} pipelines; {} clusters x {} runners at {} Kubernetes requests/s each",
@@ -280,7 +280,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
     )?;
     let nats = start_nodes(&auth.join(nats_admin::CONFIG_FILE), dir, nodes)?;
     for monitor in &nats.monitors {
-        wait_healthy(&http, monitor).await?;
+        process::nats_healthy(&http, monitor, Duration::from_secs(60)).await?;
     }
     let seed = |role: &Role| auth.join(role.seed_file());
     let admin = NatsOptions {
@@ -865,22 +865,6 @@ fn start_nodes(base: &Path, dir: &Path, count: usize) -> anyhow::Result<Nodes> {
     Ok(nodes)
 }
 
-/// Waits until a node's `/healthz` answers 200: its JetStream is up and current.
-async fn wait_healthy(http: &reqwest::Client, monitor: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http.get(format!("{monitor}/healthz")).send().await {
-            if r.status() == 200 {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("{monitor}/healthz not 200 after 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn retry(
     deadline: Duration,
     mut f: impl FnMut() -> anyhow::Result<String>,
@@ -911,23 +895,4 @@ fn cli(sluice: &Path, env: &[(String, String)], args: &[&str]) -> anyhow::Result
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn strings(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| (*s).to_owned()).collect()
-}
-
-/// `SLUICE_BIN`, else the `sluice` binary next to this one.
-fn sluice_bin() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("SLUICE_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let me = std::env::current_exe()?;
-    let bin = me.parent().unwrap_or(Path::new(".")).join("sluice");
-    anyhow::ensure!(
-        bin.exists(),
-        "no sluice binary at {}: set SLUICE_BIN",
-        bin.display()
-    );
-    Ok(bin)
 }

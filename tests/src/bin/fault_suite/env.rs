@@ -1,7 +1,7 @@
 //! The system under test: the cluster in its namespaces, the streams, the pipelines,
 //! the Kubernetes API doubles and the service processes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -71,7 +71,7 @@ impl Env {
             .unwrap_or_else(|| std::env::temp_dir().join("sluice-fault-suite"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let sluice = sluice_bin()?;
+        let sluice = services::sluice_bin()?;
         net::setup().context("network namespaces")?;
 
         // Credentials and the servers' configuration, as an operator makes them.
@@ -186,7 +186,7 @@ impl Env {
                 &format!("ingest-{i}"),
                 &sluice,
                 port,
-                args(&[
+                services::strings(&[
                     "ingest",
                     "--listen",
                     &format!("127.0.0.1:{port}"),
@@ -204,7 +204,7 @@ impl Env {
                 &format!("dispatcher-{i}"),
                 &sluice,
                 port,
-                args(&[
+                services::strings(&[
                     "dispatcher",
                     "--admin-listen",
                     &format!("127.0.0.1:{port}"),
@@ -227,7 +227,7 @@ impl Env {
                 &format!("runner-{cluster}"),
                 &sluice,
                 port,
-                args(&[
+                services::strings(&[
                     "runner",
                     "--cluster",
                     cluster,
@@ -311,47 +311,13 @@ impl Env {
     }
 }
 
-fn args(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| (*s).to_owned()).collect()
-}
-
-/// `SLUICE_BIN`, else the debug build next to this binary.
-fn sluice_bin() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("SLUICE_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let me = std::env::current_exe()?;
-    let bin = me.parent().unwrap_or(Path::new(".")).join("sluice");
-    anyhow::ensure!(
-        bin.exists(),
-        "no sluice binary at {}: set SLUICE_BIN",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 /// Waits until the node's `/healthz` answers 200: its JetStream is up and current.
 pub async fn wait_healthy(
     http: &reqwest::Client,
     node: &Node,
     deadline: Duration,
 ) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    let url = format!("{}/healthz", node.monitor());
-    loop {
-        let answer = http.get(&url).timeout(Duration::from_secs(2)).send().await;
-        let said = match answer {
-            Ok(r) if r.status() == 200 => return Ok(start.elapsed()),
-            Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
-            Err(e) => e.to_string(),
-        };
-        if start.elapsed() > deadline {
-            bail!(
-                "{} not healthy after {deadline:?}: /healthz {}",
-                node.name,
-                said.trim()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    services::nats_healthy(http, &node.monitor(), deadline)
+        .await
+        .with_context(|| format!("{} not healthy", node.name))
 }
