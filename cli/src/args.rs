@@ -605,6 +605,10 @@ pub struct NatsInitArgs {
     /// JetStream's store folder on the NATS server.
     #[arg(long, env = "SLUICE_NATS_STORE_DIR", default_value = sluice_core::roles::DEFAULT_STORE_DIR)]
     pub store_dir: String,
+    /// JetStream's file storage limit, e.g. `20G` (what the store's volume holds).
+    /// Unset, NATS takes 75% of the disk free when it starts.
+    #[arg(long, env = "SLUICE_NATS_MAX_FILE_STORE", value_parser = storage_size)]
+    pub max_file_store: Option<String>,
     /// Replace existing seeds and nats.conf (every service then needs its new seed).
     #[arg(long, env = "SLUICE_NATS_FORCE")]
     pub force: bool,
@@ -642,6 +646,23 @@ pub struct ClusterRemoveArgs {
     pub out: PathBuf,
 }
 
+/// A size in NATS's configuration syntax: digits and an optional unit.
+fn storage_size(s: &str) -> Result<String, String> {
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &s[digits.len()..];
+    let units = ["", "K", "KB", "M", "MB", "G", "GB", "T", "TB"];
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && units.contains(&unit.to_ascii_uppercase().as_str())
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "`{s}`: a size is digits and an optional unit K, M, G or T (e.g. 20G)"
+        ))
+    }
+}
+
 fn cluster_name(s: &str) -> Result<String, String> {
     sluice_core::pipeline::Name::parse(s).map(|n| n.as_str().to_owned())
 }
@@ -655,6 +676,7 @@ impl NatsCommand {
                 options: sluice_core::roles::ServerOptions {
                     listen: a.listen,
                     store_dir: a.store_dir,
+                    max_file_store: a.max_file_store,
                 },
                 force: a.force,
             },

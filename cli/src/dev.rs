@@ -20,6 +20,10 @@ use crate::args::{DevArgs, ExecutorKind, Global};
 
 /// The cluster of the local runner, and of pipelines that name none.
 const LOCAL_CLUSTER: &str = "local";
+/// The logs dev mode keeps: a laptop's disk, not a cluster's volume. NATS reserves a
+/// stream's byte limit from its storage (75% of the disk free when it starts), so the
+/// production default of 5 GiB would refuse to start on a machine with 6 GB free.
+const DEV_LOGS_MAX_BYTES: i64 = 256 * 1024 * 1024;
 
 pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     // The current kubeconfig context's cluster, checked before anything starts.
@@ -65,6 +69,7 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     // The same code path as `sluice streams apply`: dev mode is its own operator.
     let settings = StreamSettings {
         clusters: vec![streams::ClusterConsumer::new(LOCAL_CLUSTER)],
+        logs_max_bytes: DEV_LOGS_MAX_BYTES,
         ..StreamSettings::default()
     };
     streams::apply(&js, &settings, false).await?;

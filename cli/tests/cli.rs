@@ -86,6 +86,33 @@ fn validate_reports_file_line_column_and_what_is_wrong() {
 }
 
 #[tokio::test]
+async fn streams_apply_on_a_small_server_says_how_to_fit() {
+    init_logs();
+    // 1 GiB of JetStream storage: the 5 GiB the logs stream reserves by default does
+    // not fit, as on a machine with little disk free.
+    let nats = NatsServer::start_with_storage("1G").await;
+    let out = sluice(&nats.url(), &["streams", "apply"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("stream SLUICE_LOGS"), "{err}");
+    assert!(
+        err.contains("cannot reserve its limit of 5120 MiB"),
+        "{err}"
+    );
+    assert!(err.contains("max_file_store"), "{err}");
+    assert!(
+        err.contains("run `sluice streams apply --logs-max-bytes 1073741824`"),
+        "{err}"
+    );
+    // What it suggests is enough.
+    let out = sluice(
+        &nats.url(),
+        &["streams", "apply", "--logs-max-bytes", "268435456"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[tokio::test]
 async fn apply_is_all_or_nothing_and_the_registry_round_trips() {
     init_logs();
     let nats = NatsServer::start().await;
@@ -661,6 +688,25 @@ fn service_flags_out_of_range_are_refused_with_a_message() {
         let flag = args[1].split('=').next().unwrap_or_default();
         assert!(err.contains(flag) && err.contains(says), "{args:?}: {err}");
     }
+    let out = sluice(
+        "nats://127.0.0.1:1",
+        &[
+            "nats",
+            "init",
+            "--out",
+            "unused",
+            "--clusters",
+            "a",
+            "--max-file-store",
+            "lots",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--max-file-store") && err.contains("e.g. 20G"),
+        "{err}"
+    );
     // The defaults shown are the libraries' own.
     let help = text(&sluice("nats://127.0.0.1:1", &["dispatcher", "--help"]).stdout);
     assert!(

@@ -682,12 +682,19 @@ pub async fn apply(
         }
     }
     for want in settings.all() {
-        let name = want.name.clone();
+        let (name, max_bytes) = (want.name.clone(), want.max_bytes);
         js.create_or_update_stream(want)
             .await
-            .map_err(|e| Error::Stream {
-                stream: name.clone(),
-                reason: e.to_string(),
+            .map_err(|e| match e.kind() {
+                jetstream::context::CreateStreamErrorKind::JetStream(js)
+                    if js.error_code() == jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED =>
+                {
+                    storage_exceeded(&name, max_bytes)
+                }
+                _ => Error::Stream {
+                    stream: name.clone(),
+                    reason: e.to_string(),
+                },
             })?;
     }
     for want in settings.buckets() {
@@ -860,6 +867,25 @@ fn not_there(what: String, e: &impl fmt::Display) -> Error {
         what,
         problem: format!("cannot open it ({e})"),
         fix: APPLY_COMMAND.into(),
+    }
+}
+
+/// JetStream refused `stream` because the server cannot reserve its byte limit: every
+/// stream's `max_bytes` is reserved from the server's file storage up front, and that
+/// storage, unless the server's configuration sets it, is 75% of the disk free when the
+/// server started. The message says both ways out.
+fn storage_exceeded(stream: &str, max_bytes: i64) -> Error {
+    let limit = if max_bytes > 0 {
+        format!("its limit of {} MiB", max_bytes >> 20)
+    } else {
+        "its storage".to_owned()
+    };
+    Error::Provisioning {
+        what: format!("stream {stream}"),
+        problem: format!(
+            "the NATS server cannot reserve {limit}: JetStream's file storage (`max_file_store` in the server's jetstream block, else 75% of the disk free when it started) is smaller than the streams' limits. Give the server more (set max_file_store to what its volume holds and restart it), or keep fewer logs"
+        ),
+        fix: format!("{APPLY_COMMAND} --logs-max-bytes 1073741824"),
     }
 }
 

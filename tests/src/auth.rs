@@ -41,6 +41,7 @@ impl AuthNats {
         let options = ServerOptions {
             listen: format!("127.0.0.1:{port}"),
             store_dir: tmp.path().join("store").display().to_string(),
+            max_file_store: Some(crate::nats::MAX_FILE_STORE.into()),
         };
         let clusters: Vec<String> = clusters.iter().map(|c| (*c).to_owned()).collect();
         nats_admin::init(&dir, &clusters, &options, false).expect("sluice nats init");

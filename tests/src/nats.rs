@@ -24,6 +24,21 @@ pub fn server_binary() -> PathBuf {
     PathBuf::from("nats-server")
 }
 
+/// JetStream's storage limit on every server the tests start. Unset, NATS takes 75% of
+/// the disk free when it starts, and a stream's byte limit is reserved from that: on a
+/// machine with 6 GB free, SLUICE_LOGS's 5 GiB could not be created, and the tests
+/// would fail for the machine's disk rather than for the code.
+pub const MAX_FILE_STORE: &str = "64G";
+
+/// The `jetstream` block that sets [`MAX_FILE_STORE`], for a test's own `nats.conf`.
+pub fn jetstream_limits() -> String {
+    limits(MAX_FILE_STORE)
+}
+
+fn limits(max_file_store: &str) -> String {
+    format!("jetstream {{ max_file_store: {max_file_store} }}\n")
+}
+
 /// A loopback port for a server of this test process, which it keeps across restarts.
 ///
 /// Binding port 0 and handing the number on races: until the server binds it, the kernel
@@ -67,6 +82,7 @@ pub struct NatsServer {
     port: u16,
     store: PathBuf,
     extra_args: Vec<String>,
+    max_file_store: String,
     _dir: Option<TempDir>,
 }
 
@@ -74,12 +90,19 @@ impl NatsServer {
     /// Starts a server on a reserved port with a fresh store, and waits until JetStream
     /// answers.
     pub async fn start() -> NatsServer {
+        NatsServer::start_with_storage(MAX_FILE_STORE).await
+    }
+
+    /// [`NatsServer::start`] with JetStream's file storage limited to `max_file_store`
+    /// (`1G`): a server on a small disk.
+    pub async fn start_with_storage(max_file_store: &str) -> NatsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut server = NatsServer {
             child: None,
             port: reserve_port(),
             store: dir.path().to_owned(),
             extra_args: Vec::new(),
+            max_file_store: max_file_store.to_owned(),
             _dir: Some(dir),
         };
         server.spawn();
@@ -93,13 +116,23 @@ impl NatsServer {
             port,
             store: store.to_owned(),
             extra_args,
+            max_file_store: MAX_FILE_STORE.to_owned(),
             _dir: None,
         }
     }
 
     fn spawn(&mut self) {
         let bin = server_binary();
+        let mut config = Vec::new();
+        if !self.extra_args.iter().any(|a| a == "-c") {
+            // The flags below name the store; the file only sets the limit.
+            std::fs::create_dir_all(&self.store).expect("store dir");
+            let file = self.store.join("limits.conf");
+            std::fs::write(&file, limits(&self.max_file_store)).expect("write limits.conf");
+            config = vec!["-c".to_owned(), file.display().to_string()];
+        }
         let child = Command::new(&bin)
+            .args(&config)
             .args([
                 "-a",
                 "127.0.0.1",
@@ -235,8 +268,9 @@ impl SecureNats {
             path("server-key.pem").display()
         );
         let config = format!(
-            "{tls}\nwebsocket {{ host: 127.0.0.1, port: {ws_port}, {tls} }}\nauthorization {{ users: [ {{ nkey: {} }} ] }}\n",
-            user.public_key()
+            "{tls}\nwebsocket {{ host: 127.0.0.1, port: {ws_port}, {tls} }}\nauthorization {{ users: [ {{ nkey: {} }} ] }}\n{}",
+            user.public_key(),
+            jetstream_limits()
         );
         std::fs::write(path("server.conf"), config).expect("write");
         let store = path("store");
@@ -327,10 +361,11 @@ impl OperatorNats {
         let creds_file = dir.path().join("runner.creds");
         std::fs::write(&creds_file, creds).expect("write");
         let config = format!(
-            "operator: {operator_jwt}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt}\n  {}: {system_jwt}\n}}\n",
+            "operator: {operator_jwt}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt}\n  {}: {system_jwt}\n}}\n{}",
             system.public_key(),
             account.public_key(),
-            system.public_key()
+            system.public_key(),
+            jetstream_limits()
         );
         let config_file = dir.path().join("server.conf");
         std::fs::write(&config_file, config).expect("write");

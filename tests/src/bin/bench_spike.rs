@@ -275,6 +275,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         &ServerOptions {
             listen: "127.0.0.1:4222".into(),
             store_dir: "/unused".into(),
+            max_file_store: Some(sluice_tests::nats::MAX_FILE_STORE.into()),
         },
         false,
     )?;

@@ -83,6 +83,7 @@ impl Env {
             &ServerOptions {
                 listen: "0.0.0.0:4222".into(),
                 store_dir: "/unused".into(),
+                max_file_store: Some(sluice_tests::nats::MAX_FILE_STORE.into()),
             },
             false,
         )?;
