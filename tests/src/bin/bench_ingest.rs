@@ -1,7 +1,9 @@
 //! Ingest benchmark: in one run on one machine, (a) raw JetStream publish throughput
-//! with async-nats for a real 28 KB pull_request payload, (b) the same payload as
-//! signed webhooks through a `sluice ingest` process end to end, their ratio, and
-//! ingest's p50/p99 latency and peak RSS at a fixed 1,000 requests/s.
+//! with async-nats for a real 28 KB pull_request payload, (t) the same payload as
+//! signed webhooks through the thinnest handler that verifies and publishes (its own
+//! process: this binary with `--serve-thin`), (b) through a `sluice ingest` process end
+//! to end, the ratios, and the p50/p99 latency of each at a fixed 1,000 requests/s, and
+//! ingest's peak RSS.
 //!
 //! Run with `./scripts/bench-ingest` (builds the release binaries first).
 
@@ -46,6 +48,14 @@ fn args() -> anyhow::Result<Args> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let mut argv = std::env::args().skip(1);
+    if argv.next().as_deref() == Some("--serve-thin") {
+        let (listen, nats) = (argv.next(), argv.next());
+        let (Some(listen), Some(nats)) = (listen, nats) else {
+            bail!("--serve-thin LISTEN NATS_URL");
+        };
+        return thin::serve(&listen, &nats).await;
+    }
     let args = args()?;
     let body = fixture("github/pull_request.opened.json");
     let nats = NatsServer::start().await;
@@ -92,19 +102,73 @@ async fn main() -> anyhow::Result<()> {
     let raw_latencies = open_loop(args.rate, window, 10_000_000, publish).await;
     js.delete_stream("BENCH_RAW").await?;
 
-    // (b) The same payload through a real `sluice ingest` process.
-    let mut ingest = IngestProcess::start(&nats.url()).await?;
+    // (t) The thinnest verify-and-publish handler, then (b) a real `sluice ingest`
+    // process, each on a stream of its own so neither pays for the other's messages.
     let signature = sign::github_sha256(SECRET, &body);
-    let post = Poster {
-        addr: ingest.addr.clone(),
-        body: bytes::Bytes::from(body.clone()),
-        signature,
-    };
-    let through_ingest = closed_loop_conn(args.concurrency, window, post.clone()).await;
+    let body = bytes::Bytes::from(body);
+    let mut thin = Server::thin(&nats.url()).await?;
+    let (through_thin, thin_latencies) = webhooks(&args, window, &thin, &body, &signature).await;
+    thin.stop();
+    js.delete_stream(thin::STREAM).await?;
+    let mut ingest = Server::ingest(&nats.url()).await?;
+    let (through_ingest, latencies) = webhooks(&args, window, &ingest, &body, &signature).await;
+    let rss = ingest.peak_rss_kib()?;
+    ingest.stop();
 
-    // Latency at a fixed rate, open loop: requests start on schedule whether or not
-    // earlier ones have finished.
-    // Keep-alive connections are reused across requests, as a load balancer would.
+    let ratio = through_ingest.per_sec / raw.per_sec;
+    let thin_ratio = through_ingest.per_sec / through_thin.per_sec;
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| (a) raw JetStream publish+ack | {:.0} msg/s ({} errors) |",
+        raw.per_sec, raw.errors
+    );
+    println!(
+        "| (b) signed webhooks through ingest | {:.0} req/s ({} errors) |",
+        through_ingest.per_sec, through_ingest.errors
+    );
+    println!(
+        "| (t) signed webhooks through the thinnest verify-and-publish handler | {:.0} req/s ({} errors) |",
+        through_thin.per_sec, through_thin.errors
+    );
+    println!("| ratio (b)/(a) | {:.1}% |", ratio * 100.0);
+    println!("| ratio (b)/(t) | {:.1}% |", thin_ratio * 100.0);
+    println!(
+        "| raw publish+ack latency at {} msg/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} messages, {} errors) |",
+        args.rate, raw_latencies.p50_ms, raw_latencies.p99_ms, raw_latencies.max_ms, raw_latencies.count, raw_latencies.errors
+    );
+    println!(
+        "| thin handler latency at {} req/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} requests, {} errors) |",
+        args.rate, thin_latencies.p50_ms, thin_latencies.p99_ms, thin_latencies.max_ms, thin_latencies.count, thin_latencies.errors
+    );
+    println!(
+        "| ingest latency at {} req/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} requests, {} errors) |",
+        args.rate, latencies.p50_ms, latencies.p99_ms, latencies.max_ms, latencies.count, latencies.errors
+    );
+    println!(
+        "| ingest peak RSS (VmHWM) | {:.1} MiB |",
+        rss as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// Throughput (closed loop) and then latency at a fixed rate (open loop: requests
+/// start on schedule whether or not earlier ones have finished) of signed webhooks to
+/// `server`. Keep-alive connections are reused across requests, as a load balancer's.
+async fn webhooks(
+    args: &Args,
+    window: Duration,
+    server: &Server,
+    body: &bytes::Bytes,
+    signature: &str,
+) -> (Throughput, Latencies) {
+    let post = Poster {
+        addr: server.addr.clone(),
+        body: body.clone(),
+        signature: signature.to_owned(),
+    };
+    let throughput = closed_loop_conn(args.concurrency, window, post.clone()).await;
     let pool: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
     let latencies = open_loop(args.rate, window, 10_000_000, move |i| {
         let (post, pool) = (post.clone(), pool.clone());
@@ -122,35 +186,79 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await;
-    let rss = ingest.peak_rss_kib()?;
-    ingest.stop();
+    (throughput, latencies)
+}
 
-    let ratio = through_ingest.per_sec / raw.per_sec;
-    println!();
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!(
-        "| (a) raw JetStream publish+ack | {:.0} msg/s ({} errors) |",
-        raw.per_sec, raw.errors
-    );
-    println!(
-        "| (b) signed webhooks through ingest | {:.0} req/s ({} errors) |",
-        through_ingest.per_sec, through_ingest.errors
-    );
-    println!("| ratio (b)/(a) | {:.1}% |", ratio * 100.0);
-    println!(
-        "| raw publish+ack latency at {} msg/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} messages, {} errors) |",
-        args.rate, raw_latencies.p50_ms, raw_latencies.p99_ms, raw_latencies.max_ms, raw_latencies.count, raw_latencies.errors
-    );
-    println!(
-        "| ingest latency at {} req/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} requests, {} errors) |",
-        args.rate, latencies.p50_ms, latencies.p99_ms, latencies.max_ms, latencies.count, latencies.errors
-    );
-    println!(
-        "| ingest peak RSS (VmHWM) | {:.1} MiB |",
-        rss as f64 / 1024.0
-    );
-    Ok(())
+/// The thinnest handler that does what any webhook receiver must before it answers:
+/// read the body, check its HMAC in constant time, publish it with the delivery id as
+/// `Nats-Msg-Id` and wait for the acknowledgement. No parsing, no normalizing, no
+/// metrics, no limits: the floor ingest is compared with.
+mod thin {
+    use std::sync::Arc;
+
+    use async_nats::jetstream::{self, message::PublishMessage, stream::Config};
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::{get, post};
+    use hmac::{Hmac, Mac};
+    use sluice_core::streams::StreamSettings;
+
+    pub const STREAM: &str = "BENCH_THIN";
+
+    struct Thin {
+        js: jetstream::Context,
+        key: Hmac<sha2::Sha256>,
+    }
+
+    pub async fn serve(listen: &str, nats: &str) -> anyhow::Result<()> {
+        let js = jetstream::new(async_nats::connect(nats).await?);
+        js.get_or_create_stream(Config {
+            name: STREAM.into(),
+            subjects: vec!["bench.thin".into()],
+            ..StreamSettings::default().events()
+        })
+        .await?;
+        let key = Hmac::new_from_slice(super::SECRET.as_bytes())?;
+        let app = axum::Router::new()
+            .route("/webhooks/github", post(webhook))
+            .route("/readyz", get(|| async { "ok" }))
+            .with_state(Arc::new(Thin { js, key }));
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        axum::serve(listener, app).await?;
+        Ok(())
+    }
+
+    async fn webhook(
+        State(thin): State<Arc<Thin>>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> StatusCode {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let Some(signature) = header("x-hub-signature-256")
+            .and_then(|s| s.strip_prefix("sha256="))
+            .and_then(|s| hex::decode(s).ok())
+        else {
+            return StatusCode::UNAUTHORIZED;
+        };
+        let mut mac = thin.key.clone();
+        mac.update(&body);
+        if mac.verify_slice(&signature).is_err() {
+            return StatusCode::UNAUTHORIZED;
+        }
+        let Some(delivery) = header("x-github-delivery") else {
+            return StatusCode::BAD_REQUEST;
+        };
+        let message = PublishMessage::build()
+            .payload(body)
+            .message_id(format!("github:{delivery}"));
+        let Ok(ack) = thin.js.send_publish("bench.thin", message).await else {
+            return StatusCode::SERVICE_UNAVAILABLE;
+        };
+        match ack.await {
+            Ok(_) => StatusCode::ACCEPTED,
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
 }
 
 /// A minimal HTTP/1.1 client (hyper, one connection per worker), so the load generator
@@ -343,27 +451,41 @@ where
     }
 }
 
-/// `sluice ingest` as its own process, so its memory is measured alone.
-struct IngestProcess {
+/// A webhook receiver as its own process (so its memory is measured alone and it gets
+/// its own runtime, as in production): `sluice ingest`, or the thin handler.
+struct Server {
     child: Child,
     addr: String,
 }
 
-impl IngestProcess {
-    async fn start(nats_url: &str) -> anyhow::Result<Self> {
+impl Server {
+    async fn ingest(nats_url: &str) -> anyhow::Result<Self> {
         let bin = sibling_binary("sluice")?;
         let addr = format!("127.0.0.1:{}", reserve_port());
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        command
             .arg("ingest")
             .env("SLUICE_INGEST_LISTEN", &addr)
             .env("SLUICE_NATS_URL", nats_url)
-            .env("SLUICE_GITHUB_WEBHOOK_SECRET", SECRET)
+            .env("SLUICE_GITHUB_WEBHOOK_SECRET", SECRET);
+        Server::start(command, addr, "ingest").await
+    }
+
+    async fn thin(nats_url: &str) -> anyhow::Result<Self> {
+        let addr = format!("127.0.0.1:{}", reserve_port());
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["--serve-thin", &addr, nats_url]);
+        Server::start(command, addr, "the thin handler").await
+    }
+
+    async fn start(mut command: Command, addr: String, what: &str) -> anyhow::Result<Self> {
+        let child = command
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+            .with_context(|| format!("cannot start {what}"))?;
         let ready = format!("http://{addr}/readyz");
-        wait_for("ingest to be ready", Duration::from_secs(20), || {
+        wait_for(&format!("{what} to be ready"), Duration::from_secs(20), || {
             let ready = ready.clone();
             async move {
                 let r = reqwest::get(&ready).await.ok()?;
@@ -371,7 +493,7 @@ impl IngestProcess {
             }
         })
         .await;
-        Ok(IngestProcess { child, addr })
+        Ok(Server { child, addr })
     }
 
     fn peak_rss_kib(&self) -> anyhow::Result<u64> {
@@ -387,7 +509,7 @@ impl IngestProcess {
     }
 }
 
-impl Drop for IngestProcess {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

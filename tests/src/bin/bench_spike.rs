@@ -25,7 +25,7 @@ use anyhow::{bail, Context};
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use sluice_core::nats::NatsOptions;
 use sluice_core::roles::{Role, ServerOptions};
-use sluice_core::run::{Decision, StatusUpdate};
+use sluice_core::run::{Decision, RunState, StatusUpdate};
 use sluice_core::{subjects, Event};
 use sluice_tests::auth::nats_admin;
 use sluice_tests::kubeapi::KubeApi;
@@ -138,6 +138,10 @@ struct Report {
     /// the last webhook (s), the limit.
     clusters: Vec<(String, usize, f64, f64, f64)>,
     all_final_after_last_webhook: Option<f64>,
+    /// The whole path, per event that started one run: webhook sent → the run's Pod
+    /// create received by the API double, and → its `scheduled` state stored.
+    to_pod_create: Vec<Duration>,
+    to_scheduled: Vec<Duration>,
     rss: Vec<(String, u64)>,
 }
 
@@ -228,6 +232,12 @@ impl Report {
             "| last webhook → every run final | {} |",
             secs(self.all_final_after_last_webhook)
         );
+        for (what, samples) in [
+            ("webhook sent → Pod create received", &self.to_pod_create),
+            ("webhook sent → `scheduled` stored", &self.to_scheduled),
+        ] {
+            println!("| {what} | {} |", percentiles(samples));
+        }
         let rss = self
             .rss
             .iter()
@@ -444,6 +454,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
     let mut last_planned: Option<OffsetDateTime> = None;
     let mut status_cursor = 0;
     let mut finals: HashMap<String, OffsetDateTime> = HashMap::new();
+    let mut scheduled: HashMap<String, OffsetDateTime> = HashMap::new();
     let drain_deadline = Instant::now()
         + Duration::from_secs(120)
         + Duration::from_secs_f64(
@@ -494,6 +505,8 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
             let u: StatusUpdate = serde_json::from_slice(&m.payload).context("state")?;
             if u.step.is_none() && u.state.is_final() {
                 finals.entry(u.run_id).or_insert(m.published);
+            } else if u.step.is_none() && u.state == RunState::Scheduled {
+                scheduled.entry(u.run_id).or_insert(m.published);
             }
         }
         let planned: usize = runs.values().map(Vec::len).sum();
@@ -606,6 +619,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
             (args.runners as u32 * args.kube_qps) as f64,
         ));
     }
+    let (to_pod_create, to_scheduled) = whole_path(&answers, &runs, &apis, &scheduled);
     for s in &mut services {
         s.kill();
     }
@@ -626,8 +640,58 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         last_planned_after_last_webhook: last_planned.map(since_last),
         clusters: per_cluster,
         all_final_after_last_webhook: finals.values().max().copied().map(since_last),
+        to_pod_create,
+        to_scheduled,
         rss,
     })
+}
+
+/// For each event that started exactly one run: the time from sending its webhook to
+/// the API double receiving the run's Pod create (both clocks of this process), and to
+/// the run's `scheduled` state being stored (the server's clock against this one's wall
+/// clock: the same machine).
+fn whole_path(
+    answers: &[Answer],
+    runs: &HashMap<String, Vec<String>>,
+    apis: &[KubeApi],
+    scheduled: &HashMap<String, OffsetDateTime>,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let created: HashMap<String, Instant> = apis.iter().flat_map(KubeApi::created_at).collect();
+    let (mut to_pod, mut to_scheduled) = (Vec::new(), Vec::new());
+    for a in answers {
+        let Some([run]) = runs.get(&a.event_id).map(Vec::as_slice) else {
+            continue;
+        };
+        if let Some(at) = created.get(&sluice_runner::kubernetes::pod::pod_name(run, 0)) {
+            to_pod.push(at.saturating_duration_since(a.sent));
+        }
+        if let Some(at) = scheduled.get(run) {
+            if let Ok(d) = SystemTime::from(*at).duration_since(a.sent_wall) {
+                to_scheduled.push(d);
+            }
+        }
+    }
+    (to_pod, to_scheduled)
+}
+
+/// `p50 …, p99 …, max … (n)` in milliseconds.
+fn percentiles(samples: &[Duration]) -> String {
+    if samples.is_empty() {
+        return "none".into();
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let at = |p: f64| {
+        let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+        sorted[i].as_secs_f64() * 1000.0
+    };
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} runs)",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        sorted.len()
+    )
 }
 
 /// 95 % of the pipelines watch one repository each; every twentieth a glob of another
@@ -684,6 +748,8 @@ fn build_requests(args: &Args, payload: &str) -> Vec<Request> {
 struct Answer {
     event_id: String,
     sent: Instant,
+    /// The same moment on the wall clock, to compare with the server's timestamps.
+    sent_wall: SystemTime,
     took: Duration,
     /// 0: no answer.
     status: u16,
@@ -714,7 +780,7 @@ async fn send_all(
         let client = client.clone();
         let url = urls[i % urls.len()].clone();
         tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
+            let (sent, sent_wall) = (Instant::now(), SystemTime::now());
             let result = client
                 .post(&*url)
                 .header("content-type", "application/json")
@@ -736,6 +802,7 @@ async fn send_all(
             Answer {
                 event_id: format!("github:{}", r.delivery),
                 sent,
+                sent_wall,
                 took: sent.elapsed(),
                 status,
             }
