@@ -485,13 +485,17 @@ impl Server {
             .spawn()
             .with_context(|| format!("cannot start {what}"))?;
         let ready = format!("http://{addr}/readyz");
-        wait_for(&format!("{what} to be ready"), Duration::from_secs(20), || {
-            let ready = ready.clone();
-            async move {
-                let r = reqwest::get(&ready).await.ok()?;
-                r.status().is_success().then_some(())
-            }
-        })
+        wait_for(
+            &format!("{what} to be ready"),
+            Duration::from_secs(20),
+            || {
+                let ready = ready.clone();
+                async move {
+                    let r = reqwest::get(&ready).await.ok()?;
+                    r.status().is_success().then_some(())
+                }
+            },
+        )
         .await;
         Ok(Server { child, addr })
     }
