@@ -32,6 +32,9 @@ pub const DEFAULT_RUNNER_MAX_IN_FLIGHT: i64 = -1;
 
 /// How long a runner's heartbeat keeps it listed as alive.
 pub const RUNNER_TTL: Duration = Duration::from_secs(30);
+/// How long the delivery reconciler's records live (`SLUICE_DELIVERIES`): GitHub's
+/// 3 days of redeliveries and a day to read `sluice events lost`.
+pub const DELIVERY_RECORDS_TTL: Duration = Duration::from_secs(4 * 24 * 3600);
 
 /// How Sluice's streams are sized. Every field has a flag on `sluice streams apply`.
 #[derive(Debug, Clone)]
@@ -278,7 +281,7 @@ impl StreamSettings {
     }
 
     /// Every key-value bucket.
-    pub fn buckets(&self) -> [jetstream::kv::Config; 4] {
+    pub fn buckets(&self) -> [jetstream::kv::Config; 5] {
         let bucket = |name: &str, description: &str, history: i64| jetstream::kv::Config {
             bucket: name.into(),
             description: format!("Sluice: {description}"),
@@ -295,6 +298,16 @@ impl StreamSettings {
             },
             bucket(subjects::REPORTS_BUCKET, "commit statuses to send", 1),
             bucket(subjects::GROUPS_BUCKET, "concurrency group states", 1),
+            jetstream::kv::Config {
+                // GitHub redelivers for 3 days: a record older than that can change
+                // nothing, and a lost delivery stays listed for a day beyond.
+                max_age: DELIVERY_RECORDS_TTL,
+                ..bucket(
+                    subjects::DELIVERIES_BUCKET,
+                    "forge deliveries redelivered or lost",
+                    1,
+                )
+            },
         ]
     }
 

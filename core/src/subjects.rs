@@ -36,6 +36,9 @@ pub const RUNNERS_BUCKET: &str = "SLUICE_RUNNERS";
 pub const REPORTS_BUCKET: &str = "SLUICE_REPORTS";
 /// Key-value bucket of concurrency group states.
 pub const GROUPS_BUCKET: &str = "SLUICE_GROUPS";
+/// Key-value bucket of the delivery reconciler: its lease, and a record per forge
+/// delivery it redelivered or gave up on (`<forge>.<guid>`).
+pub const DELIVERIES_BUCKET: &str = "SLUICE_DELIVERIES";
 /// Object store bucket holding webhook bodies too large for one NATS message.
 pub const PAYLOADS_BUCKET: &str = "SLUICE_PAYLOADS";
 
@@ -52,11 +55,12 @@ pub const STREAMS: [&str; 8] = [
 ];
 
 /// Every key-value bucket.
-pub const BUCKETS: [&str; 4] = [
+pub const BUCKETS: [&str; 5] = [
     PIPELINES_BUCKET,
     RUNNERS_BUCKET,
     REPORTS_BUCKET,
     GROUPS_BUCKET,
+    DELIVERIES_BUCKET,
 ];
 
 /// Object store buckets.

@@ -141,6 +141,21 @@ pub enum Error {
         source: octocrab::Error,
     },
 
+    /// A `--recover-hooks` entry that names no hook.
+    #[error("hook `{hook}`: {requirement}")]
+    InvalidHook {
+        hook: String,
+        requirement: &'static str,
+    },
+
+    /// A forge answer that could not be read (too large, not the expected JSON).
+    #[error("{what}: {source}")]
+    ForgeAnswer {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
+
     // === Child requests ===
     #[error("`{0}` names no cluster")]
     ChildSubject(String),
@@ -200,6 +215,7 @@ impl Error {
             | Error::GitHub(_)
             | Error::GitLab(_)
             | Error::GitLabAnswer(_)
+            | Error::ForgeAnswer { .. }
             | Error::Installation { .. }
             | Error::InstallationClient { .. }
             | Error::NoDecisionYet(_)
@@ -210,6 +226,7 @@ impl Error {
             | Error::GroupState { .. }
             | Error::Encode { .. }
             | Error::InvalidSetting { .. }
+            | Error::InvalidHook { .. }
             | Error::GitHubUrl { .. }
             | Error::GitHubAppKey(_)
             | Error::GitHubClient(_)
@@ -243,6 +260,7 @@ impl Error {
             Error::Encode { .. } => "encode",
             Error::Task(_) => "task",
             Error::InvalidSetting { .. }
+            | Error::InvalidHook { .. }
             | Error::GitHubUrl { .. }
             | Error::GitHubAppKey(_)
             | Error::GitHubClient(_)
@@ -250,7 +268,10 @@ impl Error {
             Error::NoCredentials { .. } => "no_credentials",
             Error::NoPullRequest | Error::NoLookup(_) | Error::NoStatuses(_) => "unsupported",
             Error::ForgeTimeout(_) => "forge_timeout",
-            Error::GitHub(_) | Error::GitLab(_) | Error::GitLabAnswer(_) => "forge_api",
+            Error::GitHub(_)
+            | Error::GitLab(_)
+            | Error::GitLabAnswer(_)
+            | Error::ForgeAnswer { .. } => "forge_api",
             Error::ForgeStatus { .. } => "forge_refused",
             Error::NotInstalled { .. } => "not_installed",
             Error::Installation { .. } | Error::InstallationClient { .. } => "installation",

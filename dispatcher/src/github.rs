@@ -101,30 +101,62 @@ impl GitHub {
             Auth::Token(client) => return Ok(client.clone()),
             Auth::App { app, installations } => (app, installations),
         };
-        let owner = repo.split('/').next().unwrap_or(repo).to_owned();
-        let mut cached = installations.lock().await;
-        if let Some(client) = cached.get(&owner) {
-            return Ok(client.clone());
-        }
+        let owner = repo.split('/').next().unwrap_or(repo);
         let route = format!("/repos/{repo}/installation");
-        let found: InstallationRef = app.get(route, None::<&()>).await.map_err(|source| {
-            let repo = repo.to_owned();
-            match &source {
-                octocrab::Error::GitHub { source: answer, .. }
-                    if answer.status_code == http::StatusCode::NOT_FOUND =>
-                {
-                    Error::NotInstalled { repo, source }
-                }
-                _ => Error::Installation { repo, source },
-            }
-        })?;
-        let client = app
-            .installation(InstallationId(found.id))
-            .map_err(|source| Error::InstallationClient {
-                id: found.id,
-                source,
-            })?;
-        cached.insert(owner, client.clone());
-        Ok(client)
+        installation(app, installations, owner, repo, &route).await
     }
+
+    /// The client to call the API about organisation `org` with (its hooks): with an
+    /// App, the organisation's installation.
+    pub async fn org_client(&self, org: &str) -> Result<Octocrab> {
+        match &self.auth {
+            Auth::Token(client) => Ok(client.clone()),
+            Auth::App { app, installations } => {
+                let route = format!("/orgs/{org}/installation");
+                installation(app, installations, org, org, &route).await
+            }
+        }
+    }
+
+    /// The client authenticated as the App itself (its JWT): the only one that may
+    /// read the App's own hook (`/app/hook/…`). `None` with a token.
+    pub fn app_client(&self) -> Option<Octocrab> {
+        match &self.auth {
+            Auth::Token(_) => None,
+            Auth::App { app, .. } => Some(app.clone()),
+        }
+    }
+}
+
+/// The installation client of `owner`, looked up at `route` once and cached.
+async fn installation(
+    app: &Octocrab,
+    installations: &Mutex<HashMap<String, Octocrab>>,
+    owner: &str,
+    repo: &str,
+    route: &str,
+) -> Result<Octocrab> {
+    let mut cached = installations.lock().await;
+    if let Some(client) = cached.get(owner) {
+        return Ok(client.clone());
+    }
+    let found: InstallationRef = app.get(route, None::<&()>).await.map_err(|source| {
+        let repo = repo.to_owned();
+        match &source {
+            octocrab::Error::GitHub { source: answer, .. }
+                if answer.status_code == http::StatusCode::NOT_FOUND =>
+            {
+                Error::NotInstalled { repo, source }
+            }
+            _ => Error::Installation { repo, source },
+        }
+    })?;
+    let client = app
+        .installation(InstallationId(found.id))
+        .map_err(|source| Error::InstallationClient {
+            id: found.id,
+            source,
+        })?;
+    cached.insert(owner.to_owned(), client.clone());
+    Ok(client)
 }

@@ -18,6 +18,7 @@ pub mod matcher;
 pub mod metrics;
 pub mod pending;
 pub mod plan;
+pub mod recover;
 pub mod registry;
 pub mod reporter;
 pub mod service;
@@ -65,6 +66,9 @@ pub struct DispatcherConfig {
     pub forge: forge::ForgeConfig,
     /// Commit statuses back to the forges; off when `None`.
     pub reporter: Option<reporter::ReporterConfig>,
+    /// Redeliveries of the forge deliveries that never reached `SLUICE_EVENTS`; off
+    /// when `None`.
+    pub recover: Option<recover::RecoverConfig>,
     /// After shutdown starts, how long the events in hand may take to finish; those
     /// still running then are handed back to NATS unfinished.
     pub shutdown_grace: Duration,
@@ -84,6 +88,7 @@ impl DispatcherConfig {
             ack_wait: ACK_WAIT,
             forge: forge::ForgeConfig::default(),
             reporter: None,
+            recover: None,
             shutdown_grace: SHUTDOWN_GRACE,
             metrics: metrics::Metrics::default(),
         }
@@ -111,6 +116,9 @@ impl DispatcherConfig {
             .is_some_and(|r| r.requests_per_hour == 0)
         {
             return invalid("forge requests per hour", "must be at least 1");
+        }
+        if let Some(r) = &self.recover {
+            r.check()?;
         }
         Ok(())
     }
@@ -204,6 +212,18 @@ async fn run_with(
                     shutdown.clone(),
                 ))
             });
+    let recovering = match config.recover.clone() {
+        Some(r) => {
+            let reconciler =
+                recover::Reconciler::new(bus.js.clone(), &config.forge, r, config.metrics.clone())
+                    .await?;
+            Some(tokio::spawn(recover::run(
+                Arc::new(reconciler),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let ctx = Arc::new(service::Context {
         bus,
         registry,
@@ -282,6 +302,17 @@ async fn run_with(
                 tracing::warn!("shutdown grace period over; stopping the commit status reporter");
                 task.abort();
             }
+        }
+    }
+    if let Some(mut task) = recovering {
+        // It stops between requests on shutdown; at the end of the grace period it is
+        // stopped where it is (a claimed redelivery not made is retried next pass).
+        if tokio::time::timeout(HAND_BACK_TIME, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the delivery reconciler did not stop in time; stopping it");
+            task.abort();
         }
     }
     grace.abort();

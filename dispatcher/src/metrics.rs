@@ -41,6 +41,19 @@ pub struct StatusOutcome {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForgeLabel {
+    /// `github`.
+    pub forge: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Unrecoverable {
+    pub forge: &'static str,
+    /// `attempts_exhausted` or `refused`.
+    pub reason: &'static str,
+}
+
 /// Every metric the dispatcher exports; cheap to clone (each is a shared handle).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -51,6 +64,8 @@ pub struct Metrics {
     pub runs_pending: Family<ClusterLabel, Gauge>,
     pub reporter_statuses: Family<StatusOutcome, Counter>,
     pub reporter_pending: Gauge,
+    pub deliveries_recovered: Family<ForgeLabel, Counter>,
+    pub deliveries_unrecoverable: Family<Unrecoverable, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +80,8 @@ impl Default for Metrics {
             runs_pending: Family::default(),
             reporter_statuses: Family::default(),
             reporter_pending: Gauge::default(),
+            deliveries_recovered: Family::default(),
+            deliveries_unrecoverable: Family::default(),
         }
     }
 }
@@ -111,6 +128,30 @@ impl Metrics {
             "Commit statuses waiting to be sent",
             self.reporter_pending.clone(),
         );
+        root.register(
+            "sluice_deliveries_recovered",
+            "Forge deliveries that failed, were redelivered by the reconciler and stored",
+            self.deliveries_recovered.clone(),
+        );
+        root.register(
+            "sluice_deliveries_unrecoverable",
+            "Forge deliveries the reconciler gave up on, by reason (sluice events lost)",
+            self.deliveries_unrecoverable.clone(),
+        );
+    }
+
+    /// Counts one delivery recovered.
+    pub fn delivery_recovered(&self, forge: &'static str) {
+        self.deliveries_recovered
+            .get_or_create(&ForgeLabel { forge })
+            .inc();
+    }
+
+    /// Counts one delivery given up on.
+    pub fn delivery_unrecoverable(&self, forge: &'static str, reason: &'static str) {
+        self.deliveries_unrecoverable
+            .get_or_create(&Unrecoverable { forge, reason })
+            .inc();
     }
 
     /// Counts one event handled.

@@ -1,0 +1,821 @@
+//! The delivery reconciler (`sluice dispatcher --recover-deliveries`): GitHub never
+//! redelivers a failed webhook delivery by itself, so every outage in front of
+//! `SLUICE_EVENTS` (NATS, ingest, the ingress, the network) would lose its window's
+//! events. Periodically, one replica (a lease in `SLUICE_DELIVERIES`) lists the recent
+//! deliveries of the configured hooks back to a horizon, and asks GitHub to redeliver
+//! each one that failed and has no event. Ingest stores a redelivery under its original
+//! delivery id, so one that did arrive is never doubled.
+//!
+//! What to do is decided in [`decide`] from what was read; this module only reads
+//! and acts. Every redelivery is claimed first by a compare-and-set on its record, so
+//! two reconcilers (a lease handed over mid-pass) never redeliver one delivery twice.
+
+pub mod decide;
+mod lease;
+mod stored;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::Store;
+use async_nats::jetstream::{self};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
+use octocrab::Octocrab;
+use serde::{Deserialize, Serialize};
+use sluice_core::{streams, subjects};
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::forge::ForgeConfig;
+use crate::github::GitHub;
+use crate::metrics::Metrics;
+use crate::{Error, Result};
+use decide::{Action, Delivery, Limits, Reason, Record, Records, State};
+
+pub use lease::LEASE_KEY;
+
+/// Default `--recover-horizon`.
+pub const HORIZON: Duration = Duration::from_secs(6 * 3600);
+/// GitHub keeps deliveries for redelivery this long; a longer horizon is refused.
+pub const MAX_HORIZON: Duration = Duration::from_secs(3 * 24 * 3600);
+/// Default `--recover-interval`.
+pub const INTERVAL: Duration = Duration::from_secs(300);
+/// Default `--recover-max-attempts`.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// Default `--recover-requests-per-hour`: a tenth of GitHub's 5,000, so that the
+/// reconciler and the commit status reporter together stay within one token's limit
+/// at the reporter's default of 4,500 or less.
+pub const REQUESTS_PER_HOUR: u32 = 500;
+/// The key of the last pass's summary (`sluice events lost` shows it).
+pub const PASS_KEY: &str = "pass";
+
+/// GitHub's largest page.
+const PER_PAGE: u32 = 100;
+/// Pages read per hook and pass at most: 20,000 deliveries.
+const MAX_PAGES: usize = 200;
+/// A page of 100 deliveries is ~40 KB; anything far larger is not GitHub's answer.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// A hook whose deliveries are reconciled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hook {
+    /// The GitHub App's own hook (`/app/hook`), read with the App's JWT.
+    App,
+    /// A repository hook (`/repos/<owner>/<name>/hooks/<id>`).
+    Repo { repo: String, id: u64 },
+    /// An organisation hook (`/orgs/<org>/hooks/<id>`).
+    Org { org: String, id: u64 },
+}
+
+impl Hook {
+    /// `app`, `repo:<owner>/<name>:<id>` or `org:<org>:<id>`.
+    pub fn parse(s: &str) -> Result<Hook> {
+        let invalid = |requirement| Error::InvalidHook {
+            hook: s.to_owned(),
+            requirement,
+        };
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        if s == "app" {
+            return Ok(Hook::App);
+        }
+        let (kind, rest) = s.split_once(':').ok_or(invalid(
+            "must be app, repo:<owner>/<name>:<id> or org:<org>:<id>",
+        ))?;
+        let (name, id) = rest
+            .rsplit_once(':')
+            .ok_or(invalid("must end with :<hook id>"))?;
+        let id: u64 = id
+            .parse()
+            .map_err(|_| invalid("the hook id must be a number"))?;
+        match kind {
+            "repo" => match name.split_once('/') {
+                Some((owner, repo)) if name_ok(owner) && name_ok(repo) => Ok(Hook::Repo {
+                    repo: name.to_owned(),
+                    id,
+                }),
+                _ => Err(invalid("a repository is <owner>/<name>")),
+            },
+            "org" if name_ok(name) => Ok(Hook::Org {
+                org: name.to_owned(),
+                id,
+            }),
+            _ => Err(invalid(
+                "must be app, repo:<owner>/<name>:<id> or org:<org>:<id>",
+            )),
+        }
+    }
+
+    /// The hook as `--recover-hooks` names it, for records and logs.
+    pub fn name(&self) -> String {
+        match self {
+            Hook::App => "app".into(),
+            Hook::Repo { repo, id } => format!("repo:{repo}:{id}"),
+            Hook::Org { org, id } => format!("org:{org}:{id}"),
+        }
+    }
+
+    /// The deliveries route.
+    fn deliveries(&self) -> String {
+        match self {
+            Hook::App => "/app/hook/deliveries".into(),
+            Hook::Repo { repo, id } => format!("/repos/{repo}/hooks/{id}/deliveries"),
+            Hook::Org { org, id } => format!("/orgs/{org}/hooks/{id}/deliveries"),
+        }
+    }
+}
+
+/// How deliveries are reconciled.
+#[derive(Debug, Clone)]
+pub struct RecoverConfig {
+    pub hooks: Vec<Hook>,
+    /// Deliveries older than this are left alone (at most [`MAX_HORIZON`]).
+    pub horizon: Duration,
+    /// Time between passes; also the time a redelivery gets to arrive before the
+    /// next is asked for.
+    pub interval: Duration,
+    /// Redeliveries of one delivery before it is reported lost.
+    pub max_attempts: u32,
+    /// Requests to GitHub per hour, listing and redeliveries together.
+    pub requests_per_hour: u32,
+    /// This replica's name in the lease.
+    pub holder: String,
+}
+
+impl Default for RecoverConfig {
+    fn default() -> Self {
+        RecoverConfig {
+            hooks: vec![Hook::App],
+            horizon: HORIZON,
+            interval: INTERVAL,
+            max_attempts: MAX_ATTEMPTS,
+            requests_per_hour: REQUESTS_PER_HOUR,
+            holder: default_holder(),
+        }
+    }
+}
+
+impl RecoverConfig {
+    /// Refuses settings under which the reconciler could recover nothing.
+    pub fn check(&self) -> Result<()> {
+        let invalid = |setting, requirement| {
+            Err(Error::InvalidSetting {
+                setting,
+                requirement,
+            })
+        };
+        if self.hooks.is_empty() {
+            return invalid("recover hooks", "must name at least one hook");
+        }
+        if self.horizon.is_zero() || self.horizon > MAX_HORIZON {
+            return invalid(
+                "recover horizon",
+                "must be more than 0 and at most GitHub's 3 days",
+            );
+        }
+        if self.interval.is_zero() {
+            return invalid("recover interval", "must be more than 0");
+        }
+        if self.max_attempts == 0 {
+            return invalid("recover max attempts", "must be at least 1");
+        }
+        if self.requests_per_hour == 0 {
+            return invalid("recover requests per hour", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// The host name and process id: unique enough to tell replicas apart in the lease.
+fn default_holder() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "dispatcher".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// What one pass found and did; stored under [`PASS_KEY`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub at: Option<OffsetDateTime>,
+    pub holder: String,
+    /// Deliveries listed within the horizon.
+    pub listed: usize,
+    /// Redeliveries GitHub accepted.
+    pub redelivered: usize,
+    /// Deliveries stored after a redelivery.
+    pub recovered: usize,
+    /// Deliveries given up on.
+    pub lost: usize,
+    /// Redeliveries left for the next pass (budget spent, rate limited, shut down).
+    pub deferred: usize,
+    /// Hooks that could not be listed, with why.
+    pub errors: Vec<String>,
+}
+
+/// A token bucket, and a pause when GitHub said to wait.
+#[derive(Debug)]
+struct Budget {
+    per_hour: u32,
+    tokens: f64,
+    refilled: Instant,
+    paused_until: Option<Instant>,
+}
+
+impl Budget {
+    fn new(per_hour: u32) -> Self {
+        Budget {
+            per_hour,
+            tokens: burst(per_hour),
+            refilled: Instant::now(),
+            paused_until: None,
+        }
+    }
+
+    /// Takes one request, or says no (paused, or spent).
+    fn take(&mut self, now: Instant) -> bool {
+        if self.paused_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        let per_sec = f64::from(self.per_hour) / 3600.0;
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_sec).min(burst(self.per_hour));
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A pass may spend a fiftieth of the hour's budget at once (at least one request).
+fn burst(per_hour: u32) -> f64 {
+    (f64::from(per_hour) / 50.0).max(1.0)
+}
+
+/// A reconciler: GitHub clients, the bucket, the budget.
+pub struct Reconciler {
+    js: jetstream::Context,
+    kv: Store,
+    github: GitHub,
+    config: RecoverConfig,
+    metrics: Metrics,
+    budget: Mutex<Budget>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("hooks", &self.config.hooks)
+            .field("holder", &self.config.holder)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request was not answered usefully.
+enum Refusal {
+    /// The own budget is spent or GitHub said to wait: stop the pass.
+    Wait,
+    /// GitHub refused for good (4xx other than a rate limit).
+    Refused(http::StatusCode),
+    /// Try again next pass (network, 5xx, unreadable answer).
+    Failed(String),
+}
+
+impl Reconciler {
+    /// A reconciler for `forge`'s GitHub credentials; the bucket must exist.
+    pub async fn new(
+        js: jetstream::Context,
+        forge: &ForgeConfig,
+        config: RecoverConfig,
+        metrics: Metrics,
+    ) -> Result<Self> {
+        config.check()?;
+        let github = GitHub::new(
+            &forge.github_api_url,
+            forge.github_token.as_ref(),
+            forge.github_app.as_ref(),
+        )?
+        .ok_or(crate::github::NO_CREDENTIALS)?;
+        if config.hooks.contains(&Hook::App) && github.app_client().is_none() {
+            return Err(Error::NoCredentials {
+                forge: "GitHub",
+                hint: "a GitHub App (--github-app-id) to read the App's hook",
+            });
+        }
+        let kv = streams::bucket(&js, subjects::DELIVERIES_BUCKET).await?;
+        let budget = Mutex::new(Budget::new(config.requests_per_hour));
+        Ok(Reconciler {
+            js,
+            kv,
+            github,
+            config,
+            metrics,
+            budget,
+        })
+    }
+
+    /// One pass over every hook at `now`, whether or not this replica holds the lease
+    /// (the loop in [`run`] takes it first). Stops between requests on `shutdown`.
+    pub async fn reconcile(
+        &self,
+        now: OffsetDateTime,
+        shutdown: &CancellationToken,
+    ) -> Result<Summary> {
+        let horizon = time::Duration::try_from(self.config.horizon).unwrap_or(time::Duration::MAX);
+        let horizon_start = now - horizon;
+        let mut summary = Summary {
+            at: Some(now),
+            holder: self.config.holder.clone(),
+            ..Summary::default()
+        };
+        // The listing comes first: anything stored after it was read is in the set
+        // below, so a delivery arriving meanwhile is never taken for a missing one.
+        let mut listings = Vec::new();
+        for hook in &self.config.hooks {
+            match self.list(hook, horizon_start, shutdown).await {
+                Ok(listing) => listings.push((hook, listing)),
+                Err(why) => {
+                    tracing::warn!(hook = %hook.name(), error = %why, "cannot list the hook's deliveries");
+                    summary.errors.push(format!("{}: {why}", hook.name()));
+                }
+            }
+        }
+        let stored = stored::event_ids(&self.js, horizon_start, "github").await?;
+        let records = self.records().await?;
+        let limits = Limits {
+            horizon_start,
+            max_attempts: self.config.max_attempts,
+            spacing: self.config.interval,
+            now,
+        };
+        let mut stop = false;
+        for (hook, listing) in listings {
+            summary.listed += listing.len();
+            let actions =
+                decide::plan("github", &hook.name(), &listing, &stored, &records, &limits);
+            for action in actions {
+                stop = stop || shutdown.is_cancelled();
+                self.act(hook, action, &records, stop, &mut summary)
+                    .await
+                    .inspect(|&go_on| stop = stop || !go_on)?;
+            }
+        }
+        self.remember(&summary).await;
+        Ok(summary)
+    }
+
+    /// Carries out one action; `false` when the pass should stop asking GitHub.
+    async fn act(
+        &self,
+        hook: &Hook,
+        action: Action,
+        records: &Records,
+        stop: bool,
+        summary: &mut Summary,
+    ) -> Result<bool> {
+        let revision = |r: &Record| {
+            records
+                .get(&decide::record_key(&r.forge, &r.guid))
+                .map(|(_, rev)| *rev)
+        };
+        match action {
+            Action::Recovered { record } => {
+                if self.claim(&record, revision(&record)).await?.is_some() {
+                    tracing::info!(guid = %record.guid, event = %record.event, attempts = record.attempts, "redelivered delivery stored");
+                    self.metrics.delivery_recovered("github");
+                    summary.recovered += 1;
+                }
+                Ok(true)
+            }
+            Action::Lost { record } => {
+                if self.claim(&record, revision(&record)).await?.is_some() {
+                    self.report_lost(&record);
+                    summary.lost += 1;
+                }
+                Ok(true)
+            }
+            Action::Redeliver {
+                delivery_id,
+                record,
+            } => {
+                if stop {
+                    summary.deferred += 1;
+                    return Ok(false);
+                }
+                let previous = records
+                    .get(&decide::record_key(&record.forge, &record.guid))
+                    .cloned();
+                self.redeliver(hook, delivery_id, record, previous, summary)
+                    .await
+            }
+        }
+    }
+
+    async fn redeliver(
+        &self,
+        hook: &Hook,
+        delivery_id: u64,
+        record: Record,
+        previous: Option<(Record, u64)>,
+        summary: &mut Summary,
+    ) -> Result<bool> {
+        if !self.budget.lock().await.take(Instant::now()) {
+            summary.deferred += 1;
+            return Ok(false);
+        }
+        // The claim: only one reconciler gets past it per attempt.
+        let Some(claimed) = self
+            .claim(&record, previous.as_ref().map(|(_, rev)| *rev))
+            .await?
+        else {
+            return Ok(true);
+        };
+        let route = format!("{}/{delivery_id}/attempts", hook.deliveries());
+        match self.post(hook, &route).await {
+            Ok(()) => {
+                tracing::info!(hook = %hook.name(), guid = %record.guid, delivery_id, attempt = record.attempts, "asked GitHub to redeliver a delivery that has no event");
+                summary.redelivered += 1;
+                Ok(true)
+            }
+            Err(Refusal::Wait) => {
+                // Not redelivered: the attempt is handed back.
+                self.undo(&record, previous, claimed).await;
+                summary.deferred += 1;
+                Ok(false)
+            }
+            Err(Refusal::Refused(status)) => {
+                let lost = Record {
+                    state: State::Lost,
+                    reason: Some(Reason::Refused),
+                    detail: Some(format!("GitHub answered {status} to the redelivery")),
+                    ..record
+                };
+                if self.claim(&lost, Some(claimed)).await?.is_some() {
+                    self.report_lost(&lost);
+                    summary.lost += 1;
+                }
+                Ok(true)
+            }
+            Err(Refusal::Failed(why)) => {
+                // Counted as an attempt: one that keeps failing ends as lost.
+                tracing::warn!(hook = %hook.name(), guid = %record.guid, error = %why, "redelivery request failed; will retry");
+                Ok(true)
+            }
+        }
+    }
+
+    fn report_lost(&self, record: &Record) {
+        let reason = record.reason.unwrap_or(Reason::AttemptsExhausted);
+        tracing::error!(
+            hook = %record.hook,
+            guid = %record.guid,
+            event = %record.event,
+            reason = reason.as_str(),
+            detail = record.detail.as_deref().unwrap_or(""),
+            "webhook delivery cannot be recovered: it must be redelivered by hand (sluice events lost)"
+        );
+        self.metrics
+            .delivery_unrecoverable("github", reason.as_str());
+    }
+
+    /// Stores `record` if its key is still at `revision` (absent when `None`); the new
+    /// revision, or `None` when another reconciler changed it first.
+    async fn claim(&self, record: &Record, revision: Option<u64>) -> Result<Option<u64>> {
+        let key = decide::record_key(&record.forge, &record.guid);
+        let value: Bytes = serde_json::to_vec(record)
+            .map_err(|source| Error::Encode {
+                what: "a delivery record",
+                source,
+            })?
+            .into();
+        use async_nats::jetstream::kv::{CreateErrorKind, UpdateErrorKind};
+        match revision {
+            Some(rev) => match self.kv.update(&key, value, rev).await {
+                Ok(rev) => Ok(Some(rev)),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+                Err(e) => Err(Error::nats("store a delivery record", e)),
+            },
+            None => match self.kv.create(&key, value).await {
+                Ok(rev) => Ok(Some(rev)),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(Error::nats("create a delivery record", e)),
+            },
+        }
+    }
+
+    /// Puts the record back as it was before a claim whose redelivery was not made.
+    async fn undo(&self, record: &Record, previous: Option<(Record, u64)>, claimed: u64) {
+        let key = decide::record_key(&record.forge, &record.guid);
+        let undone = match previous {
+            Some((previous, _)) => match serde_json::to_vec(&previous) {
+                Ok(v) => self
+                    .kv
+                    .update(&key, v.into(), claimed)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            None => self
+                .kv
+                .delete_expect_revision(&key, Some(claimed))
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = undone {
+            // One attempt is counted that was not made: the delivery may be reported
+            // lost one redelivery early.
+            tracing::warn!(guid = %record.guid, error = %e, "cannot hand back a redelivery attempt");
+        }
+    }
+
+    /// Every record in the bucket (only failed deliveries have one, so few), with its
+    /// revision.
+    async fn records(&self) -> Result<Records> {
+        let keys: Vec<String> = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| Error::nats("list delivery records", e))?
+            .try_collect()
+            .await
+            .map_err(|e| Error::nats("list delivery records", e))?;
+        let mut records = Records::new();
+        for key in keys.into_iter().filter(|k| k.contains('.')) {
+            let Some(entry) = self
+                .kv
+                .entry(&key)
+                .await
+                .map_err(|e| Error::nats("read a delivery record", e))?
+            else {
+                continue;
+            };
+            if let Ok(record) = serde_json::from_slice::<Record>(&entry.value) {
+                records.insert(key, (record, entry.revision));
+            }
+        }
+        Ok(records)
+    }
+
+    /// Stores the pass's summary for `sluice events lost`; a failure only costs that.
+    async fn remember(&self, summary: &Summary) {
+        if let Ok(value) = serde_json::to_vec(summary) {
+            if let Err(e) = self.kv.put(PASS_KEY, value.into()).await {
+                tracing::warn!(error = %e, "cannot store the reconcile summary");
+            }
+        }
+    }
+
+    /// The client for `hook`: the App's JWT for its own hook, else the installation
+    /// (or the token) of the repository or organisation.
+    async fn client(&self, hook: &Hook) -> std::result::Result<Octocrab, String> {
+        match hook {
+            Hook::App => self
+                .github
+                .app_client()
+                .ok_or_else(|| "no GitHub App configured".to_owned()),
+            Hook::Repo { repo, .. } => self.github.client(repo).await.map_err(|e| e.to_string()),
+            Hook::Org { org, .. } => self.github.org_client(org).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The hook's deliveries back to `horizon_start`, newest first; fewer when the
+    /// budget ran out (the pass acts on what it read).
+    async fn list(
+        &self,
+        hook: &Hook,
+        horizon_start: OffsetDateTime,
+        shutdown: &CancellationToken,
+    ) -> std::result::Result<Vec<Delivery>, String> {
+        let client = self.client(hook).await?;
+        let mut deliveries = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            if shutdown.is_cancelled() || !self.budget.lock().await.take(Instant::now()) {
+                break;
+            }
+            let mut route = format!("{}?per_page={PER_PAGE}", hook.deliveries());
+            if let Some(c) = &cursor {
+                route.push_str("&cursor=");
+                route.push_str(&form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>());
+            }
+            let (page, link) = match self.get_page(&client, &route).await {
+                Ok(answer) => answer,
+                Err(Refusal::Wait) => break,
+                Err(Refusal::Refused(status)) => return Err(format!("GitHub answered {status}")),
+                Err(Refusal::Failed(why)) => return Err(why),
+            };
+            let done = decide::reaches_horizon(&page, horizon_start);
+            deliveries.extend(page);
+            cursor = link.as_deref().and_then(decide::next_cursor);
+            if done || cursor.is_none() {
+                break;
+            }
+        }
+        Ok(deliveries)
+    }
+
+    async fn get_page(
+        &self,
+        client: &Octocrab,
+        route: &str,
+    ) -> std::result::Result<(Vec<Delivery>, Option<String>), Refusal> {
+        let response = client
+            ._get(route)
+            .await
+            .map_err(|e| Refusal::Failed(Error::GitHub(e).to_string()))?;
+        self.refused(&response).await?;
+        let link = response
+            .headers()
+            .get("link")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = bounded(response)
+            .await
+            .map_err(|e| Refusal::Failed(e.to_string()))?;
+        let page: Vec<Delivery> = serde_json::from_slice(&body).map_err(|e| {
+            Refusal::Failed(
+                Error::ForgeAnswer {
+                    what: "GitHub's list of deliveries",
+                    source: e.into(),
+                }
+                .to_string(),
+            )
+        })?;
+        Ok((page, link))
+    }
+
+    async fn post(&self, hook: &Hook, route: &str) -> std::result::Result<(), Refusal> {
+        let client = self.client(hook).await.map_err(Refusal::Failed)?;
+        let response = client
+            ._post(route, None::<&()>)
+            .await
+            .map_err(|e| Refusal::Failed(Error::GitHub(e).to_string()))?;
+        self.refused(&response).await
+    }
+
+    /// `Ok` for a 2xx; a rate limit pauses the budget.
+    async fn refused<B>(&self, response: &http::Response<B>) -> std::result::Result<(), Refusal> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
+        if matches!(status.as_u16(), 403 | 429) {
+            let wait = decide::rate_limit_wait(
+                status.as_u16(),
+                header("retry-after"),
+                header("x-ratelimit-remaining"),
+                header("x-ratelimit-reset"),
+                OffsetDateTime::now_utc(),
+            );
+            if let Some(wait) = wait {
+                tracing::warn!(
+                    ?wait,
+                    "GitHub rate limit reached; pausing delivery recovery"
+                );
+                self.budget.lock().await.paused_until = Some(Instant::now() + wait);
+                return Err(Refusal::Wait);
+            }
+        }
+        if status.is_client_error() {
+            Err(Refusal::Refused(status))
+        } else {
+            Err(Refusal::Failed(format!("GitHub answered {status}")))
+        }
+    }
+}
+
+/// The body, at most [`MAX_BODY`] bytes.
+async fn bounded(response: http::Response<BoxBody<Bytes, octocrab::Error>>) -> Result<Bytes> {
+    let limited = http_body_util::Limited::new(response.into_body(), MAX_BODY);
+    let collected = limited
+        .collect()
+        .await
+        .map_err(|source| Error::ForgeAnswer {
+            what: "GitHub's answer (too large, or cut off)",
+            source,
+        })?;
+    Ok(collected.to_bytes())
+}
+
+/// Runs passes every `config.interval` until `shutdown`, on the replica holding the
+/// lease.
+pub async fn run(reconciler: Arc<Reconciler>, shutdown: CancellationToken) {
+    let interval = reconciler.config.interval;
+    // Longer than a pass between renewals, so a healthy holder keeps it; short enough
+    // that another replica takes over within a few intervals of a crash.
+    let ttl = interval * 3;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = OffsetDateTime::now_utc();
+        match lease::acquire(&reconciler.kv, &reconciler.config.holder, now, ttl).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the delivery reconciler's lease");
+                continue;
+            }
+        }
+        match reconciler.reconcile(now, &shutdown).await {
+            Ok(s) if s.redelivered + s.lost + s.recovered > 0 || !s.errors.is_empty() => {
+                tracing::info!(
+                    listed = s.listed,
+                    redelivered = s.redelivered,
+                    recovered = s.recovered,
+                    lost = s.lost,
+                    deferred = s.deferred,
+                    errors = s.errors.len(),
+                    "deliveries reconciled"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reconciling deliveries failed; will retry"),
+        }
+    }
+    lease::release(&reconciler.kv, &reconciler.config.holder).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hooks_are_named_as_the_flag_takes_them() {
+        assert_eq!(Hook::parse("app").ok(), Some(Hook::App));
+        let repo = Hook::parse("repo:acme/app:123").expect("repo hook");
+        assert_eq!(
+            repo,
+            Hook::Repo {
+                repo: "acme/app".into(),
+                id: 123
+            }
+        );
+        assert_eq!(repo.deliveries(), "/repos/acme/app/hooks/123/deliveries");
+        let org = Hook::parse("org:acme:456").expect("org hook");
+        assert_eq!(org.deliveries(), "/orgs/acme/hooks/456/deliveries");
+        assert_eq!(org.name(), "org:acme:456");
+        for bad in [
+            "",
+            "repo:acme:1",
+            "repo:acme/app",
+            "org:acme:x",
+            "org:ac/me:1",
+            "repo:../x/y:1",
+            "user:me:1",
+        ] {
+            assert!(Hook::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn settings_that_could_recover_nothing_are_refused() {
+        assert!(RecoverConfig::default().check().is_ok());
+        for bad in [
+            RecoverConfig {
+                hooks: vec![],
+                ..RecoverConfig::default()
+            },
+            RecoverConfig {
+                horizon: MAX_HORIZON + Duration::from_secs(1),
+                ..RecoverConfig::default()
+            },
+            RecoverConfig {
+                max_attempts: 0,
+                ..RecoverConfig::default()
+            },
+            RecoverConfig {
+                requests_per_hour: 0,
+                ..RecoverConfig::default()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_budget_allows_a_burst_then_refills_and_pauses() {
+        let start = Instant::now();
+        let mut b = Budget::new(100);
+        assert!(b.take(start), "a burst of 2");
+        assert!(b.take(start));
+        assert!(!b.take(start), "spent");
+        assert!(b.take(start + Duration::from_secs(36)), "one per 36 s");
+        b.paused_until = Some(start + Duration::from_secs(3600));
+        assert!(!b.take(start + Duration::from_secs(1800)), "paused");
+    }
+}
