@@ -115,7 +115,9 @@ async fn sluice_dev_runs_steps_as_pods_with_the_kubernetes_executor() {
     use sluice_tests::dispatcher::{pipeline_names, publish_event};
 
     init_logs();
-    let nats = NatsServer::start().await;
+    // 1 GiB of JetStream storage, as on a laptop with little disk free: dev mode's
+    // streams must fit (the production logs limit alone reserves 5 GiB).
+    let nats = NatsServer::start_with_storage("1G").await;
     let js = jetstream(&nats.url()).await;
     let api = KubeApi::start().await;
     let dir = tempfile::tempdir().expect("tmp");

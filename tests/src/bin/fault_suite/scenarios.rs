@@ -229,6 +229,14 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
         &format!("fs-{name}-{}", std::process::id()),
     );
     let poller = ReadyPoller::start(env.http.clone(), env.ingest_urls());
+    // The other services' readiness, as a Kubernetes probe would see it.
+    let (other_names, other_urls): (Vec<String>, Vec<String>) = env
+        .dispatchers
+        .iter()
+        .chain(&env.runners)
+        .map(|s| (s.name.clone(), s.admin.clone()))
+        .unzip();
+    let others = ReadyPoller::start(env.http.clone(), other_urls);
     hold(BEFORE).await;
     let fault_start = Instant::now();
     // Services the fault restarts on purpose (the rest must never exit).
@@ -265,6 +273,7 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
     let first_ok = load.first_ok_since(heal);
     let report = load.finish(Duration::from_secs(60)).await;
     let polls = poller.finish();
+    let other_polls = others.finish();
 
     // Figures.
     let answers = &report.answers;
@@ -300,6 +309,7 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
         during.iter().filter(|a| a.status == Some(503)).count()
     ));
     notes.push(readiness(&polls, answers, fault_start, heal));
+    notes.push(ready_counts(&other_names, &other_polls, fault_start, heal));
     let mut latencies: Vec<Duration> = answers.iter().map(|a| a.took).collect();
     latencies.sort();
     if !latencies.is_empty() {
@@ -474,6 +484,32 @@ fn readiness(
     format!(
         "ingest /readyz during the fault: {ready} of {} polls ready; {false_ready} said ready while that ingest answered every webhook within 1 s non-2xx, {false_unready} said not ready while it answered all 2xx",
         in_fault.len()
+    )
+}
+
+/// How many of each service's `/readyz` polls during the fault answered 200.
+fn ready_counts(
+    names: &[String],
+    polls: &[(Instant, usize, u16)],
+    from: Instant,
+    to: Instant,
+) -> String {
+    let counts: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mine: Vec<u16> = polls
+                .iter()
+                .filter(|(at, who, _)| *who == i && *at >= from && *at < to)
+                .map(|p| p.2)
+                .collect();
+            let ready = mine.iter().filter(|s| **s == 200).count();
+            format!("{name} {ready}/{}", mine.len())
+        })
+        .collect();
+    format!(
+        "/readyz ready during the fault (polls): {}",
+        counts.join(", ")
     )
 }
 
