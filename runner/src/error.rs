@@ -54,6 +54,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The values of a run's Secrets could not be made into a masker (too many or too
+    /// large); the problem never quotes a value.
+    #[error("cannot mask the run's secret values: {problem}")]
+    Mask { problem: String },
+
     /// A `git` command of the local executor's clone failed.
     #[error("git {command} exited with {code}")]
     Git { command: String, code: i32 },
@@ -70,6 +75,7 @@ impl Error {
             Error::Consumer { .. } => "consumer",
             Error::Bus { .. } => "bus",
             Error::Spawn { .. } => "spawn",
+            Error::Mask { .. } => "mask",
             Error::Git { .. } => "git",
         }
     }

@@ -14,6 +14,7 @@ pub mod executor;
 pub mod kubernetes;
 pub mod lines;
 pub mod local;
+pub mod mask;
 pub mod metrics;
 pub mod report;
 mod resume;

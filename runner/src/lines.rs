@@ -12,6 +12,14 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 /// this many bytes.
 pub const MAX_LINE: usize = 64 * 1024;
 
+/// One stored line of output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub text: String,
+    /// The output's line goes on in the next piece: it was cut at [`MAX_LINE`].
+    pub continues: bool,
+}
+
 /// Reads lines of at most [`MAX_LINE`] bytes.
 #[derive(Debug)]
 pub struct Lines<R> {
@@ -29,13 +37,18 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
 
     /// The next line without its line ending; `None` at the end of the output.
     pub async fn next_line(&mut self) -> std::io::Result<Option<String>> {
+        Ok(self.next_piece().await?.map(|p| p.text))
+    }
+
+    /// The next line, or the next [`MAX_LINE`] bytes of a longer one, saying which.
+    pub async fn next_piece(&mut self) -> std::io::Result<Option<Piece>> {
         loop {
             let available = self.reader.fill_buf().await?;
             if available.is_empty() {
                 if self.line.is_empty() {
                     return Ok(None);
                 }
-                return Ok(Some(self.take(self.line.len())));
+                return Ok(Some(self.piece(self.line.len(), false)));
             }
             let room = MAX_LINE - self.line.len();
             // One byte more than fits: a newline right after a full line still ends
@@ -47,15 +60,22 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
                 if self.line.last() == Some(&b'\r') {
                     self.line.pop();
                 }
-                return Ok(Some(self.take(self.line.len())));
+                return Ok(Some(self.piece(self.line.len(), false)));
             }
             if room == 0 {
                 let cut = char_boundary(&self.line);
-                return Ok(Some(self.take(cut)));
+                return Ok(Some(self.piece(cut, true)));
             }
             let used = window.len().min(room);
             self.line.extend_from_slice(&window[..used]);
             self.reader.consume(used);
+        }
+    }
+
+    fn piece(&mut self, len: usize, continues: bool) -> Piece {
+        Piece {
+            text: self.take(len),
+            continues,
         }
     }
 
@@ -131,6 +151,21 @@ mod tests {
         let lens: Vec<usize> = lines.iter().map(String::len).collect();
         assert_eq!(lens, [MAX_LINE, MAX_LINE, 10, 4]);
         assert_eq!(lines[3], "next");
+    }
+
+    #[tokio::test]
+    async fn says_which_pieces_continue_a_cut_line() {
+        let mut input = vec![b'a'; MAX_LINE + 3];
+        input.extend_from_slice(b"\nnext\nend");
+        let mut lines = Lines::new(tokio::io::BufReader::with_capacity(7, &input[..]));
+        let mut flags = Vec::new();
+        while let Some(piece) = lines.next_piece().await.unwrap() {
+            flags.push((piece.text.len(), piece.continues));
+        }
+        assert_eq!(
+            flags,
+            [(MAX_LINE, true), (3, false), (4, false), (3, false)]
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! An HTTP test double of the Kubernetes API, for the parts the runner uses: Pods
-//! (create, get, list, watch from a resourceVersion, delete, log with follow) and
-//! PersistentVolumeClaims (create, get), in the real wire format (k8s-openapi types,
+//! (create, get, list, watch from a resourceVersion, delete, log with follow),
+//! PersistentVolumeClaims (create, get) and Secrets (get), in the real wire format (k8s-openapi types,
 //! `Status` errors, newline-delimited watch events). The real kube-rs client talks to
 //! it over a real socket.
 //!
@@ -131,6 +131,8 @@ struct Inner {
     created_at: HashMap<String, Instant>,
     claims: BTreeMap<(String, String), PersistentVolumeClaim>,
     secrets: BTreeMap<(String, String), BTreeMap<String, String>>,
+    /// Reads of those Secrets are refused, as for a Role without `get` on `secrets`.
+    secret_reads_forbidden: bool,
     history: VecDeque<Change>,
 }
 
@@ -213,6 +215,10 @@ impl KubeApi {
                 get(pod_get).delete(pod_delete),
             )
             .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
+            .route(
+                "/api/v1/namespaces/{ns}/secrets/{name}",
+                get(secret_get).fallback(objects::handle),
+            )
             .route(
                 "/api/v1/namespaces/{ns}/persistentvolumeclaims",
                 axum::routing::post(claim_create).get(objects::handle),
@@ -325,6 +331,16 @@ impl KubeApi {
             .expect("state")
             .secrets
             .insert(("default".into(), name.into()), data);
+    }
+
+    /// Refuses (403) reads of the Secrets stored with [`KubeApi::put_secret`] while set,
+    /// as the API does when the runner's Role lacks `get` on `secrets`.
+    pub fn forbid_secret_reads(&self, on: bool) {
+        self.shared
+            .inner
+            .lock()
+            .expect("state")
+            .secret_reads_forbidden = on;
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -674,6 +690,52 @@ async fn pod_get(
             &format!("pods \"{name}\" not found"),
         ),
     }
+}
+
+/// A Secret stored with [`KubeApi::put_secret`], as a `v1 Secret` (`data` in base64);
+/// any other is one `sluice install` applied, served from the object store.
+async fn secret_get(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let found = {
+        let inner = shared.inner.lock().expect("state");
+        if inner.secret_reads_forbidden {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!(
+                    "secrets \"{name}\" is forbidden: User \"system:serviceaccount:sluice:sluice-runner\" \
+                     cannot get resource \"secrets\" in API group \"\" in the namespace \"{ns}\""
+                ),
+            );
+        }
+        inner.secrets.get(&(ns.clone(), name.clone())).cloned()
+    };
+    let Some(data) = found else {
+        return objects::handle(State(shared), method, uri, headers, body).await;
+    };
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns),
+            uid: Some(format!("uid-secret-{name}")),
+            resource_version: Some("1".into()),
+            ..Default::default()
+        },
+        data: Some(
+            data.into_iter()
+                .map(|(k, v)| (k, k8s_openapi::ByteString(v.into_bytes())))
+                .collect(),
+        ),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    ok_json(StatusCode::OK, &secret)
 }
 
 async fn pod_delete(

@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 use super::logs::LogClients;
 use super::status;
 use super::watch::PodView;
-use crate::report::Reporter;
+use crate::mask::{Masker, StreamMasker};
+use crate::report::{LogWriter, Reporter};
 use crate::wait::sleep_until;
 
 /// One container's log to follow.
@@ -22,6 +23,8 @@ pub(super) struct LogFollow {
     pub reporter: Reporter,
     /// Resume after the lines already stored.
     pub adopted: bool,
+    /// The run's secret values, masked before a line is stored.
+    pub mask: Arc<Masker>,
     pub pod: tokio::sync::watch::Receiver<PodView>,
     pub handoff: CancellationToken,
 }
@@ -37,6 +40,7 @@ pub(super) async fn follow_log(f: LogFollow) {
         step,
         reporter,
         adopted,
+        mask,
         pod,
         handoff,
     } = f;
@@ -46,6 +50,7 @@ pub(super) async fn follow_log(f: LogFollow) {
         (0, 0)
     };
     let mut log = reporter.log_writer(&step, next_seq);
+    // Lines of output read, stored or not: the first `stored` are already stored.
     let mut read: u64 = 0;
     let mut delay = Duration::from_millis(200);
     let mut pod = pod;
@@ -61,33 +66,36 @@ pub(super) async fn follow_log(f: LogFollow) {
         match Box::pin(lease.log_stream(&pod_name, &params)).await {
             Ok(stream) => {
                 let mut lines = crate::lines::Lines::new(stream.compat());
+                let mut masked = StreamMasker::new(mask.clone());
                 loop {
                     // `next_line` keeps what it has read when the batch's time
                     // comes first, so no output is lost to the select.
                     let next = tokio::select! {
-                        next = lines.next_line() => next,
+                        next = lines.next_piece() => next,
                         () = sleep_until(log.due()) => {
                             log.flush().await;
                             continue;
                         }
                         () = handoff.cancelled() => {
+                            // A held piece is not stored: the replica that adopts the
+                            // run reads it again, with the rest of its line.
                             log.flush().await;
                             return;
                         }
                     };
                     match next {
-                        Ok(Some(text)) => {
-                            read += 1;
-                            if read > stored {
-                                let stream = "stdout".to_owned();
-                                log.line(sluice_core::run::LogLine { stream, text }).await;
+                        Ok(Some(piece)) => {
+                            for text in masked.push(piece.text, piece.continues) {
+                                store(&mut log, &mut read, stored, text).await;
                             }
                         }
                         Ok(None) => {
+                            store(&mut log, &mut read, stored, masked.finish()).await;
                             clean = true;
                             break;
                         }
                         Err(e) => {
+                            store(&mut log, &mut read, stored, masked.finish()).await;
                             tracing::debug!(pod = %pod_name, container = %container, error = %e, "log stream broke");
                             break;
                         }
@@ -132,4 +140,14 @@ pub(super) async fn follow_log(f: LogFollow) {
         // read are skipped.
     }
     log.flush().await;
+}
+
+/// Stores one masked line of output, unless it is among the `stored` ones.
+async fn store(log: &mut LogWriter, read: &mut u64, stored: u64, text: Option<String>) {
+    let Some(text) = text else { return };
+    *read += 1;
+    if *read > stored {
+        let stream = "stdout".to_owned();
+        log.line(sluice_core::run::LogLine { stream, text }).await;
+    }
 }

@@ -12,6 +12,7 @@ mod decide;
 mod follow;
 mod logs;
 pub mod pod;
+mod secrets;
 mod status;
 mod throttle;
 mod watch;
@@ -20,7 +21,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use sluice_core::run::{RunRequest, RunState, RunStep};
@@ -28,6 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::{child_step, Outcome, Segment};
+use crate::mask::Masker;
 use crate::metrics::KubeMetrics;
 use crate::report::Reporter;
 use crate::wait::sleep_until;
@@ -287,6 +289,11 @@ impl KubeExecutor {
         reporter: &Reporter,
         cancel: &CancellationToken,
     ) -> Outcome {
+        // Before anything runs: output that cannot be masked must not be produced.
+        let mask = match Box::pin(self.masker(req)).await {
+            Ok(mask) => Arc::new(mask),
+            Err(outcome) => return outcome,
+        };
         let claim = match &req.cache {
             Some(cache) => {
                 let api = Api::namespaced(self.client.clone(), &self.settings.namespace);
@@ -301,8 +308,13 @@ impl KubeExecutor {
         {
             let stop = match segment {
                 Segment::Pods(steps) => {
-                    self.run_pod(req, index, steps, claim.as_deref(), reporter, cancel)
-                        .await
+                    let segment = PodSegment {
+                        index,
+                        steps,
+                        claim: claim.as_deref(),
+                        mask: &mask,
+                    };
+                    self.run_pod(req, segment, reporter, cancel).await
                 }
                 Segment::Child(step) => {
                     // A later segment follows one that ran a step, which said so.
@@ -331,12 +343,16 @@ impl KubeExecutor {
     async fn run_pod(
         &self,
         req: &RunRequest,
-        segment: usize,
-        steps: &[RunStep],
-        claim: Option<&str>,
+        segment: PodSegment<'_>,
         reporter: &Reporter,
         cancel: &CancellationToken,
     ) -> Option<Stop> {
+        let PodSegment {
+            index: segment,
+            steps,
+            claim,
+            mask,
+        } = segment;
         let name = pod::pod_name(&req.run_id, segment);
         // Subscribed before the create, so no update can slip between.
         let mut sub = self.pods.subscribe(&name);
@@ -356,6 +372,7 @@ impl KubeExecutor {
             reporter,
             name,
             adopted,
+            mask: mask.clone(),
             logs: std::iter::repeat_with(|| None)
                 .take(run.containers().len())
                 .collect(),
@@ -385,6 +402,18 @@ impl KubeExecutor {
                 () = sleep_until(wake_at) => {}
             }
         }
+    }
+
+    /// A masker for the values of every Secret the run's Pods mount, or the run's
+    /// failure when one cannot be read (see [`secrets`]).
+    async fn masker(&self, req: &RunRequest) -> std::result::Result<Masker, Outcome> {
+        let names = secrets::names(req, self.settings.clone_secret.as_deref());
+        if names.is_empty() {
+            return Ok(Masker::default());
+        }
+        let namespace = &self.settings.namespace;
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        secrets::masker(&api, namespace, &names).await
     }
 
     /// Creates the segment's Pod, or adopts it when it exists (a redelivered request);
@@ -443,6 +472,15 @@ fn at_least_one(setting: &'static str) -> Error {
     }
 }
 
+/// One segment of a run that runs in a Pod.
+struct PodSegment<'a> {
+    index: usize,
+    steps: &'a [RunStep],
+    claim: Option<&'a str>,
+    /// The run's secret values, masked in every container's log.
+    mask: &'a Arc<Masker>,
+}
+
 /// Performs a segment's effects: the API calls, publishes and log followers
 /// [`PodRun::decide`] asks for.
 struct Act<'a> {
@@ -451,6 +489,7 @@ struct Act<'a> {
     name: String,
     /// Logs resume after the lines already stored.
     adopted: bool,
+    mask: Arc<Masker>,
     /// Each container's log follower, while it runs.
     logs: Vec<Option<JoinHandle<()>>>,
 }
@@ -477,6 +516,7 @@ impl Act<'_> {
                     step: container.step.clone(),
                     reporter: self.reporter.clone(),
                     adopted: self.adopted,
+                    mask: self.mask.clone(),
                     pod: sub.rx.clone(),
                     handoff: self.executor.handoff.clone(),
                 })));

@@ -21,6 +21,7 @@ mod reporter;
 mod runner_kubernetes;
 mod runner_local;
 mod runner_recovery;
+mod runner_secret_masking;
 mod runner_transports;
 mod signature_vectors;
 mod streams_owner;
