@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod deliveries;
 pub mod dispatcher;
 pub mod ingest;
 pub mod kubeapi;

@@ -17,6 +17,7 @@ mod ingest_rejects;
 mod ingest_schemes;
 mod ingest_store_refusals;
 mod nats_permissions;
+mod recover_deliveries;
 mod reporter;
 mod runner_kubernetes;
 mod runner_local;
