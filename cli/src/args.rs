@@ -194,6 +194,42 @@ pub struct DispatcherArgs {
     /// are handed back to NATS for another replica.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value_t = HumanDuration(sluice_dispatcher::SHUTDOWN_GRACE), value_parser = human_duration)]
     pub shutdown_grace: HumanDuration,
+    /// Redeliver the GitHub webhook deliveries that failed and never became an event
+    /// (an outage of NATS, ingest or the network in front of it). One replica at a
+    /// time; needs the GitHub App (for its hook) or a token with hook access.
+    #[arg(long, env = "SLUICE_RECOVER_DELIVERIES")]
+    pub recover_deliveries: bool,
+    /// Hooks whose deliveries are reconciled, comma-separated: `app` (the GitHub App's
+    /// hook), `repo:<owner>/<name>:<hook id>`, `org:<org>:<hook id>`.
+    #[arg(long, env = "SLUICE_RECOVER_HOOKS", value_delimiter = ',', default_value = "app", value_parser = hook)]
+    pub recover_hooks: Vec<sluice_dispatcher::recover::Hook>,
+    /// How far back deliveries are reconciled (at most GitHub's 3 days).
+    #[arg(long, env = "SLUICE_RECOVER_HORIZON", default_value_t = HumanDuration(sluice_dispatcher::recover::HORIZON), value_parser = recover_horizon)]
+    pub recover_horizon: HumanDuration,
+    /// Time between reconcile passes, and between two redeliveries of one delivery.
+    #[arg(long, env = "SLUICE_RECOVER_INTERVAL", default_value_t = HumanDuration(sluice_dispatcher::recover::INTERVAL), value_parser = positive_duration)]
+    pub recover_interval: HumanDuration,
+    /// Redeliveries of one delivery before it is reported lost (`sluice events lost`).
+    #[arg(long, env = "SLUICE_RECOVER_MAX_ATTEMPTS", default_value_t = sluice_dispatcher::recover::MAX_ATTEMPTS, value_parser = at_least_one_of::<u32>)]
+    pub recover_max_attempts: u32,
+    /// GitHub requests per hour for reconciling (listing and redeliveries), on top of
+    /// the commit statuses' --forge-requests-per-hour.
+    #[arg(long, env = "SLUICE_RECOVER_REQUESTS_PER_HOUR", default_value_t = sluice_dispatcher::recover::REQUESTS_PER_HOUR, value_parser = at_least_one_of::<u32>)]
+    pub recover_requests_per_hour: u32,
+}
+
+fn hook(s: &str) -> Result<sluice_dispatcher::recover::Hook, String> {
+    sluice_dispatcher::recover::Hook::parse(s.trim()).map_err(|e| e.to_string())
+}
+
+fn recover_horizon(s: &str) -> Result<HumanDuration, String> {
+    let d = human_duration(s)?;
+    if d.0.is_zero() || d.0 > sluice_dispatcher::recover::MAX_HORIZON {
+        return Err(format!(
+            "{s:?}: must be more than 0 and at most 72h (GitHub keeps deliveries 3 days)"
+        ));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Args)]
@@ -437,6 +473,12 @@ pub enum EventsCommand {
     List {
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Forge deliveries the delivery reconciler could not recover, and why: they must
+    /// be redelivered by hand (GitHub: the hook's Recent Deliveries, within 3 days).
+    Lost {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },

@@ -4,6 +4,7 @@ use anyhow::Context;
 use secrecy::SecretString;
 use sluice_core::streams::StreamSettings;
 use sluice_dispatcher::forge::ForgeConfig;
+use sluice_dispatcher::recover::RecoverConfig;
 use sluice_dispatcher::reporter::ReporterConfig;
 use sluice_dispatcher::DispatcherConfig;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,14 @@ pub async fn run(
             link_base_url: a.status_link_base_url.clone(),
             requests_per_hour: a.forge_requests_per_hour,
             ..ReporterConfig::default()
+        }),
+        recover: a.recover_deliveries.then(|| RecoverConfig {
+            hooks: a.recover_hooks.clone(),
+            horizon: a.recover_horizon.0,
+            interval: a.recover_interval.0,
+            max_attempts: a.recover_max_attempts,
+            requests_per_hour: a.recover_requests_per_hour,
+            ..RecoverConfig::default()
         }),
         ..DispatcherConfig::new(global.nats("sluice-dispatcher"))
     };

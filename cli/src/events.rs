@@ -19,6 +19,7 @@ pub async fn run(global: &Global, command: EventsCommand) -> anyhow::Result<()> 
             output,
         } => why(&js, &event_id, pipeline.as_deref(), output).await,
         EventsCommand::List { limit, output } => list(&js, limit, output).await,
+        EventsCommand::Lost { output } => lost(&js, output).await,
         EventsCommand::Publish {
             kind,
             pipeline,
@@ -212,4 +213,80 @@ async fn list(js: &jetstream::Context, limit: usize, output: Output) -> anyhow::
 fn new_id() -> String {
     let now = OffsetDateTime::now_utc();
     format!("{}-{}", now.unix_timestamp_nanos(), std::process::id())
+}
+
+/// `sluice events lost`: the deliveries the reconciler gave up on, and its last pass.
+async fn lost(js: &jetstream::Context, output: Output) -> anyhow::Result<()> {
+    let report = sluice_dispatcher::recover::lost(js)
+        .await
+        .context("cannot read SLUICE_DELIVERIES: run `sluice streams apply` first")?;
+    if output != Output::Table {
+        return output::structured(&report, output);
+    }
+    let rfc3339 = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    match &report.last_pass {
+        None => println!(
+            "No reconcile pass yet (is `sluice dispatcher --recover-deliveries` running?)."
+        ),
+        Some(p) => {
+            println!(
+                "Last pass: {} by {}: {} listed, {} redelivered, {} recovered, {} lost, {} deferred",
+                p.at.map(rfc3339).unwrap_or_default(),
+                p.holder,
+                p.listed,
+                p.redelivered,
+                p.recovered,
+                p.lost,
+                p.deferred
+            );
+            for e in &p.errors {
+                println!("  cannot list {e}");
+            }
+        }
+    }
+    if report.lost.is_empty() {
+        println!("No delivery lost.");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = report
+        .lost
+        .iter()
+        .map(|r| {
+            vec![
+                rfc3339(r.first_delivered_at),
+                format!("{}:{}", r.forge, r.guid),
+                format!(
+                    "{}{}",
+                    r.event,
+                    r.action
+                        .as_deref()
+                        .map(|a| format!("/{a}"))
+                        .unwrap_or_default()
+                ),
+                r.hook.clone(),
+                r.attempts.to_string(),
+                r.reason.map(|x| x.as_str()).unwrap_or("").to_owned(),
+                r.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "DELIVERED",
+            "EVENT ID",
+            "KIND",
+            "HOOK",
+            "ATTEMPTS",
+            "REASON",
+            "DETAIL",
+        ],
+        &rows,
+    );
+    println!(
+        "Redeliver these by hand within GitHub's 3 days: the hook's settings, Recent Deliveries, Redeliver."
+    );
+    Ok(())
 }

@@ -16,7 +16,7 @@ use crate::{Error, Result};
 pub const LEASE_KEY: &str = "lease";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Lease {
+pub struct Lease {
     pub holder: String,
     #[serde(with = "time::serde::rfc3339")]
     pub until: OffsetDateTime,
@@ -24,13 +24,13 @@ pub(crate) struct Lease {
 
 /// Whether `holder` may take a lease found as `current` at `now`: nobody holds it, it
 /// is its own, or it has expired.
-pub(crate) fn may_take(current: Option<&Lease>, holder: &str, now: OffsetDateTime) -> bool {
+pub fn may_take(current: Option<&Lease>, holder: &str, now: OffsetDateTime) -> bool {
     current.is_none_or(|l| l.holder == holder || l.until <= now)
 }
 
 /// Takes or renews the lease for `ttl` from `now`; `false` when another holds it (or
 /// took it between the read and the write).
-pub(crate) async fn acquire(
+pub async fn acquire(
     kv: &Store,
     holder: &str,
     now: OffsetDateTime,
@@ -64,7 +64,7 @@ pub(crate) async fn acquire(
 
 /// Gives the lease up on shutdown, so another replica takes over at its next tick; a
 /// failure only means it waits for the expiry.
-pub(crate) async fn release(kv: &Store, holder: &str) {
+pub async fn release(kv: &Store, holder: &str) {
     let Ok(Some(entry)) = kv.entry(LEASE_KEY).await else {
         return;
     };

@@ -11,7 +11,7 @@
 //! two reconcilers (a lease handed over mid-pass) never redeliver one delivery twice.
 
 pub mod decide;
-mod lease;
+pub mod lease;
 mod stored;
 
 use std::sync::Arc;
@@ -706,6 +706,43 @@ async fn bounded(response: http::Response<BoxBody<Bytes, octocrab::Error>>) -> R
             source,
         })?;
     Ok(collected.to_bytes())
+}
+
+/// What `sluice events lost` shows: the deliveries given up on (oldest first) and the
+/// last pass.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LostReport {
+    pub last_pass: Option<Summary>,
+    pub lost: Vec<Record>,
+}
+
+/// Reads the reconciler's bucket for [`LostReport`]; records it cannot read are skipped.
+pub async fn lost(js: &jetstream::Context) -> Result<LostReport> {
+    let kv = streams::bucket(js, subjects::DELIVERIES_BUCKET).await?;
+    let mut report = LostReport::default();
+    if let Ok(Some(pass)) = kv.get(PASS_KEY).await {
+        report.last_pass = serde_json::from_slice(&pass).ok();
+    }
+    let keys: Vec<String> = kv
+        .keys()
+        .await
+        .map_err(|e| Error::nats("list delivery records", e))?
+        .try_collect()
+        .await
+        .map_err(|e| Error::nats("list delivery records", e))?;
+    for key in keys.iter().filter(|k| k.contains('.')) {
+        let value = kv
+            .get(key)
+            .await
+            .map_err(|e| Error::nats("read a delivery record", e))?;
+        if let Some(record) = value.and_then(|v| serde_json::from_slice::<Record>(&v).ok()) {
+            if record.state == State::Lost {
+                report.lost.push(record);
+            }
+        }
+    }
+    report.lost.sort_by_key(|r| r.first_delivered_at);
+    Ok(report)
 }
 
 /// Runs passes every `config.interval` until `shutdown`, on the replica holding the
