@@ -829,6 +829,9 @@ include "accounts.conf"
             { "apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get", "list", "watch", "delete"] },
             { "apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"] },
             { "apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create", "get"] },
+            // The values of the Secrets a run's steps name, to mask them in its logs:
+            // `get` by name only, never `list` or `watch` (which would read them all).
+            { "apiGroups": [""], "resources": ["secrets"], "verbs": ["get"] },
         ])
     }
 
@@ -1211,6 +1214,25 @@ mod tests {
             .expect("role");
         let json = role.to_json();
         assert_eq!(json["rules"], Renderer::runner_rules());
+        // Secrets: read one by one (to mask their values), never listed or watched.
+        let secrets: Vec<&serde_json::Value> = json["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .filter(|r| {
+                r["resources"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().any(|x| x == "secrets"))
+            })
+            .collect();
+        assert_eq!(secrets.len(), 1, "{secrets:?}");
+        assert_eq!(secrets[0]["verbs"], serde_json::json!(["get"]));
+        assert_eq!(secrets[0]["apiGroups"], serde_json::json!([""]));
+        assert_eq!(
+            role.to_json()["kind"],
+            "Role",
+            "namespaced, not a ClusterRole"
+        );
         let build = objects
             .iter()
             .find(|o| o.id() == "ServiceAccount/sluice-build")
