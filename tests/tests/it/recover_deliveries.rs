@@ -382,3 +382,44 @@ async fn a_delivery_that_keeps_failing_is_reported_lost_after_max_attempts() {
     );
     assert!(events_by_id(&w.js).await.is_empty());
 }
+
+#[tokio::test]
+async fn one_replica_holds_the_lease_until_it_expires_or_is_given_up() {
+    use sluice_dispatcher::recover::lease;
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = connect(&nats.url()).await;
+    provision(&js).await;
+    let kv = js
+        .get_key_value(subjects::DELIVERIES_BUCKET)
+        .await
+        .expect("bucket");
+    let now = OffsetDateTime::now_utc();
+    let ttl = Duration::from_secs(60);
+    let take = |holder: &'static str, at: OffsetDateTime| {
+        let kv = kv.clone();
+        async move { lease::acquire(&kv, holder, at, ttl).await.expect("lease") }
+    };
+    // Both at once: exactly one wins.
+    let (a, b) = tokio::join!(take("a", now), take("b", now));
+    assert!(a ^ b, "a: {a}, b: {b}");
+    let (holder, other) = if a { ("a", "b") } else { ("b", "a") };
+    assert!(
+        take(holder, now + time::Duration::seconds(30)).await,
+        "renewed"
+    );
+    assert!(
+        !take(other, now + time::Duration::seconds(80)).await,
+        "renewal extended it"
+    );
+    assert!(
+        take(other, now + time::Duration::seconds(91)).await,
+        "expired: taken over"
+    );
+    assert!(!take(holder, now + time::Duration::seconds(92)).await);
+    lease::release(&kv, other).await;
+    assert!(
+        take(holder, now + time::Duration::seconds(93)).await,
+        "given up"
+    );
+}
