@@ -420,6 +420,25 @@ mod tests {
     }
 
     #[test]
+    fn wherever_a_line_is_cut_no_part_of_the_value_shows() {
+        let value = "s3cret-value";
+        let text = format!("before {value} after");
+        let start = "before ".len();
+        for cut in 0..=text.len() {
+            let (a, b) = text.split_at(cut);
+            let out = stream(&[value], &[(a, true), (b, false)]);
+            assert_eq!(out.len(), 2, "cut at {cut}");
+            if cut <= start || cut >= start + value.len() {
+                // The value is whole in one piece.
+                assert_eq!(out.concat(), "before *** after", "cut at {cut}");
+            } else {
+                assert_eq!(out[0], "before ***", "cut at {cut}");
+                assert_eq!(out[1], "*** after", "cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
     fn every_piece_gives_one_line_and_whole_lines_are_not_held() {
         let pieces = [("one", false), ("two s3cret-value", false), ("thr", true)];
         let mut s = StreamMasker::new(Arc::new(masker(&["s3cret-value"])));

@@ -68,7 +68,7 @@ pub(super) async fn follow_log(f: LogFollow) {
                 let mut lines = crate::lines::Lines::new(stream.compat());
                 let mut masked = StreamMasker::new(mask.clone());
                 loop {
-                    // `next_line` keeps what it has read when the batch's time
+                    // `next_piece` keeps what it has read when the batch's time
                     // comes first, so no output is lost to the select.
                     let next = tokio::select! {
                         next = lines.next_piece() => next,
