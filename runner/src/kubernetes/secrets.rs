@@ -91,17 +91,9 @@ mod tests {
     use sluice_core::run::RunStep;
 
     fn step(name: &str, secrets: &[&str]) -> RunStep {
-        RunStep {
-            name: name.into(),
-            image: None,
-            commands: vec![],
-            env: Default::default(),
-            secrets: secrets.iter().map(|s| (*s).to_owned()).collect(),
-            resources: None,
-            timeout_secs: None,
-            pipeline: None,
-            runtime: None,
-        }
+        // From JSON, as a run request arrives: fields added later keep their defaults.
+        serde_json::from_value(serde_json::json!({ "name": name, "secrets": secrets }))
+            .expect("a step")
     }
 
     fn request(clone_url: Option<&str>, steps: Vec<RunStep>) -> RunRequest {
