@@ -248,12 +248,8 @@ fn dashboard(inbox: Vec<String>) -> Permissions {
         }
     }
     // Bucket watches and key listings create unnamed consumers; buckets have no
-    // durables to protect. The delivery reconciler's records are the dispatcher's and
-    // the operators' (`sluice events lost`), not the dashboard's.
-    for bucket in subjects::BUCKETS
-        .into_iter()
-        .filter(|b| *b != subjects::DELIVERIES_BUCKET)
-    {
+    // durables to protect.
+    for bucket in subjects::BUCKETS {
         let stream = kv_stream(bucket);
         publish_allow.push(api(format!("CONSUMER.CREATE.{stream}")));
         publish_allow.push(api(format!("CONSUMER.CREATE.{stream}.>")));

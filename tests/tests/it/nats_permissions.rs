@@ -821,6 +821,81 @@ async fn the_dispatcher_may_not_create_change_or_delete_streams() {
     all_refused(&probe, attempts).await;
 }
 
+/// The delivery reconciler with only the dispatcher's seed: it reads the stored event
+/// ids (an ordered, headers-only consumer on `SLUICE_EVENTS`), creates and updates its
+/// records, its pass summary and its lease in `SLUICE_DELIVERIES`, with no permission
+/// violation; the streams stay out of its reach as above.
+#[tokio::test]
+async fn the_dispatcher_reconciles_deliveries_with_its_own_seed() {
+    use sluice_dispatcher::recover::{lease, Hook, Reconciler, RecoverConfig};
+    use sluice_tests::deliveries::GitHubHooks;
+
+    let (server, admin) = provisioned().await;
+    let stored = async_nats::jetstream::message::PublishMessage::build()
+        .payload("{}".into())
+        .message_id("github:arrived");
+    admin
+        .js
+        .send_publish(subjects::event("github", "push"), stored)
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    // Redeliveries go nowhere: only the bus side is under test here.
+    let hooks = GitHubHooks::start("http://127.0.0.1:1/webhooks/github", 10).await;
+    let at = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    hooks.failed_at("arrived", "push", b"{}", at);
+    hooks.failed_at("missed", "push", b"{}", at);
+    let probe = Probe::connect(&server, &Role::Dispatcher).await;
+    let key = {
+        use rsa::pkcs1::{EncodeRsaPrivateKey, LineEnding};
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("RSA key");
+        key.to_pkcs1_pem(LineEnding::LF).expect("PEM").to_string()
+    };
+    let forge = sluice_dispatcher::forge::ForgeConfig {
+        github_app: Some(sluice_dispatcher::github::GitHubApp {
+            id: 1,
+            private_key: secrecy::SecretString::from(key),
+        }),
+        github_api_url: hooks.uri(),
+        ..Default::default()
+    };
+    let config = RecoverConfig {
+        hooks: vec![Hook::App],
+        holder: "d-0".into(),
+        ..RecoverConfig::default()
+    };
+    let reconciler = Reconciler::new(
+        probe.js.clone(),
+        &forge,
+        config,
+        sluice_dispatcher::metrics::Metrics::default(),
+    )
+    .await
+    .expect("reconciler");
+    let now = time::OffsetDateTime::now_utc();
+    let summary = reconciler
+        .reconcile(now, &tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("a pass with the dispatcher's seed");
+    assert_eq!(summary.redelivered, 1, "{summary:?}");
+    assert_eq!(hooks.redeliveries().keys().collect::<Vec<_>>(), ["missed"]);
+    let kv = probe
+        .js
+        .get_key_value(subjects::DELIVERIES_BUCKET)
+        .await
+        .expect("bucket");
+    assert!(lease::acquire(&kv, "d-0", now, Duration::from_secs(60))
+        .await
+        .expect("lease"));
+    lease::release(&kv, "d-0").await;
+    let report = sluice_dispatcher::recover::lost(&probe.js)
+        .await
+        .expect("events lost reads with the dispatcher's seed");
+    assert_eq!(report.last_pass.map(|p| p.redelivered), Some(1));
+    assert!(violations(&probe).is_empty(), "{:?}", violations(&probe));
+}
+
 #[tokio::test]
 async fn the_dashboard_only_reads() {
     let (server, admin) = provisioned().await;
