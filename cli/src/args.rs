@@ -237,6 +237,27 @@ pub struct DashboardArgs {
     /// Where to serve the pages, and `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "SLUICE_DASHBOARD_LISTEN", default_value = sluice_dashboard::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Offer cancel and rerun on run pages, to holders of the actions token or users
+    /// named by a trusted proxy (one of the two flags below is needed).
+    #[arg(long, env = "SLUICE_DASHBOARD_ALLOW_ACTIONS")]
+    pub allow_actions: bool,
+    /// A file holding the token that allows actions (`Authorization: Bearer`, or typed
+    /// into the page).
+    #[arg(
+        long,
+        env = "SLUICE_DASHBOARD_ACTIONS_TOKEN_FILE",
+        requires = "allow_actions"
+    )]
+    pub actions_token_file: Option<PathBuf>,
+    /// A header naming the signed-in user, set by an authenticating proxy in front
+    /// (e.g. oauth2-proxy's `X-Forwarded-User`); trusted as is, so only for a dashboard
+    /// that nothing reaches but through that proxy.
+    #[arg(
+        long,
+        env = "SLUICE_DASHBOARD_TRUSTED_USER_HEADER",
+        requires = "allow_actions"
+    )]
+    pub trusted_user_header: Option<String>,
 }
 
 #[derive(Debug, Args)]

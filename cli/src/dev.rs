@@ -106,6 +106,7 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     let dashboard = sluice_dashboard::start(
         sluice_core::nats::connect(&nats("sluice-dashboard")).await?,
         a.dashboard_listen,
+        None,
         shutdown.clone(),
     )
     .await

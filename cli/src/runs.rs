@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_nats::jetstream;
@@ -157,9 +156,7 @@ async fn list(js: &jetstream::Context, f: &Filter, output: Output) -> anyhow::Re
 }
 
 /// Starts the run's pipeline again for the event that started it
-/// ([`sluice_core::run::rerun_event`]). The dispatcher plans it as for a new delivery —
-/// the pipeline as it is now, commit statuses to the forge — and the new run gets its
-/// own id.
+/// ([`sluice_core::bus::rerun`]); the new run gets its own id.
 async fn rerun(js: &jetstream::Context, run_id: &str) -> anyhow::Result<String> {
     let view = run_view(js, run_id)
         .await?
@@ -168,43 +165,16 @@ async fn rerun(js: &jetstream::Context, run_id: &str) -> anyhow::Result<String> 
         .event_id
         .clone()
         .with_context(|| format!("run {run_id} names no event"))?;
-    let original = find_event(js, &event_id, view.first_seen).await?;
-    let event = sluice_core::run::rerun_event(&original, &view.pipeline, OffsetDateTime::now_utc());
-    bus::publish_json(js, event.subject(), &event.id, &event)
+    match bus::rerun(js, &event_id, &view.pipeline, view.first_seen)
         .await
-        .context("JetStream did not store the rerun's event")?;
-    Ok(sluice_core::run::rerun_id(&event, &view.pipeline))
-}
-
-/// The stored event `event_id`, searched from shortly before the run was first seen.
-async fn find_event(
-    js: &jetstream::Context,
-    event_id: &str,
-    around: OffsetDateTime,
-) -> anyhow::Result<sluice_core::Event> {
-    let (consumer, pending) = bus::ordered(
-        js,
-        subjects::EVENTS_STREAM,
-        "sluice.events.>".into(),
-        DeliverPolicy::ByStartTime {
-            start_time: around - Duration::from_secs(3600),
-        },
-    )
-    .await?;
-    let mut messages = consumer.messages().await?.take(pending as usize);
-    while let Some(m) = messages.next().await {
-        let m = m?;
-        let Ok(event) = serde_json::from_slice::<sluice_core::Event>(&m.payload) else {
-            continue;
-        };
-        if event.id == event_id {
-            return Ok(event);
-        }
+        .context("JetStream did not store the rerun's event")?
+    {
+        Some(new) => Ok(new),
+        None => bail!(
+            "event {event_id} is no longer stored in {} (events are kept for 7 days): it cannot be rerun",
+            subjects::EVENTS_STREAM
+        ),
     }
-    bail!(
-        "event {event_id} is no longer stored in {} (events are kept for 7 days): it cannot be rerun",
-        subjects::EVENTS_STREAM
-    )
 }
 
 /// `runs get --wait` exits 0 only for a run that succeeded, so scripts can rely on it.

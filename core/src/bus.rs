@@ -180,3 +180,69 @@ pub async fn final_state(
         .await?
         .and_then(|v| v.final_state()))
 }
+
+/// The stored event `event_id`, searched from an hour before `around` (when its run was
+/// first seen), or `None` when it is no longer stored.
+pub async fn find_event(
+    js: &jetstream::Context,
+    event_id: &str,
+    around: time::OffsetDateTime,
+) -> Result<Option<crate::Event>> {
+    let (consumer, pending) = ordered(
+        js,
+        subjects::EVENTS_STREAM,
+        "sluice.events.>".into(),
+        DeliverPolicy::ByStartTime {
+            start_time: around - std::time::Duration::from_secs(3600),
+        },
+    )
+    .await?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| Error::bus("read events", e))?
+        .take(pending as usize);
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| Error::bus("read events", e))?;
+        let Ok(event) = serde_json::from_slice::<crate::Event>(&m.payload) else {
+            continue;
+        };
+        if event.id == event_id {
+            return Ok(Some(event));
+        }
+    }
+    Ok(None)
+}
+
+/// Stores the event that reruns `pipeline` for the stored event `event_id`
+/// ([`crate::run::rerun_event`]) and returns the id of the run it starts. The
+/// dispatcher plans it as a new delivery: the pipeline as it is now, commit statuses to
+/// the forge. `Ok(None)`: the event is no longer stored.
+pub async fn rerun(
+    js: &jetstream::Context,
+    event_id: &str,
+    pipeline: &str,
+    around: time::OffsetDateTime,
+) -> Result<Option<String>> {
+    let Some(original) = find_event(js, event_id, around).await? else {
+        return Ok(None);
+    };
+    let event = crate::run::rerun_event(&original, pipeline, time::OffsetDateTime::now_utc());
+    publish_json(js, event.subject(), &event.id, &event).await?;
+    Ok(Some(crate::run::rerun_id(&event, pipeline)))
+}
+
+/// Asks a dispatcher to rerun a run ([`subjects::RERUN`]) and waits up to `timeout` for
+/// its answer: the dashboard's way, whose credential may not store events.
+pub async fn request_rerun(
+    client: &async_nats::Client,
+    request: &crate::run::RerunRequest,
+    timeout: std::time::Duration,
+) -> Result<crate::run::RerunAnswer> {
+    let payload = serde_json::to_vec(request).map_err(|e| Error::bus("encode", e))?;
+    let answer = tokio::time::timeout(timeout, client.request(subjects::RERUN, payload.into()))
+        .await
+        .map_err(|_| Error::Timeout(timeout))?
+        .map_err(|e| Error::bus("rerun request", e))?;
+    serde_json::from_slice(&answer.payload).map_err(|e| Error::bus("rerun answer", e))
+}

@@ -171,8 +171,9 @@ pub fn permissions(role: &Role) -> Permissions {
                 .iter()
                 .map(|verb| api(format!("STREAM.{verb}.>")))
                 .collect(),
-            // Its consumers deliver to its inbox; see [`NO_CORE_SUBSCRIPTIONS`].
-            subscribe_allow: inbox,
+            // Its consumers deliver to its inbox; see [`NO_CORE_SUBSCRIPTIONS`]. Rerun
+            // requests (from the dashboard) are core requests it answers.
+            subscribe_allow: [inbox, vec![subjects::RERUN.to_owned()]].concat(),
             ..Default::default()
         },
         Role::Dashboard => dashboard(inbox),
@@ -228,6 +229,12 @@ fn dashboard(inbox: Vec<String>) -> Permissions {
         api("CONSUMER.INFO.*.*"),
         // Flow control replies of the push consumers that watch buckets.
         "$JS.FC.>".into(),
+        // Its two actions (only offered with `--allow-actions`): a cancel request to a
+        // run's cluster, and a rerun asked of a dispatcher, which alone stores the
+        // event — so this credential can stop runs and repeat stored events, never
+        // store an event of its own.
+        subjects::cancel("*"),
+        subjects::RERUN.into(),
     ];
     let mut publish_deny = Vec::new();
     for stream in [
@@ -701,12 +708,17 @@ mod tests {
             "$JS.API.DIRECT.GET.SLUICE_DECISIONS.sluice.decisions.abc",
             "$JS.API.CONSUMER.CREATE.KV_SLUICE_PIPELINES",
             "$JS.API.STREAM.INFO.SLUICE_RUNS",
+            // Its actions: a cancel to a run's cluster, a rerun asked of a dispatcher.
+            "sluice.control.eu-1.cancel",
+            "sluice.rerun",
         ] {
             assert!(may_publish(&p, allowed), "{allowed}");
         }
         for refused in [
             "sluice.status.a.r",
             "sluice.events.manual.push",
+            "sluice.events.github.push",
+            "sluice.control.eu-1.child.r1",
             "$KV.SLUICE_PIPELINES.app",
             "$JS.API.CONSUMER.CREATE.SLUICE_STATUS",
             "$JS.API.CONSUMER.CREATE.SLUICE_RUNS.sluice-runner-a.sluice.runs.b",

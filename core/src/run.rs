@@ -505,6 +505,32 @@ pub fn rerun_event(original: &crate::Event, pipeline: &str, now: OffsetDateTime)
     event
 }
 
+/// A request to rerun a run's pipeline for the event that started it, on
+/// [`crate::subjects::RERUN`]: the dashboard asks, a dispatcher (whose credential may
+/// store events) answers with a [`RerunAnswer`]. Not stored: a click is answered, or
+/// fails where the user sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RerunRequest {
+    pub run_id: String,
+    pub event_id: String,
+    pub pipeline: String,
+    /// When the run was first seen: the event is searched from an hour before.
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    /// Who asked (a user name from the dashboard's proxy, or `token`), for the log.
+    pub by: String,
+}
+
+/// A dispatcher's answer to a [`RerunRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RerunAnswer {
+    /// The rerun's event is stored; this run will start.
+    Started { run_id: String },
+    /// Why not (safe to show: no secret, no internal detail).
+    Refused { reason: String },
+}
+
 /// What separates an event id from its rerun counter.
 const RERUN_MARK: &str = "~rerun";
 

@@ -110,6 +110,13 @@ pub fn decision(event_id: &str) -> String {
 /// `sluice.deadletter.events`.
 pub const DEADLETTER_EVENTS: &str = "sluice.deadletter.events";
 
+/// `sluice.rerun`: requests to rerun a run ([`crate::run::RerunRequest`]), answered by
+/// one dispatcher of the queue group [`RERUN_QUEUE`]. Core NATS, not stored.
+pub const RERUN: &str = "sluice.rerun";
+
+/// The queue group dispatchers answer [`RERUN`] in: one answer per request.
+pub const RERUN_QUEUE: &str = "sluice-dispatcher";
+
 /// `sluice.control.<cluster>.cancel`: cancel requests for the cluster's runners.
 pub fn cancel(cluster: &str) -> String {
     format!("sluice.control.{cluster}.cancel")

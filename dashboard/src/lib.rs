@@ -4,6 +4,7 @@
 //! Service, each folding the status stream into its own [`index::RunIndex`].
 #![forbid(unsafe_code)]
 
+mod actions;
 pub mod ansi;
 pub mod index;
 mod live;
@@ -20,6 +21,8 @@ use axum::Router;
 use sluice_core::admin::Admin;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+pub use actions::Actions;
 
 /// Where `--listen` binds by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8090";
@@ -101,7 +104,10 @@ mod tests {
 
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
+    pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// Cancel and rerun, when `--allow-actions` offers them.
+    pub actions: Option<Arc<Actions>>,
     pub index: Arc<index::RunIndex>,
     pub shutdown: CancellationToken,
 }
@@ -124,23 +130,27 @@ impl Dashboard {
 
 /// Binds `listen`, starts folding the status stream and serves the pages and the admin
 /// endpoints (`/healthz`, `/readyz` — ready once the stored states are all read —,
-/// `/metrics`) until `shutdown`. Open server-sent event streams end with it.
+/// `/metrics`) until `shutdown`. Open server-sent event streams end with it. With
+/// `actions`, run pages offer cancel and rerun to whom they allow.
 pub async fn start(
     client: async_nats::Client,
     listen: SocketAddr,
+    actions: Option<Actions>,
     shutdown: CancellationToken,
 ) -> Result<Dashboard> {
     let js = jetstream::new(client.clone());
     let index = Arc::new(index::RunIndex::default());
     let mut admin = Admin::new(env!("CARGO_PKG_VERSION"));
-    admin.nats(client);
+    admin.nats(client.clone());
     let ready = admin.check("runs", "the stored run states are not all read yet");
     let follower = {
         let (index, js, shutdown) = (index.clone(), js.clone(), shutdown.clone());
         tokio::spawn(async move { index.follow(&js, ready, shutdown).await })
     };
     let state = AppState {
+        client,
         js,
+        actions: actions.map(Arc::new),
         index,
         shutdown: shutdown.clone(),
     };
@@ -172,8 +182,11 @@ pub async fn start(
 }
 
 fn router(state: AppState) -> Router {
-    pages::routes()
-        .merge(live::routes())
+    let mut routes = pages::routes().merge(live::routes());
+    if state.actions.is_some() {
+        routes = routes.merge(actions::routes());
+    }
+    routes
         .with_state(state)
         .layer(axum::middleware::from_fn(same_site_writes_only))
         .layer(axum::middleware::map_response(security_headers))

@@ -170,6 +170,9 @@ struct RunPage {
     /// The stream sequence of the last log chunk shown: the live stream goes on after it.
     after: u64,
     live: bool,
+    /// Cancel and rerun buttons, and whether their forms ask for the token.
+    actions: bool,
+    ask_token: bool,
 }
 
 struct EventInfo {
@@ -315,6 +318,11 @@ async fn run(State(s): State<AppState>, Path(run_id): Path<String>) -> Result<Re
         steps,
         after,
         live,
+        actions: s.actions.is_some(),
+        ask_token: s
+            .actions
+            .as_deref()
+            .is_some_and(crate::Actions::asks_for_token),
         run,
     })
 }
@@ -351,7 +359,7 @@ fn commit_link(d: &Decision) -> Option<String> {
 
 /// Run and step names are subject tokens or file-like names: refuse anything else before
 /// it becomes part of a subject.
-fn valid_token(s: &str) -> bool {
+pub(crate) fn valid_token(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 200
         && s.chars()

@@ -38,6 +38,7 @@ impl Env {
         let dashboard = sluice_dashboard::start(
             client,
             "127.0.0.1:0".parse().expect("addr"),
+            None,
             shutdown.clone(),
         )
         .await
@@ -558,6 +559,7 @@ async fn every_page_reads_with_the_dashboard_roles_credential_only() {
     let dashboard = sluice_dashboard::start(
         client,
         "127.0.0.1:0".parse().expect("addr"),
+        None,
         shutdown.clone(),
     )
     .await

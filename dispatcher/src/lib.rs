@@ -21,6 +21,7 @@ pub mod plan;
 pub mod recover;
 pub mod registry;
 pub mod reporter;
+pub mod rerun;
 pub mod service;
 
 use std::sync::Arc;
@@ -197,6 +198,12 @@ async fn run_with(
     let liveness_task = tokio::spawn(liveness::watch(runners, liveness.clone(), shutdown.clone()));
     let registry = Arc::new(registry::Registry::default());
     let watcher = registry::load_and_watch(pipelines, registry.clone(), shutdown.clone()).await?;
+    let reruns = tokio::spawn(rerun::serve(
+        client.clone(),
+        bus.js.clone(),
+        registry.clone(),
+        shutdown.clone(),
+    ));
     let reporting =
         config
             .reporter
@@ -286,6 +293,7 @@ async fn run_with(
         } => tracing::warn!("consumers still busy after the grace period; stopping them"),
     }
     watcher.abort();
+    reruns.abort();
     liveness_task.abort();
     backlog.abort();
     if let Some(mut task) = reporting {
