@@ -217,6 +217,8 @@ async fn each_service_registers_exactly_its_golden_list() {
     dispatcher.runs_planned.get_or_create(&eu).inc();
     dispatcher.runs_pending.get_or_create(&eu).set(1);
     dispatcher.status(sluice_core::Provider::Github, "sent");
+    dispatcher.delivery_recovered("github");
+    dispatcher.delivery_unrecoverable("github", "refused");
     let exported = registered(|a| dispatcher.register(a)).await;
     assert_eq!(
         exported,
