@@ -223,6 +223,7 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
         Ok(seq) => env.seen.runs_seq = seq,
         Err(e) => failures.push(format!("SLUICE_RUNS info: {e:#}")),
     }
+    let pods_before: usize = env.apis.iter().map(|a| a.created().len()).sum();
     let load = Load::start(
         env.ingest_urls(),
         RATE,
@@ -359,7 +360,17 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
             0
         }
     };
-    failures.extend(check::invariants(env, &report, &runs, runs_stored));
+    failures.extend(check::invariants(env, &report, &runs));
+    let new_pods = env
+        .apis
+        .iter()
+        .map(|a| a.created().len())
+        .sum::<usize>()
+        .saturating_sub(pods_before);
+    match check::run_requests(runs_stored, runs.len(), new_pods) {
+        Ok(note) => notes.extend(note),
+        Err(failure) => failures.push(failure),
+    }
     resumed.abort();
     if let Ok(Some(d)) = resumed.await {
         notes.push(format!(
