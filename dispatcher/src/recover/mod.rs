@@ -238,10 +238,11 @@ impl Budget {
         }
     }
 
-    /// Takes one request, or says no (paused, or spent).
-    fn take(&mut self, now: Instant) -> bool {
+    /// Takes one request; when there is none, how long until the next (`None` while
+    /// GitHub said to wait).
+    fn take(&mut self, now: Instant) -> std::result::Result<(), Option<Duration>> {
         if self.paused_until.is_some_and(|t| now < t) {
-            return false;
+            return Err(None);
         }
         let per_sec = f64::from(self.per_hour) / 3600.0;
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
@@ -249,9 +250,9 @@ impl Budget {
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
+            Ok(())
         } else {
-            false
+            Err(Some(Duration::from_secs_f64((1.0 - self.tokens) / per_sec)))
         }
     }
 }
@@ -259,6 +260,14 @@ impl Budget {
 /// A pass may spend a fiftieth of the hour's budget at once (at least one request).
 fn burst(per_hour: u32) -> f64 {
     (f64::from(per_hour) / 50.0).max(1.0)
+}
+
+/// How one pass may spend: until when it may wait for the budget, and whether it
+/// stopped asking GitHub (rate limited, budget spent, shutting down).
+struct Pass<'a> {
+    until: Instant,
+    shutdown: &'a CancellationToken,
+    stopped: bool,
 }
 
 /// A reconciler: GitHub clients, the bucket, the budget.
@@ -339,9 +348,16 @@ impl Reconciler {
         };
         // The listing comes first: anything stored after it was read is in the set
         // below, so a delivery arriving meanwhile is never taken for a missing one.
+        // A pass waits for its budget for half an interval at most, so that passes
+        // never pile up and a busy hook is still read further back than one burst.
+        let mut ctl = Pass {
+            until: Instant::now() + self.config.interval / 2,
+            shutdown,
+            stopped: false,
+        };
         let mut listings = Vec::new();
         for hook in &self.config.hooks {
-            match self.list(hook, horizon_start, shutdown).await {
+            match self.list(hook, horizon_start, &mut ctl).await {
                 Ok(listing) => listings.push((hook, listing)),
                 Err(why) => {
                     tracing::warn!(hook = %hook.name(), error = %why, "cannot list the hook's deliveries");
@@ -357,31 +373,29 @@ impl Reconciler {
             spacing: self.config.interval,
             now,
         };
-        let mut stop = false;
         for (hook, listing) in listings {
             summary.listed += listing.len();
             let actions =
                 decide::plan("github", &hook.name(), &listing, &stored, &records, &limits);
             for action in actions {
-                stop = stop || shutdown.is_cancelled();
-                self.act(hook, action, &records, stop, &mut summary)
-                    .await
-                    .inspect(|&go_on| stop = stop || !go_on)?;
+                self.act(hook, action, &records, &mut ctl, &mut summary)
+                    .await?;
             }
         }
         self.remember(&summary).await;
         Ok(summary)
     }
 
-    /// Carries out one action; `false` when the pass should stop asking GitHub.
+    /// Carries out one action; one that needs GitHub is deferred once the pass stopped
+    /// asking it.
     async fn act(
         &self,
         hook: &Hook,
         action: Action,
         records: &Records,
-        stop: bool,
+        ctl: &mut Pass<'_>,
         summary: &mut Summary,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let revision = |r: &Record| {
             records
                 .get(&decide::record_key(&r.forge, &r.guid))
@@ -394,32 +408,62 @@ impl Reconciler {
                     self.metrics.delivery_recovered("github");
                     summary.recovered += 1;
                 }
-                Ok(true)
+                Ok(())
             }
             Action::Lost { record } => {
                 if self.claim(&record, revision(&record)).await?.is_some() {
                     self.report_lost(&record);
                     summary.lost += 1;
                 }
-                Ok(true)
+                Ok(())
             }
             Action::Redeliver {
                 delivery_id,
                 record,
             } => {
-                if stop {
+                if ctl.stopped || !self.spend(ctl).await {
                     summary.deferred += 1;
-                    return Ok(false);
+                    return Ok(());
                 }
                 let previous = records
                     .get(&decide::record_key(&record.forge, &record.guid))
                     .cloned();
-                self.redeliver(hook, delivery_id, record, previous, summary)
-                    .await
+                let go_on = self
+                    .redeliver(hook, delivery_id, record, previous, summary)
+                    .await?;
+                ctl.stopped = !go_on;
+                Ok(())
             }
         }
     }
 
+    /// Takes one request from the budget, waiting for it until the pass's deadline;
+    /// `false` (and the pass stops asking GitHub) when paused by GitHub, spent until
+    /// after the deadline, or shutting down.
+    async fn spend(&self, ctl: &mut Pass<'_>) -> bool {
+        loop {
+            if ctl.shutdown.is_cancelled() {
+                ctl.stopped = true;
+                return false;
+            }
+            let taken = self.budget.lock().await.take(Instant::now());
+            let wait = match taken {
+                Ok(()) => return true,
+                Err(Some(wait)) if Instant::now() + wait <= ctl.until => wait,
+                Err(_) => {
+                    ctl.stopped = true;
+                    return false;
+                }
+            };
+            tokio::select! {
+                () = ctl.shutdown.cancelled() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Asks for one redelivery (its request already taken from the budget); `false`
+    /// when the pass should stop asking GitHub.
     async fn redeliver(
         &self,
         hook: &Hook,
@@ -428,10 +472,6 @@ impl Reconciler {
         previous: Option<(Record, u64)>,
         summary: &mut Summary,
     ) -> Result<bool> {
-        if !self.budget.lock().await.take(Instant::now()) {
-            summary.deferred += 1;
-            return Ok(false);
-        }
         // The claim: only one reconciler gets past it per attempt.
         let Some(claimed) = self
             .claim(&record, previous.as_ref().map(|(_, rev)| *rev))
@@ -594,13 +634,13 @@ impl Reconciler {
         &self,
         hook: &Hook,
         horizon_start: OffsetDateTime,
-        shutdown: &CancellationToken,
+        ctl: &mut Pass<'_>,
     ) -> std::result::Result<Vec<Delivery>, String> {
         let client = self.client(hook).await?;
         let mut deliveries = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..MAX_PAGES {
-            if shutdown.is_cancelled() || !self.budget.lock().await.take(Instant::now()) {
+            if ctl.stopped || !self.spend(ctl).await {
                 break;
             }
             let mut route = format!("{}?per_page={PER_PAGE}", hook.deliveries());
@@ -610,7 +650,10 @@ impl Reconciler {
             }
             let (page, link) = match self.get_page(&client, &route).await {
                 Ok(answer) => answer,
-                Err(Refusal::Wait) => break,
+                Err(Refusal::Wait) => {
+                    ctl.stopped = true;
+                    break;
+                }
                 Err(Refusal::Refused(status)) => return Err(format!("GitHub answered {status}")),
                 Err(Refusal::Failed(why)) => return Err(why),
             };
@@ -848,11 +891,25 @@ mod tests {
     fn the_budget_allows_a_burst_then_refills_and_pauses() {
         let start = Instant::now();
         let mut b = Budget::new(100);
-        assert!(b.take(start), "a burst of 2");
-        assert!(b.take(start));
-        assert!(!b.take(start), "spent");
-        assert!(b.take(start + Duration::from_secs(36)), "one per 36 s");
+        assert_eq!(b.take(start), Ok(()), "a burst of 2");
+        assert_eq!(b.take(start), Ok(()));
+        let Err(Some(wait)) = b.take(start) else {
+            panic!("spent")
+        };
+        assert!(
+            wait.abs_diff(Duration::from_secs(36)) < Duration::from_millis(1),
+            "{wait:?}"
+        );
+        assert_eq!(
+            b.take(start + Duration::from_secs(36)),
+            Ok(()),
+            "one per 36 s"
+        );
         b.paused_until = Some(start + Duration::from_secs(3600));
-        assert!(!b.take(start + Duration::from_secs(1800)), "paused");
+        assert_eq!(
+            b.take(start + Duration::from_secs(1800)),
+            Err(None),
+            "paused"
+        );
     }
 }
