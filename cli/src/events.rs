@@ -232,16 +232,7 @@ async fn lost(js: &jetstream::Context, output: Output) -> anyhow::Result<()> {
             "No reconcile pass yet (is `sluice dispatcher --recover-deliveries` running?)."
         ),
         Some(p) => {
-            println!(
-                "Last pass: {} by {}: {} listed, {} redelivered, {} recovered, {} lost, {} deferred",
-                p.at.map(rfc3339).unwrap_or_default(),
-                p.holder,
-                p.listed,
-                p.redelivered,
-                p.recovered,
-                p.lost,
-                p.deferred
-            );
+            println!("Last pass: {}", pass_line(p));
             for e in &p.errors {
                 println!("  cannot list {e}");
             }
@@ -289,4 +280,18 @@ async fn lost(js: &jetstream::Context, output: Output) -> anyhow::Result<()> {
         "Redeliver these by hand within GitHub's 3 days: the hook's settings, Recent Deliveries, Redeliver."
     );
     Ok(())
+}
+
+/// One reconcile pass in a line: when, by which replica, and what it did.
+pub(crate) fn pass_line(p: &sluice_dispatcher::recover::Summary) -> String {
+    let at =
+        p.at.and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    format!(
+        "{at} by {}: {} listed, {} redelivered, {} recovered, {} lost, {} deferred",
+        p.holder, p.listed, p.redelivered, p.recovered, p.lost, p.deferred
+    )
 }

@@ -13,6 +13,15 @@ struct Status {
     streams: Vec<StreamStatus>,
     consumers: Vec<ConsumerStatus>,
     runners: Vec<RunnerStatus>,
+    /// The delivery reconciler's last pass and how many deliveries it gave up on;
+    /// `None` without its bucket.
+    deliveries: Option<DeliveriesStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct DeliveriesStatus {
+    last_pass: Option<sluice_dispatcher::recover::Summary>,
+    lost: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,6 +68,7 @@ async fn show(js: &async_nats::jetstream::Context, output: Output) -> anyhow::Re
         streams: Vec::new(),
         consumers: Vec::new(),
         runners: Vec::new(),
+        deliveries: None,
     };
     for config in StreamSettings::default().all() {
         let Ok(mut stream) = js.get_stream(&config.name).await else {
@@ -103,6 +113,12 @@ async fn show(js: &async_nats::jetstream::Context, output: Output) -> anyhow::Re
                 });
             }
         }
+    }
+    if let Ok(report) = sluice_dispatcher::recover::lost(js).await {
+        status.deliveries = Some(DeliveriesStatus {
+            last_pass: report.last_pass,
+            lost: report.lost.len(),
+        });
     }
     if output != Output::Table {
         return output::structured(&status, output);
@@ -153,6 +169,19 @@ async fn show(js: &async_nats::jetstream::Context, output: Output) -> anyhow::Re
             })
             .collect();
         output::table(&["CLUSTER", "RUNNER", "SEEN"], &rows);
+    }
+    if let Some(d) = &status.deliveries {
+        println!();
+        match &d.last_pass {
+            Some(pass) => println!("Delivery reconciler: {}", crate::events::pass_line(pass)),
+            None => println!("Delivery reconciler: no pass yet."),
+        }
+        if d.lost > 0 {
+            println!(
+                "{} webhook deliveries could not be recovered: see `sluice events lost`.",
+                d.lost
+            );
+        }
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The delivery reconciler's command line: its flags refused out of range with a
-//! message, and `sluice events lost` showing what could not be recovered and why.
+//! message, and `sluice events lost` (and `sluice status`) showing what could not be
+//! recovered and why.
 
 use std::process::{Command, Output};
 
@@ -127,14 +128,21 @@ async fn events_lost_lists_what_could_not_be_recovered_and_why() {
     };
     put(PASS_KEY.into(), serde_json::to_vec(&summary).expect("json")).await;
 
-    let (table, json) = tokio::task::spawn_blocking(move || {
+    let (table, json, status) = tokio::task::spawn_blocking(move || {
         (
             sluice(&url, &["events", "lost"]),
             sluice(&url, &["events", "lost", "-o", "json"]),
+            sluice(&url, &["status"]),
         )
     })
     .await
     .expect("ran");
+    let status = text(&status.stdout);
+    assert!(
+        status.contains("Delivery reconciler: 2026-12-02T11:00:00Z by dispatcher-0: 40 listed")
+            && status.contains("2 webhook deliveries could not be recovered"),
+        "{status}"
+    );
     assert!(table.status.success(), "{}", text(&table.stderr));
     let out = text(&table.stdout);
     for says in [
