@@ -212,8 +212,8 @@ pub struct DispatcherArgs {
     /// Redeliveries of one delivery before it is reported lost (`sluice events lost`).
     #[arg(long, env = "SLUICE_RECOVER_MAX_ATTEMPTS", default_value_t = sluice_dispatcher::recover::MAX_ATTEMPTS, value_parser = at_least_one_of::<u32>)]
     pub recover_max_attempts: u32,
-    /// GitHub requests per hour for reconciling (listing and redeliveries), on top of
-    /// the commit statuses' --forge-requests-per-hour.
+    /// GitHub requests per hour for reconciling (listing and redeliveries) at most;
+    /// with --report-statuses each is also taken from --forge-requests-per-hour.
     #[arg(long, env = "SLUICE_RECOVER_REQUESTS_PER_HOUR", default_value_t = sluice_dispatcher::recover::REQUESTS_PER_HOUR, value_parser = at_least_one_of::<u32>)]
     pub recover_requests_per_hour: u32,
 }

@@ -6,6 +6,7 @@
 //! produce a second run.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 mod bus;
 pub mod consume;
 pub mod decisions;
@@ -204,26 +205,37 @@ async fn run_with(
         registry.clone(),
         shutdown.clone(),
     ));
-    let reporting =
-        config
-            .reporter
-            .clone()
-            .zip(consumers.reporter.clone())
-            .map(|(r, consuming)| {
-                tokio::spawn(reporter::run(
-                    bus.js.clone(),
-                    config.forge.clone(),
-                    r,
-                    consuming,
-                    config.metrics.clone(),
-                    shutdown.clone(),
-                ))
-            });
+    // One GitHub and GitLab budget for the commit statuses and the delivery
+    // reconciler: they may use the same credential, and a forge's "wait" holds both.
+    let forge_budget = config
+        .reporter
+        .as_ref()
+        .map(|r| budget::ForgeBudget::new(r.requests_per_hour));
+    let reporting = config
+        .reporter
+        .clone()
+        .zip(consumers.reporter.clone())
+        .zip(forge_budget.clone())
+        .map(|((r, consuming), budget)| {
+            tokio::spawn(reporter::run(
+                bus.js.clone(),
+                config.forge.clone(),
+                r,
+                budget,
+                consuming,
+                config.metrics.clone(),
+                shutdown.clone(),
+            ))
+        });
     let recovering = match config.recover.clone() {
         Some(r) => {
             let reconciler =
                 recover::Reconciler::new(bus.js.clone(), &config.forge, r, config.metrics.clone())
                     .await?;
+            let reconciler = match forge_budget {
+                Some(budget) => reconciler.sharing(budget),
+                None => reconciler,
+            };
             Some(tokio::spawn(recover::run(
                 Arc::new(reconciler),
                 shutdown.clone(),

@@ -9,7 +9,6 @@
 //! sent and not superseded meanwhile. A spike of thousands of runs degrades to later
 //! statuses, never to lost ones.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use sluice_core::run::{RunState, StatusUpdate};
 use sluice_core::streams;
 use sluice_core::{subjects, Provider};
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::ForgeBudget;
 use crate::consume::{self, keep_consuming, Consuming};
 use crate::forge::ForgeConfig;
 use crate::metrics::Metrics;
@@ -76,12 +75,13 @@ pub async fn run(
     js: jetstream::Context,
     forge: ForgeConfig,
     config: ReporterConfig,
+    budget: ForgeBudget,
     consuming: Consuming,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let kv = streams::bucket(&js, subjects::REPORTS_BUCKET).await?;
-    let sender = Arc::new(Sender::new(forge, &config, metrics)?);
+    let sender = Arc::new(Sender::new(forge, &config, budget, metrics)?);
     let intake = tokio::spawn({
         let (kv, shutdown) = (kv.clone(), shutdown.clone());
         async move {
@@ -280,20 +280,18 @@ struct Sender {
     gitlab_api_url: String,
     http: reqwest::Client,
     link_base_url: String,
-    budgets: Mutex<HashMap<Provider, Budget>>,
-    requests_per_hour: u32,
+    /// Shared with the delivery reconciler, when it runs.
+    budget: ForgeBudget,
     metrics: Metrics,
 }
 
-/// A token bucket, and a pause when the forge said to wait.
-struct Budget {
-    tokens: f64,
-    refilled: Instant,
-    paused_until: Option<Instant>,
-}
-
 impl Sender {
-    fn new(forge: ForgeConfig, config: &ReporterConfig, metrics: Metrics) -> Result<Self> {
+    fn new(
+        forge: ForgeConfig,
+        config: &ReporterConfig,
+        budget: ForgeBudget,
+        metrics: Metrics,
+    ) -> Result<Self> {
         if config.requests_per_hour == 0 {
             return Err(Error::InvalidSetting {
                 setting: "forge requests per hour",
@@ -314,34 +312,14 @@ impl Sender {
                 .build()
                 .map_err(Error::HttpClient)?,
             link_base_url: config.link_base_url.trim_end_matches('/').to_owned(),
-            budgets: Mutex::new(HashMap::new()),
-            requests_per_hour: config.requests_per_hour,
+            budget,
             metrics,
         })
     }
 
     /// Takes one request from `forge`'s budget, or says to wait.
     async fn allow(&self, forge: Provider) -> bool {
-        let per_sec = f64::from(self.requests_per_hour) / 3600.0;
-        let burst = (f64::from(self.requests_per_hour) / 50.0).max(1.0);
-        let mut budgets = self.budgets.lock().await;
-        let b = budgets.entry(forge).or_insert(Budget {
-            tokens: burst,
-            refilled: Instant::now(),
-            paused_until: None,
-        });
-        let now = Instant::now();
-        if b.paused_until.is_some_and(|t| now < t) {
-            return false;
-        }
-        b.tokens = (b.tokens + now.duration_since(b.refilled).as_secs_f64() * per_sec).min(burst);
-        b.refilled = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.budget.take(forge, Instant::now()).is_ok()
     }
 
     async fn pause(&self, forge: Provider, wait: Duration) {
@@ -350,9 +328,8 @@ impl Sender {
             ?wait,
             "forge rate limit reached; pausing commit statuses"
         );
-        if let Some(b) = self.budgets.lock().await.get_mut(&forge) {
-            b.paused_until = Some(Instant::now() + wait);
-        }
+        let now = Instant::now();
+        self.budget.pause(forge, now, now + wait);
     }
 
     /// Sends one status and counts what became of it (nothing when the own budget

@@ -25,11 +25,11 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use octocrab::Octocrab;
 use serde::{Deserialize, Serialize};
-use sluice_core::{streams, subjects};
+use sluice_core::{streams, subjects, Provider};
 use time::OffsetDateTime;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::ForgeBudget;
 use crate::forge::ForgeConfig;
 use crate::github::GitHub;
 use crate::metrics::Metrics;
@@ -46,9 +46,10 @@ pub const MAX_HORIZON: Duration = Duration::from_secs(3 * 24 * 3600);
 pub const INTERVAL: Duration = Duration::from_secs(300);
 /// Default `--recover-max-attempts`.
 pub const MAX_ATTEMPTS: u32 = 3;
-/// Default `--recover-requests-per-hour`: a tenth of GitHub's 5,000, so that the
-/// reconciler and the commit status reporter together stay within one token's limit
-/// at the reporter's default of 4,500 or less.
+/// Default `--recover-requests-per-hour`: a tenth of GitHub's 5,000 an hour. With
+/// `--report-statuses` every request is also taken from the reporter's budget
+/// (`--forge-requests-per-hour`), so the two together stay within that; this cap keeps
+/// reconciling from starving the statuses.
 pub const REQUESTS_PER_HOUR: u32 = 500;
 /// The key of the last pass's summary (`sluice events lost` shows it).
 pub const PASS_KEY: &str = "pass";
@@ -219,49 +220,6 @@ pub struct Summary {
     pub errors: Vec<String>,
 }
 
-/// A token bucket, and a pause when GitHub said to wait.
-#[derive(Debug)]
-struct Budget {
-    per_hour: u32,
-    tokens: f64,
-    refilled: Instant,
-    paused_until: Option<Instant>,
-}
-
-impl Budget {
-    fn new(per_hour: u32) -> Self {
-        Budget {
-            per_hour,
-            tokens: burst(per_hour),
-            refilled: Instant::now(),
-            paused_until: None,
-        }
-    }
-
-    /// Takes one request; when there is none, how long until the next (`None` while
-    /// GitHub said to wait).
-    fn take(&mut self, now: Instant) -> std::result::Result<(), Option<Duration>> {
-        if self.paused_until.is_some_and(|t| now < t) {
-            return Err(None);
-        }
-        let per_sec = f64::from(self.per_hour) / 3600.0;
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * per_sec).min(burst(self.per_hour));
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Some(Duration::from_secs_f64((1.0 - self.tokens) / per_sec)))
-        }
-    }
-}
-
-/// A pass may spend a fiftieth of the hour's budget at once (at least one request).
-fn burst(per_hour: u32) -> f64 {
-    (f64::from(per_hour) / 50.0).max(1.0)
-}
-
 /// How one pass may spend: until when it may wait for the budget, and whether it
 /// stopped asking GitHub (rate limited, budget spent, shutting down).
 struct Pass<'a> {
@@ -277,7 +235,10 @@ pub struct Reconciler {
     github: GitHub,
     config: RecoverConfig,
     metrics: Metrics,
-    budget: Mutex<Budget>,
+    /// Its own `requests_per_hour`.
+    budget: ForgeBudget,
+    /// The commit status reporter's, when it runs: requests are taken from both.
+    shared: Option<ForgeBudget>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -321,7 +282,7 @@ impl Reconciler {
             });
         }
         let kv = streams::bucket(&js, subjects::DELIVERIES_BUCKET).await?;
-        let budget = Mutex::new(Budget::new(config.requests_per_hour));
+        let budget = ForgeBudget::new(config.requests_per_hour);
         Ok(Reconciler {
             js,
             kv,
@@ -329,7 +290,31 @@ impl Reconciler {
             config,
             metrics,
             budget,
+            shared: None,
         })
+    }
+
+    /// Spends from `budget` too (the commit status reporter's), and pauses it when
+    /// GitHub says to wait.
+    pub fn sharing(self, budget: ForgeBudget) -> Self {
+        Reconciler {
+            shared: Some(budget),
+            ..self
+        }
+    }
+
+    /// One request from its own budget and the shared one; when either has none, how
+    /// long until the next (`None` while paused).
+    fn take(&self) -> std::result::Result<(), Option<Duration>> {
+        let now = Instant::now();
+        self.budget.take(Provider::Github, now)?;
+        match self.shared.as_ref().map(|b| b.take(Provider::Github, now)) {
+            None | Some(Ok(())) => Ok(()),
+            Some(Err(wait)) => {
+                self.budget.refund(Provider::Github, now);
+                Err(wait)
+            }
+        }
     }
 
     /// One pass over every hook at `now`, whether or not this replica holds the lease
@@ -446,8 +431,7 @@ impl Reconciler {
                 ctl.stopped = true;
                 return false;
             }
-            let taken = self.budget.lock().await.take(Instant::now());
-            let wait = match taken {
+            let wait = match self.take() {
                 Ok(()) => return true,
                 Err(Some(wait)) if Instant::now() + wait <= ctl.until => wait,
                 Err(_) => {
@@ -726,7 +710,10 @@ impl Reconciler {
                     ?wait,
                     "GitHub rate limit reached; pausing delivery recovery"
                 );
-                self.budget.lock().await.paused_until = Some(Instant::now() + wait);
+                let now = Instant::now();
+                for budget in std::iter::once(&self.budget).chain(&self.shared) {
+                    budget.pause(Provider::Github, now, now + wait);
+                }
                 return Err(Refusal::Wait);
             }
         }
@@ -885,31 +872,5 @@ mod tests {
         ] {
             assert!(bad.check().is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn the_budget_allows_a_burst_then_refills_and_pauses() {
-        let start = Instant::now();
-        let mut b = Budget::new(100);
-        assert_eq!(b.take(start), Ok(()), "a burst of 2");
-        assert_eq!(b.take(start), Ok(()));
-        let Err(Some(wait)) = b.take(start) else {
-            panic!("spent")
-        };
-        assert!(
-            wait.abs_diff(Duration::from_secs(36)) < Duration::from_millis(1),
-            "{wait:?}"
-        );
-        assert_eq!(
-            b.take(start + Duration::from_secs(36)),
-            Ok(()),
-            "one per 36 s"
-        );
-        b.paused_until = Some(start + Duration::from_secs(3600));
-        assert_eq!(
-            b.take(start + Duration::from_secs(1800)),
-            Err(None),
-            "paused"
-        );
     }
 }

@@ -423,3 +423,44 @@ async fn one_replica_holds_the_lease_until_it_expires_or_is_given_up() {
         "given up"
     );
 }
+
+#[tokio::test]
+async fn the_budget_shared_with_the_commit_status_reporter_is_held_both_ways() {
+    use sluice_core::Provider;
+    use sluice_dispatcher::budget::ForgeBudget;
+    use std::time::Instant;
+
+    let w = world(10).await;
+    let body = fixture("github/push.json");
+    let now = OffsetDateTime::now_utc();
+    w.hooks
+        .failed_at("shared-1", "push", &body, now - time::Duration::minutes(1));
+    let metrics = Metrics::default();
+    // The reporter spent the shared budget (100 an hour: a burst of 2).
+    let spent = ForgeBudget::new(100);
+    for _ in 0..2 {
+        assert_eq!(spent.take(Provider::Github, Instant::now()), Ok(()));
+    }
+    let r = reconciler(&w.js, &w.hooks, &w.key, config("a"), &metrics)
+        .await
+        .sharing(spent);
+    let s = pass(&r, now).await;
+    assert_eq!((s.listed, s.redelivered), (0, 0), "{s:?}");
+    assert!(w.hooks.received().is_empty(), "not one request");
+
+    // GitHub's rate limit met by the reconciler holds the reporter back too.
+    let shared = ForgeBudget::new(36_000);
+    w.hooks.rate_limit(1);
+    let r = reconciler(&w.js, &w.hooks, &w.key, config("b"), &metrics)
+        .await
+        .sharing(shared.clone());
+    let s = pass(&r, now).await;
+    assert_eq!(s.redelivered, 0, "{s:?}");
+    assert!(w.hooks.received().iter().any(|r| r.answered == 403));
+    assert_eq!(
+        shared.take(Provider::Github, Instant::now()),
+        Err(None),
+        "the reporter waits out Retry-After too"
+    );
+    assert_eq!(shared.take(Provider::Gitlab, Instant::now()), Ok(()));
+}
