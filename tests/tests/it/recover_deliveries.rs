@@ -464,3 +464,75 @@ async fn the_budget_shared_with_the_commit_status_reporter_is_held_both_ways() {
     );
     assert_eq!(shared.take(Provider::Gitlab, Instant::now()), Ok(()));
 }
+
+#[tokio::test]
+async fn two_dispatchers_with_recover_deliveries_redeliver_each_missed_delivery_once() {
+    use sluice_tests::dispatcher::Dispatcher;
+
+    let w = world(2).await;
+    let body = fixture("github/push.json");
+    let now = OffsetDateTime::now_utc();
+    let missed: Vec<String> = (1..=4).map(|i| format!("missed-{i}")).collect();
+    for guid in &missed {
+        w.hooks
+            .failed_at(guid, "push", &body, now - time::Duration::minutes(3));
+    }
+    assert_eq!(w.hooks.deliver("arrived", "push", &body).await, 202);
+    let start = |holder: &str| {
+        let mut config = Dispatcher::config(&w.nats.url());
+        config.forge = forge(&w.hooks.uri(), &w.key);
+        config.recover = Some(RecoverConfig {
+            interval: Duration::from_millis(200),
+            ..self::config(holder)
+        });
+        Dispatcher::start_with(config)
+    };
+    let (a, b) = (start("d-1").await, start("d-2").await);
+    let js = &w.js;
+    wait_for(
+        "every missed delivery stored",
+        Duration::from_secs(30),
+        || async {
+            let stored = events_by_id(js).await;
+            missed
+                .iter()
+                .all(|g| stored.contains_key(&format!("github:{g}")))
+                .then_some(stored)
+        },
+    )
+    .await;
+    // Until every record says recovered: no redelivery is still in flight.
+    wait_for(
+        "every record recovered",
+        Duration::from_secs(30),
+        || async {
+            for guid in &missed {
+                if record(js, guid).await.map(|r| r.state) != Some(State::Recovered) {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    a.stop().await;
+    b.stop().await;
+    let redelivered = w.hooks.redeliveries();
+    assert_eq!(redelivered.len(), 4, "{redelivered:?}");
+    assert!(redelivered.values().all(|n| *n == 1), "{redelivered:?}");
+    let stored = events_by_id(js).await;
+    assert_eq!(stored.len(), 5, "{stored:?}");
+    assert!(stored.values().all(|n| *n == 1), "{stored:?}");
+    let kv = js
+        .get_key_value(subjects::DELIVERIES_BUCKET)
+        .await
+        .expect("bucket");
+    let lease = kv
+        .get(sluice_dispatcher::recover::LEASE_KEY)
+        .await
+        .expect("read");
+    assert!(
+        lease.is_none_or(|v| v.is_empty()),
+        "the holder gave the lease up on shutdown"
+    );
+}
