@@ -146,6 +146,8 @@ struct Shared {
     /// still open.
     connections: Mutex<Vec<(http::Version, bool)>>,
     watch_epoch: watch::Sender<u64>,
+    /// Bumped to end every open log follow, as an API server or a proxy dropping it.
+    log_epoch: watch::Sender<u64>,
     root: PathBuf,
     /// Load tests: containers print one line and run this long instead of running
     /// their commands.
@@ -201,6 +203,7 @@ impl KubeApi {
             requests: Mutex::new(Vec::new()),
             connections: Mutex::new(Vec::new()),
             watch_epoch: watch::channel(0).0,
+            log_epoch: watch::channel(0).0,
             root: root.path().to_owned(),
             simulate,
             objects: Mutex::new(objects::Store::default()),
@@ -307,6 +310,12 @@ impl KubeApi {
     }
 
     /// Ends every open watch, as an API server restart or a load balancer would.
+    /// Ends every open log follow (`follow=true`) cleanly while its container runs on:
+    /// the client must open it again, and gets the whole log from its first line.
+    pub fn drop_log_streams(&self) {
+        self.shared.log_epoch.send_modify(|e| *e += 1);
+    }
+
     pub fn drop_watches(&self) {
         self.shared.watch_epoch.send_modify(|e| *e += 1);
     }
@@ -793,6 +802,7 @@ async fn pod_log(
         return (StatusCode::OK, buf.slice(0)).into_response();
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let mut dropped = shared.log_epoch.subscribe();
     tokio::spawn(async move {
         let mut state = buf.state.subscribe();
         let mut sent = 0;
@@ -808,8 +818,11 @@ async fn pod_log(
             if closed && sent >= len {
                 return;
             }
-            if state.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() {
+                    return;
+                },
+                _ = dropped.changed() => return,
             }
         }
     });

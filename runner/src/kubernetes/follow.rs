@@ -44,7 +44,7 @@ pub(super) async fn follow_log(f: LogFollow) {
         pod,
         handoff,
     } = f;
-    let (stored, next_seq) = if adopted {
+    let (mut stored, next_seq) = if adopted {
         Box::pin(reporter.stored_log(&step)).await
     } else {
         (0, 0)
@@ -61,6 +61,7 @@ pub(super) async fn follow_log(f: LogFollow) {
             ..Default::default()
         };
         let mut clean = false;
+        let mut ended_at = time::OffsetDateTime::now_utc();
         // Held while the stream is open: it counts towards its connection's streams.
         let lease = logs.lease();
         match Box::pin(lease.log_stream(&pod_name, &params)).await {
@@ -92,6 +93,7 @@ pub(super) async fn follow_log(f: LogFollow) {
                         Ok(None) => {
                             store(&mut log, &mut read, stored, masked.finish()).await;
                             clean = true;
+                            ended_at = time::OffsetDateTime::now_utc();
                             break;
                         }
                         Err(e) => {
@@ -110,15 +112,25 @@ pub(super) async fn follow_log(f: LogFollow) {
         drop(lease);
         // A follow ends when the container does; the watch may report the exit a
         // moment later. If the container still runs after that, the stream dropped.
+        // With the exit, whether the stream was dropped before it rather than closed
+        // by it: then the lines written in between are read by opening it once more.
         let ended = async {
             loop {
                 let done = match &*pod.borrow_and_update() {
-                    PodView::Present(p) => status::terminated(p, &container),
-                    PodView::Gone => true,
-                    PodView::Unknown => false,
+                    PodView::Present(p) => status::terminated(p, &container).then(|| {
+                        status::ended_before_the_container(
+                            ended_at,
+                            status::finished_at(p, &container),
+                        )
+                    }),
+                    PodView::Gone => Some(false),
+                    PodView::Unknown => None,
                 };
-                if done || pod.changed().await.is_err() {
-                    return true;
+                if let Some(dropped) = done {
+                    return (true, dropped);
+                }
+                if pod.changed().await.is_err() {
+                    return (true, false);
                 }
             }
         };
@@ -127,8 +139,10 @@ pub(super) async fn follow_log(f: LogFollow) {
         } else {
             Duration::ZERO
         };
-        let done = tokio::time::timeout(wait, ended).await.unwrap_or(false);
-        if done && clean {
+        let (done, dropped) = tokio::time::timeout(wait, ended)
+            .await
+            .unwrap_or((false, false));
+        if done && clean && !dropped {
             break;
         }
         if !done {
@@ -136,8 +150,10 @@ pub(super) async fn follow_log(f: LogFollow) {
             delay = (delay * 2).min(Duration::from_secs(5));
         }
         // Re-open: a follow of a finished container returns its whole log and ends,
-        // which catches lines written between the drop and the exit; lines already
-        // read are skipped.
+        // which catches lines written between the drop and the exit. The stream starts
+        // again from the container's first line: every line read so far is skipped.
+        stored = stored.max(read);
+        read = 0;
     }
     log.flush().await;
 }

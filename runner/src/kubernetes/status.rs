@@ -87,6 +87,37 @@ pub(super) fn container_states<'a>(
         .collect()
 }
 
+/// When container `name` ended, as its status says (whole seconds).
+pub(super) fn finished_at(pod: &PodState, name: &str) -> Option<time::OffsetDateTime> {
+    let status = pod.status.as_ref()?;
+    let c = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .find(|c| c.name == name)?;
+    let at = c
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .finished_at
+        .as_ref()?
+        .0;
+    time::OffsetDateTime::from_unix_timestamp_nanos(at.as_nanosecond()).ok()
+}
+
+/// Whether a log stream that ended cleanly at `stream_end` ended before its container
+/// did (`finished`): an API server or proxy dropping it, not the kubelet closing it at
+/// the exit. `finished` has whole seconds; more than a second between the two cannot
+/// be that rounding.
+pub(super) fn ended_before_the_container(
+    stream_end: time::OffsetDateTime,
+    finished: Option<time::OffsetDateTime>,
+) -> bool {
+    finished.is_some_and(|f| f - stream_end > time::Duration::seconds(1))
+}
+
 /// Whether container `name` has ended.
 pub(super) fn terminated(pod: &PodState, name: &str) -> bool {
     matches!(

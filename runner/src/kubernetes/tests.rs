@@ -212,3 +212,24 @@ async fn a_rate_burst_or_stream_cap_of_zero_is_refused() {
         }
     }
 }
+
+#[test]
+fn a_log_stream_ending_well_before_its_container_was_dropped() {
+    use super::status::ended_before_the_container;
+    use time::macros::datetime;
+    let end = datetime!(2026-12-02 10:00:05.400 UTC);
+    // The kubelet closes the stream at the exit; the status has whole seconds.
+    assert!(!ended_before_the_container(
+        end,
+        Some(datetime!(2026-12-02 10:00:05 UTC))
+    ));
+    assert!(!ended_before_the_container(
+        end,
+        Some(datetime!(2026-12-02 10:00:06 UTC))
+    ));
+    assert!(ended_before_the_container(
+        end,
+        Some(datetime!(2026-12-02 10:00:08 UTC))
+    ));
+    assert!(!ended_before_the_container(end, None));
+}

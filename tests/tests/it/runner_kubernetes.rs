@@ -433,6 +433,61 @@ async fn api_throttling_watch_drops_and_a_nats_restart_lose_nothing() {
     );
 }
 
+/// A log follow the API server ends cleanly while the container runs on is opened
+/// again, whether the container runs on for longer than the runner waits for an exit
+/// (first drop) or exits soon after (second drop: the exit must not be taken for the
+/// stream's end), and the reopened stream (from the container's first line) stores no
+/// line twice and loses none.
+#[tokio::test]
+async fn a_log_stream_dropped_mid_step_is_reopened_without_a_line_twice() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let api = KubeApi::start().await;
+    let (repo, sha) = git_repo();
+    let _runner = Runner::start_kube(&nats.url(), "eu-1", "r1", &api, |_| {}).await;
+    publish_run(
+        &js,
+        &run_request(
+            "dropped-log",
+            "eu-1",
+            repo.path(),
+            &sha,
+            vec![step(
+                "count",
+                &["for i in $(seq 1 25); do echo line $i; sleep 0.3; done"],
+            )],
+        ),
+    )
+    .await;
+    // About 7 s of output: dropped after 2 lines (the exit more than 5 s away) and
+    // after 15 (the exit about 3 s away).
+    for after in [2, 15] {
+        wait_for(&format!("{after} lines stored"), DEADLINE, || async {
+            (log_lines(&js, "dropped-log", "count").await.len() >= after).then_some(())
+        })
+        .await;
+        api.drop_log_streams();
+    }
+    let done = wait_for("the run", Duration::from_secs(60), || {
+        final_state(&js, "dropped-log")
+    })
+    .await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    let expected: Vec<String> = (1..=25).map(|i| format!("line {i}")).collect();
+    assert_eq!(log_lines(&js, "dropped-log", "count").await, expected);
+    let follows = api
+        .requests()
+        .iter()
+        .filter(|r| r.uri.contains("/log?") && r.uri.contains("follow=true"))
+        .count();
+    assert!(
+        follows >= 3,
+        "the log was opened again after each drop: {follows}"
+    );
+}
+
 const FAMILY: &str = r#"
 name: parent
 triggers: [{ kinds: [push] }]
