@@ -179,7 +179,7 @@ async fn run_with(
     let bus = Bus::new(client.clone(), config.publish_timeout);
     let mut delay = Duration::from_millis(100);
     loop {
-        match streams::prepare(&bus.js, &config.streams, NEEDS).await {
+        match streams::prepare(&bus.js, &config.streams, needs(config.recover.is_some())).await {
             Ok(differences) => {
                 streams::report("dispatcher", &differences);
                 break;
@@ -344,16 +344,43 @@ async fn run_with(
 /// Time the messages still in hand at the end of the grace period get to be handed back.
 const HAND_BACK_TIME: Duration = Duration::from_secs(1);
 
-/// Everything the dispatcher reads or writes.
-const NEEDS: streams::Needs = streams::Needs {
-    streams: &subjects::STREAMS,
-    buckets: &subjects::BUCKETS,
-    object_stores: &[],
-};
+/// Everything the dispatcher reads or writes: the delivery reconciler's bucket only
+/// when it runs, so that a dispatcher without it still starts against streams applied
+/// before that bucket existed.
+fn needs(recovering: bool) -> streams::Needs {
+    const WITHOUT_DELIVERIES: [&str; 4] = [
+        subjects::PIPELINES_BUCKET,
+        subjects::RUNNERS_BUCKET,
+        subjects::REPORTS_BUCKET,
+        subjects::GROUPS_BUCKET,
+    ];
+    streams::Needs {
+        streams: &subjects::STREAMS,
+        buckets: if recovering {
+            &subjects::BUCKETS
+        } else {
+            &WITHOUT_DELIVERIES
+        },
+        object_stores: &[],
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reconcilers_bucket_is_needed_only_when_it_runs() {
+        let without = needs(false).buckets;
+        assert!(!without.contains(&subjects::DELIVERIES_BUCKET));
+        assert_eq!(
+            without.len() + 1,
+            subjects::BUCKETS.len(),
+            "every other bucket"
+        );
+        assert!(without.iter().all(|b| subjects::BUCKETS.contains(b)));
+        assert_eq!(needs(true).buckets, subjects::BUCKETS);
+    }
 
     #[test]
     fn settings_that_would_take_no_event_are_refused() {
