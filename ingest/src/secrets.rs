@@ -31,6 +31,12 @@ impl SecretSet {
         }
     }
 
+    /// True when some secret is configured for a repository or group: only then does
+    /// the payload's target select the secrets, and need reading before verification.
+    pub fn selects_by_target(&self) -> bool {
+        !self.groups.is_empty() || !self.repos.is_empty()
+    }
+
     /// True when no secret at all is configured: the endpoint then refuses everything.
     pub fn is_empty(&self) -> bool {
         self.default.is_empty() && self.groups.is_empty() && self.repos.is_empty()

@@ -40,7 +40,12 @@ impl Endpoint for Github {
             BodyKind::Json => Ok(Cow::Borrowed(&body[..])),
             BodyKind::Form => form_payload(&body),
         };
-        let target = payload.as_deref().ok().and_then(normalize::github_target);
+        // With default secrets only, the target selects nothing: the body is then
+        // parsed once, after verification.
+        let by_target = state.secrets.github.selects_by_target();
+        let target = by_target
+            .then(|| payload.as_deref().ok().and_then(normalize::github_target))
+            .flatten();
         let secrets = state.secrets.github.for_repo(target.as_deref());
         let verified = if let Some(sig) = header_str(headers, "x-hub-signature-256") {
             verify::github_sha256(secrets, sig, &body)
@@ -66,7 +71,9 @@ impl Endpoint for Github {
             .map_err(|m| Reject::bad_request(m.0.clone()))?;
         let parsed: normalize::GithubPayload =
             serde_json::from_slice(payload).map_err(Malformed::from)?;
-        same_target(target.as_deref(), parsed.target())?;
+        if by_target {
+            same_target(target.as_deref(), parsed.target())?;
+        }
         let event = normalize::github(event_name, delivery, parsed);
         store(state, event, payload, received).await
     }

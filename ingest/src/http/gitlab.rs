@@ -35,7 +35,10 @@ impl Endpoint for Gitlab {
     ) -> Result<Response, Reject> {
         body_kind(headers, false)?;
         let body = read_body(headers, body, &state.limits).await?;
-        let target = normalize::gitlab_target(&body);
+        // With default secrets only, the target selects nothing: the body is then
+        // parsed once, after verification.
+        let by_target = state.secrets.gitlab.selects_by_target();
+        let target = by_target.then(|| normalize::gitlab_target(&body)).flatten();
         let secrets = state.secrets.gitlab.for_repo(target.as_deref());
         let verified = if let Some(signature) = header_str(headers, "webhook-signature") {
             // GitLab's signing tokens use the Standard Webhooks scheme.
@@ -77,7 +80,9 @@ impl Endpoint for Gitlab {
         };
         let parsed: normalize::GitlabPayload =
             serde_json::from_slice(&body).map_err(Malformed::from)?;
-        same_target(target.as_deref(), parsed.repo())?;
+        if by_target {
+            same_target(target.as_deref(), parsed.repo())?;
+        }
         let event = normalize::gitlab(event_name, delivery, parsed);
         store(state, event, &body, received).await
     }
