@@ -137,6 +137,9 @@ struct Report {
     /// Per cluster: Pods, Pods/s between the first and the last create, drained after
     /// the last webhook (s), the limit.
     clusters: Vec<(String, usize, f64, f64, f64)>,
+    /// Per cluster: API requests the double answered, and their rate over the same
+    /// span as the Pod creates (the runners' client limit counts requests, not Pods).
+    requests: Vec<(usize, f64)>,
     all_final_after_last_webhook: Option<f64>,
     /// The whole path, per event that started one run: webhook sent → the run's Pod
     /// create received by the API double, and → its `scheduled` state stored.
@@ -222,9 +225,12 @@ impl Report {
             "| last webhook → last run planned | {} |",
             secs(self.last_planned_after_last_webhook)
         );
-        for (cluster, pods, rate, drained, limit) in &self.clusters {
+        for ((cluster, pods, rate, drained, limit), (requests, per_s)) in
+            self.clusters.iter().zip(&self.requests)
+        {
             println!(
-                "| {cluster}: Pods created | {pods} at {rate:.1}/s (limit {limit:.0}/s: {} runners × {}); backlog drained {drained:.1} s after the last webhook |",
+                "| {cluster}: Pods created | {pods} at {rate:.1}/s; {requests} API requests at {per_s:.1}/s ({:.1} per Pod; limit {limit:.0} requests/s: {} runners × {}); backlog drained {drained:.1} s after the last webhook |",
+                *requests as f64 / (*pods).max(1) as f64,
                 args.runners, args.kube_qps
             );
         }
@@ -600,6 +606,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         .max()
         .unwrap_or_else(Instant::now);
     let mut per_cluster = Vec::new();
+    let mut requests = Vec::new();
     for (c, cluster) in CLUSTERS.iter().enumerate() {
         let mut created: Vec<Instant> = apis[c].created_at().into_values().collect();
         created.sort();
@@ -611,6 +618,21 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
             ),
             _ => (0.0, 0.0),
         };
+        let answered = apis[c].requests();
+        let span = match (created.first(), created.last()) {
+            (Some(first), Some(last)) if last > first => Some((*first, *last)),
+            _ => None,
+        };
+        let in_span = span.map_or(0, |(first, last)| {
+            answered
+                .iter()
+                .filter(|r| r.at >= first && r.at <= last)
+                .count()
+        });
+        let per_s = span.map_or(0.0, |(first, last)| {
+            in_span as f64 / last.duration_since(first).as_secs_f64()
+        });
+        requests.push((answered.len(), per_s));
         per_cluster.push((
             (*cluster).to_owned(),
             created.len(),
@@ -639,6 +661,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         events_without_run,
         last_planned_after_last_webhook: last_planned.map(since_last),
         clusters: per_cluster,
+        requests,
         all_final_after_last_webhook: finals.values().max().copied().map(since_last),
         to_pod_create,
         to_scheduled,
