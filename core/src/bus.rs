@@ -181,8 +181,15 @@ pub async fn final_state(
         .and_then(|v| v.final_state()))
 }
 
-/// The stored event `event_id`, searched from an hour before `around` (when its run was
-/// first seen), or `None` when it is no longer stored.
+/// How far around the time a run was first seen its event is searched: from an hour
+/// before (the event is stored before its run's first state, a queued delivery long
+/// before) to ten minutes after (clocks), so a search reads a bounded slice of the
+/// stream however old the run.
+const EVENT_BEFORE: std::time::Duration = std::time::Duration::from_secs(3600);
+const EVENT_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The stored event `event_id` of a run first seen at `around`, or `None` when it is no
+/// longer stored (or not within the searched slice).
 pub async fn find_event(
     js: &jetstream::Context,
     event_id: &str,
@@ -193,7 +200,7 @@ pub async fn find_event(
         subjects::EVENTS_STREAM,
         "sluice.events.>".into(),
         DeliverPolicy::ByStartTime {
-            start_time: around - std::time::Duration::from_secs(3600),
+            start_time: around - EVENT_BEFORE,
         },
     )
     .await?;
@@ -204,6 +211,9 @@ pub async fn find_event(
         .take(pending as usize);
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| Error::bus("read events", e))?;
+        if m.info().is_ok_and(|i| i.published > around + EVENT_AFTER) {
+            break;
+        }
         let Ok(event) = serde_json::from_slice::<crate::Event>(&m.payload) else {
             continue;
         };

@@ -149,7 +149,11 @@ fn durables_on(stream: &str) -> &'static [&'static str] {
 /// stores what was pushed (the server does not count its own streams as subscribers,
 /// so without one nothing is delivered). A runner could otherwise push messages it
 /// wrote itself into SLUICE_EVENTS or SLUICE_RUNS whenever anyone ran `nats sub '>'`.
-/// Clients read streams through consumers, which deliver to their inboxes.
+/// Clients read streams through consumers, which deliver to their inboxes. The one
+/// core subscription on a `sluice.` subject is the dispatchers' on
+/// [`subjects::RERUN`], which no stream stores; a message a consumer pushes there
+/// carries a `$JS.ACK` reply, and the dispatcher answers only to a client inbox
+/// (`sluice_dispatcher::rerun::answerable`) and acts only on runs as stored.
 pub const NO_CORE_SUBSCRIPTIONS: [&str; 4] = ["sluice.>", "$KV.>", "$O.>", "$JS.>"];
 
 /// The permissions of `role`'s user.

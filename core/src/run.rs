@@ -511,13 +511,10 @@ pub fn rerun_event(original: &crate::Event, pipeline: &str, now: OffsetDateTime)
 /// fails where the user sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RerunRequest {
+    /// The run to repeat. The dispatcher reads its pipeline and event from the stored
+    /// states itself: a request naming them could start any pipeline on any event.
     pub run_id: String,
-    pub event_id: String,
-    pub pipeline: String,
-    /// When the run was first seen: the event is searched from an hour before.
-    #[serde(with = "time::serde::rfc3339")]
-    pub first_seen: OffsetDateTime,
-    /// Who asked (a user name from the dashboard's proxy, or `token`), for the log.
+    /// Who asked (`user:<name>` from the dashboard's proxy, or `token`), for the log.
     pub by: String,
 }
 

@@ -76,31 +76,55 @@ impl Actions {
     }
 }
 
-/// Who is acting, or `None` when the request is not allowed: the user the trusted
-/// proxy names, else `token` for the right token in `Authorization: Bearer` or in the
-/// form. The token is compared in constant time.
+/// Who is acting, or `None` when the request is not allowed: `user:<name>` for the
+/// user the trusted proxy names (one value of its header, on a request the browser says
+/// is same-origin: the proxy's session cookie goes with any request, so the origin must
+/// be shown, not merely not contradicted), else `token` for the right token in
+/// `Authorization: Bearer` or in the form, compared in constant time.
 pub(crate) fn authorize(
     actions: &Actions,
     headers: &HeaderMap,
     form_token: Option<&str>,
 ) -> Option<String> {
     if let Some(name) = &actions.user_header {
-        let user = headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|u| !u.is_empty() && u.len() <= MAX_USER);
+        let mut values = headers.get_all(name).iter();
+        let user = match (values.next(), values.next()) {
+            (Some(one), None) => one
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|u| !u.is_empty() && u.len() <= MAX_USER),
+            // None, or a client's value beside the proxy's: nobody.
+            _ => None,
+        };
         if let Some(user) = user {
-            return Some(user.to_owned());
+            return same_origin(headers).then(|| format!("user:{user}"));
         }
     }
     let expected = actions.token.as_deref()?;
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
     let given = bearer.or(form_token)?.trim().as_bytes();
     bool::from(given.ct_eq(expected)).then(|| "token".to_owned())
+}
+
+/// Whether the browser says the request comes from this origin: `Sec-Fetch-Site:
+/// same-origin`, or an `Origin` naming this host.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if text(HeaderName::from_static("sec-fetch-site")) == Some("same-origin") {
+        return true;
+    }
+    match (text(header::ORIGIN), text(header::HOST)) {
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host)),
+        _ => false,
+    }
 }
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -216,17 +240,14 @@ async fn rerun(
         Ok(found) => found,
         Err(refused) => return refused,
     };
-    let Some(event_id) = view.event_id.clone() else {
+    if view.event_id.is_none() {
         return answer(
             StatusCode::CONFLICT,
             format!("run {run_id} names no event to run again"),
         );
-    };
+    }
     let request = RerunRequest {
         run_id: run_id.clone(),
-        event_id,
-        pipeline: view.pipeline.clone(),
-        first_seen: view.first_seen,
         by: who.clone(),
     };
     match bus::request_rerun(&s.client, &request, RERUN_ANSWER).await {
@@ -239,7 +260,7 @@ async fn rerun(
             tracing::warn!(%error, run = %run_id, by = %who, "a rerun from the dashboard got no answer");
             answer(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no dispatcher answered the rerun; is one running? Try again".into(),
+                "no dispatcher answered the rerun within 10 s; is one running? It may still start: look at the run list before asking again".into(),
             )
         }
     }
@@ -267,6 +288,10 @@ mod tests {
             ok
         );
         assert_eq!(authorize(&a, &headers(&[]), Some("s3cret")), ok);
+        assert_eq!(
+            authorize(&a, &headers(&[("authorization", "bearer s3cret")]), None),
+            ok
+        );
         for (h, form) in [
             (headers(&[]), None),
             (headers(&[("authorization", "Bearer s3cre")]), None),
@@ -288,17 +313,42 @@ mod tests {
     fn the_trusted_proxy_names_the_user() {
         let a = Actions::new(None, Some("X-Forwarded-User")).expect("actions");
         assert!(!a.asks_for_token());
+        let same = ("sec-fetch-site", "same-origin");
+        let ada = Some("user:ada".to_owned());
         assert_eq!(
-            authorize(&a, &headers(&[("x-forwarded-user", "ada")]), None),
-            Some("ada".to_owned())
+            authorize(&a, &headers(&[("x-forwarded-user", "ada"), same]), None),
+            ada
         );
+        let by_origin = headers(&[
+            ("x-forwarded-user", "ada"),
+            ("host", "d:8090"),
+            ("origin", "https://d:8090"),
+        ]);
+        assert_eq!(authorize(&a, &by_origin, None), ada);
+        // The proxy's cookie goes with any request: the origin must be shown.
+        for h in [
+            headers(&[("x-forwarded-user", "ada")]),
+            headers(&[("x-forwarded-user", "ada"), ("sec-fetch-site", "none")]),
+            headers(&[
+                ("x-forwarded-user", "ada"),
+                ("host", "d:8090"),
+                ("origin", "https://evil:8090"),
+            ]),
+        ] {
+            assert_eq!(authorize(&a, &h, None), None, "{h:?}");
+        }
+        // A client's value beside the proxy's is refused, not picked.
+        let mut two = headers(&[same]);
+        two.append("x-forwarded-user", "mallory".parse().expect("value"));
+        two.append("x-forwarded-user", "ada".parse().expect("value"));
+        assert_eq!(authorize(&a, &two, None), None);
         assert_eq!(
-            authorize(&a, &headers(&[("x-forwarded-user", " ")]), None),
+            authorize(&a, &headers(&[("x-forwarded-user", " "), same]), None),
             None
         );
         let long = "a".repeat(MAX_USER + 1);
         assert_eq!(
-            authorize(&a, &headers(&[("x-forwarded-user", &long)]), None),
+            authorize(&a, &headers(&[("x-forwarded-user", &long), same]), None),
             None
         );
         // No token configured: none is accepted.

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use sluice_core::roles::Role;
-use sluice_core::run::{run_id, CancelRequest, RunState, StatusUpdate};
+use sluice_core::run::{
+    run_id, CancelRequest, RerunAnswer, RerunRequest, RunRequest, RunState, StatusUpdate,
+};
 use sluice_core::{bus, subjects, Event, Provider};
 use sluice_tests::auth::AuthNats;
 use sluice_tests::dispatcher::{self, Dispatcher};
@@ -80,6 +82,11 @@ async fn cancel_and_rerun_on_the_dashboards_own_seed() {
     event.git_ref = Some("refs/heads/main".into());
     event.sha = Some("0123456789abcdef0123456789abcdef01234567".into());
     dispatcher::publish_event(&js, &event).await;
+    // Dispatched: the dispatcher joins the rerun queue group before it consumes.
+    wait_for("the event's decision", Duration::from_secs(20), || {
+        dispatcher::decision(&js, &event.id)
+    })
+    .await;
     let first = run_id(&event.id, "ci", 0);
     let status = running(&first, &event.id);
     bus::publish_json(&js, status.subject(), &status.message_id(), &status)
@@ -183,6 +190,63 @@ async fn cancel_and_rerun_on_the_dashboards_own_seed() {
         },
     )
     .await;
+
+    // The dashboard's credential cannot aim the dispatcher's answer anywhere but an
+    // inbox (its credential may publish almost anywhere): these go unanswered and
+    // undone, and a request after them is answered (one dispatcher, in order).
+    let asker = sluice_core::nats::connect(&server.options(&Role::Dashboard))
+        .await
+        .expect("the dashboard's seed connects");
+    let forged = RerunRequest {
+        run_id: first.clone(),
+        by: "token".into(),
+    };
+    let body = serde_json::to_vec(&forged).expect("json");
+    for reply in [
+        format!("$KV.{}.evil", subjects::PIPELINES_BUCKET),
+        subjects::runs("a"),
+    ] {
+        asker
+            .publish_with_reply(subjects::RERUN, reply, body.clone().into())
+            .await
+            .expect("publish");
+    }
+    asker.flush().await.expect("flush");
+    let third = bus::request_rerun(&asker, &forged, Duration::from_secs(10))
+        .await
+        .expect("an answer");
+    assert!(matches!(third, RerunAnswer::Started { .. }), "{third:?}");
+    let pipelines = js
+        .get_key_value(subjects::PIPELINES_BUCKET)
+        .await
+        .expect("bucket");
+    assert!(pipelines.get("evil").await.expect("get").is_none());
+    let requests = dispatcher::all_messages(&js, subjects::RUNS_STREAM).await;
+    for (subject, body) in &requests {
+        serde_json::from_slice::<RunRequest>(body)
+            .unwrap_or_else(|e| panic!("{subject}: not a run request: {e}"));
+    }
+    // The first run, the form's rerun and this one: the forged two started nothing.
+    wait_for("the third run request", Duration::from_secs(20), || async {
+        (dispatcher::all_messages(&js, subjects::RUNS_STREAM)
+            .await
+            .len()
+            == 3)
+            .then_some(())
+    })
+    .await;
+    // A run that does not exist is refused.
+    let none = RerunRequest {
+        run_id: "nosuchrun".into(),
+        by: "token".into(),
+    };
+    let refused = bus::request_rerun(&asker, &none, Duration::from_secs(10))
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(refused, RerunAnswer::Refused { .. }),
+        "{refused:?}"
+    );
 
     // With no dispatcher to ask, the rerun says so.
     dispatching.stop().await;

@@ -199,7 +199,9 @@ async fn run_with(
     let liveness_task = tokio::spawn(liveness::watch(runners, liveness.clone(), shutdown.clone()));
     let registry = Arc::new(registry::Registry::default());
     let watcher = registry::load_and_watch(pipelines, registry.clone(), shutdown.clone()).await?;
+    let rerun_requests = rerun::subscribe(&client).await?;
     let reruns = tokio::spawn(rerun::serve(
+        rerun_requests,
         client.clone(),
         bus.js.clone(),
         registry.clone(),
