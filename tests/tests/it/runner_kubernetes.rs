@@ -456,14 +456,16 @@ async fn a_log_stream_dropped_mid_step_is_reopened_without_a_line_twice() {
             &sha,
             vec![step(
                 "count",
-                &["for i in $(seq 1 25); do echo line $i; sleep 0.3; done"],
+                &["for i in $(seq 1 40); do echo line $i; sleep 0.3; done"],
             )],
         ),
     )
     .await;
-    // About 7 s of output: dropped after 2 lines (the exit more than 5 s away) and
-    // after 15 (the exit about 3 s away).
-    for after in [2, 15] {
+    // About 12 s of output: dropped after 2 lines (the exit more than 5 s away: the
+    // runner's wait for it ends first) and after 25 (the exit about 4 s away: it comes
+    // within that wait, more than a second after the stream ended). A drop within a
+    // second of the exit is the case the runner cannot tell from the exit itself.
+    for after in [2, 25] {
         wait_for(&format!("{after} lines stored"), DEADLINE, || async {
             (log_lines(&js, "dropped-log", "count").await.len() >= after).then_some(())
         })
@@ -475,7 +477,7 @@ async fn a_log_stream_dropped_mid_step_is_reopened_without_a_line_twice() {
     })
     .await;
     assert_eq!(done.state, RunState::Succeeded, "{done:?}");
-    let expected: Vec<String> = (1..=25).map(|i| format!("line {i}")).collect();
+    let expected: Vec<String> = (1..=40).map(|i| format!("line {i}")).collect();
     assert_eq!(log_lines(&js, "dropped-log", "count").await, expected);
     let follows = api
         .requests()
