@@ -7,9 +7,8 @@ use anyhow::{bail, Context};
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
-use sluice_core::run::{CancelRequest, LogChunk, RunState, RunView, StatusUpdate};
+use sluice_core::run::{LogChunk, RunState, RunView, StatusUpdate};
 use sluice_core::{bus, subjects};
-use time::OffsetDateTime;
 
 use crate::args::{Global, Output, RunsCommand};
 use crate::output;
@@ -89,18 +88,7 @@ pub async fn run(
                 bail!("run {run_id} already ended: {}", view.state.as_str());
             }
             let cluster = view.cluster.context("the run's cluster is unknown")?;
-            let request = CancelRequest {
-                run_id: run_id.clone(),
-                reason: "cancelled by a user".into(),
-                at: OffsetDateTime::now_utc(),
-            };
-            bus::publish_json(
-                &js,
-                subjects::cancel(&cluster),
-                &subjects::cancel_id(&run_id),
-                &request,
-            )
-            .await?;
+            bus::cancel(&js, &cluster, &run_id, "cancelled by a user").await?;
             println!("cancel requested for run {run_id} on cluster {cluster}");
             Ok(0)
         }

@@ -188,6 +188,28 @@ pub async fn final_state(
 const EVENT_BEFORE: std::time::Duration = std::time::Duration::from_secs(3600);
 const EVENT_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Asks `cluster`'s runners to cancel `run_id`, giving `reason`; stored once per run
+/// (the request's message id is the run's), so asking twice is one cancel.
+pub async fn cancel(
+    js: &jetstream::Context,
+    cluster: &str,
+    run_id: &str,
+    reason: &str,
+) -> Result<PublishAck> {
+    let request = crate::run::CancelRequest {
+        run_id: run_id.to_owned(),
+        reason: reason.to_owned(),
+        at: time::OffsetDateTime::now_utc(),
+    };
+    publish_json(
+        js,
+        subjects::cancel(cluster),
+        &subjects::cancel_id(run_id),
+        &request,
+    )
+    .await
+}
+
 /// The stored event `event_id` of a run first seen at `around`, or `None` when it is no
 /// longer stored (or not within the searched slice).
 pub async fn find_event(

@@ -12,10 +12,9 @@ use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::post;
 use axum::Router;
-use sluice_core::run::{CancelRequest, RerunAnswer, RerunRequest, RunView};
-use sluice_core::{bus, subjects};
+use sluice_core::bus;
+use sluice_core::run::{RerunAnswer, RerunRequest, RunView};
 use subtle::ConstantTimeEq;
-use time::OffsetDateTime;
 
 use crate::AppState;
 
@@ -207,18 +206,8 @@ async fn cancel(
             format!("run {run_id} has no cluster yet; try again in a moment"),
         );
     };
-    let request = CancelRequest {
-        run_id: run_id.clone(),
-        reason: format!("cancelled by {who} from the dashboard"),
-        at: OffsetDateTime::now_utc(),
-    };
-    let stored = bus::publish_json(
-        &s.js,
-        subjects::cancel(&cluster),
-        &subjects::cancel_id(&run_id),
-        &request,
-    )
-    .await;
+    let reason = format!("cancelled by {who} from the dashboard");
+    let stored = bus::cancel(&s.js, &cluster, &run_id, &reason).await;
     if let Err(error) = stored {
         tracing::error!(%error, run = %run_id, by = %who, "a cancel from the dashboard was not stored");
         return answer(

@@ -55,18 +55,7 @@ fn running(run: &str, event: &str) -> StatusUpdate {
 
 #[tokio::test]
 async fn cancel_and_rerun_on_the_dashboards_own_seed() {
-    let server = AuthNats::start(&["a"]).await;
-    let admin = sluice_core::nats::connect(&server.options(&Role::Admin))
-        .await
-        .expect("admin");
-    let js = async_nats::jetstream::new(admin);
-    let settings = sluice_core::streams::StreamSettings {
-        clusters: vec![sluice_core::streams::ClusterConsumer::new("a")],
-        ..Default::default()
-    };
-    sluice_core::streams::apply(&js, &settings, false)
-        .await
-        .expect("streams");
+    let (server, js) = AuthNats::provisioned(&["a"]).await;
     dispatcher::apply(
         &js,
         "name: ci\nruntime: { cluster: a }\ntriggers:\n  - kinds: [push]\nsteps:\n  - name: build\n    image: alpine\n    commands: [make]\n",
@@ -271,14 +260,7 @@ async fn cancel_and_rerun_on_the_dashboards_own_seed() {
 
 #[tokio::test]
 async fn without_allow_actions_there_is_nothing_to_post() {
-    let server = AuthNats::start(&["a"]).await;
-    let admin = sluice_core::nats::connect(&server.options(&Role::Admin))
-        .await
-        .expect("admin");
-    let js = async_nats::jetstream::new(admin);
-    sluice_core::streams::apply(&js, &Default::default(), false)
-        .await
-        .expect("streams");
+    let (server, js) = AuthNats::provisioned(&["a"]).await;
     let status = running("run-1", "manual:x");
     bus::publish_json(&js, status.subject(), &status.message_id(), &status)
         .await

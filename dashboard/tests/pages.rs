@@ -509,18 +509,7 @@ async fn new_runs_and_state_changes_reach_the_live_run_list() {
 async fn every_page_reads_with_the_dashboard_roles_credential_only() {
     use sluice_core::roles::Role;
     use sluice_tests::auth::AuthNats;
-    let server = AuthNats::start(&["eu-1"]).await;
-    let admin = sluice_core::nats::connect(&server.options(&Role::Admin))
-        .await
-        .expect("admin");
-    let js = async_nats::jetstream::new(admin);
-    let settings = sluice_core::streams::StreamSettings {
-        clusters: vec![sluice_core::streams::ClusterConsumer::new("eu-1")],
-        ..Default::default()
-    };
-    sluice_core::streams::apply(&js, &settings, false)
-        .await
-        .expect("streams");
+    let (server, js) = AuthNats::provisioned(&["eu-1"]).await;
     dispatcher::apply(
         &js,
         "name: ci\nsteps:\n  - name: build\n    image: alpine\n    commands: [make]\n",

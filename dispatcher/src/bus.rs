@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use serde::Serialize;
-use sluice_core::run::{
-    CancelRequest, ChildResult, DeadLetter, Decision, RunRequest, RunState, StatusUpdate,
-};
+use sluice_core::run::{ChildResult, DeadLetter, Decision, RunRequest, RunState, StatusUpdate};
 use sluice_core::{subjects, Event};
 use time::OffsetDateTime;
 
@@ -91,17 +89,7 @@ impl Bus {
 
     /// Asks `cluster`'s runners to cancel `run_id`.
     pub async fn cancel(&self, cluster: &str, run_id: &str, reason: &str) -> Result<()> {
-        let request = CancelRequest {
-            run_id: run_id.to_owned(),
-            reason: reason.to_owned(),
-            at: OffsetDateTime::now_utc(),
-        };
-        self.publish(
-            subjects::cancel(cluster),
-            &subjects::cancel_id(run_id),
-            &request,
-        )
-        .await?;
+        sluice_core::bus::cancel(&self.js, cluster, run_id, reason).await?;
         tracing::info!(run_id, cluster, reason, "cancel requested");
         Ok(())
     }

@@ -77,6 +77,28 @@ impl AuthNats {
         server
     }
 
+    /// [`AuthNats::start`], then every stream, bucket and each cluster's consumer
+    /// provisioned with the admin seed, as `sluice streams apply` does; with the admin's
+    /// JetStream context.
+    pub async fn provisioned(clusters: &[&str]) -> (AuthNats, async_nats::jetstream::Context) {
+        let server = AuthNats::start(clusters).await;
+        let admin = sluice_core::nats::connect(&server.options(&Role::Admin))
+            .await
+            .expect("the admin seed connects");
+        let js = async_nats::jetstream::new(admin);
+        let settings = sluice_core::streams::StreamSettings {
+            clusters: clusters
+                .iter()
+                .map(|c| sluice_core::streams::ClusterConsumer::new(*c))
+                .collect(),
+            ..Default::default()
+        };
+        sluice_core::streams::apply(&js, &settings, false)
+            .await
+            .expect("streams apply with the admin seed");
+        (server, js)
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).expect("server log");
         let bin = server_binary();

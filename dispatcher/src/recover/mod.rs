@@ -562,32 +562,8 @@ impl Reconciler {
         }
     }
 
-    /// Every record in the bucket (only failed deliveries have one, so few), with its
-    /// revision.
     async fn records(&self) -> Result<Records> {
-        let keys: Vec<String> = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| Error::nats("list delivery records", e))?
-            .try_collect()
-            .await
-            .map_err(|e| Error::nats("list delivery records", e))?;
-        let mut records = Records::new();
-        for key in keys.into_iter().filter(|k| k.contains('.')) {
-            let Some(entry) = self
-                .kv
-                .entry(&key)
-                .await
-                .map_err(|e| Error::nats("read a delivery record", e))?
-            else {
-                continue;
-            };
-            if let Ok(record) = serde_json::from_slice::<Record>(&entry.value) {
-                records.insert(key, (record, entry.revision));
-            }
-        }
-        Ok(records)
+        records(&self.kv).await
     }
 
     /// Stores the pass's summary for `sluice events lost`; a failure only costs that.
@@ -753,6 +729,19 @@ pub async fn lost(js: &jetstream::Context) -> Result<LostReport> {
     if let Ok(Some(pass)) = kv.get(PASS_KEY).await {
         report.last_pass = serde_json::from_slice(&pass).ok();
     }
+    report.lost = records(&kv)
+        .await?
+        .into_values()
+        .map(|(record, _)| record)
+        .filter(|r| r.state == State::Lost)
+        .collect();
+    report.lost.sort_by_key(|r| r.first_delivered_at);
+    Ok(report)
+}
+
+/// Every delivery record in the bucket (only failed deliveries have one, so few), with
+/// its revision; the bucket's other keys (the lease, the last pass) have no dot.
+async fn records(kv: &Store) -> Result<Records> {
     let keys: Vec<String> = kv
         .keys()
         .await
@@ -760,19 +749,20 @@ pub async fn lost(js: &jetstream::Context) -> Result<LostReport> {
         .try_collect()
         .await
         .map_err(|e| Error::nats("list delivery records", e))?;
-    for key in keys.iter().filter(|k| k.contains('.')) {
-        let value = kv
-            .get(key)
+    let mut records = Records::new();
+    for key in keys.into_iter().filter(|k| k.contains('.')) {
+        let Some(entry) = kv
+            .entry(&key)
             .await
-            .map_err(|e| Error::nats("read a delivery record", e))?;
-        if let Some(record) = value.and_then(|v| serde_json::from_slice::<Record>(&v).ok()) {
-            if record.state == State::Lost {
-                report.lost.push(record);
-            }
+            .map_err(|e| Error::nats("read a delivery record", e))?
+        else {
+            continue;
+        };
+        if let Ok(record) = serde_json::from_slice::<Record>(&entry.value) {
+            records.insert(key, (record, entry.revision));
         }
     }
-    report.lost.sort_by_key(|r| r.first_delivered_at);
-    Ok(report)
+    Ok(records)
 }
 
 /// Runs passes every `config.interval` until `shutdown`, on the replica holding the
