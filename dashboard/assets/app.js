@@ -106,11 +106,14 @@ function followRuns(box) {
       link("/pipelines/" + encodeURIComponent(r.pipeline), r.pipeline),
       el("span", "state state-" + r.state, r.state),
       document.createTextNode(r.repo),
+      document.createTextNode(r.branch),
+      document.createTextNode(r.kind),
       el("code", null, r.sha),
       document.createTextNode(r.cluster),
       document.createTextNode(r.updated),
     ];
     for (const c of cells) { const td = el("td"); td.appendChild(c); tr.appendChild(td); }
+    tr.children[4].className = "ref";
     const old = document.getElementById(tr.id);
     if (old) old.replaceWith(tr);
     else tbody.insertBefore(tr, tbody.firstElementChild);

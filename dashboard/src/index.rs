@@ -1,6 +1,7 @@
-//! Every stored run, folded from the status stream as it grows: what `/runs` pages
-//! through and what its live updates come from. Each replica builds its own from
-//! JetStream at start, so the dashboard keeps no state of its own.
+//! Every stored run, folded from the status stream as it grows, with the kind and ref
+//! of its event folded from the decisions stream: what `/runs` pages through and what
+//! its live updates come from, and each run's children. Each replica builds its own
+//! from JetStream at start, so the dashboard keeps no state of its own.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 use sluice_core::admin::Check;
-use sluice_core::run::{RunView, StatusUpdate};
+use sluice_core::run::{Decision, ParentRef, RunView, StatusUpdate};
 use sluice_core::{bus, subjects};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,30 @@ use tokio_util::sync::CancellationToken;
 pub struct RunSummary {
     pub view: RunView,
     pub sha: Option<String>,
+    /// The run and step that started it, for a child run.
+    pub parent: Option<ParentRef>,
+    /// Its event's kind and ref, once the event's decision is read.
+    pub event: Option<EventFacts>,
+}
+
+/// What the decision of a run's event says about it: the kind (`push`,
+/// `pull_request`, `comment`, `tag`, `pipeline` for a child run, …) and the ref.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFacts {
+    pub kind: String,
+    pub git_ref: Option<String>,
+}
+
+impl EventFacts {
+    /// The branch the ref names (`refs/heads/` left off); a tag or other ref as it is.
+    pub fn branch(&self) -> &str {
+        branch_of(self.git_ref.as_deref().unwrap_or_default())
+    }
+}
+
+/// `refs/heads/main` → `main`; any other ref unchanged.
+pub fn branch_of(git_ref: &str) -> &str {
+    git_ref.strip_prefix("refs/heads/").unwrap_or(git_ref)
 }
 
 /// What `/runs` may be narrowed to; an empty field matches everything.
@@ -29,15 +54,28 @@ pub struct RunFilter {
     pub pipeline: String,
     pub state: String,
     pub cluster: String,
+    /// A branch name (`main`) or a whole ref (`refs/tags/v1`).
+    pub branch: String,
+    /// The event's kind: `push`, `pull_request`, `comment`, …
+    pub kind: String,
 }
 
 impl RunFilter {
     pub fn matches(&self, r: &RunSummary) -> bool {
         let v = &r.view;
+        let git_ref = r
+            .event
+            .as_ref()
+            .and_then(|e| e.git_ref.as_deref())
+            .unwrap_or_default();
         (self.repo.is_empty() || v.repo.as_deref() == Some(self.repo.as_str()))
             && (self.pipeline.is_empty() || v.pipeline == self.pipeline)
             && (self.state.is_empty() || v.state.as_str() == self.state)
             && (self.cluster.is_empty() || v.cluster.as_deref() == Some(self.cluster.as_str()))
+            && (self.branch.is_empty()
+                || git_ref == self.branch
+                || branch_of(git_ref) == self.branch)
+            && (self.kind.is_empty() || r.event.as_ref().is_some_and(|e| e.kind == self.kind))
     }
 }
 
@@ -48,6 +86,12 @@ struct Runs {
     order: Vec<String>,
     /// The last status stream sequence folded in.
     last_sequence: u64,
+    /// Each event's facts, by event id, from the decisions stream.
+    events: HashMap<String, EventFacts>,
+    /// The last decisions stream sequence folded in.
+    last_decision: u64,
+    /// Child run ids by parent run id, in the order they were first seen.
+    children: HashMap<String, Vec<String>>,
 }
 
 /// The shared index and the channel its changes are announced on (the run's id).
@@ -75,27 +119,108 @@ impl RunIndex {
                 return;
             }
             runs.last_sequence = sequence;
-            match runs.by_id.get_mut(&u.run_id) {
+            let runs = &mut *runs;
+            let new_parent = match runs.by_id.get_mut(&u.run_id) {
                 Some(r) => {
                     r.view.apply(u);
                     r.sha = u.sha.clone().or(r.sha.take());
+                    if r.event.is_none() {
+                        r.event = r
+                            .view
+                            .event_id
+                            .as_ref()
+                            .and_then(|e| runs.events.get(e))
+                            .cloned();
+                    }
+                    match (&r.parent, &u.parent) {
+                        (None, Some(p)) => {
+                            r.parent = Some(p.clone());
+                            Some(p.run_id.clone())
+                        }
+                        _ => None,
+                    }
                 }
                 None => {
                     let mut view = RunView::new(u);
                     view.apply(u);
+                    let event = view
+                        .event_id
+                        .as_ref()
+                        .and_then(|e| runs.events.get(e))
+                        .cloned();
                     runs.order.push(u.run_id.clone());
                     runs.by_id.insert(
                         u.run_id.clone(),
                         RunSummary {
                             view,
                             sha: u.sha.clone(),
+                            parent: u.parent.clone(),
+                            event,
                         },
                     );
+                    u.parent.as_ref().map(|p| p.run_id.clone())
                 }
+            };
+            if let Some(parent) = new_parent {
+                runs.children
+                    .entry(parent)
+                    .or_default()
+                    .push(u.run_id.clone());
             }
         }
         // No subscriber is not an error: nobody is watching the list.
         let _ = self.changes.send(u.run_id.clone());
+    }
+
+    /// Folds one stored decision in: its event's kind and ref, for the runs it started
+    /// (and any later run of the same event), each of which is announced again so a
+    /// filtered live list sees it once its event is known.
+    pub fn apply_decision(&self, sequence: u64, d: &Decision) {
+        let announce: Vec<String> = {
+            let mut runs = self.write();
+            if sequence <= runs.last_decision {
+                return;
+            }
+            runs.last_decision = sequence;
+            let facts = EventFacts {
+                kind: d.kind.clone(),
+                git_ref: d.git_ref.clone(),
+            };
+            runs.events.insert(d.event_id.clone(), facts.clone());
+            let mut announce = Vec::new();
+            for planned in &d.runs {
+                if let Some(r) = runs.by_id.get_mut(&planned.run_id) {
+                    if r.event.as_ref() != Some(&facts) {
+                        r.event = Some(facts.clone());
+                        announce.push(planned.run_id.clone());
+                    }
+                }
+            }
+            announce
+        };
+        for id in announce {
+            let _ = self.changes.send(id);
+        }
+    }
+
+    /// The runs `run_id` started, in the order they were first seen.
+    pub fn children(&self, run_id: &str) -> Vec<RunSummary> {
+        let runs = self.read();
+        runs.children
+            .get(run_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| runs.by_id.get(id).cloned())
+            .collect()
+    }
+
+    /// The event kinds of the stored runs, sorted: what the filter form offers.
+    pub fn kinds(&self) -> Vec<String> {
+        let runs = self.read();
+        let mut kinds: Vec<String> = runs.events.values().map(|e| e.kind.clone()).collect();
+        kinds.sort();
+        kinds.dedup();
+        kinds
     }
 
     /// One page of matching runs, newest first, skipping `offset` of them; and whether
@@ -153,18 +278,80 @@ impl RunIndex {
         self.runs.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Follows the status stream from where the index stands until `shutdown`,
-    /// reconnecting after errors. `ready` passes once the stored updates are all in.
+    /// Follows the status and decisions streams from where the index stands until
+    /// `shutdown`, reconnecting after errors. `ready` passes once the stored states
+    /// and decisions are all in.
     pub async fn follow(&self, js: &jetstream::Context, ready: Check, shutdown: CancellationToken) {
+        let statuses = Stream {
+            name: subjects::STATUS_STREAM,
+            subject: subjects::ALL_STATUS,
+        };
+        let decisions = Stream {
+            name: subjects::DECISIONS_STREAM,
+            subject: "sluice.decisions.>",
+        };
+        let (status_ready, decisions_ready) = (Caught::default(), Caught::default());
+        let both = |r: &Check| {
+            if status_ready.get() && decisions_ready.get() {
+                r.ready();
+            }
+        };
+        tokio::join!(
+            self.follow_stream(
+                js,
+                statuses,
+                || self.read().last_sequence,
+                |seq, body| {
+                    if let Ok(u) = serde_json::from_slice::<StatusUpdate>(body) {
+                        self.apply(seq, &u);
+                    }
+                },
+                || {
+                    status_ready.set();
+                    both(&ready);
+                },
+                &ready,
+                &shutdown,
+            ),
+            self.follow_stream(
+                js,
+                decisions,
+                || self.read().last_decision,
+                |seq, body| {
+                    if let Ok(d) = serde_json::from_slice::<Decision>(body) {
+                        self.apply_decision(seq, &d);
+                    }
+                },
+                || {
+                    decisions_ready.set();
+                    both(&ready);
+                },
+                &ready,
+                &shutdown,
+            ),
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn follow_stream(
+        &self,
+        js: &jetstream::Context,
+        stream: Stream,
+        last: impl Fn() -> u64,
+        apply: impl Fn(u64, &[u8]),
+        caught_up: impl Fn(),
+        ready: &Check,
+        shutdown: &CancellationToken,
+    ) {
         while !shutdown.is_cancelled() {
-            let next = self.read().last_sequence + 1;
+            let next = last() + 1;
             let result = tokio::select! {
-                r = self.follow_once(js, next, &ready) => r,
+                r = follow_once(js, &stream, next, &apply, &caught_up) => r,
                 () = shutdown.cancelled() => return,
             };
             if let Err(error) = result {
-                ready.failing(format!("reading {}: {error}", subjects::STATUS_STREAM));
-                tracing::warn!(%error, "the run index stopped reading; retrying");
+                ready.failing(format!("reading {}: {error}", stream.name));
+                tracing::warn!(%error, stream = stream.name, "the run index stopped reading; retrying");
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -172,43 +359,61 @@ impl RunIndex {
             }
         }
     }
+}
 
-    async fn follow_once(
-        &self,
-        js: &jetstream::Context,
-        start_sequence: u64,
-        ready: &Check,
-    ) -> sluice_core::Result<()> {
-        let (consumer, pending) = bus::ordered(
-            js,
-            subjects::STATUS_STREAM,
-            subjects::ALL_STATUS.into(),
-            DeliverPolicy::ByStartSequence { start_sequence },
-        )
-        .await?;
-        if pending == 0 {
-            ready.ready();
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| sluice_core::Error::bus("follow the status stream", e))?;
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| sluice_core::Error::bus("follow the status stream", e))?;
-            let Ok(info) = m.info() else { continue };
-            let (sequence, left) = (info.stream_sequence, info.pending);
-            if let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m.payload) {
-                self.apply(sequence, &u);
-            }
-            if left == 0 {
-                ready.ready();
-            }
-        }
-        Err(sluice_core::Error::bus(
-            "follow the status stream",
-            "the consumer ended",
-        ))
+/// A stream the index folds, and the subjects of it that it reads.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    name: &'static str,
+    subject: &'static str,
+}
+
+/// Whether one of the streams has been read to its end once.
+#[derive(Debug, Default)]
+struct Caught(std::sync::atomic::AtomicBool);
+
+impl Caught {
+    fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+
+    fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+async fn follow_once(
+    js: &jetstream::Context,
+    stream: &Stream,
+    start_sequence: u64,
+    apply: &impl Fn(u64, &[u8]),
+    caught_up: &impl Fn(),
+) -> sluice_core::Result<()> {
+    let what = format!("follow {}", stream.name);
+    let (consumer, pending) = bus::ordered(
+        js,
+        stream.name,
+        stream.subject.into(),
+        DeliverPolicy::ByStartSequence { start_sequence },
+    )
+    .await?;
+    if pending == 0 {
+        caught_up();
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| sluice_core::Error::bus(what.clone(), e))?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| sluice_core::Error::bus(what.clone(), e))?;
+        let Ok(info) = m.info() else { continue };
+        let (sequence, left) = (info.stream_sequence, info.pending);
+        apply(sequence, &m.payload);
+        if left == 0 {
+            caught_up();
+        }
+    }
+    Err(sluice_core::Error::bus(what, "the consumer ended"))
 }
 
 #[cfg(test)]
@@ -267,5 +472,108 @@ mod tests {
         };
         assert_eq!(index.page(&done, 0, 10).0.len(), 1);
         assert_eq!(index.in_flight().get("eu-1"), Some(&4));
+    }
+
+    fn decision(event: &str, kind: &str, git_ref: &str, runs: &[&str]) -> Decision {
+        serde_json::from_value(serde_json::json!({
+            "event_id": event, "provider": "github", "kind": kind, "action": null,
+            "repo": "acme/app", "ref": git_ref, "sha": null, "clone_url": null,
+            "decided_at": "2024-01-01T00:00:00Z", "pipelines": [], "not_considered": 0,
+            "runs": runs.iter().map(|r| serde_json::json!({
+                "run_id": r, "pipeline": "ci", "cluster": "eu-1", "outcome": "published"
+            })).collect::<Vec<_>>()
+        }))
+        .expect("decision")
+    }
+
+    fn ids(page: (Vec<RunSummary>, bool)) -> Vec<String> {
+        page.0.into_iter().map(|r| r.view.run_id).collect()
+    }
+
+    #[test]
+    fn branch_and_kind_come_from_the_decision_whichever_is_read_first() {
+        let index = RunIndex::default();
+        let mut changes = index.subscribe();
+        // The decision of e1 is read before its run's state; that of e2 after.
+        index.apply_decision(1, &decision("e1", "push", "refs/heads/main", &["r1"]));
+        let mut r1 = update("r1", "ci", RunState::Queued);
+        r1.event_id = Some("e1".into());
+        index.apply(1, &r1);
+        let mut r2 = update("r2", "ci", RunState::Queued);
+        r2.event_id = Some("e2".into());
+        index.apply(2, &r2);
+        let mut r3 = update("r3", "ci", RunState::Queued);
+        r3.event_id = Some("e3".into());
+        index.apply(3, &r3);
+        while changes.try_recv().is_ok() {}
+        index.apply_decision(
+            2,
+            &decision("e2", "pull_request", "refs/heads/fix/a b", &["r2"]),
+        );
+        assert_eq!(
+            changes.try_recv().ok().as_deref(),
+            Some("r2"),
+            "announced again"
+        );
+        // A repeated decision sequence is ignored.
+        index.apply_decision(2, &decision("e2", "comment", "refs/heads/x", &["r2"]));
+
+        let filter = |branch: &str, kind: &str| RunFilter {
+            branch: branch.into(),
+            kind: kind.into(),
+            ..RunFilter::default()
+        };
+        assert_eq!(ids(index.page(&filter("main", ""), 0, 10)), ["r1"]);
+        assert_eq!(
+            ids(index.page(&filter("refs/heads/main", ""), 0, 10)),
+            ["r1"]
+        );
+        assert_eq!(
+            ids(index.page(&filter("fix/a b", "pull_request"), 0, 10)),
+            ["r2"]
+        );
+        assert_eq!(ids(index.page(&filter("", "push"), 0, 10)), ["r1"]);
+        assert!(ids(index.page(&filter("main", "pull_request"), 0, 10)).is_empty());
+        assert_eq!(ids(index.page(&filter("", ""), 0, 10)), ["r3", "r2", "r1"]);
+        assert_eq!(index.kinds(), ["pull_request", "push"]);
+        assert_eq!(
+            index
+                .get("r2")
+                .and_then(|r| r.event)
+                .map(|e| e.branch().to_owned()),
+            Some("fix/a b".into())
+        );
+    }
+
+    #[test]
+    fn children_are_listed_by_parent_in_the_order_first_seen() {
+        let index = RunIndex::default();
+        index.apply(1, &update("p", "ci", RunState::Running));
+        let child = |run: &str, step: &str| {
+            let mut u = update(run, "deploy", RunState::Queued);
+            u.parent = Some(ParentRef {
+                run_id: "p".into(),
+                cluster: "eu-1".into(),
+                step: step.into(),
+            });
+            u
+        };
+        index.apply(2, &child("c1", "a"));
+        index.apply(3, &child("c2", "b"));
+        // A later state naming the parent again adds no second entry.
+        index.apply(4, &child("c1", "a"));
+        let children: Vec<_> = index
+            .children("p")
+            .into_iter()
+            .map(|c| (c.view.run_id, c.parent.map(|p| p.step)))
+            .collect();
+        assert_eq!(
+            children,
+            [
+                ("c1".into(), Some("a".into())),
+                ("c2".into(), Some("b".into()))
+            ]
+        );
+        assert!(index.children("c1").is_empty());
     }
 }

@@ -68,6 +68,8 @@ struct RunsPage {
     next: Option<String>,
     total: usize,
     states: [&'static str; 7],
+    /// The event kinds stored runs have, and the one asked for if none has it.
+    kinds: Vec<String>,
     /// The filter as a query string, for the live stream of this list.
     query: String,
 }
@@ -81,6 +83,8 @@ pub(crate) struct RunRow {
     pub repo: String,
     pub sha: String,
     pub cluster: String,
+    pub branch: String,
+    pub kind: String,
     pub updated: String,
 }
 
@@ -93,6 +97,12 @@ impl RunRow {
             repo: r.view.repo.clone().unwrap_or_default(),
             sha: short_sha(r.sha.as_deref()),
             cluster: r.view.cluster.clone().unwrap_or_default(),
+            branch: r
+                .event
+                .as_ref()
+                .map(|e| e.branch().to_owned())
+                .unwrap_or_default(),
+            kind: r.event.as_ref().map(|e| e.kind.clone()).unwrap_or_default(),
             updated: timestamp(r.view.updated_at),
         }
     }
@@ -127,6 +137,8 @@ fn form_pairs(f: &RunFilter) -> Vec<(&'static str, String)> {
         ("pipeline", f.pipeline.clone()),
         ("state", f.state.clone()),
         ("cluster", f.cluster.clone()),
+        ("branch", f.branch.clone()),
+        ("kind", f.kind.clone()),
     ]
 }
 
@@ -144,7 +156,12 @@ fn percent(s: &str) -> String {
 async fn runs(State(s): State<AppState>, Query(q): Query<RunsQuery>) -> Result<Response> {
     let (found, more) = s.index.page(&q.filter, q.page * PAGE_SIZE, PAGE_SIZE);
     let link = |p: usize| format!("/runs?{}", query_string(&q.filter, Some(p)));
+    let mut kinds = s.index.kinds();
+    if !q.filter.kind.is_empty() && !kinds.contains(&q.filter.kind) {
+        kinds.push(q.filter.kind.clone());
+    }
     page(RunsPage {
+        kinds,
         runs: found.iter().map(RunRow::new).collect(),
         prev: (q.page > 0).then(|| link(q.page - 1)),
         next: more.then(|| link(q.page + 1)),
@@ -164,6 +181,8 @@ struct RunPage {
     run: RunView,
     sha: String,
     parent: Option<ParentRef>,
+    /// The runs this one started, from the index.
+    children: Vec<ChildRow>,
     event: Option<EventInfo>,
     duration: String,
     steps: Vec<StepSection>,
@@ -173,6 +192,13 @@ struct RunPage {
     /// Cancel and rerun buttons, and whether their forms ask for the token.
     actions: bool,
     ask_token: bool,
+}
+
+struct ChildRow {
+    run_id: String,
+    pipeline: String,
+    step: String,
+    state: &'static str,
 }
 
 struct EventInfo {
@@ -314,6 +340,17 @@ async fn run(State(s): State<AppState>, Path(run_id): Path<String>) -> Result<Re
         duration: duration(times.run),
         sha: short_sha(sha.as_deref()),
         parent,
+        children: s
+            .index
+            .children(&run_id)
+            .into_iter()
+            .map(|c| ChildRow {
+                state: c.view.state.as_str(),
+                step: c.parent.map(|p| p.step).unwrap_or_default(),
+                pipeline: c.view.pipeline,
+                run_id: c.view.run_id,
+            })
+            .collect(),
         event,
         steps,
         after,
@@ -543,6 +580,15 @@ mod tests {
             "repo=a%2Fb%20c%26d&state=failed&page=2"
         );
         assert_eq!(query_string(&RunFilter::default(), None), "");
+        let f = RunFilter {
+            branch: "fix/a b".into(),
+            kind: "pull_request".into(),
+            ..RunFilter::default()
+        };
+        assert_eq!(
+            query_string(&f, Some(1)),
+            "branch=fix%2Fa%20b&kind=pull_request&page=1"
+        );
     }
 
     #[test]

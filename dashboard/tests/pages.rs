@@ -602,3 +602,108 @@ async fn every_page_reads_with_the_dashboard_roles_credential_only() {
     shutdown.cancel();
     dashboard.wait().await;
 }
+
+fn decided(event: &str, kind: &str, git_ref: &str, run: &str) -> Decision {
+    Decision {
+        event_id: event.into(),
+        kind: kind.into(),
+        git_ref: Some(git_ref.into()),
+        runs: vec![PlannedRun {
+            run_id: run.into(),
+            pipeline: "ci".into(),
+            cluster: "eu-1".into(),
+            outcome: "published".into(),
+        }],
+        ..decision()
+    }
+}
+
+#[tokio::test]
+async fn runs_filter_by_branch_and_event_kind_live_too_and_parents_list_their_children() {
+    let env = Env::start().await;
+    let js = &env.js;
+    env.page_with("/readyz", "").await;
+    let live = env
+        .http
+        .get(format!(
+            "{}/runs/live?branch=feature&kind=pull_request",
+            env.base
+        ))
+        .send()
+        .await
+        .expect("connect");
+    assert_eq!(live.status(), 200);
+
+    // run-a: a push to main, stored first; run-b: a pull request from `feature`, its
+    // state stored before its decision (the live list sends it once the event is known).
+    bus::publish_json_replacing(
+        js,
+        subjects::decision("github:d-a"),
+        &decided("github:d-a", "push", "refs/heads/main", "run-a"),
+    )
+    .await
+    .expect("decision");
+    let mut a = status("run-a", None, RunState::Running, None);
+    a.event_id = Some("github:d-a".into());
+    publish_status(js, &a).await;
+    let mut b = status("run-b", None, RunState::Queued, None);
+    b.event_id = Some("github:d-b".into());
+    publish_status(js, &b).await;
+    bus::publish_json_replacing(
+        js,
+        subjects::decision("github:d-b"),
+        &decided("github:d-b", "pull_request", "refs/heads/feature", "run-b"),
+    )
+    .await
+    .expect("decision");
+    let rows = read_events(live, 1).await;
+    let row: serde_json::Value = serde_json::from_str(&rows[0].data).expect("json");
+    assert_eq!(
+        row["run_id"], "run-b",
+        "only the matching run is sent: {row}"
+    );
+    assert_eq!(row["branch"], "feature");
+    assert_eq!(row["kind"], "pull_request");
+
+    // A child of run-a, started by its step `deploy`.
+    let mut c = status("run-c", None, RunState::Running, None);
+    c.event_id = Some("manual:child".into());
+    c.parent = Some(sluice_core::run::ParentRef {
+        run_id: "run-a".into(),
+        cluster: "eu-1".into(),
+        step: "deploy".into(),
+    });
+    publish_status(js, &c).await;
+
+    let main = env.page_with("/runs?branch=main", "run-a").await;
+    assert!(!main.contains("run-b"), "{main}");
+    assert!(main.contains("name=\"branch\" value=\"main\""), "{main}");
+    let whole_ref = env
+        .page_with("/runs?branch=refs%2Fheads%2Fmain", "run-a")
+        .await;
+    assert!(!whole_ref.contains("run-b"), "{whole_ref}");
+    let prs = env.page_with("/runs?kind=pull_request", "run-b").await;
+    assert!(!prs.contains("href=\"/runs/run-a\""), "{prs}");
+    assert!(
+        prs.contains("<option value=\"pull_request\" selected>"),
+        "the form keeps the choice: {prs}"
+    );
+    assert!(
+        prs.contains("data-live=\"/runs/live?kind=pull_request\""),
+        "{prs}"
+    );
+    let none = env.get("/runs?branch=feature&kind=push").await.2;
+    assert!(none.contains("No runs match"), "{none}");
+    let all = env.page_with("/runs", "run-c").await;
+    assert!(all.contains("<td class=\"ref\">feature</td>"), "{all}");
+
+    let parent = env.page_with("/runs/run-a", "Child runs").await;
+    assert!(
+        parent.contains("<a href=\"/runs/run-c\">ci</a> <code>run-c</code> from step deploy"),
+        "{parent}"
+    );
+    let child = env.page_with("/runs/run-c", "Started by").await;
+    assert!(child.contains("href=\"/runs/run-a\""), "{child}");
+    assert!(!child.contains("Child runs"), "{child}");
+    env.stop().await;
+}
