@@ -289,6 +289,8 @@ fn ingest_app() -> &'static (tokio::runtime::Runtime, IngestApp) {
                     header_timeout: std::time::Duration::from_millis(20),
                     idle_timeout: std::time::Duration::from_millis(1),
                     max_connections: 1,
+                    queue_wait: std::time::Duration::from_millis(1),
+                    retry_after: std::time::Duration::from_secs(10),
                 },
                 metrics,
             }

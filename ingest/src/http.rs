@@ -22,7 +22,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::Router;
+use axum::{Extension, Router};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use sluice_core::envelope::kind;
@@ -34,6 +34,7 @@ use crate::metrics::{Metrics, ProviderLabel, VerifyFailure};
 use crate::normalize::Malformed;
 use crate::publish::Publisher;
 use crate::secrets::Secrets;
+use crate::server::Arrived;
 use crate::verify::Failure;
 
 /// Limits applied to every request.
@@ -159,6 +160,7 @@ trait Endpoint {
 /// delivery, counts it in flight and counts its outcome.
 async fn webhook<E: Endpoint>(
     State(state): State<Arc<AppState>>,
+    arrived: Option<Extension<Arrived>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -167,8 +169,10 @@ async fn webhook<E: Endpoint>(
         provider = E::PROVIDER.as_str(),
         delivery_id = E::claimed_delivery(&headers).unwrap_or("-"),
     );
-    // The forge's clock starts about here: the answer is due within its timeout.
-    let received = Instant::now();
+    // The forge's clock started about when the connection was accepted (a wait for a
+    // connection slot included): the answer is due within its timeout. A router
+    // served without `server` (tests, the fuzzer) has no arrival: now, then.
+    let received = arrived.map_or_else(Instant::now, |Extension(Arrived(at))| at);
     state.metrics.in_flight.inc();
     // Decrement even if the client goes away and the handler is dropped mid-way.
     let _in_flight = InFlight(&state.metrics);

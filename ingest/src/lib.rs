@@ -55,6 +55,11 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// Default `--max-connections`: well above what forges and a load balancer open, and
 /// under the usual 1,024 open files of a process that has not raised its limit.
 pub const MAX_CONNECTIONS: usize = 900;
+/// What `Retry-After` says on a 503.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Default `--queue-wait`: a connection over the cap is answered 503 after this if no
+/// slot frees, leaving the rest of the forge's 10 s to a request that gets one.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(3);
 
 /// Everything `sluice ingest` is configured with.
 #[derive(Debug, Clone)]
@@ -78,6 +83,8 @@ pub struct IngestConfig {
     pub idle_timeout: Duration,
     /// Connections served at once ([`MAX_CONNECTIONS`]).
     pub max_connections: usize,
+    /// Time a connection over the cap waits for a slot ([`QUEUE_WAIT`]).
+    pub queue_wait: Duration,
 }
 
 impl IngestConfig {
@@ -97,6 +104,7 @@ impl IngestConfig {
             header_timeout: HEADER_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
+            queue_wait: QUEUE_WAIT,
         }
     }
 
@@ -126,6 +134,12 @@ impl IngestConfig {
         }
         if self.idle_timeout.is_zero() {
             return invalid("the idle timeout", "must be longer than zero");
+        }
+        if self.queue_wait >= publish::ANSWER_WITHIN {
+            return invalid(
+                "the queue wait",
+                "must be shorter than the 9 s ingest answers within",
+            );
         }
         if self.max_connections == 0 || self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
             return invalid("max connections", "must be at least 1");
@@ -187,7 +201,7 @@ pub async fn serve(
             read_timeout: config.read_timeout,
             tolerance: config.tolerance,
             allow_sha1: config.allow_sha1,
-            retry_after: Duration::from_secs(10),
+            retry_after: RETRY_AFTER,
         },
     });
     let provisioning = tokio::spawn(provision(
@@ -203,6 +217,8 @@ pub async fn serve(
         header_timeout: config.header_timeout,
         idle_timeout: config.idle_timeout,
         max_connections: config.max_connections,
+        queue_wait: config.queue_wait,
+        retry_after: RETRY_AFTER,
     };
     let connections = state.metrics.connections.clone();
     let server = server::serve(

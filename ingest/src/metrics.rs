@@ -35,6 +35,7 @@ pub struct TimeoutPhase {
 pub struct ConnectionMetrics {
     pub open: Gauge,
     pub limited: Counter,
+    pub refused: Counter,
     pub timed_out: Family<TimeoutPhase, Counter>,
 }
 
@@ -108,6 +109,11 @@ impl Metrics {
             "connections_limited",
             "Connections accepted only once a slot freed, because --max-connections were open",
             self.connections.limited.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections answered 503 because no slot freed within --queue-wait of --max-connections",
+            self.connections.refused.clone(),
         );
         registry.register(
             "connections_timed_out",

@@ -2,6 +2,13 @@
 //! its client is too slow with a request's headers or leaves it idle too long, and a
 //! graceful drain on shutdown.
 //!
+//! A connection beyond the cap waits in a small waiting room, accepted, for
+//! `queue_wait` at most; if no slot frees by then it is answered 503 at once. Leaving
+//! it in the kernel's listen backlog instead would keep the forge waiting past its
+//! 10 s with no answer at all (in a spike of 10,000 webhooks, a few hundred were never
+//! answered), and the time spent waiting would not count against the answer's budget.
+//! Each request carries when it [`Arrived`], so the handler's budget starts at accept.
+//!
 //! hyper's own `header_read_timeout` is not used: its timer also runs while a kept-alive
 //! connection waits for its next request, so a header timeout and a (longer) idle
 //! timeout cannot be told apart with it. Each connection instead tracks its [`Phase`]
@@ -16,6 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -36,8 +44,33 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// Time a kept-alive connection may wait for its next request.
     pub idle_timeout: Duration,
-    /// Connections served at once; more wait in the listen backlog.
+    /// Connections served at once; more wait in the waiting room, then the backlog.
     pub max_connections: usize,
+    /// Time a connection accepted over the cap waits for a slot before it is
+    /// answered 503.
+    pub queue_wait: Duration,
+    /// What `Retry-After` says on that 503.
+    pub retry_after: Duration,
+}
+
+impl ConnectionLimits {
+    /// Connections accepted over the cap to wait for a slot: a tenth of the cap, so
+    /// that the default cap and its waiting room stay under 1,024 open files.
+    pub fn waiting_room(&self) -> usize {
+        (self.max_connections / 10).max(1)
+    }
+}
+
+/// When a request arrived: for a connection's first request, when the connection was
+/// accepted (waiting for a slot included); for a later one, when its first byte came.
+/// A request extension, read by the webhook handlers to start their answer budget.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub std::time::Instant);
+
+/// How a connection was let in.
+enum Admission {
+    Slot(OwnedSemaphorePermit),
+    Waiting(OwnedSemaphorePermit),
 }
 
 /// Serves `app` on `listener` until `shutdown` trips, then stops accepting, lets every
@@ -51,19 +84,21 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let room = Arc::new(Semaphore::new(limits.waiting_room()));
     let connections = TaskTracker::new();
     loop {
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                // Not accepting leaves the next client in the kernel's backlog until a
-                // slot frees, which every limit below guarantees happens.
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    permit = slots.clone().acquire_owned() => {
-                        metrics.limited.inc();
-                        permit.expect("the semaphore is never closed")
-                    }
+        let admission = if let Ok(slot) = slots.clone().try_acquire_owned() {
+            Admission::Slot(slot)
+        } else if let Ok(place) = room.clone().try_acquire_owned() {
+            Admission::Waiting(place)
+        } else {
+            // Cap and waiting room full: not accepting leaves the next client in the
+            // kernel's backlog until a slot frees, which every limit guarantees.
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                slot = slots.clone().acquire_owned() => {
+                    metrics.limited.inc();
+                    Admission::Slot(slot.expect("the semaphore is never closed"))
                 }
             }
         };
@@ -80,31 +115,46 @@ pub async fn serve(
                 }
             },
         };
-        connections.spawn(connection(
-            stream,
-            app.clone(),
-            limits,
-            metrics.clone(),
-            permit,
-            shutdown.clone(),
-        ));
+        let accepted = Instant::now();
+        let (app, metrics, shutdown) = (app.clone(), metrics.clone(), shutdown.clone());
+        match admission {
+            Admission::Slot(slot) => {
+                connections.spawn(async move {
+                    serve_accepted(stream, app, limits, metrics, accepted, shutdown).await;
+                    drop(slot);
+                });
+            }
+            Admission::Waiting(place) => {
+                let slots = slots.clone();
+                connections.spawn(async move {
+                    let waited = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        waited = tokio::time::timeout_at(
+                            accepted + limits.queue_wait,
+                            slots.acquire_owned(),
+                        ) => waited,
+                    };
+                    drop(place);
+                    match waited {
+                        Ok(slot) => {
+                            metrics.limited.inc();
+                            let slot = slot.expect("the semaphore is never closed");
+                            serve_accepted(stream, app, limits, metrics, accepted, shutdown).await;
+                            drop(slot);
+                        }
+                        Err(_) => {
+                            metrics.refused.inc();
+                            refuse(stream, limits).await;
+                        }
+                    }
+                });
+            }
+        }
     }
     // Closing the listener refuses new connections while the open ones drain.
     drop(listener);
     connections.close();
     connections.wait().await;
-}
-
-/// Serves one connection until it closes, times out, or drains after shutdown.
-async fn connection(
-    stream: TcpStream,
-    app: Router,
-    limits: ConnectionLimits,
-    metrics: ConnectionMetrics,
-    _permit: OwnedSemaphorePermit,
-    shutdown: CancellationToken,
-) {
-    serve_connection(stream, app, limits, metrics, shutdown).await;
 }
 
 /// Serves one connection on any byte stream exactly as the accept loop serves a TCP
@@ -118,16 +168,32 @@ pub async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    serve_accepted(stream, app, limits, metrics, Instant::now(), shutdown).await;
+}
+
+/// Serves one connection accepted at `accepted`.
+async fn serve_accepted<S>(
+    stream: S,
+    app: Router,
+    limits: ConnectionLimits,
+    metrics: ConnectionMetrics,
+    accepted: Instant,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     metrics.open.inc();
     let _open = Open(&metrics);
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(accepted));
     let io = TokioIo::new(Watched {
         inner: stream,
         activity: activity.clone(),
     });
     let requests = activity.clone();
-    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        let arrived = requests.arrived();
         let busy = requests.busy();
+        request.extensions_mut().insert(Arrived(arrived.into_std()));
         let app = app.clone();
         async move {
             let response = app.oneshot(request.map(axum::body::Body::new)).await;
@@ -162,6 +228,40 @@ pub async fn serve_connection<S>(
                 draining = true;
             }
         }
+    }
+}
+
+/// Answers a connection that found no slot in time: 503 with `Retry-After` to its
+/// first request, then closes. The body is read first (bounded) so that closing with
+/// it unread does not reset the connection before the client reads the answer; the
+/// whole exchange is bounded by the header and a short read timeout.
+async fn refuse(stream: TcpStream, limits: ConnectionLimits) {
+    const MAX_DRAINED: usize = 1024 * 1024;
+    const DRAIN_FOR: Duration = Duration::from_secs(1);
+    let retry_after = limits.retry_after.as_secs().max(1).to_string();
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let retry_after = retry_after.clone();
+        async move {
+            let body = http_body_util::Limited::new(request.into_body(), MAX_DRAINED);
+            let _ = tokio::time::timeout(DRAIN_FOR, body.collect()).await;
+            let response = hyper::Response::builder()
+                .status(hyper::StatusCode::SERVICE_UNAVAILABLE)
+                .header(hyper::header::RETRY_AFTER, retry_after)
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"error":"ingest is at its connection limit (--max-connections): retry later"}"#,
+                )));
+            Ok::<_, hyper::http::Error>(response.expect("a valid response"))
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    if tokio::time::timeout(limits.header_timeout + DRAIN_FOR, conn)
+        .await
+        .is_err()
+    {
+        tracing::debug!("a refused connection did not send its request in time");
     }
 }
 
@@ -205,12 +305,20 @@ struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    /// A connection accepted at `accepted`, waiting for its first request.
+    fn new(accepted: Instant) -> Self {
         Activity {
-            phase: Mutex::new(Phase::Head {
-                since: Instant::now(),
-            }),
+            phase: Mutex::new(Phase::Head { since: accepted }),
             changed: Notify::new(),
+        }
+    }
+
+    /// When the request now being read arrived: its phase's start while its headers
+    /// are read (the connection's accept for the first one).
+    fn arrived(&self) -> Instant {
+        match self.get() {
+            Phase::Head { since } => since,
+            Phase::Busy | Phase::Idle { .. } => Instant::now(),
         }
     }
 
@@ -333,6 +441,8 @@ mod tests {
         header_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(60),
         max_connections: 1,
+        queue_wait: Duration::from_secs(3),
+        retry_after: Duration::from_secs(10),
     };
 
     #[test]
@@ -351,7 +461,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn phases_follow_reads_and_requests() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(Instant::now()));
         assert!(matches!(activity.get(), Phase::Head { .. }));
         // Bytes of the first request's headers do not restart its deadline.
         let first = activity.get();
@@ -372,12 +482,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_watchdog_fires_at_the_current_phases_deadline() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(Instant::now()));
         let started = Instant::now();
         assert_eq!(activity.expired(LIMITS).await, "header");
         assert_eq!(started.elapsed(), Duration::from_secs(5));
 
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(Instant::now()));
         let busy = activity.busy();
         let watchdog = tokio::spawn({
             let activity = activity.clone();

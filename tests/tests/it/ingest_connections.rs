@@ -164,3 +164,83 @@ async fn a_connection_that_opens_and_says_nothing_is_closed() {
         .expect("closed in time");
     assert!(closed - opened >= Duration::from_millis(500));
 }
+
+/// A connection over the cap that finds no slot within `--queue-wait` is answered 503
+/// with `Retry-After` at once, not left unanswered in the listen backlog until a slot
+/// frees (a forge gives up after 10 s and counts the delivery failed either way, but
+/// only an answer says why). It never reaches the handler, so nothing is stored.
+#[tokio::test]
+async fn a_connection_over_the_cap_is_answered_503_when_no_slot_frees_in_time() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let mut config = Ingest::config(&nats.url());
+    config.max_connections = 1;
+    // The one slot stays taken for the whole test unless the client lets go of it.
+    config.header_timeout = Duration::from_secs(60);
+    config.queue_wait = Duration::from_millis(500);
+    // Served without the harness: its readiness poll would hold the one slot itself.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(sluice_ingest::serve(listener, config, shutdown.clone()));
+
+    // The backlog hands connections over in order: this one takes the slot.
+    let mut holder = TcpStream::connect(addr).await.expect("connect");
+    holder
+        .write_all(b"POST /webhooks/github HT")
+        .await
+        .expect("half a request line");
+
+    let body = fixture("github/pull_request.opened.json");
+    let http = reqwest::Client::new();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(20),
+        http.post(format!("http://{addr}/webhooks/github"))
+            .header("content-type", "application/json")
+            .header("x-github-event", "pull_request")
+            .header("x-github-delivery", "over-the-cap")
+            .header(
+                "x-hub-signature-256",
+                sluice_tests::sign::github_sha256(sluice_tests::ingest::GITHUB_SECRET, &body),
+            )
+            .body(body)
+            .send(),
+    )
+    .await
+    .expect("answered while the slot is still taken, not after it frees")
+    .expect("an answer, not a reset");
+    assert_eq!(answer.status().as_u16(), 503);
+    assert_eq!(
+        answer
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("10")
+    );
+    let text = answer.text().await.expect("body");
+    assert!(text.contains("--max-connections"), "{text}");
+
+    // Let go of the slot: the refusal was counted and nothing was stored.
+    drop(holder);
+    let metrics = format!("http://{addr}/metrics");
+    wait_for("the refusal to be counted", Duration::from_secs(20), || {
+        let (http, metrics) = (http.clone(), metrics.clone());
+        async move {
+            let text = http.get(&metrics).send().await.ok()?.text().await.ok()?;
+            text.lines()
+                .any(|l| l == "sluice_ingest_connections_refused_total 1")
+                .then_some(())
+        }
+    })
+    .await;
+    let js = jetstream(&nats.url()).await;
+    assert_eq!(stored_count(&js).await, 0);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), served)
+        .await
+        .expect("ingest stops")
+        .expect("no panic")
+        .expect("ingest served without error");
+}
