@@ -33,6 +33,7 @@ function stepSection(steps, name) {
   for (const d of steps.querySelectorAll("details.step")) {
     if (d.dataset.step === name) return d;
   }
+  document.getElementById("no-steps")?.remove();
   const d = el("details", "step");
   d.id = "step-" + name;
   d.dataset.step = name;
@@ -71,6 +72,29 @@ function followLog(steps) {
     section.dataset.total = String(total);
     steps.dataset.after = ev.lastEventId;
     trim(section);
+  });
+}
+
+// The run's state and each step's summary, replaced as the stored states change.
+function followState(steps) {
+  const source = new EventSource(steps.dataset.stateLive);
+  source.addEventListener("state", (ev) => {
+    const r = JSON.parse(ev.data);
+    const state = document.getElementById("run-state");
+    state.textContent = r.state;
+    state.className = "state state-" + r.state;
+    document.getElementById("run-message").textContent = r.message;
+    for (const st of r.steps) {
+      const summary = stepSection(steps, st.name).querySelector(":scope > summary");
+      while (summary.lastChild !== summary.firstElementChild) summary.lastChild.remove();
+      const add = (cls, text) => { summary.append(" "); summary.appendChild(el("span", cls, text)); };
+      add("state state-" + st.state, st.state);
+      if (st.exit_code !== null) add("exit", "exit " + st.exit_code);
+      if (st.duration) add("duration", st.duration);
+      if (st.message) add("message", st.message);
+    }
+    // Nothing changes after the end; closing also stops the browser reconnecting.
+    if (r.final) source.close();
   });
 }
 
@@ -133,6 +157,7 @@ function highlightTarget() {
 document.addEventListener("DOMContentLoaded", () => {
   const steps = document.getElementById("steps");
   if (steps && steps.dataset.live) followLog(steps);
+  if (steps && steps.dataset.stateLive) followState(steps);
   const runs = document.getElementById("runs");
   if (runs && runs.dataset.live) followRuns(runs);
   document.addEventListener("click", (ev) => {

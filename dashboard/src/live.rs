@@ -1,4 +1,5 @@
-//! Server-sent event streams: a run's log as it is stored, and the run list's changes.
+//! Server-sent event streams: a run's log as it is stored, its state and its steps'
+//! states as they change, and the run list's changes.
 //!
 //! Each log event's id is the stream sequence of the log chunk it carries, so a browser
 //! that reconnects (a dropped connection, a reload that passes the last id on) sends
@@ -15,17 +16,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::{Stream, StreamExt};
-use sluice_core::run::LogChunk;
+use sluice_core::run::{LogChunk, RunView, StatusUpdate};
 use sluice_core::{bus, subjects};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::index::RunFilter;
-use crate::pages::RunRow;
+use crate::pages::{duration, valid_token, RunRow, Times};
 use crate::{ansi, AppState, Result};
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/runs/{run_id}/log/live", get(log_stream))
+        .route("/runs/{run_id}/live", get(state_stream))
         .route("/runs/live", get(runs_stream))
 }
 
@@ -107,6 +109,89 @@ async fn log_stream(
                 .ok()?;
             Some(Ok::<_, Infallible>(event))
         });
+    Ok(sse(events))
+}
+
+/// What one state event carries: the run's state and each step's, as the page's
+/// header and step summaries show them.
+#[derive(Debug, serde::Serialize)]
+struct StateEvent {
+    state: &'static str,
+    message: String,
+    /// The run is final: nothing more will change.
+    #[serde(rename = "final")]
+    is_final: bool,
+    steps: Vec<StepEvent>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct StepEvent {
+    name: String,
+    state: &'static str,
+    exit_code: Option<i32>,
+    duration: String,
+    message: String,
+}
+
+fn state_event(view: &RunView, times: &Times) -> StateEvent {
+    StateEvent {
+        state: view.state.as_str(),
+        message: view.message.clone().unwrap_or_default(),
+        is_final: view.state.is_final(),
+        steps: view
+            .steps
+            .iter()
+            .map(|st| StepEvent {
+                name: st.name.clone(),
+                state: st.state.as_str(),
+                exit_code: st.exit_code,
+                duration: duration(times.steps.get(&st.name).copied().unwrap_or_default()),
+                message: st.message.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+/// The run's state and its steps' after each stored change (once the stored ones are
+/// all read, then after each new one), folded from its status subjects.
+async fn state_stream(State(s): State<AppState>, Path(run_id): Path<String>) -> Result<Response> {
+    if !valid_token(&run_id) {
+        return Ok(StatusCode::NOT_FOUND.into_response());
+    }
+    let messages = bus::follow(
+        &s.js,
+        subjects::STATUS_STREAM,
+        subjects::status_of_run(&run_id),
+        DeliverPolicy::All,
+    )
+    .await?;
+    let events = messages
+        .take_until(s.shutdown.clone().cancelled_owned())
+        .scan((None::<RunView>, Times::default()), |(view, times), m| {
+            let event = match m {
+                Ok(m) => {
+                    let pending = m.info().map(|i| i.pending).unwrap_or_default();
+                    if let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m.payload) {
+                        view.get_or_insert_with(|| RunView::new(&u)).apply(&u);
+                        times.apply(&u);
+                    }
+                    // Stored states are folded together: one event once all are in.
+                    match (&*view, pending) {
+                        (Some(v), 0) => Event::default()
+                            .event("state")
+                            .json_data(state_event(v, times))
+                            .ok(),
+                        _ => None,
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "a state stream failed");
+                    None
+                }
+            };
+            futures::future::ready(Some(event))
+        })
+        .filter_map(|e| futures::future::ready(e.map(Ok::<_, Infallible>)));
     Ok(sse(events))
 }
 

@@ -189,6 +189,8 @@ struct RunPage {
     /// The stream sequence of the last log chunk shown: the live stream goes on after it.
     after: u64,
     live: bool,
+    /// No step has a state or a line yet.
+    no_steps: bool,
     /// Cancel and rerun buttons, and whether their forms ask for the token.
     actions: bool,
     ask_token: bool,
@@ -226,13 +228,13 @@ struct StepSection {
 
 /// When each step started and ended, from the run's stored states.
 #[derive(Default)]
-struct Times {
-    run: (Option<OffsetDateTime>, Option<OffsetDateTime>),
-    steps: std::collections::HashMap<String, (Option<OffsetDateTime>, Option<OffsetDateTime>)>,
+pub(crate) struct Times {
+    pub run: (Option<OffsetDateTime>, Option<OffsetDateTime>),
+    pub steps: std::collections::HashMap<String, (Option<OffsetDateTime>, Option<OffsetDateTime>)>,
 }
 
 impl Times {
-    fn apply(&mut self, u: &StatusUpdate) {
+    pub(crate) fn apply(&mut self, u: &StatusUpdate) {
         let slot = match &u.step {
             Some(step) => self.steps.entry(step.clone()).or_default(),
             None => &mut self.run,
@@ -246,7 +248,7 @@ impl Times {
     }
 }
 
-fn duration(span: (Option<OffsetDateTime>, Option<OffsetDateTime>)) -> String {
+pub(crate) fn duration(span: (Option<OffsetDateTime>, Option<OffsetDateTime>)) -> String {
     let Some(start) = span.0 else {
         return String::new();
     };
@@ -337,6 +339,7 @@ async fn run(State(s): State<AppState>, Path(run_id): Path<String>) -> Result<Re
         steps[i].open = true;
     }
     page(RunPage {
+        no_steps: steps.is_empty(),
         duration: duration(times.run),
         sha: short_sha(sha.as_deref()),
         parent,

@@ -340,43 +340,65 @@ struct Sse {
 
 /// Reads events from a streaming answer until `n` are in (comments are skipped).
 async fn read_events(res: reqwest::Response, n: usize) -> Vec<Sse> {
-    let mut body = res.bytes_stream();
-    let mut buf = String::new();
-    let mut out = Vec::new();
-    let read = async {
-        while out.len() < n {
-            let bytes = body
-                .next()
-                .await
-                .expect("the stream stays open")
-                .expect("bytes");
-            buf.push_str(std::str::from_utf8(&bytes).expect("utf-8"));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let mut e = Sse {
-                    id: None,
-                    event: None,
-                    data: String::new(),
-                };
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        e.id = Some(v.trim().to_owned());
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        e.event = Some(v.trim().to_owned());
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        e.data.push_str(v.trim_start());
+    SseReader::new(res).next(n).await
+}
+
+/// A streaming answer read event by event, so a test can act between two of them.
+struct SseReader {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>,
+    buf: String,
+}
+
+impl SseReader {
+    fn new(res: reqwest::Response) -> SseReader {
+        SseReader {
+            body: Box::pin(res.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
+    async fn next(&mut self, n: usize) -> Vec<Sse> {
+        let mut out = Vec::new();
+        let read = async {
+            while out.len() < n {
+                while let Some(end) = self.buf.find("\n\n") {
+                    let block: String = self.buf.drain(..end + 2).collect();
+                    let mut e = Sse {
+                        id: None,
+                        event: None,
+                        data: String::new(),
+                    };
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("id:") {
+                            e.id = Some(v.trim().to_owned());
+                        } else if let Some(v) = line.strip_prefix("event:") {
+                            e.event = Some(v.trim().to_owned());
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            e.data.push_str(v.trim_start());
+                        }
+                    }
+                    if e.event.is_some() || !e.data.is_empty() {
+                        out.push(e);
+                    }
+                    if out.len() == n {
+                        return;
                     }
                 }
-                if e.event.is_some() || !e.data.is_empty() {
-                    out.push(e);
-                }
+                let bytes = self
+                    .body
+                    .next()
+                    .await
+                    .expect("the stream stays open")
+                    .expect("bytes");
+                self.buf
+                    .push_str(std::str::from_utf8(&bytes).expect("utf-8"));
             }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("the events arrive");
-    out
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the events arrive");
+        out
+    }
 }
 
 fn lines_of(events: &[Sse]) -> Vec<String> {
@@ -705,5 +727,49 @@ async fn runs_filter_by_branch_and_event_kind_live_too_and_parents_list_their_ch
     let child = env.page_with("/runs/run-c", "Started by").await;
     assert!(child.contains("href=\"/runs/run-a\""), "{child}");
     assert!(!child.contains("Child runs"), "{child}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_run_state_stream_sends_the_folded_state_then_each_change() {
+    let env = Env::start().await;
+    let js = &env.js;
+    publish_status(js, &status("run-s", None, RunState::Running, None)).await;
+    publish_status(js, &status("run-s", Some("build"), RunState::Running, None)).await;
+    let page = env.page_with("/runs/run-s", "run-s").await;
+    assert!(
+        page.contains("data-state-live=\"/runs/run-s/live\""),
+        "{page}"
+    );
+    let res = env
+        .http
+        .get(format!("{}/runs/run-s/live", env.base))
+        .send()
+        .await
+        .expect("connect");
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    // The stored two states come as one event; the next change as another.
+    let mut reader = SseReader::new(res);
+    let mut events = reader.next(1).await;
+    publish_status(
+        js,
+        &status("run-s", Some("build"), RunState::Failed, Some(3)),
+    )
+    .await;
+    events.extend(reader.next(1).await);
+    let states: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(e.event.as_deref(), Some("state"));
+            serde_json::from_str(&e.data).expect("json")
+        })
+        .collect();
+    assert_eq!(states[0]["state"], "running");
+    assert_eq!(states[0]["final"], false);
+    assert_eq!(states[0]["steps"][0]["name"], "build");
+    assert_eq!(states[0]["steps"][0]["state"], "running");
+    assert_eq!(states[1]["steps"][0]["state"], "failed");
+    assert_eq!(states[1]["steps"][0]["exit_code"], 3);
+    assert_eq!(env.get("/runs/a.b/live").await.0, 404);
     env.stop().await;
 }

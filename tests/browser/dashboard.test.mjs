@@ -131,7 +131,7 @@ test("the dashboard in Chromium", { timeout: 180_000 }, async (t) => {
 
   // The log streams as the step prints.
   await page.goto(`${base}/runs/${id}`);
-  const log = page.locator("#step-build ol.log");
+  const log = page.locator("#step-build > ol.log");
   await until("line 5", async () => (await log.textContent()).includes("line 5"));
   writeFileSync(gate1, "");
   await until("line 10 without a reload", async () => (await log.textContent()).includes("line 10"));
@@ -139,8 +139,18 @@ test("the dashboard in Chromium", { timeout: 180_000 }, async (t) => {
   // A reload mid-step, then the rest: every line exactly once, numbered in order.
   await page.reload();
   await until("the reloaded page's lines", async () => (await log.textContent()).includes("line 10"));
+  // From here on the page is not reloaded: a reload would drop this mark.
+  await page.evaluate(() => { window.sluiceNotReloaded = true; });
+  const stepState = page.locator("#step-build > summary .state");
+  assert.equal(await stepState.textContent(), "running");
   writeFileSync(gate2, "");
   await until("line 15", async () => (await log.textContent()).includes("line 15"));
+
+  // The step's state and exit code, and the run's state, change on the open page.
+  await until("the step to show succeeded", async () => (await stepState.textContent()) === "succeeded");
+  await until("the step's exit code", async () => (await page.locator("#step-build > summary .exit").textContent()) === "exit 0");
+  await until("the run to show succeeded", async () => (await page.locator("#run-state").textContent()) === "succeeded");
+  assert.equal(await page.evaluate(() => window.sluiceNotReloaded), true, "no reload");
   const texts = await page.locator("#step-build ol.log li").allTextContents();
   for (let n = 1; n <= 15; n++) {
     assert.equal(texts.filter((x) => x === `line ${n}`).length, 1, `line ${n} once in ${JSON.stringify(texts)}`);
