@@ -10,6 +10,8 @@ use sluice_core::run::{LogChunk, LogLine, RunRequest, RunState, StatusUpdate};
 use sluice_core::{bus, subjects};
 use tokio::sync::mpsc;
 
+use crate::wait::Backoff;
+
 /// Lines per log message, and how long a partial batch may wait.
 const BATCH_LINES: usize = 100;
 const BATCH_WAIT: Duration = Duration::from_millis(100);
@@ -35,8 +37,8 @@ impl Reporter {
         Reporter(Arc::new(Shared { js, req, runner }))
     }
 
-    /// A run (`step` = None) or step state change. Retried a few times: a state must
-    /// not be lost to a NATS blip.
+    /// A run (`step` = None) or step state change, retried until stored: a state must
+    /// not be lost to a NATS outage.
     pub async fn status(
         &self,
         step: Option<&str>,
@@ -100,18 +102,13 @@ impl Reporter {
     /// position. A runner adopting a run resumes from there, so no line is shipped
     /// twice or lost.
     pub async fn stored_log(&self, step: &str) -> (u64, u64) {
-        let mut delay = Duration::from_millis(100);
-        for _ in 0..10 {
-            match self.read_stored_log(step).await {
-                Ok(found) => return found,
-                Err(e) => {
-                    tracing::warn!(run_id = %self.0.req.run_id, error = %e, "cannot read the stored log yet");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        (0, 0)
+        // Retried until read: guessing (0, 0) would ship every line again under new
+        // chunk positions.
+        let subject = subjects::logs(&self.0.req.cluster, &self.0.req.run_id);
+        until_ok("read the stored log", &subject, || {
+            self.read_stored_log(step)
+        })
+        .await
     }
 
     async fn read_stored_log(&self, step: &str) -> sluice_core::Result<(u64, u64)> {
@@ -246,23 +243,73 @@ impl LogWriter {
     }
 }
 
-/// Publishes until stored: a state or a log line must not be lost to a NATS blip.
+/// Publishes until stored: a state or a log line must not be lost to a NATS outage,
+/// however long (a majority of the cluster down for a minute is a scenario of the
+/// fault suite). A runner stopping meanwhile waits for its runs, and a run it never
+/// acknowledged is handed to another runner, which publishes the same ids again.
 pub(crate) async fn publish_retrying(
     js: &jetstream::Context,
     subject: String,
     id: String,
     body: Vec<u8>,
 ) {
-    let mut delay = Duration::from_millis(100);
-    for attempt in 1..=10 {
-        match bus::publish(js, subject.clone(), &id, body.clone()).await {
-            Ok(_) => return,
+    until_ok("publish", &subject, || {
+        bus::publish(js, subject.clone(), &id, body.clone())
+    })
+    .await;
+}
+
+/// Tries `attempt` until it succeeds, backing off to 5 s between tries; logs each
+/// failure, and once at error level when it has failed for a while.
+async fn until_ok<T, E, F, Fut>(action: &'static str, subject: &str, mut attempt: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    const LOUD_AFTER: u32 = 10;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut failures = 0u32;
+    loop {
+        match attempt().await {
+            Ok(done) => return done,
             Err(e) => {
-                tracing::warn!(subject = %subject, attempt, error = %e, "publish failed, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                failures = failures.saturating_add(1);
+                if failures == LOUD_AFTER {
+                    tracing::error!(action, subject, failures, error = %e, "still failing; retrying until NATS takes it");
+                } else {
+                    tracing::warn!(action, subject, failures, error = %e, "failed; retrying");
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }
-    tracing::error!(subject = %subject, "giving up publishing after 10 attempts");
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    // Past the ten attempts (about 26 s) after which publishing used to give up and
+    // drop the state or the log lines.
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_is_retried_through_a_long_outage_until_it_succeeds() {
+        let tries = AtomicU32::new(0);
+        let started = tokio::time::Instant::now();
+        let stored = until_ok("publish", "sluice.status.x", || async {
+            let n = tries.fetch_add(1, Ordering::SeqCst) + 1;
+            if n <= 30 {
+                Err("NATS is down")
+            } else {
+                Ok(n)
+            }
+        })
+        .await;
+        assert_eq!(stored, 31);
+        // The backoff is capped at 5 s: an outage is noticed soon after it ends.
+        let waited = started.elapsed();
+        assert!(waited > Duration::from_secs(60), "{waited:?}");
+        assert!(waited < Duration::from_secs(31 * 5), "{waited:?}");
+    }
 }
