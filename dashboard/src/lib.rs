@@ -6,6 +6,7 @@
 
 mod actions;
 pub mod ansi;
+pub mod groups;
 pub mod index;
 mod live;
 mod pages;

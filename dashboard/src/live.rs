@@ -22,7 +22,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::index::RunFilter;
 use crate::pages::{duration, valid_token, RunRow, Times};
-use crate::{ansi, AppState, Result};
+use crate::{ansi, groups, AppState, Result};
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
@@ -38,11 +38,19 @@ struct After {
     after: u64,
 }
 
-/// What one log event carries: the chunk's step and its lines as styled segments.
+/// What one log event carries: the chunk's step and its lines as styled segments,
+/// each with the group marker it is, if any.
 #[derive(Debug, serde::Serialize)]
 struct LogEvent {
     step: String,
-    lines: Vec<Vec<ansi::Segment>>,
+    lines: Vec<LiveLine>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct LiveLine {
+    segments: Vec<ansi::Segment>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<groups::Mark>,
 }
 
 /// The sequence to resume after: the `Last-Event-ID` header, else `?after=`.
@@ -99,7 +107,10 @@ async fn log_stream(
                 lines: chunk
                     .lines
                     .iter()
-                    .map(|l| ansi::segments(&l.text))
+                    .map(|l| LiveLine {
+                        segments: ansi::segments(&l.text),
+                        group: groups::mark(&l.text),
+                    })
                     .collect(),
             };
             let event = Event::default()

@@ -12,8 +12,9 @@ use sluice_core::run::{Decision, ParentRef, RunState, RunView, StatusUpdate};
 use sluice_core::{bus, subjects};
 use time::OffsetDateTime;
 
+use crate::groups::{self, Row};
 use crate::index::{RunFilter, RunSummary};
-use crate::read::{self, ClusterView, Line, StoredPipeline};
+use crate::read::{self, ClusterView, StoredPipeline};
 use crate::{AppState, Result, LOG_TAIL, PAGE_SIZE};
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -223,7 +224,7 @@ struct StepSection {
     total: u64,
     /// The first line shown, when earlier ones are left out.
     first_shown: u64,
-    lines: Vec<Line>,
+    rows: Vec<Row>,
 }
 
 /// When each step started and ended, from the run's stored states.
@@ -308,7 +309,7 @@ async fn run(State(s): State<AppState>, Path(run_id): Path<String>) -> Result<Re
             open: false,
             total: 0,
             first_shown: 1,
-            lines: Vec::new(),
+            rows: Vec::new(),
         })
         .collect();
     for log in logs {
@@ -324,7 +325,7 @@ async fn run(State(s): State<AppState>, Path(run_id): Path<String>) -> Result<Re
                     open: false,
                     total: 0,
                     first_shown: 1,
-                    lines: Vec::new(),
+                    rows: Vec::new(),
                 });
                 steps.len() - 1
             }
@@ -332,7 +333,7 @@ async fn run(State(s): State<AppState>, Path(run_id): Path<String>) -> Result<Re
         let section = &mut steps[i];
         section.total = log.total;
         section.first_shown = log.tail.front().map_or(1, |l| l.n);
-        section.lines = log.tail.into_iter().collect();
+        section.rows = groups::rows(log.tail.into_iter().collect());
     }
     let open = first_failed.or(steps.len().checked_sub(1));
     if let Some(i) = open {

@@ -11,6 +11,7 @@ use sluice_core::run::{Decision, Heartbeat, LogChunk};
 use sluice_core::{bus, streams, subjects};
 
 use crate::ansi::{self, Segment};
+use crate::groups::{self, Mark};
 use crate::Result;
 
 /// The decision recorded for `event_id` (what `sluice events why` prints).
@@ -150,6 +151,20 @@ pub async fn clusters(
 pub struct Line {
     pub n: u64,
     pub segments: Vec<Segment>,
+    /// The group marker the line is, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<Mark>,
+}
+
+impl Line {
+    /// Line `n`, from its text as stored.
+    pub fn new(n: u64, raw: &str) -> Line {
+        Line {
+            n,
+            segments: ansi::segments(raw),
+            group: groups::mark(raw),
+        }
+    }
 }
 
 /// A step's output as the run page opens it: the last lines, and how many there are.
@@ -194,10 +209,7 @@ pub async fn run_logs(
             let log = &mut steps[i];
             for line in &chunk.lines {
                 log.total += 1;
-                log.tail.push_back(Line {
-                    n: log.total,
-                    segments: ansi::segments(&line.text),
-                });
+                log.tail.push_back(Line::new(log.total, &line.text));
                 if log.tail.len() > tail {
                     log.tail.pop_front();
                 }
@@ -232,10 +244,7 @@ pub async fn step_lines(
             for line in &chunk.lines {
                 n += 1;
                 if (from..=to).contains(&n) {
-                    out.push(Line {
-                        n,
-                        segments: ansi::segments(&line.text),
-                    });
+                    out.push(Line::new(n, &line.text));
                 }
             }
         },

@@ -410,8 +410,9 @@ fn lines_of(events: &[Sse]) -> Vec<String> {
                 .as_array()
                 .expect("lines")
                 .iter()
-                .map(|segs| {
-                    segs.as_array()
+                .map(|line| {
+                    line["segments"]
+                        .as_array()
                         .expect("segments")
                         .iter()
                         .map(|s| s["text"].as_str().expect("text").to_owned())
@@ -771,5 +772,56 @@ async fn the_run_state_stream_sends_the_folded_state_then_each_change() {
     assert_eq!(states[1]["steps"][0]["state"], "failed");
     assert_eq!(states[1]["steps"][0]["exit_code"], 3);
     assert_eq!(env.get("/runs/a.b/live").await.0, 404);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn group_markers_fold_into_details_with_escaped_titles() {
+    let env = Env::start().await;
+    let js = &env.js;
+    publish_status(js, &status("run-g", Some("build"), RunState::Running, None)).await;
+    publish_log(
+        js,
+        "run-g",
+        "build",
+        0,
+        vec![
+            "::group::<script>alert(1)</script>".into(),
+            "inside".into(),
+            "::endgroup::".into(),
+            "\x1b[0Ksection_start:1700000000:deps\r\x1b[0KInstall <b>deps</b>".into(),
+            "installing".into(),
+            "\x1b[0Ksection_end:1700000001:deps\r\x1b[0K".into(),
+            "::group::never ends".into(),
+            "last".into(),
+        ],
+    )
+    .await;
+    let page = env.page_with("/runs/run-g", "installing").await;
+    assert!(!page.contains("<script>alert"), "{page}");
+    assert!(!page.contains("<b>deps"), "{page}");
+    for want in [
+        // GitHub's group opens folded, with its title escaped.
+        "<li id=\"build-L1\" class=\"group\" data-group=\"\"><a class=\"ln\" href=\"#build-L1\" aria-label=\"line 1\" data-n=\"1\"></a><details><summary class=\"group-title\">&#60;script&#62;alert(1)&#60;/script&#62;</summary><ol class=\"log\">",
+        "<li id=\"build-L2\"><a class=\"ln\"",
+        "<li id=\"build-L3\" class=\"group-end\">",
+        // GitLab's is open unless `[collapsed=true]`.
+        "data-group=\"deps\"><a class=\"ln\" href=\"#build-L4\" aria-label=\"line 4\" data-n=\"4\"></a><details open><summary class=\"group-title\">Install &#60;b&#62;deps&#60;/b&#62;</summary>",
+        // One still open is shown open.
+        "<li id=\"build-L7\" class=\"group unclosed\" data-group=\"\">",
+    ] {
+        assert!(
+            page.contains(want)
+                || page.contains(&want.replace("&#60;", "&lt;").replace("&#62;", "&gt;")),
+            "{want}\n{page}"
+        );
+    }
+    let (code, _, lines) = env.get("/runs/run-g/steps/build/lines?from=1&to=3").await;
+    assert_eq!(code, 200);
+    let lines: serde_json::Value = serde_json::from_str(&lines).expect("json");
+    assert_eq!(lines[0]["group"]["mark"], "start");
+    assert_eq!(lines[0]["group"]["title"], "<script>alert(1)</script>");
+    assert!(lines[1].get("group").is_none(), "{lines}");
+    assert_eq!(lines[2]["group"]["mark"], "end");
     env.stop().await;
 }

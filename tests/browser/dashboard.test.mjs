@@ -22,6 +22,9 @@ const shots = join(here, "screenshots");
 const axeSource = readFileSync(join(here, "node_modules", "axe-core", "axe.min.js"), "utf8");
 const XSS_REF = "refs/heads/<script>alert(1)</script>";
 const XSS_LINE = "<img src=x onerror=alert(1)>";
+const XSS_GROUP = "<script>alert(2)</script> setup";
+// Lines 1–6 are two groups, 7 and 8 the red and XSS lines; "line n" is line 8 + n.
+const L = (n) => `build-L${8 + n}`;
 const DEADLINE = 30_000;
 
 function freePort() {
@@ -76,6 +79,12 @@ test("the dashboard in Chromium", { timeout: 180_000 }, async (t) => {
       "  - name: build",
       "    image: alpine",
       "    commands:",
+      `      - echo '::group::${XSS_GROUP}'`,
+      "      - echo 'inside the github group'",
+      "      - echo '::endgroup::'",
+      `      - printf '\\033[0Ksection_start:1700000000:deps[collapsed=true]\\r\\033[0KInstall deps\\n'`,
+      "      - echo 'installing deps'",
+      `      - printf '\\033[0Ksection_end:1700000001:deps\\r\\033[0K\\n'`,
       `      - printf '\\033[31mred alert\\033[0m\\n'`,
       `      - echo '${XSS_LINE}'`,
       "      - for i in 1 2 3 4 5; do echo \"line $i\"; done",
@@ -155,6 +164,7 @@ test("the dashboard in Chromium", { timeout: 180_000 }, async (t) => {
   for (let n = 1; n <= 15; n++) {
     assert.equal(texts.filter((x) => x === `line ${n}`).length, 1, `line ${n} once in ${JSON.stringify(texts)}`);
   }
+  assert.equal(await page.locator(`#${L(15)}`).textContent(), "line 15");
   const ids = await page.locator("#step-build ol.log li").evaluateAll((ls) => ls.map((l) => l.id));
   assert.deepEqual(ids, ids.map((_, i) => `build-L${i + 1}`), "lines numbered 1.. in order");
 
@@ -169,9 +179,58 @@ test("the dashboard in Chromium", { timeout: 180_000 }, async (t) => {
   assert.equal(await page.locator("dd.ref").textContent(), XSS_REF);
   await page.screenshot({ path: join(shots, "run.png"), fullPage: true });
 
+  // Group markers fold: GitHub's and GitLab's collapsed section open closed, their
+  // titles as text; a click opens one.
+  const github = page.locator("#build-L1");
+  assert.equal(await github.locator(":scope > details > summary").textContent(), XSS_GROUP);
+  assert.equal(await github.locator(":scope > details").evaluate((d) => d.open), false);
+  assert.equal(await page.locator("#build-L2").isVisible(), false);
+  assert.equal(await page.locator("#build-L4 > details > summary").textContent(), "Install deps");
+  assert.equal(await page.locator("#build-L5").isVisible(), false);
+  await github.locator(":scope > details > summary").click();
+  await until("the group's line to show", async () => page.locator("#build-L2").isVisible());
+  assert.equal(await page.locator("#build-L2").textContent(), "inside the github group");
+  await page.screenshot({ path: join(shots, "groups.png"), fullPage: true });
+
+  // Search over the loaded lines: "line 1" is in line 1 and 10–15; next and previous
+  // go through them, wrapping; a match in a folded group opens it.
+  const search = page.locator("#step-build .log-search input");
+  const count = page.locator("#step-build .search-count");
+  const current = () => page.locator("#step-build mark.current").evaluate((m) => m.closest("li").id);
+  await search.fill("line 1");
+  await until("the matches", async () => (await count.textContent()) === "1 of 7 in the loaded lines");
+  assert.equal(await page.locator("#step-build mark").count(), 7);
+  assert.equal(await current(), L(1));
+  await page.locator("#step-build .log-search button", { hasText: "Next" }).click();
+  assert.equal(await current(), L(10));
+  assert.equal(await count.textContent(), "2 of 7 in the loaded lines");
+  const previous = page.locator("#step-build .log-search button", { hasText: "Previous" });
+  await previous.click();
+  await previous.click();
+  assert.equal(await current(), L(15), "previous wraps to the last match");
+  await search.press("Enter");
+  assert.equal(await current(), L(1), "Enter goes on to the next");
+  await search.fill("installing");
+  await until("the match in the folded group", async () => (await count.textContent()) === "1 of 1 in the loaded lines");
+  assert.equal(await current(), "build-L5");
+  assert.equal(await page.locator("#build-L4 > details").evaluate((d) => d.open), true);
+  await search.fill("no such text");
+  await until("no match", async () => (await count.textContent()) === "no match in the loaded lines");
+  assert.equal(await page.locator("#step-build mark").count(), 0);
+  await page.screenshot({ path: join(shots, "search.png"), fullPage: true });
+
+  // A line link into a folded group opens it, scrolls to the line and highlights it.
+  await page.goto(`${base}/runs/${id}#build-L5`);
+  const grouped = page.locator("#build-L5");
+  await until("line 5 in its group in view", async () => grouped.evaluate((e) => {
+    const r = e.getBoundingClientRect();
+    return e.closest("details").open && r.top >= 0 && r.bottom <= innerHeight && e.matches(":target");
+  }));
+  assert.equal(await grouped.evaluate((e) => getComputedStyle(e).backgroundColor), "rgb(59, 46, 0)");
+
   // A line link scrolls to its line and highlights it.
-  await page.goto(`${base}/runs/${id}#build-L7`);
-  const line = page.locator("#build-L7");
+  await page.goto(`${base}/runs/${id}#${L(5)}`);
+  const line = page.locator(`#${L(5)}`);
   await until("line 7 in view", async () => line.evaluate((e) => {
     const r = e.getBoundingClientRect();
     return r.top >= 0 && r.bottom <= innerHeight && e.matches(":target");
