@@ -175,16 +175,36 @@ pub struct StepLog {
     pub tail: std::collections::VecDeque<Line>,
 }
 
+/// A chunk read only as far as its step and how many lines it has: the lines' text is
+/// skipped, not unescaped or copied, so counting a step's lines costs little.
+#[derive(serde::Deserialize)]
+struct ChunkHead {
+    step: String,
+    lines: Vec<serde::de::IgnoredAny>,
+}
+
+/// A step's chunks that may hold its last lines, while its log is read.
+#[derive(Default)]
+struct Kept {
+    step: String,
+    total: u64,
+    /// Each kept chunk: the number of its first line, its line count and its body.
+    chunks: std::collections::VecDeque<(u64, u64, axum::body::Bytes)>,
+    lines: u64,
+}
+
 /// A run's output per step, in the order the steps first printed, keeping only the last
 /// `tail` lines of each (a log of a million lines opens on its end); and the stream
-/// sequence of the last chunk read, from which the live stream goes on.
+/// sequence of the last chunk read, from which the live stream goes on. Every chunk is
+/// read, to number the lines, but only the last ones of each step are parsed whole.
 pub async fn run_logs(
     js: &jetstream::Context,
     run_id: &str,
     tail: usize,
 ) -> Result<(Vec<StepLog>, u64)> {
-    let mut steps: Vec<StepLog> = Vec::new();
+    let mut steps: Vec<Kept> = Vec::new();
     let mut last = 0;
+    let tail_lines = tail as u64;
     bus::read_subject(
         js,
         subjects::LOGS_STREAM,
@@ -193,34 +213,64 @@ pub async fn run_logs(
             if let Ok(info) = m.info() {
                 last = info.stream_sequence;
             }
-            let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m.payload) else {
+            let Ok(head) = serde_json::from_slice::<ChunkHead>(&m.payload) else {
                 return;
             };
-            let i = match steps.iter().position(|s| s.step == chunk.step) {
+            let i = match steps.iter().position(|s| s.step == head.step) {
                 Some(i) => i,
                 None => {
-                    steps.push(StepLog {
-                        step: chunk.step.clone(),
-                        ..StepLog::default()
+                    steps.push(Kept {
+                        step: head.step,
+                        ..Kept::default()
                     });
                     steps.len() - 1
                 }
             };
-            let log = &mut steps[i];
-            for line in &chunk.lines {
-                log.total += 1;
-                log.tail.push_back(Line::new(log.total, &line.text));
-                if log.tail.len() > tail {
-                    log.tail.pop_front();
+            let kept = &mut steps[i];
+            let count = head.lines.len() as u64;
+            kept.chunks
+                .push_back((kept.total + 1, count, m.payload.clone()));
+            kept.total += count;
+            kept.lines += count;
+            // Drop the oldest chunk while the others still hold `tail` lines.
+            while let Some(&(_, oldest, _)) = kept.chunks.front() {
+                if kept.chunks.len() > 1 && kept.lines - oldest >= tail_lines {
+                    kept.chunks.pop_front();
+                    kept.lines -= oldest;
+                } else {
+                    break;
                 }
             }
         },
     )
     .await?;
-    Ok((steps, last))
+    let logs = steps
+        .into_iter()
+        .map(|kept| {
+            let mut log = StepLog {
+                step: kept.step,
+                total: kept.total,
+                tail: std::collections::VecDeque::new(),
+            };
+            let skip_before = kept.total.saturating_sub(tail_lines) + 1;
+            for (first, _, body) in kept.chunks {
+                let Ok(chunk) = serde_json::from_slice::<LogChunk>(&body) else {
+                    continue;
+                };
+                for (n, line) in (first..).zip(&chunk.lines) {
+                    if n >= skip_before {
+                        log.tail.push_back(Line::new(n, &line.text));
+                    }
+                }
+            }
+            log
+        })
+        .collect();
+    Ok((logs, last))
 }
 
 /// Lines `from..=to` (numbered from 1) of one step, for paging back through a log.
+/// Only the chunks that hold them are parsed whole.
 pub async fn step_lines(
     js: &jetstream::Context,
     run_id: &str,
@@ -235,16 +285,23 @@ pub async fn step_lines(
         subjects::LOGS_STREAM,
         subjects::logs_of_run(run_id),
         |m| {
+            let Ok(head) = serde_json::from_slice::<ChunkHead>(&m.payload) else {
+                return;
+            };
+            if head.step != step {
+                return;
+            }
+            let first = n + 1;
+            n += head.lines.len() as u64;
+            if n < from || first > to {
+                return;
+            }
             let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m.payload) else {
                 return;
             };
-            if chunk.step != step {
-                return;
-            }
-            for line in &chunk.lines {
-                n += 1;
-                if (from..=to).contains(&n) {
-                    out.push(Line::new(n, &line.text));
+            for (i, line) in (first..).zip(&chunk.lines) {
+                if (from..=to).contains(&i) {
+                    out.push(Line::new(i, &line.text));
                 }
             }
         },

@@ -825,3 +825,54 @@ async fn group_markers_fold_into_details_with_escaped_titles() {
     assert_eq!(lines[2]["group"]["mark"], "end");
     env.stop().await;
 }
+
+#[tokio::test]
+async fn the_run_page_opens_on_each_steps_last_lines_and_pages_back_exactly() {
+    let env = Env::start().await;
+    let js = &env.js;
+    publish_status(js, &status("run-t", Some("build"), RunState::Running, None)).await;
+    let mut n = 0;
+    let mut chunk = |count: usize| {
+        let lines: Vec<String> = (0..count)
+            .map(|_| {
+                n += 1;
+                format!("build line {n}")
+            })
+            .collect();
+        lines
+    };
+    let (a, b, c) = (chunk(400), chunk(300), chunk(6));
+    publish_log(js, "run-t", "build", 0, a).await;
+    publish_log(js, "run-t", "test", 0, vec!["test line 1".into()]).await;
+    publish_log(js, "run-t", "build", 1, b).await;
+    publish_log(js, "run-t", "build", 2, c).await;
+    let page = env.page_with("/runs/run-t", "build line 706").await;
+    // 706 lines: the last 500 are 207..=706.
+    assert!(
+        page.contains("data-total=\"706\" data-first=\"207\""),
+        "{page}"
+    );
+    assert!(page.contains("id=\"build-L207\"") && !page.contains("id=\"build-L206\""));
+    assert!(page.contains("build line 207</li>") && !page.contains("build line 206<"));
+    assert!(page.contains("206 earlier lines"), "{page}");
+    assert!(page.contains("id=\"test-L1\""), "{page}");
+    let (code, _, json) = env
+        .get("/runs/run-t/steps/build/lines?from=395&to=405")
+        .await;
+    assert_eq!(code, 200);
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&json).expect("json");
+    let got: Vec<(u64, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["n"].as_u64().expect("n"),
+                l["segments"][0]["text"].as_str().expect("text").to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, String)> = (395..=405)
+        .map(|n| (n, format!("build line {n}")))
+        .collect();
+    assert_eq!(got, want, "across the first two chunks of the step");
+    env.stop().await;
+}
