@@ -23,8 +23,9 @@ const axeSource = readFileSync(join(here, "node_modules", "axe-core", "axe.min.j
 const XSS_REF = "refs/heads/<script>alert(1)</script>";
 const XSS_LINE = "<img src=x onerror=alert(1)>";
 const XSS_GROUP = "<script>alert(2)</script> setup";
-// Lines 1–6 are two groups, 7 and 8 the red and XSS lines; "line n" is line 8 + n.
-const L = (n) => `build-L${8 + n}`;
+// Lines 1–6 are two groups, 7 and 8 the red and XSS lines, then "line 1"–"line 5",
+// a group of three lines printed after the first gate, and "line 6"–"line 15".
+const L = (n) => `build-L${n <= 5 ? 8 + n : 11 + n}`;
 const DEADLINE = 30_000;
 
 function freePort() {
@@ -89,6 +90,9 @@ test("the dashboard in Chromium", { timeout: 180_000 }, async (t) => {
       `      - echo '${XSS_LINE}'`,
       "      - for i in 1 2 3 4 5; do echo \"line $i\"; done",
       `      - while [ ! -f ${gate1} ]; do sleep 0.1; done`,
+      "      - echo '::group::late'",
+      "      - echo 'in the late group'",
+      "      - echo '::endgroup::'",
       "      - for i in 6 7 8 9 10; do echo \"line $i\"; done",
       `      - while [ ! -f ${gate2} ]; do sleep 0.1; done`,
       "      - for i in 11 12 13 14 15; do echo \"line $i\"; done",
@@ -144,6 +148,11 @@ test("the dashboard in Chromium", { timeout: 180_000 }, async (t) => {
   await until("line 5", async () => (await log.textContent()).includes("line 5"));
   writeFileSync(gate1, "");
   await until("line 10 without a reload", async () => (await log.textContent()).includes("line 10"));
+  // The group printed meanwhile was folded as it streamed in: its line is inside it.
+  const late = page.locator(`#${L(5)} + li.group`);
+  assert.equal(await late.locator(":scope > details > summary").textContent(), "late");
+  assert.equal(await late.locator(":scope > details > ol.log > li").first().textContent(), "in the late group");
+  assert.equal(await late.evaluate((g) => g.classList.contains("unclosed")), false, "its end closed it");
 
   // A reload mid-step, then the rest: every line exactly once, numbered in order.
   await page.reload();
