@@ -4,6 +4,7 @@
 //! from JetStream at start, so the dashboard keeps no state of its own.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -290,11 +291,9 @@ impl RunIndex {
             name: subjects::DECISIONS_STREAM,
             subject: "sluice.decisions.>",
         };
-        let (status_ready, decisions_ready) = (Caught::default(), Caught::default());
-        let both = |r: &Check| {
-            if status_ready.get() && decisions_ready.get() {
-                r.ready();
-            }
+        let readiness = Readiness {
+            check: ready,
+            caught: [AtomicBool::new(false), AtomicBool::new(false)],
         };
         tokio::join!(
             self.follow_stream(
@@ -306,11 +305,7 @@ impl RunIndex {
                         self.apply(seq, &u);
                     }
                 },
-                || {
-                    status_ready.set();
-                    both(&ready);
-                },
-                &ready,
+                (&readiness, 0),
                 &shutdown,
             ),
             self.follow_stream(
@@ -322,27 +317,24 @@ impl RunIndex {
                         self.apply_decision(seq, &d);
                     }
                 },
-                || {
-                    decisions_ready.set();
-                    both(&ready);
-                },
-                &ready,
+                (&readiness, 1),
                 &shutdown,
             ),
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Folds `stream` from after `last()` with `apply`, reconnecting after errors;
+    /// `which` is its slot in `readiness`.
     async fn follow_stream(
         &self,
         js: &jetstream::Context,
         stream: Stream,
         last: impl Fn() -> u64,
         apply: impl Fn(u64, &[u8]),
-        caught_up: impl Fn(),
-        ready: &Check,
+        (readiness, which): (&Readiness, usize),
         shutdown: &CancellationToken,
     ) {
+        let caught_up = || readiness.caught_up(which);
         while !shutdown.is_cancelled() {
             let next = last() + 1;
             let result = tokio::select! {
@@ -350,7 +342,7 @@ impl RunIndex {
                 () = shutdown.cancelled() => return,
             };
             if let Err(error) = result {
-                ready.failing(format!("reading {}: {error}", stream.name));
+                readiness.failing(which, format!("reading {}: {error}", stream.name));
                 tracing::warn!(%error, stream = stream.name, "the run index stopped reading; retrying");
             }
             tokio::select! {
@@ -361,25 +353,32 @@ impl RunIndex {
     }
 }
 
+/// Ready once every followed stream has been read to its end, and not while one of
+/// them is failing.
+struct Readiness {
+    check: Check,
+    caught: [AtomicBool; 2],
+}
+
+impl Readiness {
+    fn caught_up(&self, which: usize) {
+        self.caught[which].store(true, Ordering::Relaxed);
+        if self.caught.iter().all(|c| c.load(Ordering::Relaxed)) {
+            self.check.ready();
+        }
+    }
+
+    fn failing(&self, which: usize, why: String) {
+        self.caught[which].store(false, Ordering::Relaxed);
+        self.check.failing(why);
+    }
+}
+
 /// A stream the index folds, and the subjects of it that it reads.
 #[derive(Debug, Clone, Copy)]
 struct Stream {
     name: &'static str,
     subject: &'static str,
-}
-
-/// Whether one of the streams has been read to its end once.
-#[derive(Debug, Default)]
-struct Caught(std::sync::atomic::AtomicBool);
-
-impl Caught {
-    fn set(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn get(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
 }
 
 async fn follow_once(
