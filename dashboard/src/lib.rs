@@ -110,6 +110,8 @@ pub(crate) struct AppState {
     /// Cancel and rerun, when `--allow-actions` offers them.
     pub actions: Option<Arc<Actions>>,
     pub index: Arc<index::RunIndex>,
+    /// Where the chunks of the logs opened last are.
+    pub logs: Arc<read::LogMaps>,
     pub shutdown: CancellationToken,
 }
 
@@ -153,6 +155,7 @@ pub async fn start(
         js,
         actions: actions.map(Arc::new),
         index,
+        logs: Arc::default(),
         shutdown: shutdown.clone(),
     };
     let router = router(state).merge(admin.router());

@@ -288,7 +288,7 @@ async fn run(State(s): State<AppState>, Path(run_id): Path<String>) -> Result<Re
         return not_found(format!("run {run_id}"));
     };
     let live = !run.state.is_final();
-    let (logs, after) = read::run_logs(&s.js, &run_id, LOG_TAIL).await?;
+    let (logs, after) = read::run_logs(&s.js, &s.logs, &run_id, LOG_TAIL).await?;
     let event = match &run.event_id {
         Some(id) => read::decision(&s.js, id).await?.map(|d| event_info(&d)),
         None => None,
@@ -443,7 +443,7 @@ async fn lines(
     if !valid_token(&run_id) || q.from == 0 || q.to < q.from || q.to - q.from >= MAX_PAGE_LINES {
         return Ok(StatusCode::BAD_REQUEST.into_response());
     }
-    let lines = read::step_lines(&s.js, &run_id, &step, q.from, q.to).await?;
+    let lines = read::step_lines(&s.js, &s.logs, &run_id, &step, q.from, q.to).await?;
     Ok(axum::Json(lines).into_response())
 }
 

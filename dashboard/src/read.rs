@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
-use futures::TryStreamExt;
+use async_nats::jetstream::{self, consumer::DeliverPolicy, stream::LastRawMessageErrorKind};
+use futures::{StreamExt, TryStreamExt};
 use sluice_core::pipeline::Pipeline;
 use sluice_core::run::{Decision, Heartbeat, LogChunk};
 use sluice_core::{bus, streams, subjects};
@@ -183,131 +183,228 @@ struct ChunkHead {
     lines: Vec<serde::de::IgnoredAny>,
 }
 
-/// A step's chunks that may hold its last lines, while its log is read.
-#[derive(Default)]
-struct Kept {
+/// Where each chunk of a run's log is, per step, in the order the steps first printed:
+/// enough to number the lines and fetch only the chunks a page shows.
+#[derive(Debug, Clone, Default)]
+pub struct LogMap {
+    /// The stream sequence of the last chunk mapped.
+    last: u64,
+    steps: Vec<StepMap>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct StepMap {
     step: String,
     total: u64,
-    /// Each kept chunk: the number of its first line, its line count and its body.
-    chunks: std::collections::VecDeque<(u64, u64, axum::body::Bytes)>,
-    lines: u64,
+    chunks: Vec<ChunkAt>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ChunkAt {
+    sequence: u64,
+    /// The number of its first line within the step.
+    first: u64,
+    count: u64,
+}
+
+impl StepMap {
+    /// The chunks holding lines `from..=to`.
+    fn chunks_for(&self, from: u64, to: u64) -> impl Iterator<Item = &ChunkAt> {
+        self.chunks
+            .iter()
+            .filter(move |c| c.count > 0 && c.first <= to && c.first + c.count > from)
+    }
+}
+
+/// How many runs' maps are kept; the least recently used goes first.
+const KEPT_MAPS: usize = 64;
+
+/// The maps of the runs opened last. A run's map is made by reading its whole log once
+/// (counting lines, not parsing them), then only extended with the chunks stored since:
+/// opening the page again, or paging back, reads only the new chunks and those shown.
+#[derive(Debug, Default)]
+pub struct LogMaps {
+    maps: std::sync::Mutex<std::collections::HashMap<String, (u64, std::sync::Arc<LogMap>)>>,
+    clock: std::sync::atomic::AtomicU64,
+}
+
+impl LogMaps {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, std::sync::Arc<LogMap>)>>
+    {
+        // A map is replaced whole; a panic cannot leave half of one.
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The run's map, brought up to the chunks stored now.
+    async fn current(&self, js: &jetstream::Context, run_id: &str) -> Result<LogMap> {
+        let kept = self.lock().get(run_id).map(|(_, m)| m.clone());
+        let mut map = kept.map(|m| (*m).clone()).unwrap_or_default();
+        extend(js, run_id, &mut map).await?;
+        let used = self
+            .clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut maps = self.lock();
+        maps.insert(run_id.to_owned(), (used, std::sync::Arc::new(map.clone())));
+        if maps.len() > KEPT_MAPS {
+            let oldest = maps
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(id, _)| id.clone());
+            if let Some(id) = oldest {
+                maps.remove(&id);
+            }
+        }
+        Ok(map)
+    }
+
+    fn forget(&self, run_id: &str) {
+        self.lock().remove(run_id);
+    }
+}
+
+/// Adds to `map` the chunks of the run stored after the last one it has.
+async fn extend(js: &jetstream::Context, run_id: &str, map: &mut LogMap) -> Result<()> {
+    let policy = match map.last {
+        0 => DeliverPolicy::All,
+        n => DeliverPolicy::ByStartSequence {
+            start_sequence: n + 1,
+        },
+    };
+    let (consumer, pending) = bus::ordered(
+        js,
+        subjects::LOGS_STREAM,
+        subjects::logs_of_run(run_id),
+        policy,
+    )
+    .await?;
+    if pending == 0 {
+        return Ok(());
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| sluice_core::Error::bus("read the logs", e))?
+        .take(pending as usize);
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| sluice_core::Error::bus("read the logs", e))?;
+        let Ok(info) = m.info() else { continue };
+        map.last = info.stream_sequence;
+        let Ok(head) = serde_json::from_slice::<ChunkHead>(&m.payload) else {
+            continue;
+        };
+        let i = match map.steps.iter().position(|s| s.step == head.step) {
+            Some(i) => i,
+            None => {
+                map.steps.push(StepMap {
+                    step: head.step,
+                    ..StepMap::default()
+                });
+                map.steps.len() - 1
+            }
+        };
+        let step = &mut map.steps[i];
+        let count = head.lines.len() as u64;
+        step.chunks.push(ChunkAt {
+            sequence: map.last,
+            first: step.total + 1,
+            count,
+        });
+        step.total += count;
+    }
+    Ok(())
+}
+
+/// Lines `from..=to` of a step, fetched chunk by chunk from where `map` says they are.
+async fn fetch_lines(
+    js: &jetstream::Context,
+    step: &StepMap,
+    from: u64,
+    to: u64,
+) -> Result<Vec<Line>> {
+    let stream = js
+        .get_stream_no_info(subjects::LOGS_STREAM)
+        .await
+        .map_err(|e| sluice_core::Error::bus("open the logs stream", e))?;
+    let fetches = step.chunks_for(from, to).map(|c| {
+        let stream = &stream;
+        async move {
+            let m = stream
+                .get_raw_message(c.sequence)
+                .await
+                .map_err(|e| sluice_core::Error::bus("read a log chunk", e))?;
+            Ok::<_, sluice_core::Error>((c.first, m.payload))
+        }
+    });
+    let mut out = Vec::new();
+    for fetched in futures::future::join_all(fetches).await {
+        let (first, body) = fetched?;
+        let Ok(chunk) = serde_json::from_slice::<LogChunk>(&body) else {
+            continue;
+        };
+        for (n, line) in (first..).zip(&chunk.lines) {
+            if (from..=to).contains(&n) {
+                out.push(Line::new(n, &line.text));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A run's output per step, in the order the steps first printed, keeping only the last
 /// `tail` lines of each (a log of a million lines opens on its end); and the stream
-/// sequence of the last chunk read, from which the live stream goes on. Every chunk is
-/// read, to number the lines, but only the last ones of each step are parsed whole.
+/// sequence of the last chunk read, from which the live stream goes on.
 pub async fn run_logs(
     js: &jetstream::Context,
+    maps: &LogMaps,
     run_id: &str,
     tail: usize,
 ) -> Result<(Vec<StepLog>, u64)> {
-    let mut steps: Vec<Kept> = Vec::new();
-    let mut last = 0;
-    let tail_lines = tail as u64;
-    bus::read_subject(
-        js,
-        subjects::LOGS_STREAM,
-        subjects::logs_of_run(run_id),
-        |m| {
-            if let Ok(info) = m.info() {
-                last = info.stream_sequence;
-            }
-            let Ok(head) = serde_json::from_slice::<ChunkHead>(&m.payload) else {
-                return;
-            };
-            let i = match steps.iter().position(|s| s.step == head.step) {
-                Some(i) => i,
-                None => {
-                    steps.push(Kept {
-                        step: head.step,
-                        ..Kept::default()
-                    });
-                    steps.len() - 1
-                }
-            };
-            let kept = &mut steps[i];
-            let count = head.lines.len() as u64;
-            kept.chunks
-                .push_back((kept.total + 1, count, m.payload.clone()));
-            kept.total += count;
-            kept.lines += count;
-            // Drop the oldest chunk while the others still hold `tail` lines.
-            while let Some(&(_, oldest, _)) = kept.chunks.front() {
-                if kept.chunks.len() > 1 && kept.lines - oldest >= tail_lines {
-                    kept.chunks.pop_front();
-                    kept.lines -= oldest;
-                } else {
-                    break;
-                }
-            }
-        },
-    )
-    .await?;
-    let logs = steps
-        .into_iter()
-        .map(|kept| {
-            let mut log = StepLog {
-                step: kept.step,
-                total: kept.total,
-                tail: std::collections::VecDeque::new(),
-            };
-            let skip_before = kept.total.saturating_sub(tail_lines) + 1;
-            for (first, _, body) in kept.chunks {
-                let Ok(chunk) = serde_json::from_slice::<LogChunk>(&body) else {
-                    continue;
-                };
-                for (n, line) in (first..).zip(&chunk.lines) {
-                    if n >= skip_before {
-                        log.tail.push_back(Line::new(n, &line.text));
-                    }
-                }
-            }
-            log
-        })
-        .collect();
-    Ok((logs, last))
+    let attempt = |map: LogMap| async move {
+        let mut logs = Vec::new();
+        for step in &map.steps {
+            let from = step.total.saturating_sub(tail as u64) + 1;
+            logs.push(StepLog {
+                step: step.step.clone(),
+                total: step.total,
+                tail: fetch_lines(js, step, from, step.total).await?.into(),
+            });
+        }
+        Ok::<_, crate::Error>((logs, map.last))
+    };
+    match attempt(maps.current(js, run_id).await?).await {
+        Ok(found) => Ok(found),
+        // A chunk the map names is gone (the stream's age limit): map the log again.
+        Err(_) => {
+            maps.forget(run_id);
+            attempt(maps.current(js, run_id).await?).await
+        }
+    }
 }
 
 /// Lines `from..=to` (numbered from 1) of one step, for paging back through a log.
-/// Only the chunks that hold them are parsed whole.
 pub async fn step_lines(
     js: &jetstream::Context,
+    maps: &LogMaps,
     run_id: &str,
     step: &str,
     from: u64,
     to: u64,
 ) -> Result<Vec<Line>> {
-    let mut out = Vec::new();
-    let mut n = 0u64;
-    bus::read_subject(
-        js,
-        subjects::LOGS_STREAM,
-        subjects::logs_of_run(run_id),
-        |m| {
-            let Ok(head) = serde_json::from_slice::<ChunkHead>(&m.payload) else {
-                return;
-            };
-            if head.step != step {
-                return;
-            }
-            let first = n + 1;
-            n += head.lines.len() as u64;
-            if n < from || first > to {
-                return;
-            }
-            let Ok(chunk) = serde_json::from_slice::<LogChunk>(&m.payload) else {
-                return;
-            };
-            for (i, line) in (first..).zip(&chunk.lines) {
-                if (from..=to).contains(&i) {
-                    out.push(Line::new(i, &line.text));
-                }
-            }
-        },
-    )
-    .await?;
-    Ok(out)
+    let attempt = |map: LogMap| async move {
+        match map.steps.iter().find(|s| s.step == step) {
+            Some(s) => fetch_lines(js, s, from, to).await,
+            None => Ok(Vec::new()),
+        }
+    };
+    match attempt(maps.current(js, run_id).await?).await {
+        Ok(found) => Ok(found),
+        Err(_) => {
+            maps.forget(run_id);
+            attempt(maps.current(js, run_id).await?).await
+        }
+    }
 }
 
 /// The run's whole output as stored, one `── step ──` header before each step's lines.

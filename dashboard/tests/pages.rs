@@ -874,5 +874,26 @@ async fn the_run_page_opens_on_each_steps_last_lines_and_pages_back_exactly() {
         .map(|n| (n, format!("build line {n}")))
         .collect();
     assert_eq!(got, want, "across the first two chunks of the step");
+
+    // More is stored after the page was made: opened again (the map of the log is only
+    // extended), the new lines are numbered on, and paging spans old and new chunks.
+    let more: Vec<String> = (707..=716).map(|n| format!("build line {n}")).collect();
+    publish_log(js, "run-t", "build", 3, more).await;
+    let page = env.page_with("/runs/run-t", "build line 716").await;
+    assert!(
+        page.contains("data-total=\"716\" data-first=\"217\""),
+        "{page}"
+    );
+    assert!(page.contains("id=\"build-L716\"") && !page.contains("id=\"build-L216\""));
+    let (_, _, json) = env
+        .get("/runs/run-t/steps/build/lines?from=700&to=712")
+        .await;
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&json).expect("json");
+    let texts: Vec<&str> = lines
+        .iter()
+        .map(|l| l["segments"][0]["text"].as_str().expect("text"))
+        .collect();
+    let want: Vec<String> = (700..=712).map(|n| format!("build line {n}")).collect();
+    assert_eq!(texts, want);
     env.stop().await;
 }
