@@ -194,16 +194,20 @@ pub struct DispatcherArgs {
     /// are handed back to NATS for another replica.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value_t = HumanDuration(sluice_dispatcher::SHUTDOWN_GRACE), value_parser = human_duration)]
     pub shutdown_grace: HumanDuration,
-    /// Redeliver the GitHub webhook deliveries that failed and never became an event
-    /// (an outage of NATS, ingest or the network in front of it). One replica at a
-    /// time; needs the GitHub App (for its hook) or a token with hook access.
+    /// Redeliver the GitHub and GitLab webhook deliveries that failed and never became
+    /// an event (an outage of NATS, ingest or the network in front of it). One replica
+    /// at a time; needs the GitHub App (for its hook) or a token with hook access, and
+    /// for GitLab hooks --gitlab-token with the project's Maintainer role and `api`.
     #[arg(long, env = "SLUICE_RECOVER_DELIVERIES")]
     pub recover_deliveries: bool,
     /// Hooks whose deliveries are reconciled, comma-separated: `app` (the GitHub App's
-    /// hook), `repo:<owner>/<name>:<hook id>`, `org:<org>:<hook id>`.
+    /// hook), `repo:<owner>/<name>:<hook id>`, `org:<org>:<hook id>`, and GitLab (17.4+)
+    /// project hooks `gitlab:<project id or path>:<hook id>` (`gitlab:42:7`,
+    /// `gitlab:group/sub/project:7`).
     #[arg(long, env = "SLUICE_RECOVER_HOOKS", value_delimiter = ',', default_value = "app", value_parser = hook)]
     pub recover_hooks: Vec<sluice_dispatcher::recover::Hook>,
-    /// How far back deliveries are reconciled (at most GitHub's 3 days).
+    /// How far back deliveries are reconciled (at most GitHub's 3 days; GitLab's 7 when
+    /// only GitLab hooks are reconciled).
     #[arg(long, env = "SLUICE_RECOVER_HORIZON", default_value_t = HumanDuration(sluice_dispatcher::recover::HORIZON), value_parser = recover_horizon)]
     pub recover_horizon: HumanDuration,
     /// Time between reconcile passes, and between two redeliveries of one delivery.
@@ -212,8 +216,8 @@ pub struct DispatcherArgs {
     /// Redeliveries of one delivery before it is reported lost (`sluice events lost`).
     #[arg(long, env = "SLUICE_RECOVER_MAX_ATTEMPTS", default_value_t = sluice_dispatcher::recover::MAX_ATTEMPTS, value_parser = at_least_one_of::<u32>)]
     pub recover_max_attempts: u32,
-    /// GitHub requests per hour for reconciling (listing and redeliveries) at most;
-    /// with --report-statuses each is also taken from --forge-requests-per-hour.
+    /// Requests per hour to each forge for reconciling (listing and redeliveries) at
+    /// most; with --report-statuses each is also taken from --forge-requests-per-hour.
     #[arg(long, env = "SLUICE_RECOVER_REQUESTS_PER_HOUR", default_value_t = sluice_dispatcher::recover::REQUESTS_PER_HOUR, value_parser = at_least_one_of::<u32>)]
     pub recover_requests_per_hour: u32,
 }
@@ -224,9 +228,10 @@ fn hook(s: &str) -> Result<sluice_dispatcher::recover::Hook, String> {
 
 fn recover_horizon(s: &str) -> Result<HumanDuration, String> {
     let d = human_duration(s)?;
-    if d.0.is_zero() || d.0 > sluice_dispatcher::recover::MAX_HORIZON {
+    // GitHub's 3 days are held against the hooks when the reconciler starts.
+    if d.0.is_zero() || d.0 > sluice_dispatcher::recover::GITLAB_MAX_HORIZON {
         return Err(format!(
-            "{s:?}: must be more than 0 and at most 72h (GitHub keeps deliveries 3 days)"
+            "{s:?}: must be more than 0 and at most 168h (GitLab lists 7 days, GitHub 3)"
         ));
     }
     Ok(d)
@@ -282,6 +287,38 @@ pub struct DevArgs {
     pub executor: ExecutorKind,
     #[command(flatten)]
     pub kube: KubeArgs,
+    #[command(flatten)]
+    pub forge: DevForgeArgs,
+}
+
+/// Dev mode's forge settings: the dispatcher's flags and variables, except that commit
+/// statuses link to dev mode's own dashboard unless `--status-link-base-url` is given.
+#[derive(Debug, Args)]
+pub struct DevForgeArgs {
+    /// GitHub token for commit statuses and pull requests' changed files. Prefer the
+    /// variable.
+    #[arg(long, env = "SLUICE_GITHUB_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub github_token: Option<SecretString>,
+    /// GitHub API base URL (GitHub Enterprise: https://HOST/api/v3).
+    #[arg(long, env = "SLUICE_GITHUB_API_URL", default_value = sluice_dispatcher::forge::GITHUB_API_URL)]
+    pub github_api_url: String,
+    /// GitLab token (api) for commit statuses and merge requests' changed files. Prefer
+    /// the variable.
+    #[arg(long, env = "SLUICE_GITLAB_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub gitlab_token: Option<SecretString>,
+    /// GitLab API base URL.
+    #[arg(long, env = "SLUICE_GITLAB_API_URL", default_value = sluice_dispatcher::forge::GITLAB_API_URL)]
+    pub gitlab_api_url: String,
+    /// Send run states back to the forges as commit statuses (needs a token above).
+    #[arg(long, env = "SLUICE_REPORT_STATUSES")]
+    pub report_statuses: bool,
+    /// Commit statuses link to `<URL>/runs/<run id>` (default: this dev mode's
+    /// dashboard, `http://<--dashboard-listen>`).
+    #[arg(long, env = "SLUICE_STATUS_LINK_BASE_URL")]
+    pub status_link_base_url: Option<String>,
+    /// Commit status requests per hour and forge token (GitHub allows 5,000).
+    #[arg(long, env = "SLUICE_FORGE_REQUESTS_PER_HOUR", default_value_t = sluice_dispatcher::reporter::REQUESTS_PER_HOUR, value_parser = at_least_one_of::<u32>)]
+    pub forge_requests_per_hour: u32,
 }
 
 /// Where steps run.
@@ -498,7 +535,8 @@ pub enum EventsCommand {
         output: Output,
     },
     /// Forge deliveries the delivery reconciler could not recover, and why: they must
-    /// be redelivered by hand (GitHub: the hook's Recent Deliveries, within 3 days).
+    /// be redelivered by hand (GitHub: the hook's Recent Deliveries, within 3 days;
+    /// GitLab: the hook's Recent events, within 7).
     Lost {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -618,9 +656,13 @@ pub struct IngestArgs {
     /// Time a kept-alive connection may wait for its next request before it is closed.
     #[arg(long, env = "SLUICE_INGEST_IDLE_TIMEOUT", default_value_t = HumanDuration(sluice_ingest::IDLE_TIMEOUT), value_parser = positive_duration)]
     pub idle_timeout: HumanDuration,
-    /// Connections served at once; further clients wait to be accepted until one closes.
+    /// Connections served at once; a further one waits up to --queue-wait for a slot.
     #[arg(long, env = "SLUICE_INGEST_MAX_CONNECTIONS", default_value_t = sluice_ingest::MAX_CONNECTIONS, value_parser = at_least_one)]
     pub max_connections: usize,
+    /// Time a connection over --max-connections waits for a slot before it is answered
+    /// 503 with Retry-After (shorter than the 9 s ingest answers within).
+    #[arg(long, env = "SLUICE_INGEST_QUEUE_WAIT", default_value_t = HumanDuration(sluice_ingest::QUEUE_WAIT), value_parser = queue_wait)]
+    pub queue_wait: HumanDuration,
 }
 
 fn positive_duration(s: &str) -> Result<HumanDuration, String> {
@@ -628,6 +670,19 @@ fn positive_duration(s: &str) -> Result<HumanDuration, String> {
         d if d.is_zero() => Err(format!("{s:?}: must be longer than zero")),
         d => Ok(HumanDuration(d)),
     }
+}
+
+/// Shorter than the time ingest answers within, or the 503 would come too late.
+fn queue_wait(s: &str) -> Result<HumanDuration, String> {
+    let d = positive_duration(s)?;
+    let within = sluice_ingest::publish::ANSWER_WITHIN;
+    if d.0 >= within {
+        return Err(format!(
+            "{s:?}: must be shorter than the {} s ingest answers within",
+            within.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 fn human_duration(s: &str) -> Result<HumanDuration, String> {

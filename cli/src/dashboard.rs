@@ -6,8 +6,9 @@ use tokio_util::sync::CancellationToken;
 use crate::args::{DashboardArgs, Global};
 
 /// Serves the dashboard until `shutdown`. Its NATS credential should be the dashboard
-/// role's (`dashboard.nk`): it may read every run, log and decision, and otherwise only
-/// ask for a cancel or a rerun.
+/// role's (`dashboard.nk`), which may read every run, log and decision and nothing
+/// more; with `--allow-actions` the dashboard-actions role's (`dashboard-actions.nk`),
+/// which may also ask for a cancel or a rerun.
 pub async fn run(
     global: &Global,
     a: DashboardArgs,

@@ -3,6 +3,7 @@
 //! with pipelines loaded from a folder and reloaded when it changes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
@@ -11,12 +12,14 @@ use anyhow::{bail, Context};
 use secrecy::SecretString;
 use sluice_core::nats::NatsOptions;
 use sluice_core::streams::{self, StreamSettings};
+use sluice_dispatcher::forge::ForgeConfig;
+use sluice_dispatcher::reporter::ReporterConfig;
 use sluice_dispatcher::DispatcherConfig;
 use sluice_ingest::{IngestConfig, SecretSources, Secrets};
 use sluice_runner::RunnerConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::{DevArgs, ExecutorKind, Global};
+use crate::args::{DevArgs, DevForgeArgs, ExecutorKind, Global};
 
 /// The cluster of the local runner, and of pipelines that name none.
 const LOCAL_CLUSTER: &str = "local";
@@ -26,6 +29,8 @@ const LOCAL_CLUSTER: &str = "local";
 const DEV_LOGS_MAX_BYTES: i64 = 256 * 1024 * 1024;
 
 pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Refused before anything starts.
+    let reporting = reporter(&a.forge)?;
     // The current kubeconfig context's cluster, checked before anything starts.
     let kube = match a.executor {
         ExecutorKind::Kubernetes => Some(crate::runner::kube_executor(&a.kube).await?),
@@ -85,9 +90,31 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
         IngestConfig::new(a.listen, nats("sluice-ingest"), secrets),
         shutdown.clone(),
     ));
+    // The dashboard before the dispatcher: commit statuses link to where it listens.
+    let dashboard = sluice_dashboard::start(
+        sluice_core::nats::connect(&nats("sluice-dashboard")).await?,
+        a.dashboard_listen,
+        None,
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| "cannot serve the dashboard (set --dashboard-listen)")?;
+    let reporter = reporting.map(|r| ReporterConfig {
+        link_base_url: link_base_url(r.link_base_url.as_deref(), dashboard.addr),
+        ..r.config
+    });
+    let statuses = statuses_line(reporter.as_ref());
     let dispatcher = tokio::spawn(sluice_dispatcher::run(
         DispatcherConfig {
             default_cluster: LOCAL_CLUSTER.into(),
+            forge: ForgeConfig {
+                github_token: a.forge.github_token.clone(),
+                github_api_url: a.forge.github_api_url.clone(),
+                gitlab_token: a.forge.gitlab_token.clone(),
+                gitlab_api_url: a.forge.gitlab_api_url.clone(),
+                ..ForgeConfig::default()
+            },
+            reporter,
             ..DispatcherConfig::new(nats("sluice-dispatcher"))
         },
         shutdown.clone(),
@@ -103,15 +130,6 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
         runners.push(tokio::spawn(sluice_runner::run(config, shutdown.clone())));
     }
 
-    let dashboard = sluice_dashboard::start(
-        sluice_core::nats::connect(&nats("sluice-dashboard")).await?,
-        a.dashboard_listen,
-        None,
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| "cannot serve the dashboard (set --dashboard-listen)")?;
-
     let base = format!("http://{}", a.listen);
     println!();
     println!("Sluice is running (dev mode).");
@@ -119,6 +137,7 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     println!("             {base}/webhooks/gitlab   (set SLUICE_GITLAB_WEBHOOK_TOKEN)");
     println!("             {base}/webhooks/generic  (set SLUICE_WEBHOOK_SIGNING_SECRET)");
     println!("  dashboard  http://{}/runs", dashboard.addr);
+    println!("  statuses   {statuses}");
     println!("  NATS       {nats_url}");
     println!(
         "  pipelines  {} ({} loaded; changes are picked up)",
@@ -176,6 +195,55 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
         let _ = tokio::time::timeout(Duration::from_secs(10), server.wait()).await;
     }
     Ok(())
+}
+
+/// What `--report-statuses` asks for, before the dashboard's address is known: the
+/// reporter's settings, and the link base if one was given. None: no statuses.
+#[derive(Debug)]
+struct Reporting {
+    config: ReporterConfig,
+    link_base_url: Option<String>,
+}
+
+/// Commit statuses are sent only with `--report-statuses` and a forge token to send
+/// them with; the one without the other is refused rather than silently ignored.
+fn reporter(f: &DevForgeArgs) -> anyhow::Result<Option<Reporting>> {
+    if !f.report_statuses {
+        return Ok(None);
+    }
+    if f.github_token.is_none() && f.gitlab_token.is_none() {
+        bail!("--report-statuses needs a forge token to send them with: --github-token or --gitlab-token (SLUICE_GITHUB_TOKEN, SLUICE_GITLAB_TOKEN)");
+    }
+    Ok(Some(Reporting {
+        config: ReporterConfig {
+            requests_per_hour: f.forge_requests_per_hour,
+            ..ReporterConfig::default()
+        },
+        link_base_url: f.status_link_base_url.clone(),
+    }))
+}
+
+/// Where commit statuses link: `--status-link-base-url` when given (without a trailing
+/// `/`), else this dev mode's dashboard at the address it is bound to; an unspecified
+/// address (`0.0.0.0`) is opened as the loopback one.
+fn link_base_url(given: Option<&str>, dashboard: SocketAddr) -> String {
+    if let Some(url) = given {
+        return url.trim_end_matches('/').to_owned();
+    }
+    let ip = match dashboard.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, dashboard.port()))
+}
+
+/// The banner's line about commit statuses.
+fn statuses_line(reporter: Option<&ReporterConfig>) -> String {
+    match reporter {
+        Some(r) => format!("commit statuses link to {}/runs/<run id>", r.link_base_url),
+        None => "not reported (--report-statuses with --github-token or --gitlab-token)".into(),
+    }
 }
 
 /// Validates and applies every pipeline of `dir`; removes the ones that left it.
@@ -338,4 +406,79 @@ fn dev_secret(data: &Path) -> anyhow::Result<String> {
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     std::fs::write(&path, &secret)?;
     Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn statuses_link_to_the_dev_dashboard_unless_a_base_is_given() {
+        let at = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            link_base_url(None, at("127.0.0.1:8090")),
+            "http://127.0.0.1:8090"
+        );
+        assert_eq!(
+            link_base_url(None, at("0.0.0.0:9000")),
+            "http://127.0.0.1:9000"
+        );
+        assert_eq!(link_base_url(None, at("[::]:8090")), "http://[::1]:8090");
+        assert_eq!(
+            link_base_url(Some("https://ci.example.com/"), at("127.0.0.1:8090")),
+            "https://ci.example.com"
+        );
+        // The dispatcher's own default is the dashboard's default address too.
+        assert_eq!(
+            sluice_dispatcher::reporter::LINK_BASE_URL,
+            link_base_url(None, at(sluice_dashboard::DEFAULT_LISTEN))
+        );
+    }
+
+    fn dev_args(args: &[&str]) -> DevArgs {
+        #[derive(Parser)]
+        struct Dev {
+            #[command(flatten)]
+            dev: DevArgs,
+        }
+        Dev::try_parse_from(std::iter::once("dev").chain(args.iter().copied()))
+            .expect("args")
+            .dev
+    }
+
+    #[test]
+    fn reporting_needs_the_flag_and_a_token_and_the_banner_names_the_link() {
+        assert!(reporter(&dev_args(&[]).forge).expect("off").is_none());
+        let err = reporter(&dev_args(&["--report-statuses"]).forge).expect_err("no token");
+        assert!(err.to_string().contains("--github-token"), "{err}");
+        let a = dev_args(&[
+            "--report-statuses",
+            "--github-token",
+            "ghp_x",
+            "--dashboard-listen",
+            "127.0.0.1:8091",
+        ]);
+        let r = reporter(&a.forge).expect("on").expect("reporting");
+        assert_eq!(r.link_base_url, None);
+        let config = ReporterConfig {
+            link_base_url: link_base_url(r.link_base_url.as_deref(), a.dashboard_listen),
+            ..r.config
+        };
+        assert_eq!(
+            statuses_line(Some(&config)),
+            "commit statuses link to http://127.0.0.1:8091/runs/<run id>"
+        );
+        assert!(statuses_line(None).starts_with("not reported"));
+        let given = dev_args(&[
+            "--report-statuses",
+            "--gitlab-token",
+            "glpat",
+            "--status-link-base-url",
+            "https://ci.example.com",
+        ]);
+        let r = reporter(&given.forge).expect("on").expect("reporting");
+        assert_eq!(r.link_base_url.as_deref(), Some("https://ci.example.com"));
+    }
 }

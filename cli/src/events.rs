@@ -277,7 +277,8 @@ async fn lost(js: &jetstream::Context, output: Output) -> anyhow::Result<()> {
         &rows,
     );
     println!(
-        "Redeliver these by hand within GitHub's 3 days: the hook's settings, Recent Deliveries, Redeliver."
+        "Redeliver these by hand: GitHub (within 3 days) in the hook's settings, Recent Deliveries, Redeliver; \
+         GitLab (within 7 days) in the hook's settings, Recent events, View details, Resend request."
     );
     Ok(())
 }

@@ -33,6 +33,7 @@ pub async fn run(
         header_timeout: a.header_timeout.0,
         idle_timeout: a.idle_timeout.0,
         max_connections: a.max_connections,
+        queue_wait: a.queue_wait.0,
         ..IngestConfig::new(a.listen, global.nats("sluice-ingest"), secrets)
     };
     sluice_ingest::run(config, shutdown).await?;

@@ -143,7 +143,7 @@ pub fn init(
         clusters_in_dir.join(",")
     ));
     out.push(
-        "  3. Give each service its own seed with --nats-nkey (SLUICE_NATS_NKEY): ingest.nk, dispatcher.nk, dashboard.nk; runner-<cluster>.nk only into that cluster (see docs/security.md). Keep admin.nk with the operators."
+        "  3. Give each service its own seed with --nats-nkey (SLUICE_NATS_NKEY): ingest.nk, dispatcher.nk, dashboard.nk (dashboard-actions.nk for a dashboard with --allow-actions); runner-<cluster>.nk only into that cluster (see docs/security.md). Keep admin.nk with the operators."
             .into(),
     );
     Ok(out.0)
@@ -187,6 +187,26 @@ pub fn add_cluster(dir: &Path, cluster: &str, force: bool) -> anyhow::Result<Vec
         "  3. Install the seed in cluster {cluster} only, e.g. kubectl create secret generic sluice-nats-nkey --from-file=nkey={}, and run the runner with --cluster {cluster} --nats-nkey <mounted file>.",
         seed.display()
     ));
+    Ok(out.0)
+}
+
+/// Gives a folder made before `role` existed its seed, and renders `nats.conf`'s users
+/// again; a seed already there is kept. For roles not every folder must hold
+/// ([`Role::required`]), such as `dashboard-actions`.
+pub fn add_role(dir: &Path, role: &Role) -> anyhow::Result<Vec<String>> {
+    let config = existing_config(dir)?;
+    let seed = dir.join(role.seed_file());
+    let mut out = Lines::default();
+    if seed.exists() {
+        return Ok(out.0);
+    }
+    write_seed(&seed, &new_seed()?, false)?;
+    out.push(format!(
+        "Created {} (mode 0600) for the {} role.",
+        seed.display(),
+        role.name()
+    ));
+    rerender(dir, &config, &mut out)?;
     Ok(out.0)
 }
 
@@ -236,7 +256,7 @@ pub fn read_users(dir: &Path) -> anyhow::Result<(Vec<User>, Lines)> {
             Ok(role) => role,
             Err(_) => {
                 out.push(format!(
-                    "Skipped {}: not a role's seed (admin, ingest, dispatcher, dashboard, runner-<cluster>).",
+                    "Skipped {}: not a role's seed (admin, ingest, dispatcher, dashboard, dashboard-actions, runner-<cluster>).",
                     path.display()
                 ));
                 continue;
@@ -257,7 +277,7 @@ pub fn read_users(dir: &Path) -> anyhow::Result<(Vec<User>, Lines)> {
     }
     let missing: Vec<String> = Role::FIXED
         .iter()
-        .filter(|r| !users.iter().any(|u| &u.role == *r))
+        .filter(|r| r.required() && !users.iter().any(|u| &u.role == *r))
         .map(Role::seed_file)
         .collect();
     if !missing.is_empty() {
@@ -475,6 +495,28 @@ mod tests {
             !tmp.path().join("x").exists(),
             "nothing written for a bad name"
         );
+    }
+
+    #[test]
+    fn a_folder_from_before_the_acting_dashboard_is_read_and_given_its_seed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("nats");
+        init_ab(&dir);
+        let acting = Role::DashboardActions;
+        std::fs::remove_file(dir.join(acting.seed_file())).expect("as before the role");
+        let (users, _) = read_users(&dir).expect("an older folder is still read");
+        assert!(!users.iter().any(|u| u.role == acting));
+        let out = add_role(&dir, &acting).expect("add").join("\n");
+        assert!(out.contains("dashboard-actions.nk"), "{out}");
+        assert_eq!(mode(&dir.join(acting.seed_file())), 0o600);
+        let config = std::fs::read_to_string(dir.join(CONFIG_FILE)).expect("config");
+        let key = public_key(&dir.join(acting.seed_file())).expect("key");
+        assert!(config.contains(&key), "the new user is rendered");
+        assert!(add_role(&dir, &acting).expect("again").is_empty(), "kept");
+        // A required role's seed missing is still refused.
+        std::fs::remove_file(dir.join(Role::Dashboard.seed_file())).expect("rm");
+        let err = read_users(&dir).expect_err("dashboard.nk is required");
+        assert!(err.to_string().contains("dashboard.nk"), "{err}");
     }
 
     #[test]

@@ -676,6 +676,8 @@ fn service_flags_out_of_range_are_refused_with_a_message() {
         (&["ingest", "--max-body-bytes", "0"], "at least 1"),
         (&["ingest", "--publish-timeout", "0s"], "longer than zero"),
         (&["ingest", "--read-timeout", "0s"], "longer than zero"),
+        (&["ingest", "--queue-wait", "0s"], "longer than zero"),
+        (&["ingest", "--queue-wait", "9s"], "shorter than the 9 s"),
         (
             &["ingest", "--stream-replicas", "7"],
             "replicas must be 1 to 5",
@@ -715,7 +717,8 @@ fn service_flags_out_of_range_are_refused_with_a_message() {
     );
     let help = text(&sluice("nats://127.0.0.1:1", &["ingest", "--help"]).stdout);
     assert!(
-        help.contains(&format!("[default: {}]", sluice_ingest::MAX_BODY_BYTES)),
+        help.contains(&format!("[default: {}]", sluice_ingest::MAX_BODY_BYTES))
+            && help.contains("--queue-wait <QUEUE_WAIT>"),
         "{help}"
     );
 }

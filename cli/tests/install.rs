@@ -88,13 +88,15 @@ fn sluice_objects(api: &KubeApi) -> Vec<String> {
 }
 
 /// The wizard's prompts for a cluster that hosts both, in order.
-const PROMPTS: [&str; 12] = [
+const PROMPTS: [&str; 14] = [
     "Namespace",
     "This cluster hosts",
     "Cluster name",
     "Existing NATS URL",
     "Credentials folder",
     "Webhook host",
+    "Dashboard URL",
+    "Allow cancel and rerun on the dashboard?",
     "GitHub webhook secret",
     "GitLab webhook token",
     "GitHub token",
@@ -285,9 +287,14 @@ async fn keda_is_offered_when_its_crd_exists_and_refused_by_preflight_without_it
     let api = KubeApi::start().await;
     api.install_keda();
     let api_ref = &api;
-    let mut prompts: Vec<(&str, Option<&str>)> = PROMPTS[..10].iter().map(|p| (*p, None)).collect();
+    // KEDA is asked right before the smoke run.
+    let at = PROMPTS
+        .iter()
+        .position(|p| p.starts_with("Run a smoke pipeline"))
+        .expect("the smoke question");
+    let mut prompts: Vec<(&str, Option<&str>)> = PROMPTS[..at].iter().map(|p| (*p, None)).collect();
     prompts.push(("Autoscale the runner with KEDA?", Some("y")));
-    prompts.extend(PROMPTS[10..].iter().map(|p| (*p, None)));
+    prompts.extend(PROMPTS[at..].iter().map(|p| (*p, None)));
     let shown = tokio::task::block_in_place(|| wizard(&dir, api_ref, &prompts));
     assert!(shown.contains("Sluice is installed"), "{shown}");
     assert!(

@@ -29,8 +29,8 @@ fn text(out: &[u8]) -> String {
 fn recover_flags_out_of_range_are_refused_with_a_message() {
     for (args, says) in [
         (
-            &["dispatcher", "--recover-horizon", "73h"][..],
-            "at most 72h",
+            &["dispatcher", "--recover-horizon", "169h"][..],
+            "at most 168h",
         ),
         (&["dispatcher", "--recover-horizon", "0s"], "more than 0"),
         (

@@ -37,13 +37,31 @@ pub enum Role {
     Dispatcher,
     /// Reads runs, logs and decisions.
     Dashboard,
+    /// The dashboard with `--allow-actions`: reads as [`Role::Dashboard`] does, and may
+    /// also ask for a cancel or a rerun. A read-only dashboard has a seed that cannot.
+    DashboardActions,
     /// One cluster's runners.
     Runner(String),
 }
 
 impl Role {
-    /// The roles that exist whatever the clusters.
-    pub const FIXED: [Role; 4] = [Role::Admin, Role::Ingest, Role::Dispatcher, Role::Dashboard];
+    /// The roles that exist whatever the clusters (`sluice nats init` writes a seed for
+    /// each).
+    pub const FIXED: [Role; 5] = [
+        Role::Admin,
+        Role::Ingest,
+        Role::Dispatcher,
+        Role::Dashboard,
+        Role::DashboardActions,
+    ];
+
+    /// Whether a credentials folder must hold this role's seed (runners' are per
+    /// cluster). `dashboard-actions` came later than the others: a folder made before
+    /// it has none, and gets one when it is needed (`sluice install
+    /// --dashboard-actions`; by hand: docs/security.md).
+    pub fn required(&self) -> bool {
+        !matches!(self, Role::DashboardActions | Role::Runner(_))
+    }
 
     /// The role's user name, and the stem of its seed file (`<name>.nk`).
     pub fn name(&self) -> String {
@@ -52,6 +70,7 @@ impl Role {
             Role::Ingest => "ingest".into(),
             Role::Dispatcher => "dispatcher".into(),
             Role::Dashboard => "dashboard".into(),
+            Role::DashboardActions => "dashboard-actions".into(),
             Role::Runner(cluster) => format!("runner-{cluster}"),
         }
     }
@@ -64,13 +83,14 @@ impl Role {
             "ingest" => Ok(Role::Ingest),
             "dispatcher" => Ok(Role::Dispatcher),
             "dashboard" => Ok(Role::Dashboard),
+            "dashboard-actions" => Ok(Role::DashboardActions),
             other => match other.strip_prefix("runner-") {
                 Some(cluster) => {
                     crate::pipeline::Name::parse(cluster)?;
                     Ok(Role::Runner(cluster.to_owned()))
                 }
                 None => Err(format!(
-                    "`{name}` is not a role: admin, ingest, dispatcher, dashboard or runner-<cluster>"
+                    "`{name}` is not a role: admin, ingest, dispatcher, dashboard, dashboard-actions or runner-<cluster>"
                 )),
             },
         }
@@ -180,7 +200,8 @@ pub fn permissions(role: &Role) -> Permissions {
             subscribe_allow: [inbox, vec![subjects::RERUN.to_owned()]].concat(),
             ..Default::default()
         },
-        Role::Dashboard => dashboard(inbox),
+        Role::Dashboard => dashboard(inbox, false),
+        Role::DashboardActions => dashboard(inbox, true),
         Role::Runner(cluster) => runner(cluster, inbox),
     }
 }
@@ -220,7 +241,8 @@ fn ingest(inbox: Vec<String>) -> Permissions {
     }
 }
 
-fn dashboard(inbox: Vec<String>) -> Permissions {
+/// The dashboard's reads; with `actions`, also its two requests.
+fn dashboard(inbox: Vec<String>, actions: bool) -> Permissions {
     let mut publish_allow = vec![
         api("INFO"),
         api("STREAM.NAMES"),
@@ -233,12 +255,6 @@ fn dashboard(inbox: Vec<String>) -> Permissions {
         api("CONSUMER.INFO.*.*"),
         // Flow control replies of the push consumers that watch buckets.
         "$JS.FC.>".into(),
-        // Its two actions (only offered with `--allow-actions`): a cancel request to a
-        // run's cluster, and a rerun asked of a dispatcher, which alone stores the
-        // event — so this credential can stop runs and repeat stored events, never
-        // store an event of its own.
-        subjects::cancel("*"),
-        subjects::RERUN.into(),
     ];
     let mut publish_deny = Vec::new();
     for stream in [
@@ -265,6 +281,13 @@ fn dashboard(inbox: Vec<String>) -> Permissions {
         publish_allow.push(api(format!("CONSUMER.CREATE.{stream}")));
         publish_allow.push(api(format!("CONSUMER.CREATE.{stream}.>")));
         publish_allow.push(api(format!("CONSUMER.MSG.NEXT.{stream}.*")));
+    }
+    if actions {
+        // Its two actions (`--allow-actions`): a cancel request to a run's cluster, and
+        // a rerun asked of a dispatcher, which alone stores the event — so this
+        // credential can stop runs and repeat stored events, never store an event of
+        // its own.
+        publish_allow.extend([subjects::cancel("*"), subjects::RERUN.into()]);
     }
     Permissions {
         publish_allow,
@@ -546,6 +569,7 @@ mod tests {
                 "ingest",
                 "dispatcher",
                 "dashboard",
+                "dashboard-actions",
                 "runner-a",
                 "runner-b"
             ]
@@ -712,12 +736,22 @@ mod tests {
             "$JS.API.DIRECT.GET.SLUICE_DECISIONS.sluice.decisions.abc",
             "$JS.API.CONSUMER.CREATE.KV_SLUICE_PIPELINES",
             "$JS.API.STREAM.INFO.SLUICE_RUNS",
-            // Its actions: a cancel to a run's cluster, a rerun asked of a dispatcher.
-            "sluice.control.eu-1.cancel",
-            "sluice.rerun",
         ] {
             assert!(may_publish(&p, allowed), "{allowed}");
         }
+        // A read-only dashboard's seed cannot act; the acting one's reads as it does,
+        // plus a cancel to a run's cluster and a rerun asked of a dispatcher.
+        let acting = permissions(&Role::DashboardActions);
+        for action in ["sluice.control.eu-1.cancel", "sluice.rerun"] {
+            assert!(!may_publish(&p, action), "{action}");
+            assert!(may_publish(&acting, action), "{action}");
+        }
+        assert_eq!(
+            acting.publish_allow[..acting.publish_allow.len() - 2],
+            p.publish_allow[..]
+        );
+        assert_eq!(acting.publish_deny, p.publish_deny);
+        assert_eq!(acting.subscribe_allow, p.subscribe_allow);
         for refused in [
             "sluice.status.a.r",
             "sluice.events.manual.push",

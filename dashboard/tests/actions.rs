@@ -19,7 +19,13 @@ use tokio_util::sync::CancellationToken;
 const TOKEN: &str = "0123456789abcdef-actions";
 
 async fn dashboard(server: &AuthNats, actions: Option<sluice_dashboard::Actions>) -> String {
-    let client = sluice_core::nats::connect(&server.options(&Role::Dashboard))
+    // The role that goes with the setting: only the acting dashboard's seed may ask.
+    let role = if actions.is_some() {
+        Role::DashboardActions
+    } else {
+        Role::Dashboard
+    };
+    let client = sluice_core::nats::connect(&server.options(&role))
         .await
         .expect("the dashboard's seed connects");
     let started = sluice_dashboard::start(
@@ -183,7 +189,7 @@ async fn cancel_and_rerun_on_the_dashboards_own_seed() {
     // The dashboard's credential cannot aim the dispatcher's answer anywhere but an
     // inbox (its credential may publish almost anywhere): these go unanswered and
     // undone, and a request after them is answered (one dispatcher, in order).
-    let asker = sluice_core::nats::connect(&server.options(&Role::Dashboard))
+    let asker = sluice_core::nats::connect(&server.options(&Role::DashboardActions))
         .await
         .expect("the dashboard's seed connects");
     let forged = RerunRequest {

@@ -40,8 +40,10 @@ pub struct ReporterConfig {
     pub requests_per_hour: u32,
 }
 
-/// Default `--status-link-base-url`.
-pub const LINK_BASE_URL: &str = "http://localhost:8080";
+/// Default `--status-link-base-url`: the dashboard at its default listen address
+/// (`sluice_dashboard::DEFAULT_LISTEN`, checked by a test in the `sluice` binary), where
+/// run pages are; set it to the dashboard's URL as users reach it.
+pub const LINK_BASE_URL: &str = "http://127.0.0.1:8090";
 /// Default `--forge-requests-per-hour`: GitHub's limit per token.
 pub const REQUESTS_PER_HOUR: u32 = 5000;
 

@@ -5,10 +5,12 @@
 pub mod auth;
 pub mod deliveries;
 pub mod dispatcher;
+pub mod gitlab_hooks;
 pub mod ingest;
 pub mod kubeapi;
 pub mod nats;
 pub mod process;
+pub mod recover;
 pub mod runner;
 pub mod sign;
 pub mod streams;

@@ -34,9 +34,9 @@ pub async fn read_from(
     if pending == 0 {
         return Ok(out);
     }
-    let mut messages = consumer.messages().await?.take(pending as usize);
+    let mut messages = consumer.messages().await?;
     let mut last = *cursor;
-    loop {
+    while out.len() < pending as usize {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
             .with_context(|| format!("reading {stream} stalled"))?;
@@ -44,7 +44,13 @@ pub async fn read_from(
         let m = m.map_err(|e| anyhow::anyhow!("read {stream}: {e}"))?;
         let info = m.info().map_err(|e| anyhow::anyhow!("message info: {e}"))?;
         let (sequence, published) = (info.stream_sequence, info.published);
-        last = last.max(sequence);
+        // An ordered consumer recreated (a leader change) before its first message
+        // can start again from the stream's beginning: what was read before is
+        // skipped, not counted twice, and the read goes on until `pending` new ones.
+        if sequence <= last {
+            continue;
+        }
+        last = sequence;
         out.push(Stored {
             sequence,
             subject: m.subject.to_string(),

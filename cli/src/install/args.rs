@@ -107,6 +107,8 @@ pub struct ValueFlags {
     pub ingest_replicas: Option<i32>,
     #[arg(long, env = "SLUICE_INSTALL_DISPATCHER_REPLICAS")]
     pub dispatcher_replicas: Option<i32>,
+    #[arg(long, env = "SLUICE_INSTALL_DASHBOARD_REPLICAS")]
+    pub dashboard_replicas: Option<i32>,
     #[arg(long, env = "SLUICE_INSTALL_RUNNER_REPLICAS")]
     pub runner_replicas: Option<i32>,
     /// Runs each runner replica executes at once.
@@ -120,6 +122,14 @@ pub struct ValueFlags {
     pub ingest_host: Option<String>,
     #[arg(long, env = "SLUICE_INSTALL_INGRESS_CLASS")]
     pub ingress_class: Option<String>,
+    /// The dashboard's URL as users reach it (your Ingress or proxy); commit statuses
+    /// link there (default: the in-cluster Service URL).
+    #[arg(long, env = "SLUICE_INSTALL_DASHBOARD_URL")]
+    pub dashboard_url: Option<String>,
+    /// Offer cancel and rerun on the dashboard to holders of the token in the Secret
+    /// sluice-dashboard-actions; `--dashboard-actions=false` turns it off.
+    #[arg(long, env = "SLUICE_INSTALL_DASHBOARD_ACTIONS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub dashboard_actions: Option<bool>,
     /// Where runners may reach the API server (ports 443 and 6443).
     #[arg(long, env = "SLUICE_INSTALL_API_SERVER_CIDR")]
     pub api_server_cidr: Option<String>,
@@ -158,6 +168,10 @@ pub struct ValueFlags {
     /// GitLab token for commit statuses and changed files (optional).
     #[arg(long, env = "SLUICE_INSTALL_GITLAB_TOKEN", hide_env_values = true, value_parser = secret)]
     pub gitlab_token: Option<Secret>,
+    /// With --dashboard-actions: the token that allows actions (generated when not
+    /// given). Prefer the variable.
+    #[arg(long, env = "SLUICE_INSTALL_DASHBOARD_ACTIONS_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub dashboard_actions_token: Option<Secret>,
 }
 
 impl ValueFlags {
@@ -173,6 +187,7 @@ impl ValueFlags {
             image => image, nats_image => nats_image, nats_dir => nats_dir,
             nats_storage_size => nats_storage_size, ingest_replicas => ingest_replicas,
             dispatcher_replicas => dispatcher_replicas, runner_replicas => runner_replicas,
+            dashboard_replicas => dashboard_replicas, dashboard_actions => dashboard_actions,
             max_running => max_running, stream_replicas => stream_replicas,
             ingest_host => ingest_host, api_server_cidr => api_server_cidr,
             nats_cidr => nats_cidr, keda => keda, keda_max_replicas => keda_max_replicas,
@@ -191,6 +206,7 @@ impl ValueFlags {
             gitlab_webhook_token => gitlab_webhook_token,
             webhook_signing_secret => webhook_signing_secret,
             github_token => github_token, gitlab_token => gitlab_token,
+            dashboard_url => dashboard_url, dashboard_actions_token => dashboard_actions_token,
         );
         v
     }

@@ -60,6 +60,18 @@ pub fn load(
                 }
             }
         }
+        // A folder made before the acting dashboard's role gets its seed when asked for.
+        let acting = sluice_core::roles::Role::DashboardActions;
+        if values.dashboard_actions && !dir.join(acting.seed_file()).exists() {
+            if !write {
+                anyhow::bail!(
+                    "{} has no {}: install without --dry-run once, which adds it",
+                    dir.display(),
+                    acting.seed_file()
+                );
+            }
+            lines.extend(nats_admin::add_role(dir, &acting)?);
+        }
         let (users, warnings) = nats_admin::read_users(dir)?;
         lines.extend(warnings.0);
         accounts = Some(accounts_conf(&users));
@@ -67,6 +79,7 @@ pub fn load(
             "admin".to_owned(),
             "ingest".to_owned(),
             "dispatcher".to_owned(),
+            dashboard_role(values).name(),
         ];
         if values.hosts.runner() {
             roles.push(format!("runner-{}", values.cluster));
@@ -102,8 +115,27 @@ pub fn load(
             }),
         github_token: keep(&values.github_token, names::FORGE, "github-token"),
         gitlab_token: keep(&values.gitlab_token, names::FORGE, "gitlab-token"),
+        // Made only when actions are on; a later install keeps the one in the cluster.
+        dashboard_actions_token: values.dashboard_actions.then(|| {
+            keep(
+                &values.dashboard_actions_token,
+                names::DASHBOARD_ACTIONS,
+                "token",
+            )
+            .unwrap_or_else(|| Secret::new(random_hex(32)))
+        }),
     };
     Ok((material, lines))
+}
+
+/// The dashboard's role: the acting one only when actions are on, so a read-only
+/// dashboard holds a seed that cannot cancel or rerun.
+pub fn dashboard_role(values: &Values) -> sluice_core::roles::Role {
+    if values.dashboard_actions {
+        sluice_core::roles::Role::DashboardActions
+    } else {
+        sluice_core::roles::Role::Dashboard
+    }
 }
 
 fn read_seed(path: &Path) -> anyhow::Result<Secret> {

@@ -136,8 +136,12 @@ pub async fn run(args: InstallArgs) -> anyhow::Result<()> {
         }
     );
     let existing = if report.namespace_exists {
-        apply::existing_secrets(&client, &values.namespace, &[names::WEBHOOKS, names::FORGE])
-            .await?
+        apply::existing_secrets(
+            &client,
+            &values.namespace,
+            &[names::WEBHOOKS, names::FORGE, names::DASHBOARD_ACTIONS],
+        )
+        .await?
     } else {
         Default::default()
     };
@@ -213,6 +217,32 @@ pub fn next_steps(v: &Values, m: &Material, show_secrets: bool) -> Vec<String> {
             out.push(format!(
                 "  {forge:<18} https://{}/webhooks/{path}  secret: {shown}",
                 v.ingest_host
+            ));
+        }
+        out.push(String::new());
+        out.push(format!(
+            "Dashboard (commit statuses link to {}): kubectl -n {ns} port-forward svc/sluice-dashboard {port}, then http://127.0.0.1:{port}/runs",
+            v.status_link_base_url(),
+            port = values::dashboard_port(),
+        ));
+        if v.dashboard_url.is_none() {
+            out.push("  Statuses link to the in-cluster Service: put your proxy or Ingress in front of svc/sluice-dashboard and set --dashboard-url to its URL.".into());
+        }
+        if let Some(token) = m
+            .dashboard_actions_token
+            .as_ref()
+            .filter(|_| v.dashboard_actions)
+        {
+            let shown = if show_secrets {
+                token.expose().to_owned()
+            } else {
+                format!(
+                    "kubectl -n {ns} get secret {} -o jsonpath='{{.data.token}}' | base64 -d",
+                    names::DASHBOARD_ACTIONS
+                )
+            };
+            out.push(format!(
+                "  Cancel and rerun take the actions token: {shown}"
             ));
         }
         out.push(String::new());

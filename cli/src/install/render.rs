@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::object::{typed, Object};
-use super::values::{Secret, Values, NATS_CLIENT_PORT, NATS_MONITOR_PORT, NATS_NODES};
+use super::values::{
+    dashboard_port, Secret, Values, NATS_CLIENT_PORT, NATS_MONITOR_PORT, NATS_NODES,
+};
 
 /// The field manager of every apply, and the value of `app.kubernetes.io/managed-by`.
 pub const FIELD_MANAGER: &str = "sluice";
@@ -26,6 +28,8 @@ pub const IMAGE_USER: i64 = 65532;
 /// NATS's user (the official image has none of its own): as high as the others.
 const NATS_USER: i64 = IMAGE_USER;
 const NKEY_DIR: &str = "/var/run/secrets/sluice-nats";
+/// Where the dashboard's actions token is mounted.
+const DASHBOARD_TOKEN_DIR: &str = "/var/run/secrets/sluice-dashboard";
 
 /// The admin endpoints' port of the dispatcher and runner.
 pub fn admin_port() -> u16 {
@@ -49,6 +53,8 @@ pub struct Material {
     pub webhook_signing_secret: Secret,
     pub github_token: Option<Secret>,
     pub gitlab_token: Option<Secret>,
+    /// The token that allows the dashboard's actions (with `dashboard_actions` only).
+    pub dashboard_actions_token: Option<Secret>,
 }
 
 /// Names of the Secrets, for the wizard's summary and the docs.
@@ -56,6 +62,8 @@ pub mod names {
     pub const NATS_ACCOUNTS: &str = "sluice-nats-accounts";
     pub const WEBHOOKS: &str = "sluice-ingest-webhooks";
     pub const FORGE: &str = "sluice-dispatcher-forge";
+    /// The dashboard's actions token (key `token`), with `dashboard_actions` only.
+    pub const DASHBOARD_ACTIONS: &str = "sluice-dashboard-actions";
 
     /// The Secret holding one role's seed (key `nkey`).
     pub fn seed(role: &str) -> String {
@@ -75,6 +83,7 @@ pub fn render(values: &Values, material: Option<&Material>) -> Vec<Object> {
         out.extend(r.streams_job());
         out.extend(r.ingest());
         out.extend(r.dispatcher());
+        out.extend(r.dashboard());
     }
     if values.hosts.runner() {
         out.extend(r.runner());
@@ -775,9 +784,10 @@ include "accounts.conf"
             ),
             ("SLUICE_DEFAULT_CLUSTER", &self.v.cluster),
             ("SLUICE_STREAM_REPLICAS", &replicas),
+            // Commit statuses link to the run's page on the dashboard.
             (
                 "SLUICE_STATUS_LINK_BASE_URL",
-                &format!("https://{}", self.v.ingest_host),
+                &self.v.status_link_base_url(),
             ),
         ]));
         env.push(Self::secret_env(
@@ -817,6 +827,77 @@ include "accounts.conf"
                 false,
                 container,
                 vec![volume],
+                30,
+            ),
+        ]
+    }
+
+    /// The dashboard: a stateless reader of the streams (each replica folds them into
+    /// its own index), so several replicas serve behind one Service. Read-only unless
+    /// `dashboard_actions`, which mounts the actions token. No Ingress: it has no login
+    /// of its own, so what reaches it from outside is the operator's proxy to choose.
+    fn dashboard(&self) -> Vec<Object> {
+        let component = "dashboard";
+        let port = dashboard_port();
+        let mut env = self.nats_env();
+        env.extend(Self::env(&[(
+            "SLUICE_DASHBOARD_LISTEN",
+            &format!("0.0.0.0:{port}"),
+        )]));
+        // The read-only role's seed cannot cancel or rerun; the acting one's can.
+        let role = super::material::dashboard_role(self.v).name();
+        let (seed, seed_mount) = self.seed_volume(&role);
+        let mut volumes = vec![seed];
+        let mut mounts = vec![seed_mount];
+        if self.v.dashboard_actions {
+            env.extend(Self::env(&[
+                ("SLUICE_DASHBOARD_ALLOW_ACTIONS", "true"),
+                (
+                    "SLUICE_DASHBOARD_ACTIONS_TOKEN_FILE",
+                    &format!("{DASHBOARD_TOKEN_DIR}/token"),
+                ),
+            ]));
+            volumes.push(json!({
+                "name": "actions-token",
+                "secret": { "secretName": names::DASHBOARD_ACTIONS, "defaultMode": 0o400 },
+            }));
+            mounts.push(json!({ "name": "actions-token", "mountPath": DASHBOARD_TOKEN_DIR, "readOnly": true }));
+        }
+        let mut container = self.sluice_container("dashboard", &["dashboard"], env);
+        container["ports"] = json!([{ "name": "http", "containerPort": port }]);
+        container["livenessProbe"] = Self::http_probe("/healthz", "http", 10, 3);
+        // Not ready until the stored states and decisions are read into its index.
+        container["readinessProbe"] = Self::http_probe("/readyz", "http", 5, 2);
+        // Its index of 100,000 runs takes about 110 MiB (docs/BENCHMARKS.md).
+        container["resources"] = self.resources("100m", "128Mi", "1", "1Gi");
+        container["volumeMounts"] = json!(mounts);
+        vec![
+            self.service_account("sluice-dashboard", component, false),
+            typed::<k8s_openapi::api::core::v1::Service>(json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": self.meta("sluice-dashboard", component),
+                "spec": {
+                    "selector": self.selector(component),
+                    "ports": [{ "name": "http", "port": port, "targetPort": "http", "appProtocol": "http" }],
+                },
+            }))
+            .into(),
+            // Users (through whatever proxy or Ingress the operator puts in front) and
+            // Prometheus reach its one port; it reaches only NATS.
+            self.network_policy(
+                component,
+                vec![json!({ "ports": [{ "protocol": "TCP", "port": port }] })],
+                vec![self.nats_egress(), Self::dns_egress()],
+            ),
+            self.pdb("sluice-dashboard", component),
+            self.deployment(
+                component,
+                Some(self.v.dashboard_replicas),
+                "sluice-dashboard",
+                false,
+                container,
+                volumes,
                 30,
             ),
         ]
@@ -1082,6 +1163,7 @@ include "accounts.conf"
                 ("admin".to_owned(), "streams"),
                 ("ingest".to_owned(), "ingest"),
                 ("dispatcher".to_owned(), "dispatcher"),
+                (super::material::dashboard_role(self.v).name(), "dashboard"),
             ]);
         }
         if self.v.hosts.runner() {
@@ -1110,6 +1192,15 @@ include "accounts.conf"
                 tokens.push(("gitlab-token", t));
             }
             out.push(secret(names::FORGE, "dispatcher", tokens));
+            if self.v.dashboard_actions {
+                if let Some(token) = &m.dashboard_actions_token {
+                    out.push(secret(
+                        names::DASHBOARD_ACTIONS,
+                        "dashboard",
+                        vec![("token", token)],
+                    ));
+                }
+            }
         }
         out
     }
@@ -1141,15 +1232,23 @@ mod tests {
     fn material() -> Material {
         Material {
             accounts_conf: Some("accounts {}\n".into()),
-            seeds: ["admin", "ingest", "dispatcher", "runner-default"]
-                .iter()
-                .map(|r| (r.to_string(), Secret::new(format!("SU{r}"))))
-                .collect(),
+            seeds: [
+                "admin",
+                "ingest",
+                "dispatcher",
+                "dashboard",
+                "dashboard-actions",
+                "runner-default",
+            ]
+            .iter()
+            .map(|r| (r.to_string(), Secret::new(format!("SU{r}"))))
+            .collect(),
             github_webhook_secret: Secret::new("gh"),
             gitlab_webhook_token: Secret::new("gl"),
             webhook_signing_secret: Secret::new("whsec_x"),
             github_token: None,
             gitlab_token: None,
+            dashboard_actions_token: Some(Secret::new("dash-token")),
         }
     }
 
@@ -1195,6 +1294,239 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every answer set the tests and the manifests cover, with the dashboard's
+    /// actions and KEDA on as well as off.
+    fn answer_sets() -> Vec<Values> {
+        let mut sets: Vec<Values> = super::super::manifests::answer_sets()
+            .into_iter()
+            .map(|(_, v, _)| v)
+            .collect();
+        sets.push(Values {
+            dashboard_actions: true,
+            keda: true,
+            ..Values::default()
+        });
+        sets.push(Values {
+            hosts: Hosts::ControlPlane,
+            nats_url: Some("tls://nats.example.com:4222".into()),
+            dashboard_actions: true,
+            ..Values::default()
+        });
+        sets
+    }
+
+    fn pod_templates(o: &Object) -> Option<Value> {
+        let json = o.to_json();
+        match o.kind() {
+            "Deployment" | "StatefulSet" | "Job" => Some(json["spec"]["template"].clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_workload_is_locked_down_probed_limited_and_has_its_policy() {
+        for v in answer_sets() {
+            let mut all = render(&v, Some(&material()));
+            all.extend(smoke(&v, "install-smoke-1", 300));
+            let policies: Vec<Value> = all
+                .iter()
+                .filter(|o| o.kind() == "NetworkPolicy")
+                .map(|o| o.to_json()["spec"]["podSelector"]["matchLabels"].clone())
+                .collect();
+            let budgets: Vec<Value> = all
+                .iter()
+                .filter(|o| o.kind() == "PodDisruptionBudget")
+                .map(|o| o.to_json()["spec"]["selector"]["matchLabels"].clone())
+                .collect();
+            for o in &all {
+                let Some(template) = pod_templates(o) else {
+                    continue;
+                };
+                let id = format!("{} ({:?})", o.id(), v.hosts);
+                let labels = &template["metadata"]["labels"];
+                let component = labels["app.kubernetes.io/component"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{id}: a component label"));
+                let spec = &template["spec"];
+                assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{id}");
+                assert!(
+                    spec["securityContext"]["runAsUser"].as_i64() > Some(0),
+                    "{id}"
+                );
+                // Only the runner talks to the API server.
+                assert_eq!(
+                    spec["automountServiceAccountToken"],
+                    component == "runner",
+                    "{id}"
+                );
+                let containers: Vec<&Value> = spec["containers"]
+                    .as_array()
+                    .into_iter()
+                    .chain(spec["initContainers"].as_array())
+                    .flatten()
+                    .collect();
+                assert!(!containers.is_empty(), "{id}");
+                for c in containers {
+                    let sc = &c["securityContext"];
+                    assert_eq!(sc["readOnlyRootFilesystem"], true, "{id}");
+                    assert_eq!(sc["allowPrivilegeEscalation"], false, "{id}");
+                    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{id}");
+                    for side in ["requests", "limits"] {
+                        for r in ["cpu", "memory"] {
+                            assert!(c["resources"][side][r].is_string(), "{id}: {side}.{r}");
+                        }
+                    }
+                    if o.kind() != "Job" {
+                        for (probe, path) in
+                            [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]
+                        {
+                            let get = &c[probe]["httpGet"];
+                            // Sluice's own endpoints; NATS has its /healthz variants.
+                            if c["image"] == v.image.as_str() {
+                                assert_eq!(get["path"], path, "{id}: {probe}");
+                            } else {
+                                assert!(get["path"].is_string(), "{id}: {probe}");
+                            }
+                            let port = &get["port"];
+                            assert!(
+                                c["ports"]
+                                    .as_array()
+                                    .is_some_and(|ps| ps.iter().any(|p| &p["name"] == port)),
+                                "{id}: {probe} on a declared port"
+                            );
+                        }
+                    }
+                }
+                let selects = |selector: &Value| {
+                    selector
+                        .as_object()
+                        .is_some_and(|m| m.iter().all(|(k, want)| &labels[k] == want))
+                };
+                assert!(
+                    policies.iter().any(selects),
+                    "{id}: no NetworkPolicy selects its Pods"
+                );
+                if o.kind() != "Job" {
+                    assert!(budgets.iter().any(selects), "{id}: no PodDisruptionBudget");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_dashboard_reads_only_unless_actions_are_on_and_statuses_link_to_it() {
+        let find = |objects: &[Object], id: &str| {
+            objects
+                .iter()
+                .find(|o| o.id() == id)
+                .unwrap_or_else(|| panic!("{id}"))
+                .to_json()
+        };
+        let env = |deployment: &Value, name: &str| {
+            deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .expect("env")
+                .iter()
+                .find(|e| e["name"] == name)
+                .map(|e| e["value"].clone())
+        };
+        let objects = render(&Values::default(), Some(&material()));
+        let dashboard = find(&objects, "Deployment/sluice-dashboard");
+        assert_eq!(dashboard["spec"]["replicas"], 2);
+        assert_eq!(
+            dashboard["metadata"]["labels"]["app.kubernetes.io/component"],
+            "dashboard"
+        );
+        assert_eq!(env(&dashboard, "SLUICE_DASHBOARD_ALLOW_ACTIONS"), None);
+        assert_eq!(
+            env(&dashboard, "SLUICE_DASHBOARD_LISTEN"),
+            Some(json!("0.0.0.0:8090"))
+        );
+        // Its own credential, the dashboard role's seed.
+        let volumes = &dashboard["spec"]["template"]["spec"]["volumes"];
+        assert_eq!(volumes.as_array().map(Vec::len), Some(1), "{volumes:#}");
+        assert_eq!(volumes[0]["secret"]["secretName"], "sluice-nats-dashboard");
+        let seed = find(&objects, "Secret/sluice-nats-dashboard");
+        assert_eq!(
+            seed["metadata"]["labels"]["app.kubernetes.io/component"],
+            "dashboard"
+        );
+        assert!(!objects
+            .iter()
+            .any(|o| o.id() == "Secret/sluice-dashboard-actions"));
+        let service = find(&objects, "Service/sluice-dashboard");
+        assert_eq!(service["spec"]["ports"][0]["port"], 8090);
+        // No Ingress of its own: it has no login.
+        assert!(!objects
+            .iter()
+            .any(|o| o.kind() == "Ingress" && o.id().contains("dashboard")));
+        let policy = find(&objects, "NetworkPolicy/sluice-dashboard");
+        assert_eq!(
+            policy["spec"]["ingress"],
+            json!([{ "ports": [{ "protocol": "TCP", "port": 8090 }] }])
+        );
+        let dispatcher = find(&objects, "Deployment/sluice-dispatcher");
+        assert_eq!(
+            env(&dispatcher, "SLUICE_STATUS_LINK_BASE_URL"),
+            Some(json!("http://sluice-dashboard.sluice.svc:8090"))
+        );
+
+        let acting = Values {
+            dashboard_actions: true,
+            dashboard_url: Some("https://ci.example.com/".into()),
+            ..Values::default()
+        };
+        let objects = render(&acting, Some(&material()));
+        let dashboard = find(&objects, "Deployment/sluice-dashboard");
+        assert_eq!(
+            env(&dashboard, "SLUICE_DASHBOARD_ALLOW_ACTIONS"),
+            Some(json!("true"))
+        );
+        let token_file = env(&dashboard, "SLUICE_DASHBOARD_ACTIONS_TOKEN_FILE").expect("file");
+        let mounts = &dashboard["spec"]["template"]["spec"]["containers"][0]["volumeMounts"];
+        assert!(
+            mounts.as_array().expect("mounts").iter().any(|m| {
+                token_file
+                    .as_str()
+                    .is_some_and(|f| f.starts_with(m["mountPath"].as_str().unwrap_or("-")))
+                    && m["readOnly"] == true
+            }),
+            "{mounts:#}"
+        );
+        // The acting role's seed, and not the read-only one's.
+        let volumes = &dashboard["spec"]["template"]["spec"]["volumes"];
+        assert!(
+            volumes
+                .as_array()
+                .expect("volumes")
+                .iter()
+                .any(|v| v["secret"]["secretName"] == "sluice-nats-dashboard-actions"),
+            "{volumes:#}"
+        );
+        assert!(objects
+            .iter()
+            .any(|o| o.id() == "Secret/sluice-nats-dashboard-actions"));
+        assert!(!objects
+            .iter()
+            .any(|o| o.id() == "Secret/sluice-nats-dashboard"));
+        let secret = objects
+            .iter()
+            .find(|o| o.id() == "Secret/sluice-dashboard-actions")
+            .expect("the token's Secret");
+        let yaml = super::super::object::to_yaml_stream(std::slice::from_ref(secret));
+        assert!(yaml.contains("token:"), "{yaml}");
+        assert_eq!(
+            env(
+                &find(&objects, "Deployment/sluice-dispatcher"),
+                "SLUICE_STATUS_LINK_BASE_URL"
+            ),
+            Some(json!("https://ci.example.com"))
+        );
+        // The GitOps manifests (no material) name the Secret, hold none.
+        let gitops = render(&acting, None);
+        assert!(!gitops.iter().any(|o| o.kind() == "Secret"));
     }
 
     #[test]

@@ -40,6 +40,15 @@ pub const DEFAULT_SMOKE_IMAGE: &str = "docker.io/library/alpine:3.20";
 /// NATS's monitoring port, which KEDA's nats-jetstream scaler reads.
 pub const NATS_MONITOR_PORT: u16 = 8222;
 
+/// The port the dashboard serves its pages and `/healthz`, `/readyz`, `/metrics` on:
+/// the port of its own default listen address.
+pub fn dashboard_port() -> u16 {
+    sluice_dashboard::DEFAULT_LISTEN
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("the dashboard's listen address has a port")
+}
+
 /// What this cluster hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -142,11 +151,19 @@ pub struct Values {
     pub storage_class: Option<String>,
     pub ingest_replicas: i32,
     pub dispatcher_replicas: i32,
+    pub dashboard_replicas: i32,
     pub runner_replicas: i32,
     pub max_running: u32,
     /// Host name of the example Ingress that routes webhooks to ingest.
     pub ingest_host: String,
     pub ingress_class: Option<String>,
+    /// The dashboard's URL as its users reach it (your Ingress or proxy in front of the
+    /// Service `sluice-dashboard`): commit statuses link to `<URL>/runs/<run id>`.
+    /// None: the in-cluster Service URL, which only works from inside the cluster.
+    pub dashboard_url: Option<String>,
+    /// Offer cancel and rerun on the dashboard's run pages to holders of the token in
+    /// the Secret `sluice-dashboard-actions` (off: the dashboard only reads).
+    pub dashboard_actions: bool,
     /// Where runners may reach the API server (ports 443 and 6443).
     pub api_server_cidr: String,
     /// Runner-only: where runners may reach NATS (its port only).
@@ -180,6 +197,10 @@ pub struct Values {
     pub github_token: Option<Secret>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gitlab_token: Option<Secret>,
+    /// With `dashboard_actions`: the token that allows actions (generated when not
+    /// given, and kept from the cluster on a later run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dashboard_actions_token: Option<Secret>,
 }
 
 impl Default for Values {
@@ -199,10 +220,13 @@ impl Default for Values {
             storage_class: None,
             ingest_replicas: DEFAULT_REPLICAS,
             dispatcher_replicas: DEFAULT_REPLICAS,
+            dashboard_replicas: DEFAULT_REPLICAS,
             runner_replicas: DEFAULT_REPLICAS,
             max_running: DEFAULT_MAX_RUNNING,
             ingest_host: DEFAULT_INGEST_HOST.into(),
             ingress_class: None,
+            dashboard_url: None,
+            dashboard_actions: false,
             api_server_cidr: DEFAULT_EGRESS_CIDR.into(),
             nats_cidr: DEFAULT_EGRESS_CIDR.into(),
             stream_replicas: NATS_NODES as u32,
@@ -216,6 +240,7 @@ impl Default for Values {
             webhook_signing_secret: None,
             github_token: None,
             gitlab_token: None,
+            dashboard_actions_token: None,
         }
     }
 }
@@ -280,6 +305,24 @@ impl Values {
         format!("{host}:{NATS_MONITOR_PORT}")
     }
 
+    /// The dashboard's Service inside the cluster.
+    pub fn dashboard_service_url(&self) -> String {
+        format!(
+            "http://sluice-dashboard.{}.svc:{}",
+            self.namespace,
+            dashboard_port()
+        )
+    }
+
+    /// Where commit statuses link to (the dispatcher's `--status-link-base-url`): the
+    /// dashboard's URL as given (without a trailing `/`), else its in-cluster Service.
+    pub fn status_link_base_url(&self) -> String {
+        match &self.dashboard_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => self.dashboard_service_url(),
+        }
+    }
+
     /// The NATS port runners reach (runner-only clusters' egress).
     pub fn nats_port(&self) -> u16 {
         let url = self.nats_url.as_deref().unwrap_or("");
@@ -331,6 +374,7 @@ impl Values {
         for (name, n) in [
             ("ingest_replicas", self.ingest_replicas),
             ("dispatcher_replicas", self.dispatcher_replicas),
+            ("dashboard_replicas", self.dashboard_replicas),
             ("runner_replicas", self.runner_replicas),
         ] {
             check(
@@ -371,6 +415,20 @@ impl Values {
                     .iter()
                     .any(|s| url.starts_with(s)),
                 format!("nats_url `{url}`: use nats://, tls://, ws:// or wss:// (--existing-nats-url or `nats_url:`)"),
+            );
+        }
+        if let Some(url) = &self.dashboard_url {
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"));
+            check(
+                rest.is_some_and(|r| {
+                    !r.is_empty()
+                        && !r.starts_with('/')
+                        && !r.contains(['?', '#'])
+                        && !r.contains(|c: char| c.is_whitespace() || c.is_control())
+                }),
+                format!("dashboard_url `{url}`: give the URL users open the dashboard at, such as https://sluice-dashboard.example.com (--dashboard-url or `dashboard_url:`)"),
             );
         }
         if self.hosts == Hosts::Runner {
@@ -504,6 +562,39 @@ mod tests {
             "runner-default.nk from `sluice cluster add default",
         ] {
             assert!(errors.contains(needle), "{needle} in {errors}");
+        }
+    }
+
+    #[test]
+    fn statuses_link_to_the_dashboards_url_else_its_service() {
+        let v = Values::default();
+        assert_eq!(
+            v.status_link_base_url(),
+            format!("http://sluice-dashboard.sluice.svc:{}", dashboard_port())
+        );
+        assert_eq!(dashboard_port(), 8090);
+        let given = Values {
+            dashboard_url: Some("https://ci.example.com/".into()),
+            ..Values::default()
+        };
+        given.validate().expect("valid");
+        assert_eq!(given.status_link_base_url(), "https://ci.example.com");
+        for bad in [
+            "ci.example.com",
+            "ftp://ci",
+            "https://",
+            "https://ci?x=1",
+            "https://c i",
+        ] {
+            let v = Values {
+                dashboard_url: Some(bad.into()),
+                ..Values::default()
+            };
+            let errors = v.validate().expect_err(bad).join("\n");
+            assert!(
+                errors.contains(&format!("dashboard_url `{bad}`")),
+                "{errors}"
+            );
         }
     }
 

@@ -128,6 +128,13 @@ pub fn ask(mut v: Values, contexts: &[String], current: Option<&str>) -> anyhow:
         )?);
         explain("The host name webhooks reach ingest at (the example Ingress).");
         v.ingest_host = text("Webhook host", &v.ingest_host)?;
+        explain("The dashboard's URL as users reach it (your Ingress or proxy); commit statuses link there. Empty: the in-cluster Service.");
+        v.dashboard_url = optional_text("Dashboard URL", v.dashboard_url.as_deref())?;
+        explain("The dashboard only reads; it can also offer cancel and rerun to holders of a token (generated, in a Secret).");
+        v.dashboard_actions = yes_no(
+            "Allow cancel and rerun on the dashboard?",
+            v.dashboard_actions,
+        )?;
         explain("Webhook secrets: paste the forge's, or press Enter to keep or generate one.");
         v.github_webhook_secret = secret(
             "GitHub webhook secret",
@@ -189,6 +196,15 @@ pub fn summary(v: &Values) -> Vec<String> {
             ))
         ));
         lines.push(format!("webhooks:   https://{}/webhooks/…", v.ingest_host));
+        lines.push(format!(
+            "dashboard:  {} ({})",
+            v.status_link_base_url(),
+            if v.dashboard_actions {
+                "cancel and rerun with a token"
+            } else {
+                "read-only"
+            }
+        ));
         lines.push(format!(
             "tokens:     {}",
             match (&v.github_token, &v.gitlab_token) {

@@ -8,12 +8,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-/// One delivery as GitHub lists it (`GET …/hooks/…/deliveries`). A redelivery is a
+/// One delivery as GitHub lists it (`GET …/hooks/…/deliveries`); GitLab's hook events
+/// are turned into one ([`super::gitlab::HookEvent::delivery`]). A redelivery is a
 /// delivery of its own, with a new `id` and the same `guid`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Delivery {
     pub id: u64,
-    /// The `X-GitHub-Delivery` header: ingest's event id is `github:<guid>`.
+    /// The `X-GitHub-Delivery` header (GitLab: `Idempotency-Key`): ingest's event id
+    /// is `<forge>:<guid>`.
     pub guid: String,
     #[serde(with = "time::serde::rfc3339")]
     pub delivered_at: OffsetDateTime,
@@ -52,7 +54,8 @@ pub enum State {
 pub enum Reason {
     /// Redelivered `--recover-max-attempts` times and still not stored.
     AttemptsExhausted,
-    /// GitHub refused to redeliver it (older than its 3 days, hook gone).
+    /// The forge refused to redeliver it (older than GitHub's 3 days or GitLab's 7,
+    /// hook gone, no permission).
     Refused,
 }
 
@@ -70,7 +73,8 @@ impl Reason {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub forge: String,
-    /// The hook it was listed under: `app`, `repo:<owner>/<name>:<id>`, `org:<org>:<id>`.
+    /// The hook it was listed under: `app`, `repo:<owner>/<name>:<id>`, `org:<org>:<id>`,
+    /// `gitlab:<project>:<id>`.
     pub hook: String,
     pub guid: String,
     pub event: String,
@@ -85,13 +89,13 @@ pub struct Record {
     pub state: State,
     #[serde(default)]
     pub reason: Option<Reason>,
-    /// A human-readable cause for a lost delivery (GitHub's answer); never a secret.
+    /// A human-readable cause for a lost delivery (the forge's answer); never a secret.
     #[serde(default)]
     pub detail: Option<String>,
 }
 
-/// The key of a delivery's record: `<forge>.<guid>` (GitHub's guids are UUIDs, valid
-/// key tokens).
+/// The key of a delivery's record: `<forge>.<guid>` (GitHub's guids and GitLab's
+/// idempotency keys are UUIDs, valid key tokens).
 pub fn record_key(forge: &str, guid: &str) -> String {
     format!("{forge}.{guid}")
 }

@@ -123,6 +123,8 @@ struct Report {
     sent: usize,
     /// Answer time of each request, by its status (0: no answer).
     answers: Vec<(u16, Duration)>,
+    /// Requests without an answer, by why, with the first and last send offset.
+    unanswered: Vec<(&'static str, usize, f64, f64)>,
     send_window: Duration,
     stored_events: usize,
     stored_twice: usize,
@@ -207,6 +209,9 @@ impl Report {
             self.sent as f64 / self.send_window.as_secs_f64().max(0.001)
         );
         println!("| answers | {statuses} |");
+        for (why, n, first, last) in &self.unanswered {
+            println!("| unanswered: {why} | {n}, sent {first:.2}–{last:.2} s into the spike |");
+        }
         println!(
             "| answer time | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
             pct(0.50),
@@ -651,6 +656,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         raw_publish_per_s,
         sent: answers.len(),
         answers: answers.iter().map(|a| (a.status, a.took)).collect(),
+        unanswered: unanswered_by_cause(&answers),
         send_window,
         stored_events: stored.len(),
         stored_twice,
@@ -768,6 +774,27 @@ fn build_requests(args: &Args, payload: &str) -> Vec<Request> {
         .collect()
 }
 
+/// Unanswered requests grouped by cause, each with when the first and the last of them
+/// was sent (seconds from the first webhook).
+fn unanswered_by_cause(answers: &[Answer]) -> Vec<(&'static str, usize, f64, f64)> {
+    let Some(start) = answers.iter().map(|a| a.sent).min() else {
+        return Vec::new();
+    };
+    let mut by: HashMap<&'static str, (usize, f64, f64)> = HashMap::new();
+    for a in answers {
+        if let Some(why) = a.unanswered {
+            let at = (a.sent - start).as_secs_f64();
+            let e = by.entry(why).or_insert((0, f64::MAX, 0.0));
+            e.0 += 1;
+            e.1 = e.1.min(at);
+            e.2 = e.2.max(at);
+        }
+    }
+    let mut out: Vec<_> = by.into_iter().map(|(w, (n, f, l))| (w, n, f, l)).collect();
+    out.sort_by_key(|&(w, ..)| w);
+    out
+}
+
 struct Answer {
     event_id: String,
     sent: Instant,
@@ -776,6 +803,9 @@ struct Answer {
     took: Duration,
     /// 0: no answer.
     status: u16,
+    /// Why there was no answer: `timeout` (none within the client's 30 s), `connect`
+    /// (the connection was never made) or `reset` (closed before an answer).
+    unanswered: Option<&'static str>,
 }
 
 /// Sends every request on its schedule (open loop), alternating between the ingest
@@ -813,14 +843,16 @@ async fn send_all(
                 .body(r.body)
                 .send()
                 .await;
-            let status = match result {
+            let (status, unanswered) = match result {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     // Read the (small) body so the connection is reused.
                     let _ = resp.bytes().await;
-                    status
+                    (status, None)
                 }
-                Err(_) => 0,
+                Err(e) if e.is_timeout() => (0, Some("timeout")),
+                Err(e) if e.is_connect() => (0, Some("connect")),
+                Err(_) => (0, Some("reset")),
             };
             Answer {
                 event_id: format!("github:{}", r.delivery),
@@ -828,6 +860,7 @@ async fn send_all(
                 sent_wall,
                 took: sent.elapsed(),
                 status,
+                unanswered,
             }
         }));
     }

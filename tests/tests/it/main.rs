@@ -18,6 +18,7 @@ mod ingest_schemes;
 mod ingest_store_refusals;
 mod nats_permissions;
 mod recover_deliveries;
+mod recover_gitlab;
 mod reporter;
 mod runner_kubernetes;
 mod runner_local;

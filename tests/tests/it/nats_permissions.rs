@@ -897,7 +897,7 @@ async fn the_dispatcher_reconciles_deliveries_with_its_own_seed() {
 }
 
 #[tokio::test]
-async fn the_dashboard_reads_and_asks_only_for_cancels_and_reruns() {
+async fn the_dashboard_only_reads() {
     let (server, admin) = provisioned().await;
     publish_acked(&admin.js, subjects::status("b", "r2"), "b's state").await;
     admin
@@ -944,8 +944,10 @@ async fn the_dashboard_reads_and_asks_only_for_cancels_and_reruns() {
             subjects::status("a", "r"),
             subjects::event("manual", "push"),
             subjects::runs("a"),
-            // Its actions may ask for a cancel or a rerun (dashboard/tests/actions.rs);
-            // nothing else of the control subjects.
+            // A read-only dashboard's seed may not ask for a cancel or a rerun either:
+            // that is the dashboard-actions role's (below).
+            subjects::cancel("a"),
+            subjects::RERUN.to_owned(),
             subjects::child_result("a", "r"),
             format!("$KV.{}.app", subjects::PIPELINES_BUCKET),
         ],
@@ -1398,4 +1400,49 @@ async fn a_kubernetes_runner_on_its_own_seed_adopts_a_crashed_runners_pod_and_ca
         .map(str::to_owned)
         .collect();
     assert!(refused.is_empty(), "the runner was refused: {refused:#?}");
+}
+
+/// The acting dashboard's seed reads as the read-only one does and may, in addition,
+/// ask for a cancel or a rerun — and nothing else of the control subjects.
+#[tokio::test]
+async fn the_acting_dashboard_may_also_ask_for_cancels_and_reruns() {
+    let (server, admin) = provisioned().await;
+    publish_acked(&admin.js, subjects::status("b", "r2"), "b's state").await;
+    let probe = Probe::connect(&server, &Role::DashboardActions).await;
+    let status = probe
+        .js
+        .get_stream_no_info(subjects::STATUS_STREAM)
+        .await
+        .expect("handle");
+    let consumer = status
+        .create_consumer(ordered(Some("view-1"), &subjects::status_of_run("r2")))
+        .await
+        .expect("a run's states");
+    assert_eq!(read(consumer, 1).await, ["b's state"]);
+    for allowed in [subjects::cancel("a"), subjects::RERUN.to_owned()] {
+        probe
+            .client
+            .publish(allowed, "asked".into())
+            .await
+            .expect("sent");
+    }
+    // The server answers in order: once the refusals after them are reported, any
+    // refusal of the two actions would have been too.
+    publishes_refused(
+        &probe,
+        &[
+            subjects::child_result("a", "r"),
+            subjects::event("manual", "push"),
+            subjects::status("a", "r"),
+        ],
+    )
+    .await;
+    let refused = violations(&probe);
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    for action in [subjects::cancel("a"), subjects::RERUN.to_owned()] {
+        assert!(
+            !refused.iter().any(|v| v.contains(&format!("\"{action}\""))),
+            "{action}: {refused:?}"
+        );
+    }
 }

@@ -4,7 +4,6 @@
 //! never redeliver one delivery twice, rate limits and the budget are held, and a
 //! delivery that keeps failing is reported lost.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -12,14 +11,14 @@ use sluice_core::subjects;
 use sluice_dispatcher::forge::ForgeConfig;
 use sluice_dispatcher::metrics::{ForgeLabel, Metrics, Unrecoverable};
 use sluice_dispatcher::recover::decide::{Reason, Record, State};
-use sluice_dispatcher::recover::{Hook, Reconciler, RecoverConfig, Summary};
+use sluice_dispatcher::recover::{Hook, Reconciler, RecoverConfig};
 use sluice_tests::deliveries::GitHubHooks;
 use sluice_tests::dispatcher::provision;
-use sluice_tests::ingest::{jetstream as connect, stored_events, Ingest};
+use sluice_tests::ingest::{jetstream as connect, Ingest};
 use sluice_tests::nats::NatsServer;
+use sluice_tests::recover::{events_by_id, ingest_ready, pass};
 use sluice_tests::{fixture, init_logs, wait_for};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 
 /// A throwaway GitHub App key, made for this run only.
 fn app_key() -> String {
@@ -66,28 +65,8 @@ async fn reconciler(
     .expect("reconciler")
 }
 
-async fn pass(r: &Reconciler, now: OffsetDateTime) -> Summary {
-    r.reconcile(now, &CancellationToken::new())
-        .await
-        .expect("a pass")
-}
-
-/// How many stored events carry each id.
-async fn events_by_id(js: &jetstream::Context) -> HashMap<String, usize> {
-    let mut by_id = HashMap::new();
-    for (_, event) in stored_events(js).await {
-        *by_id.entry(event.id).or_insert(0) += 1;
-    }
-    by_id
-}
-
 async fn record(js: &jetstream::Context, guid: &str) -> Option<Record> {
-    let kv = js
-        .get_key_value(subjects::DELIVERIES_BUCKET)
-        .await
-        .expect("bucket");
-    let entry = kv.get(format!("github.{guid}")).await.expect("read")?;
-    Some(serde_json::from_slice(&entry).expect("a record"))
+    sluice_tests::recover::record(js, "github", guid).await
 }
 
 struct World {
@@ -143,12 +122,7 @@ async fn an_outages_deliveries_become_exactly_one_event_each_after_the_next_pass
         assert_eq!(status, 503, "ingest refuses what it cannot store");
     }
     w.nats.restart().await;
-    let ingest_ready = w.ingest.url("/readyz");
-    wait_for("ingest to reconnect", Duration::from_secs(30), || async {
-        let r = reqwest::get(&ingest_ready).await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
+    ingest_ready(&w.ingest).await;
     let js = connect(&w.nats.url()).await;
     let before = events_by_id(&js).await;
     assert_eq!(before.len(), 3, "{before:?}");
