@@ -100,6 +100,14 @@ pub struct Event {
     pub sha: Option<String>,
     /// A pull request's target branch (`refs/heads/…`).
     pub base_ref: Option<String>,
+    /// The target branch's commit the pull/merge request was based on, when the
+    /// payload names it: where an untrusted request's repository pipelines are read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_sha: Option<String>,
+    /// True when a pull/merge request's head is in another repository (a fork); `None`
+    /// when the payload does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_fork: Option<bool>,
     /// Pull/merge request number (GitLab: the `iid`).
     pub pr: Option<u64>,
     pub pr_draft: Option<bool>,
@@ -158,6 +166,8 @@ impl Event {
             git_ref: None,
             sha: None,
             base_ref: None,
+            base_sha: None,
+            from_fork: None,
             pr: None,
             pr_draft: None,
             actor: None,

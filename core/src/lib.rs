@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod error;
 pub mod nats;
 pub mod pipeline;
+pub mod repo_pipelines;
 pub mod roles;
 pub mod run;
 pub mod shutdown;

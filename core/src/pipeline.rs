@@ -45,6 +45,16 @@ impl std::error::Error for SpecError {}
 /// Parses every YAML document in `text` (separated by `---`) as a pipeline. Nothing is
 /// returned unless every document is valid: a file is accepted or refused whole.
 pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Pipeline>, SpecError> {
+    parse_documents_limited(file, text, crate::yaml::MAX_DEPTH)
+}
+
+/// [`parse_documents`] with at most `max_depth` levels of nesting (repository
+/// pipelines have their own limit).
+pub fn parse_documents_limited(
+    file: &str,
+    text: &str,
+    max_depth: usize,
+) -> Result<Vec<Pipeline>, SpecError> {
     let refuse = |line, column, message| SpecError {
         file: file.to_owned(),
         line,
@@ -53,20 +63,21 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Pipeline>, SpecErro
     };
     crate::yaml::check_size(text).map_err(|m| refuse(0, 0, m))?;
     let pipelines: Vec<Pipeline> =
-        serde_saphyr::from_multiple_with_options(text, crate::yaml::options()).map_err(|e| {
-            let message = clean_message(&e.without_snippet().to_string());
-            let (line, column) = match e.location() {
-                Some(l) => {
-                    let (line, column) = (l.line() as usize, l.column() as usize);
-                    l.span()
-                        .byte_offset()
-                        .and_then(|index| value_position(text, index as usize, &message))
-                        .unwrap_or_else(|| list_item_position(text, line, column))
-                }
-                None => (0, 0),
-            };
-            refuse(line, column, message)
-        })?;
+        serde_saphyr::from_multiple_with_options(text, crate::yaml::options_with_depth(max_depth))
+            .map_err(|e| {
+                let message = clean_message(&e.without_snippet().to_string());
+                let (line, column) = match e.location() {
+                    Some(l) => {
+                        let (line, column) = (l.line() as usize, l.column() as usize);
+                        l.span()
+                            .byte_offset()
+                            .and_then(|index| value_position(text, index as usize, &message))
+                            .unwrap_or_else(|| list_item_position(text, line, column))
+                    }
+                    None => (0, 0),
+                };
+                refuse(line, column, message)
+            })?;
     if pipelines.is_empty() {
         return Err(refuse(0, 0, "no pipeline in this file".into()));
     }
@@ -603,6 +614,13 @@ pub struct Name(String);
 impl Name {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A repository pipeline's name, `<repo>:<name>`: outside the naming rule on
+    /// purpose, so it never equals an applied pipeline's. It is not a label value; the
+    /// runner turns it into one.
+    pub fn qualified(repo: &str, name: &str) -> Name {
+        Name(crate::repo_pipelines::qualified_name(repo, name))
     }
 
     /// Checks `s` against the naming rule.

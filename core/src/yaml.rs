@@ -17,9 +17,15 @@ pub const MAX_DEPTH: usize = 64;
 /// anchors and aliases, and aliases that replay at most 20,000 events in all, so a
 /// "billion laughs" document is refused after a bounded amount of work.
 pub fn options() -> Options {
+    options_with_depth(MAX_DEPTH)
+}
+
+/// [`options`] with at most `max_depth` levels (at most [`MAX_DEPTH`]).
+pub fn options_with_depth(max_depth: usize) -> Options {
+    let max_depth = max_depth.min(MAX_DEPTH);
     let mut budget = Budget::default();
-    budget.max_depth = MAX_DEPTH;
-    budget.flow_nesting_limit = MAX_DEPTH;
+    budget.max_depth = max_depth;
+    budget.flow_nesting_limit = max_depth;
     budget.max_anchors = 5_000;
     budget.max_aliases = 5_000;
     budget.max_nodes = 500_000;

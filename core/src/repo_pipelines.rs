@@ -1,0 +1,429 @@
+//! Pipelines kept in a repository: the files `.sluice/*.yaml` and `.sluice/*.yml` at
+//! an event's commit, in the format `sluice pipelines apply` takes.
+//!
+//! What is read (the limits), how the files become pipelines (named `<repo>:<name>`,
+//! every file on its own so one bad file does not stop its siblings) and whose
+//! definitions an event runs (the trust rule) are decided here, in pure functions, so
+//! the dispatcher and `sluice pipelines validate` agree exactly.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{kind, Event, Provider};
+use crate::pipeline::{self, Pipeline, SpecError};
+
+/// The folder of a repository that holds its pipelines.
+pub const DIR: &str = ".sluice";
+
+/// What a repository may make the dispatcher read and accept. Each refusal is
+/// explained in the event's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Pipeline files read from `.sluice/` (in path order); later ones are refused.
+    pub max_files: usize,
+    /// Bytes one file may have.
+    pub max_file_bytes: usize,
+    /// Deepest nesting of mappings and lists in a file.
+    pub max_depth: usize,
+    /// Pipelines one repository may define, all files together.
+    pub max_pipelines: usize,
+}
+
+/// Default `--repo-pipelines-max-files`.
+pub const MAX_FILES: usize = 20;
+/// Default `--repo-pipelines-max-file-bytes`: a pipeline is a few kilobytes, and the
+/// whole set of files must fit one cache entry (NATS's 1 MiB message) with room.
+pub const MAX_FILE_BYTES: usize = 32 * 1024;
+/// Default `--repo-pipelines-max-depth`.
+pub const MAX_DEPTH: usize = 32;
+/// Default `--repo-pipelines-max-pipelines`.
+pub const MAX_PIPELINES: usize = 20;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_files: MAX_FILES,
+            max_file_bytes: MAX_FILE_BYTES,
+            max_depth: MAX_DEPTH,
+            max_pipelines: MAX_PIPELINES,
+        }
+    }
+}
+
+/// One file of `.sluice/` as the forge served it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoFile {
+    /// Path in the repository (`.sluice/build.yaml`).
+    pub path: String,
+    pub text: String,
+}
+
+/// Whether a file name directly inside `.sluice/` is a pipeline file.
+pub fn is_pipeline_file(name: &str) -> bool {
+    !name.starts_with('.')
+        && !name.contains('/')
+        && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+/// The name a repository pipeline runs under: `<repo>:<name>`, so it can never shadow
+/// or replace an applied pipeline (whose names have no `:`).
+pub fn qualified_name(repo: &str, name: &str) -> String {
+    format!("{repo}:{name}")
+}
+
+/// A repository's pipelines, and what was refused.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    /// Accepted pipelines, named `<repo>:<name>`.
+    pub pipelines: Vec<Pipeline>,
+    /// Files or pipelines refused, each with where and why.
+    pub errors: Vec<SpecError>,
+}
+
+/// Parses `files` (as read from `.sluice/`) into `repo`'s pipelines. A file that does
+/// not parse or validate is refused whole and the others still count; a pipeline
+/// name defined in two files keeps the first (in path order); past the limits, what
+/// comes later is refused.
+pub fn parse(repo: &str, files: &[RepoFile], limits: &Limits) -> Parsed {
+    let mut files: Vec<&RepoFile> = files.iter().collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut out = Parsed::default();
+    let mut defined_in: HashMap<String, &str> = HashMap::new();
+    for (i, file) in files.iter().enumerate() {
+        let refuse = |message: String| SpecError {
+            file: file.path.clone(),
+            line: 0,
+            column: 0,
+            message,
+        };
+        if i >= limits.max_files {
+            out.errors.push(refuse(format!(
+                "not read: a repository may have at most {} pipeline files in {DIR}/ (--repo-pipelines-max-files)",
+                limits.max_files
+            )));
+            continue;
+        }
+        if file.text.len() > limits.max_file_bytes {
+            out.errors.push(refuse(format!(
+                "the file is {} bytes, more than the {} a repository pipeline file may have (--repo-pipelines-max-file-bytes)",
+                file.text.len(),
+                limits.max_file_bytes
+            )));
+            continue;
+        }
+        let pipelines =
+            match pipeline::parse_documents_limited(&file.path, &file.text, limits.max_depth) {
+                Ok(ps) => ps,
+                Err(e) => {
+                    out.errors.push(e);
+                    continue;
+                }
+            };
+        for mut p in pipelines {
+            let name = p.name.to_string();
+            if let Some(other) = defined_in.get(&name) {
+                out.errors.push(refuse(format!(
+                    "pipeline `{name}` is also defined in {other}; the first one is used"
+                )));
+                continue;
+            }
+            if out.pipelines.len() >= limits.max_pipelines {
+                out.errors.push(refuse(format!(
+                    "pipeline `{name}` not accepted: a repository may define at most {} pipelines (--repo-pipelines-max-pipelines)",
+                    limits.max_pipelines
+                )));
+                continue;
+            }
+            defined_in.insert(name.clone(), &file.path);
+            p.name = pipeline::Name::qualified(repo, &name);
+            out.pipelines.push(p);
+        }
+    }
+    out
+}
+
+// === Trust ===
+
+/// The associations a forge reports for people with write access: their pull
+/// requests run the definitions they propose.
+pub const TRUSTED_ASSOCIATIONS: [&str; 3] = ["OWNER", "MEMBER", "COLLABORATOR"];
+
+/// Whose `.sluice/` an event runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// The event's own commit: a push, or a trusted author's pull request.
+    Head,
+    /// The pull request's target branch: an untrusted author's pull request.
+    Base,
+}
+
+/// Where an event's repository pipelines are read, and why there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub side: Side,
+    /// A commit SHA, or for a base without a known commit the branch (`refs/heads/…`).
+    pub git_ref: String,
+    /// Why this side, for the decision record.
+    pub reason: String,
+}
+
+/// Where `event`'s repository pipelines are read, or why none are. Pure: the rule
+/// `docs/pipelines.md` documents.
+///
+/// A push runs what it pushed (pushing needs write access). A pull or merge request
+/// runs what it proposes only when it comes from the repository itself and its author
+/// is an owner, member or collaborator; otherwise — a fork, or an association the
+/// forge does not report as trusted (GitLab's payloads carry none) — the target
+/// branch's definitions, so a stranger cannot change what runs, where, or with which
+/// Secrets. `trusted_author` is the caller's own look-up (GitLab's members API) and
+/// counts only for a request that is not from a fork.
+pub fn source(event: &Event, trusted_author: Option<bool>) -> Result<Source, String> {
+    if !matches!(event.provider, Provider::Github | Provider::Gitlab) {
+        return Err("only GitHub and GitLab events read repository pipelines".into());
+    }
+    match event.kind.as_str() {
+        kind::PUSH | kind::TAG => {
+            let sha = event
+                .sha
+                .as_deref()
+                .filter(|s| !s.is_empty() && !s.bytes().all(|b| b == b'0'))
+                .ok_or("the push names no commit (a deleted branch or tag)")?;
+            Ok(Source {
+                side: Side::Head,
+                git_ref: sha.to_owned(),
+                reason: "a push runs the definitions it pushed".into(),
+            })
+        }
+        kind::PULL_REQUEST => {
+            let association = event.actor_association.as_deref().unwrap_or("");
+            let trusted = TRUSTED_ASSOCIATIONS
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(association))
+                || trusted_author == Some(true);
+            let fork = event.from_fork != Some(false);
+            if trusted && !fork {
+                let sha = event
+                    .sha
+                    .as_deref()
+                    .ok_or("the pull request names no head commit")?;
+                return Ok(Source {
+                    side: Side::Head,
+                    git_ref: sha.to_owned(),
+                    reason: format!(
+                        "the author is {} and the head is in the repository: its proposed definitions run",
+                        association_shown(association, trusted_author)
+                    ),
+                });
+            }
+            let reason = if fork {
+                match event.from_fork {
+                    Some(_) => "the pull request comes from a fork: its target branch's definitions run".to_owned(),
+                    None => "the payload does not say whether the pull request comes from a fork: its target branch's definitions run".to_owned(),
+                }
+            } else {
+                format!(
+                    "the author is {}, not an owner, member or collaborator: the target branch's definitions run",
+                    association_shown(association, trusted_author)
+                )
+            };
+            let git_ref = event
+                .base_sha
+                .clone()
+                .or_else(|| event.base_ref.clone())
+                .ok_or("the pull request names no target branch")?;
+            Ok(Source {
+                side: Side::Base,
+                git_ref,
+                reason,
+            })
+        }
+        other => Err(format!(
+            "`{other}` events run applied pipelines only; repository pipelines run on pushes and pull requests"
+        )),
+    }
+}
+
+fn association_shown(association: &str, trusted_author: Option<bool>) -> String {
+    match (association, trusted_author) {
+        ("", Some(true)) => "a project member".into(),
+        ("", _) => "of unknown association".into(),
+        (a, _) => a.to_ascii_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, text: &str) -> RepoFile {
+        RepoFile {
+            path: path.into(),
+            text: text.into(),
+        }
+    }
+
+    const BUILD: &str =
+        "name: build\nsteps:\n  - name: test\n    image: alpine\n    commands: [make test]\n";
+
+    #[test]
+    fn pipelines_are_named_after_their_repository() {
+        let parsed = parse(
+            "acme/app",
+            &[file(".sluice/build.yaml", BUILD)],
+            &Limits::default(),
+        );
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let names: Vec<&str> = parsed.pipelines.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["acme/app:build"]);
+    }
+
+    #[test]
+    fn a_bad_file_is_refused_with_its_line_and_its_sibling_still_counts() {
+        let bad = "name: lint\nsteps:\n  - name: x\n    image: alpine\n    commands: ['true']\n    timeout: soon\n";
+        let parsed = parse(
+            "acme/app",
+            &[
+                file(".sluice/lint.yaml", bad),
+                file(".sluice/build.yml", BUILD),
+            ],
+            &Limits::default(),
+        );
+        assert_eq!(parsed.pipelines.len(), 1);
+        assert_eq!(parsed.pipelines[0].name.as_str(), "acme/app:build");
+        assert_eq!(parsed.errors.len(), 1);
+        let e = &parsed.errors[0];
+        assert_eq!(e.file, ".sluice/lint.yaml");
+        assert_eq!(e.line, 6, "{e}");
+    }
+
+    #[test]
+    fn limits_refuse_what_comes_later_and_say_which_flag() {
+        let limits = Limits {
+            max_files: 3,
+            max_file_bytes: 200,
+            max_depth: 4,
+            max_pipelines: 1,
+        };
+        let other = BUILD.replace("name: build", "name: other");
+        let deep = "name: deep\nsteps:\n  - name: a\n    image: alpine\n    commands: [x]\n    env: {A: [[[[1]]]]}\n";
+        let parsed = parse(
+            "acme/app",
+            &[
+                file(".sluice/a.yaml", BUILD),
+                file(".sluice/b.yaml", &other),
+                file(".sluice/c.yaml", deep),
+                file(".sluice/d.yaml", BUILD),
+            ],
+            &limits,
+        );
+        assert_eq!(parsed.pipelines.len(), 1);
+        let messages: Vec<String> = parsed.errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            messages[0].starts_with(".sluice/b.yaml")
+                && messages[0].contains("--repo-pipelines-max-pipelines"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[1].starts_with(".sluice/c.yaml") && messages[1].contains("depth"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[2].starts_with(".sluice/d.yaml")
+                && messages[2].contains("--repo-pipelines-max-files"),
+            "{messages:?}"
+        );
+        let big = format!("{BUILD}# {}\n", "x".repeat(300));
+        let parsed = parse("acme/app", &[file(".sluice/big.yaml", &big)], &limits);
+        assert!(parsed.errors[0]
+            .message
+            .contains("--repo-pipelines-max-file-bytes"));
+    }
+
+    #[test]
+    fn a_name_defined_twice_keeps_the_first_file() {
+        let parsed = parse(
+            "acme/app",
+            &[file(".sluice/b.yaml", BUILD), file(".sluice/a.yaml", BUILD)],
+            &Limits::default(),
+        );
+        assert_eq!(parsed.pipelines.len(), 1);
+        assert_eq!(parsed.errors[0].file, ".sluice/b.yaml");
+        assert!(parsed.errors[0].message.contains(".sluice/a.yaml"));
+    }
+
+    #[test]
+    fn pipeline_files_are_yaml_directly_in_the_folder() {
+        assert!(is_pipeline_file("build.yaml"));
+        assert!(is_pipeline_file("build.yml"));
+        assert!(!is_pipeline_file("README.md"));
+        assert!(!is_pipeline_file(".hidden.yaml"));
+        assert!(!is_pipeline_file("nested/x.yaml"));
+    }
+
+    fn pull_request(association: &str, fork: Option<bool>) -> Event {
+        let mut e = Event::new(Provider::Github, "d1", kind::PULL_REQUEST);
+        e.repo = Some("acme/app".into());
+        e.sha = Some("head1".into());
+        e.base_sha = Some("base1".into());
+        e.base_ref = Some("refs/heads/main".into());
+        e.actor_association = Some(association.into());
+        e.from_fork = fork;
+        e
+    }
+
+    #[test]
+    fn a_trusted_author_on_a_branch_of_the_repository_runs_the_proposal() {
+        for a in ["OWNER", "MEMBER", "COLLABORATOR"] {
+            let s = source(&pull_request(a, Some(false)), None).unwrap();
+            assert_eq!((s.side, s.git_ref.as_str()), (Side::Head, "head1"), "{a}");
+        }
+    }
+
+    #[test]
+    fn forks_strangers_and_unknowns_run_the_base() {
+        for (association, fork, trusted) in [
+            ("OWNER", Some(true), None),
+            ("MEMBER", None, None),
+            ("CONTRIBUTOR", Some(false), None),
+            ("FIRST_TIME_CONTRIBUTOR", Some(false), None),
+            ("NONE", Some(false), Some(false)),
+            ("", Some(false), None),
+            // A member look-up does not make a fork's proposal trusted.
+            ("", Some(true), Some(true)),
+        ] {
+            let s = source(&pull_request(association, fork), trusted).unwrap();
+            assert_eq!(
+                (s.side, s.git_ref.as_str()),
+                (Side::Base, "base1"),
+                "{association} {fork:?}"
+            );
+        }
+        let mut e = pull_request("NONE", Some(false));
+        e.base_sha = None;
+        assert_eq!(source(&e, None).unwrap().git_ref, "refs/heads/main");
+    }
+
+    #[test]
+    fn a_gitlab_member_look_up_trusts_a_merge_request_from_the_project() {
+        let mut e = pull_request("", Some(false));
+        e.provider = Provider::Gitlab;
+        e.actor_association = None;
+        assert_eq!(source(&e, Some(true)).unwrap().side, Side::Head);
+        assert_eq!(source(&e, None).unwrap().side, Side::Base);
+    }
+
+    #[test]
+    fn pushes_run_their_commit_and_other_events_none() {
+        let mut e = Event::new(Provider::Github, "d2", kind::PUSH);
+        e.sha = Some("abc".into());
+        assert_eq!(source(&e, None).unwrap().git_ref, "abc");
+        e.sha = Some("0".repeat(40));
+        assert!(source(&e, None).is_err());
+        let comment = Event::new(Provider::Github, "d3", kind::COMMENT);
+        assert!(source(&comment, None).is_err());
+        let manual = Event::new(Provider::Manual, "d4", kind::PUSH);
+        assert!(source(&manual, None).is_err());
+    }
+}
