@@ -35,6 +35,11 @@ pub const RUNNER_TTL: Duration = Duration::from_secs(30);
 /// How long the delivery reconciler's records live (`SLUICE_DELIVERIES`): GitHub's
 /// 3 days of redeliveries and a day to read `sluice events lost`.
 pub const DELIVERY_RECORDS_TTL: Duration = Duration::from_secs(4 * 24 * 3600);
+/// How long a commit's `.sluice/` files stay cached (`SLUICE_REPO_FILES`): a commit's
+/// files never change, so this only bounds the bucket's size.
+pub const REPO_FILES_TTL: Duration = Duration::from_secs(3600);
+/// Bytes one cached listing may have: one NATS message.
+pub const REPO_FILES_MAX_VALUE: i32 = 1024 * 1024;
 
 /// How Sluice's streams are sized. Every field has a flag on `sluice streams apply`.
 #[derive(Debug, Clone)]
@@ -281,7 +286,7 @@ impl StreamSettings {
     }
 
     /// Every key-value bucket.
-    pub fn buckets(&self) -> [jetstream::kv::Config; 5] {
+    pub fn buckets(&self) -> [jetstream::kv::Config; 6] {
         let bucket = |name: &str, description: &str, history: i64| jetstream::kv::Config {
             bucket: name.into(),
             description: format!("Sluice: {description}"),
@@ -305,6 +310,15 @@ impl StreamSettings {
                 ..bucket(
                     subjects::DELIVERIES_BUCKET,
                     "forge deliveries redelivered or lost",
+                    1,
+                )
+            },
+            jetstream::kv::Config {
+                max_age: REPO_FILES_TTL,
+                max_value_size: REPO_FILES_MAX_VALUE,
+                ..bucket(
+                    subjects::REPO_FILES_BUCKET,
+                    "repositories' .sluice/ files by commit",
                     1,
                 )
             },

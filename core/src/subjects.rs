@@ -39,6 +39,9 @@ pub const GROUPS_BUCKET: &str = "SLUICE_GROUPS";
 /// Key-value bucket of the delivery reconciler: its lease, and a record per forge
 /// delivery it redelivered or gave up on (`<forge>.<guid>`).
 pub const DELIVERIES_BUCKET: &str = "SLUICE_DELIVERIES";
+/// Key-value bucket of the `.sluice/` files read from the forges at a commit, shared by
+/// the dispatcher replicas: [`repo_files_key`].
+pub const REPO_FILES_BUCKET: &str = "SLUICE_REPO_FILES";
 /// Object store bucket holding webhook bodies too large for one NATS message.
 pub const PAYLOADS_BUCKET: &str = "SLUICE_PAYLOADS";
 
@@ -55,12 +58,13 @@ pub const STREAMS: [&str; 8] = [
 ];
 
 /// Every key-value bucket.
-pub const BUCKETS: [&str; 5] = [
+pub const BUCKETS: [&str; 6] = [
     PIPELINES_BUCKET,
     RUNNERS_BUCKET,
     REPORTS_BUCKET,
     GROUPS_BUCKET,
     DELIVERIES_BUCKET,
+    REPO_FILES_BUCKET,
 ];
 
 /// Object store buckets.
@@ -155,6 +159,13 @@ pub fn cluster_of(subject: &str) -> Option<&str> {
 /// runner's credential can be limited to its own cluster's keys.
 pub fn runner_key(cluster: &str, runner_id: &str) -> String {
     format!("{cluster}.{runner_id}")
+}
+
+/// A commit's `.sluice/` listing's key in [`REPO_FILES_BUCKET`]: the hex SHA-256 of
+/// `<provider>:<repo>:<git ref>`, since repository paths hold characters a key may not.
+pub fn repo_files_key(provider: &str, repo: &str, git_ref: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(format!("{provider}:{repo}:{git_ref}")))
 }
 
 /// `(cluster, runner id)` of a [`runner_key`].
@@ -256,6 +267,17 @@ pub fn token(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repo_files_keys_are_hex_and_differ_by_every_part() {
+        let k = repo_files_key("github", "acme/app", "0123");
+        assert_eq!(k.len(), 64);
+        assert!(k.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(k, repo_files_key("github", "acme/app", "0123"));
+        assert_ne!(k, repo_files_key("gitlab", "acme/app", "0123"));
+        assert_ne!(k, repo_files_key("github", "acme/other", "0123"));
+        assert_ne!(k, repo_files_key("github", "acme/app", "0124"));
+    }
 
     #[test]
     fn tokens_never_add_subject_levels_or_wildcards() {

@@ -156,6 +156,16 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A repository's `.sluice/` files could not be read. `retryable` when the forge
+    /// may answer later (down, slow, rate-limited); otherwise `reason` says which
+    /// setting or permission to fix.
+    #[error("cannot read the .sluice/ files of {repo}: {reason}")]
+    RepoFiles {
+        repo: String,
+        reason: String,
+        retryable: bool,
+    },
+
     // === Child requests ===
     #[error("`{0}` names no cluster")]
     ChildSubject(String),
@@ -207,6 +217,7 @@ impl Error {
     /// Whether trying the same event or request again can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
+            Error::RepoFiles { retryable, .. } => *retryable,
             Error::Core(_)
             | Error::Nats { .. }
             | Error::Contention(_)
@@ -273,6 +284,7 @@ impl Error {
             | Error::GitLabAnswer(_)
             | Error::ForgeAnswer { .. } => "forge_api",
             Error::ForgeStatus { .. } => "forge_refused",
+            Error::RepoFiles { .. } => "repo_files",
             Error::NotInstalled { .. } => "not_installed",
             Error::Installation { .. } | Error::InstallationClient { .. } => "installation",
             Error::ChildSubject(_)

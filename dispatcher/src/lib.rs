@@ -21,6 +21,7 @@ pub mod pending;
 pub mod plan;
 pub mod recover;
 pub mod registry;
+pub mod repo_files;
 pub mod reporter;
 pub mod rerun;
 pub mod service;
@@ -350,11 +351,12 @@ const HAND_BACK_TIME: Duration = Duration::from_secs(1);
 /// when it runs, so that a dispatcher without it still starts against streams applied
 /// before that bucket existed.
 fn needs(recovering: bool) -> streams::Needs {
-    const WITHOUT_DELIVERIES: [&str; 4] = [
+    const WITHOUT_DELIVERIES: [&str; 5] = [
         subjects::PIPELINES_BUCKET,
         subjects::RUNNERS_BUCKET,
         subjects::REPORTS_BUCKET,
         subjects::GROUPS_BUCKET,
+        subjects::REPO_FILES_BUCKET,
     ];
     streams::Needs {
         streams: &subjects::STREAMS,
