@@ -79,6 +79,15 @@ struct GhBranch {
     #[serde(rename = "ref")]
     git_ref: Option<String>,
     sha: Option<String>,
+    /// `None` when the payload leaves `repo` out, `Some(None)` when it is `null`: GitHub
+    /// sends `null` for a head whose fork was deleted.
+    #[serde(default, deserialize_with = "present")]
+    repo: Option<Option<GhRepoName>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GhRepoName {
+    full_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,8 +213,7 @@ pub fn github(event_name: &str, delivery: &str, p: GithubPayload) -> Event {
                 e.pr = pr.number;
                 e.pr_draft = pr.draft;
                 e.actor_association = pr.author_association;
-                e.sha = pr.head.and_then(|h| h.sha);
-                e.base_ref = pr.base.and_then(|b| b.git_ref).map(|r| heads(&r));
+                github_branches(&mut e, pr.head, pr.base);
                 // The PR's head as the base repository serves it: fetchable from
                 // `clone_url` even when the branch lives in a fork.
                 e.git_ref = e.pr.map(|n| format!("refs/pull/{n}/head"));
@@ -224,9 +232,10 @@ pub fn github(event_name: &str, delivery: &str, p: GithubPayload) -> Event {
                 (_, Some(pr)) => pr.number,
                 _ => None,
             };
+            // Review comments carry the pull request with its head and base; issue
+            // comments only say the issue is one, so their branches stay unknown.
             if let Some(pr_payload) = p.pull_request {
-                e.sha = pr_payload.head.and_then(|h| h.sha);
-                e.base_ref = pr_payload.base.and_then(|b| b.git_ref).map(|r| heads(&r));
+                github_branches(&mut e, pr_payload.head, pr_payload.base);
             }
             e.pr = pr;
             e.git_ref = pr.map(|n| format!("refs/pull/{n}/head"));
@@ -241,6 +250,29 @@ pub fn github(event_name: &str, delivery: &str, p: GithubPayload) -> Event {
         _ => e.git_ref = p.git_ref,
     }
     e
+}
+
+/// Fills a pull request's head commit, target branch, base commit and fork flag.
+fn github_branches(e: &mut Event, head: Option<GhBranch>, base: Option<GhBranch>) {
+    e.from_fork = github_fork(head.as_ref(), base.as_ref());
+    e.sha = head.and_then(|h| h.sha);
+    if let Some(b) = base {
+        e.base_ref = b.git_ref.map(|r| heads(&r));
+        e.base_sha = b.sha;
+    }
+}
+
+/// Whether a pull request's head is in another repository than its base. A `null` head
+/// repository is a deleted fork (the base repository cannot be gone while it sends
+/// hooks); missing repository objects or names say nothing.
+fn github_fork(head: Option<&GhBranch>, base: Option<&GhBranch>) -> Option<bool> {
+    let head_repo = head?.repo.as_ref()?;
+    let Some(head_repo) = head_repo else {
+        return Some(true);
+    };
+    let head_name = head_repo.full_name.as_deref()?;
+    let base_name = base?.repo.as_ref()?.as_ref()?.full_name.as_deref()?;
+    Some(!head_name.eq_ignore_ascii_case(base_name))
 }
 
 // === GitLab ===
@@ -280,6 +312,8 @@ struct GlAttributes {
     target_branch: Option<String>,
     last_commit: Option<GlCommitRef>,
     oldrev: Option<String>,
+    source_project_id: Option<u64>,
+    target_project_id: Option<u64>,
     draft: Option<bool>,
     work_in_progress: Option<bool>,
     note: Option<String>,
@@ -291,6 +325,8 @@ struct GlMergeRequest {
     iid: Option<u64>,
     target_branch: Option<String>,
     last_commit: Option<GlCommitRef>,
+    source_project_id: Option<u64>,
+    target_project_id: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -376,6 +412,10 @@ pub fn gitlab(event_name: &str, delivery: &str, p: GitlabPayload) -> Event {
                 e.action = a.action.map(|act| gitlab_action(&act, a.oldrev.is_some()));
                 e.sha = a.last_commit.and_then(|c| c.id);
                 e.base_ref = a.target_branch.map(|b| heads(&b));
+                // `base_sha` stays `None`: merge request hooks name the target branch
+                // but not its commit (`oldrev` is the source branch's previous head,
+                // and `diff_refs` is in the API's merge request, not the hook's).
+                e.from_fork = gitlab_fork(a.source_project_id, a.target_project_id);
                 e.pr_draft = a.draft.or(a.work_in_progress);
             }
             e.git_ref = e.pr.map(|n| format!("refs/merge-requests/{n}/head"));
@@ -389,12 +429,19 @@ pub fn gitlab(event_name: &str, delivery: &str, p: GitlabPayload) -> Event {
                 e.pr = mr.iid;
                 e.sha = mr.last_commit.and_then(|c| c.id);
                 e.base_ref = mr.target_branch.map(|b| heads(&b));
+                e.from_fork = gitlab_fork(mr.source_project_id, mr.target_project_id);
                 e.git_ref = e.pr.map(|n| format!("refs/merge-requests/{n}/head"));
             }
         }
         _ => e.git_ref = p.git_ref,
     }
     e
+}
+
+/// Whether a merge request comes from another project than the one it targets (a
+/// fork); `None` unless the payload names both.
+fn gitlab_fork(source: Option<u64>, target: Option<u64>) -> Option<bool> {
+    Some(source? != target?)
 }
 
 /// GitLab's merge request actions in GitHub's words, so one trigger can list
@@ -512,6 +559,16 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
+/// For `Option<Option<T>>` fields with `#[serde(default)]`: a present `null` is
+/// `Some(None)`, so it differs from a missing field (`None`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
 fn heads(branch: &str) -> String {
     if branch.starts_with("refs/") {
         branch.to_owned()
@@ -610,6 +667,170 @@ mod tests {
             let p: GithubPayload = serde_json::from_slice(body).expect("json");
             assert_eq!(github_target(body).as_deref(), p.target(), "{body:?}");
         }
+    }
+
+    /// A payload from the shared webhook fixtures (`SLUICE_FIXTURES`, else
+    /// `../shared/fixtures` beside the workspace).
+    fn fixture(name: &str) -> serde_json::Value {
+        let dir = std::env::var_os("SLUICE_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+            });
+        let path = dir.join(name);
+        let body = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()));
+        serde_json::from_slice(&body).expect("fixture is JSON")
+    }
+
+    fn github_event(event_name: &str, v: &serde_json::Value) -> Event {
+        github(
+            event_name,
+            "d",
+            serde_json::from_value(v.clone()).expect("payload"),
+        )
+    }
+
+    fn gitlab_event(event_name: &str, v: &serde_json::Value) -> Event {
+        gitlab(
+            event_name,
+            "d",
+            serde_json::from_value(v.clone()).expect("payload"),
+        )
+    }
+
+    const HELLO_WORLD_BASE: &str = "f95f852bd8fca8fcc58a9a2d6c842781e32a215e";
+
+    #[test]
+    fn github_pull_requests_carry_their_base_commit_and_fork_flag() {
+        // Every pull request fixture is a branch of Codertocat/Hello-World itself.
+        for name in [
+            "opened",
+            "synchronize",
+            "reopened",
+            "closed",
+            "labeled",
+            "converted_to_draft",
+        ] {
+            let e = github_event(
+                "pull_request",
+                &fixture(&format!("github/pull_request.{name}.json")),
+            );
+            assert_eq!(e.base_sha.as_deref(), Some(HELLO_WORLD_BASE), "{name}");
+            assert_eq!(e.from_fork, Some(false), "{name}");
+            assert_eq!(e.base_ref.as_deref(), Some("refs/heads/master"), "{name}");
+            assert_eq!(
+                e.sha.as_deref(),
+                Some("ec26c3e57ca3a959ca5aad62de7213c562f8c821"),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn github_fork_is_read_from_the_head_and_base_repositories() {
+        let opened = fixture("github/pull_request.opened.json");
+        let from = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = opened.clone();
+            edit(&mut v["pull_request"]);
+            github_event("pull_request", &v).from_fork
+        };
+
+        let fork = from(&|pr| pr["head"]["repo"]["full_name"] = "octocat/Hello-World".into());
+        assert_eq!(fork, Some(true), "head in another repository");
+        // GitHub names are case-insensitive: the same repository spelled otherwise.
+        let same = from(&|pr| pr["head"]["repo"]["full_name"] = "codertocat/hello-world".into());
+        assert_eq!(same, Some(false));
+        // A deleted fork leaves `head.repo: null`.
+        assert_eq!(
+            from(&|pr| pr["head"]["repo"] = serde_json::Value::Null),
+            Some(true)
+        );
+        assert_eq!(
+            from(&|pr| {
+                pr["head"].as_object_mut().expect("head").remove("repo");
+                pr["base"].as_object_mut().expect("base").remove("repo");
+            }),
+            None,
+            "no repository objects: unknown"
+        );
+        assert_eq!(
+            from(&|pr| {
+                pr["base"].as_object_mut().expect("base").remove("repo");
+            }),
+            None,
+            "no base repository: unknown"
+        );
+        // The base commit does not depend on where the head is.
+        let mut v = opened.clone();
+        v["pull_request"]["head"]["repo"] = serde_json::Value::Null;
+        let e = github_event("pull_request", &v);
+        assert_eq!(e.base_sha.as_deref(), Some(HELLO_WORLD_BASE));
+        assert_eq!(e.from_fork, Some(true));
+    }
+
+    #[test]
+    fn github_comments_carry_the_base_only_with_the_pull_request() {
+        // An issue comment (this fixture is on a plain issue) names no branches.
+        let e = github_event(
+            "issue_comment",
+            &fixture("github/issue_comment.created.json"),
+        );
+        assert_eq!((e.base_sha, e.from_fork), (None, None));
+
+        // A review comment carries the whole pull request.
+        let mut v = fixture("github/pull_request.opened.json");
+        v["action"] = "created".into();
+        v["comment"] = serde_json::json!({"body": "looks good", "user": {"login": "octocat"}});
+        let e = github_event("pull_request_review_comment", &v);
+        assert_eq!(e.base_sha.as_deref(), Some(HELLO_WORLD_BASE));
+        assert_eq!(e.from_fork, Some(false));
+        v["pull_request"]["head"]["repo"]["full_name"] = "octocat/Hello-World".into();
+        let e = github_event("pull_request_review_comment", &v);
+        assert_eq!(e.from_fork, Some(true));
+        assert_eq!(e.pr, Some(2));
+    }
+
+    #[test]
+    fn gitlab_merge_requests_say_whether_they_come_from_a_fork() {
+        let mr = fixture("gitlab/merge-request-event.json");
+        let e = gitlab_event("Merge Request Hook", &mr);
+        assert_eq!(e.from_fork, Some(false), "project 14 into project 14");
+        assert_eq!(
+            e.base_sha, None,
+            "the hook does not name the target's commit"
+        );
+        assert_eq!(e.base_ref.as_deref(), Some("refs/heads/master"));
+
+        let mut fork = mr.clone();
+        fork["object_attributes"]["source_project_id"] = 15.into();
+        assert_eq!(
+            gitlab_event("Merge Request Hook", &fork).from_fork,
+            Some(true)
+        );
+        let mut unknown = mr.clone();
+        unknown["object_attributes"]
+            .as_object_mut()
+            .expect("attributes")
+            .remove("target_project_id");
+        assert_eq!(gitlab_event("Merge Request Hook", &unknown).from_fork, None);
+
+        let note = fixture("gitlab/comment-merge-request-event.json");
+        let e = gitlab_event("Note Hook", &note);
+        assert_eq!(e.kind, "comment");
+        assert_eq!(e.from_fork, Some(false), "project 5 into project 5");
+        assert_eq!(e.base_sha, None);
+        let mut fork = note.clone();
+        fork["merge_request"]["source_project_id"] = 6.into();
+        assert_eq!(gitlab_event("Note Hook", &fork).from_fork, Some(true));
+    }
+
+    #[test]
+    fn pushes_have_no_base_commit_or_fork() {
+        let e = github_event("push", &fixture("github/push.with-new-branch.json"));
+        assert_eq!((e.base_sha, e.from_fork), (None, None));
+        let e = gitlab_event("Push Hook", &fixture("gitlab/push-event.json"));
+        assert_eq!((e.base_sha, e.from_fork), (None, None));
     }
 
     #[test]

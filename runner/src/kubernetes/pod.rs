@@ -36,6 +36,8 @@ pub const LABEL_PIPELINE: &str = "sluice.dev/pipeline";
 pub const LABEL_REPO: &str = "sluice.dev/repo";
 pub const LABEL_SEGMENT: &str = "sluice.dev/segment";
 pub const ANNOTATION_REPO: &str = "sluice.dev/repo";
+/// The full pipeline name, which [`LABEL_PIPELINE`] holds only when it is a label value.
+pub const ANNOTATION_PIPELINE: &str = "sluice.dev/pipeline";
 pub const ANNOTATION_EVENT: &str = "sluice.dev/event";
 pub const ANNOTATION_SHA: &str = "sluice.dev/sha";
 
@@ -64,18 +66,58 @@ pub fn container_names(req: &RunRequest, steps: &[RunStep]) -> Vec<String> {
     names
 }
 
-/// A label value: at most 63 of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+/// The longest Kubernetes label value.
+const LABEL_VALUE_MAX: usize = 63;
+/// Hex digits of the name's SHA-256 that [`label_value`] appends to a changed name.
+const LABEL_DIGEST_LEN: usize = 10;
+
+fn label_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Whether `s` is a Kubernetes label value: empty, or at most 63 of `[A-Za-z0-9._-]`
+/// starting and ending alphanumeric.
+fn is_label_value(s: &str) -> bool {
+    s.is_empty()
+        || (s.len() <= LABEL_VALUE_MAX
+            && s.chars().all(label_char)
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+/// `s` as a label value: itself when it is one; otherwise its other characters as `_`,
+/// cut to leave room for `-` and the first 10 hex digits of the SHA-256 of `s`, so two
+/// names that differ only in a replaced character or past the cut still differ
+/// (`acme/app:build` → `acme_app_build-<digest>`). The same name always gives the
+/// same value, so the label can be selected on.
 fn label_value(s: &str) -> String {
+    if is_label_value(s) {
+        return s.to_owned();
+    }
+    let digest = &sluice_core::run::id_digest(s)[..LABEL_DIGEST_LEN];
+    // Every character is ASCII after this, so byte lengths are character counts.
+    let sanitized: String = s
+        .chars()
+        .map(|c| if label_char(c) { c } else { '_' })
+        .collect();
+    let stem = sanitized.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
+    let stem = &stem[..stem.len().min(LABEL_VALUE_MAX - 1 - LABEL_DIGEST_LEN)];
+    let stem = stem.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    if stem.is_empty() {
+        digest.to_owned()
+    } else {
+        format!("{stem}-{digest}")
+    }
+}
+
+/// The repository label: the path with `/` as `.` (`acme/app` → `acme.app`), cut at 63.
+/// Kept readable for selectors; distinct paths may share it, and the full path is in
+/// [`ANNOTATION_REPO`].
+fn repo_label_value(s: &str) -> String {
     let mapped: String = s
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '.'
-            }
-        })
-        .take(63)
+        .map(|c| if label_char(c) { c } else { '.' })
+        .take(LABEL_VALUE_MAX)
         .collect();
     mapped
         .trim_matches(|c: char| !c.is_ascii_alphanumeric())
@@ -94,12 +136,15 @@ pub fn build(
         (LABEL_MANAGED_BY.to_owned(), "sluice".to_owned()),
         (LABEL_CLUSTER.to_owned(), req.cluster.clone()),
         (LABEL_RUN.to_owned(), req.run_id.clone()),
-        (LABEL_PIPELINE.to_owned(), req.pipeline.clone()),
+        (LABEL_PIPELINE.to_owned(), label_value(&req.pipeline)),
         (LABEL_SEGMENT.to_owned(), segment.to_string()),
     ]);
-    let mut annotations = BTreeMap::from([(ANNOTATION_EVENT.to_owned(), req.event_id.clone())]);
+    let mut annotations = BTreeMap::from([
+        (ANNOTATION_EVENT.to_owned(), req.event_id.clone()),
+        (ANNOTATION_PIPELINE.to_owned(), req.pipeline.clone()),
+    ]);
     if let Some(repo) = &req.repo {
-        labels.insert(LABEL_REPO.to_owned(), label_value(repo));
+        labels.insert(LABEL_REPO.to_owned(), repo_label_value(repo));
         annotations.insert(ANNOTATION_REPO.to_owned(), repo.clone());
     }
     if let Some(sha) = &req.sha {
@@ -418,5 +463,91 @@ fn resources(r: &Resources) -> ResourceRequirements {
         requests: pick([("cpu", &r.cpu), ("memory", &r.memory)]),
         limits: pick([("cpu", &r.cpu_limit), ("memory", &r.memory_limit)]),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_label_values_are_kept() {
+        for name in ["app-ci", "build", "a", "A.b_c-9", "x".repeat(63).as_str()] {
+            assert_eq!(label_value(name), name);
+        }
+        assert_eq!(label_value(""), "", "an empty label value is valid");
+    }
+
+    #[test]
+    fn repository_pipeline_names_become_stable_label_values() {
+        let v = label_value("acme/app:build");
+        assert!(is_label_value(&v), "{v}");
+        let (stem, digest) = v.rsplit_once('-').expect("a digest");
+        assert_eq!(stem, "acme_app_build");
+        assert_eq!(digest, &sluice_core::run::id_digest("acme/app:build")[..10]);
+        assert_eq!(
+            label_value("acme/app:build"),
+            v,
+            "the same name, the same value"
+        );
+        // Names that differ only in a replaced character do not share the label.
+        assert_ne!(label_value("acme/app:build"), label_value("acme/app/build"));
+        // GitLab groups: upper case, dots and underscores are kept.
+        let v = label_value("Group.One/sub_group/App:test");
+        assert!(v.starts_with("Group.One_sub_group_App_test-"), "{v}");
+        assert!(is_label_value(&v), "{v}");
+    }
+
+    #[test]
+    fn long_names_are_cut_and_stay_distinct() {
+        let long = format!("acme/{}:build", "a".repeat(200));
+        let v = label_value(&long);
+        assert!(is_label_value(&v), "{v}");
+        assert_eq!(v.len(), 63);
+        let other = format!("acme/{}:test", "a".repeat(200));
+        assert_ne!(label_value(&other), v, "names differing past the cut");
+        // Valid characters but too long: cut as well.
+        let v = label_value(&"b".repeat(64));
+        assert!(is_label_value(&v) && v.len() <= 63, "{v}");
+    }
+
+    #[test]
+    fn label_values_start_and_end_alphanumeric() {
+        for name in [
+            "-app",
+            "app-",
+            "/acme/app:",
+            ":::",
+            "é",
+            "_",
+            // Cut right after `acme_` and 46 `a`: on the `_`.
+            format!("acme/{}_:x{}", "a".repeat(46), "y".repeat(20)).as_str(),
+        ] {
+            let v = label_value(name);
+            assert!(is_label_value(&v), "{name:?} gave {v:?}");
+            assert!(!v.is_empty() && !v.contains("_-"), "{name:?} gave {v:?}");
+        }
+        assert_eq!(label_value(":::").len(), 10, "nothing left but the digest");
+    }
+
+    #[test]
+    fn the_pod_keeps_the_full_pipeline_name() {
+        let req: RunRequest = serde_json::from_value(serde_json::json!({
+            "run_id": "r1",
+            "pipeline": "acme/app:build",
+            "cluster": "eu-1",
+            "event_id": "github:1",
+            "repo": "acme/app",
+            "steps": [{"name": "test", "commands": ["true"]}],
+            "created_at": "2026-01-01T00:00:00Z",
+        }))
+        .expect("run request");
+        let pod = build(&req, 0, &req.steps, &KubeSettings::default(), None);
+        let labels = pod.metadata.labels.expect("labels");
+        let annotations = pod.metadata.annotations.expect("annotations");
+        assert_eq!(labels[LABEL_PIPELINE], label_value("acme/app:build"));
+        assert_eq!(annotations[ANNOTATION_PIPELINE], "acme/app:build");
+        assert_eq!(labels[LABEL_REPO], "acme.app");
+        assert!(labels.values().all(|v| is_label_value(v)), "{labels:?}");
     }
 }
