@@ -220,6 +220,44 @@ pub struct DispatcherArgs {
     /// most; with --report-statuses each is also taken from --forge-requests-per-hour.
     #[arg(long, env = "SLUICE_RECOVER_REQUESTS_PER_HOUR", default_value_t = sluice_dispatcher::recover::REQUESTS_PER_HOUR, value_parser = at_least_one_of::<u32>)]
     pub recover_requests_per_hour: u32,
+    /// Repositories whose own pipelines (`.sluice/*.yaml` at each event's commit, read
+    /// through the forge API with the tokens above) run beside the applied ones:
+    /// comma-separated globs (`acme/*`, `!acme/secrets`). None by default: nothing is
+    /// read from a repository nobody opted in.
+    #[arg(long, env = "SLUICE_REPO_PIPELINES", value_delimiter = ',', value_parser = repo_glob)]
+    pub repo_pipelines: Vec<sluice_core::pipeline::Glob>,
+    /// Pipeline files read from one repository's `.sluice/`; later ones are refused.
+    #[arg(long, env = "SLUICE_REPO_PIPELINES_MAX_FILES", default_value_t = sluice_core::repo_pipelines::MAX_FILES, value_parser = at_least_one)]
+    pub repo_pipelines_max_files: usize,
+    /// Bytes one `.sluice/` file may have.
+    #[arg(long, env = "SLUICE_REPO_PIPELINES_MAX_FILE_BYTES", default_value_t = sluice_core::repo_pipelines::MAX_FILE_BYTES, value_parser = at_least_one)]
+    pub repo_pipelines_max_file_bytes: usize,
+    /// Deepest nesting of mappings and lists in a `.sluice/` file (at most 64).
+    #[arg(long, env = "SLUICE_REPO_PIPELINES_MAX_DEPTH", default_value_t = sluice_core::repo_pipelines::MAX_DEPTH, value_parser = yaml_depth)]
+    pub repo_pipelines_max_depth: usize,
+    /// Pipelines one repository may define, all its files together.
+    #[arg(long, env = "SLUICE_REPO_PIPELINES_MAX_PIPELINES", default_value_t = sluice_core::repo_pipelines::MAX_PIPELINES, value_parser = at_least_one)]
+    pub repo_pipelines_max_pipelines: usize,
+}
+
+/// A repository glob, compared in lower case like triggers' `repos`.
+fn repo_glob(s: &str) -> Result<sluice_core::pipeline::Glob, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("an empty repository glob".into());
+    }
+    sluice_core::pipeline::Glob::parse(&s.to_ascii_lowercase())
+}
+
+fn yaml_depth(s: &str) -> Result<usize, String> {
+    let n = at_least_one(s)?;
+    if n > sluice_core::yaml::MAX_DEPTH {
+        return Err(format!(
+            "{s}: at most {} (the limit of every YAML file Sluice reads)",
+            sluice_core::yaml::MAX_DEPTH
+        ));
+    }
+    Ok(n)
 }
 
 fn hook(s: &str) -> Result<sluice_dispatcher::recover::Hook, String> {
@@ -458,10 +496,15 @@ pub enum PipelinesCommand {
     },
     /// Delete a pipeline.
     Delete { name: String },
-    /// Check pipelines offline, without NATS.
+    /// Check pipelines offline, without NATS: `-f FILE` (a file or folder, as apply
+    /// takes it), or a checkout `DIR` whose `.sluice/` is checked as the dispatcher
+    /// reads a repository's pipelines (each file on its own, with the default limits).
+    #[command(group = clap::ArgGroup::new("what").required(true).args(["file", "dir"]))]
     Validate {
         #[arg(short = 'f', long = "file")]
-        file: PathBuf,
+        file: Option<PathBuf>,
+        /// A checkout (or its `.sluice/` folder).
+        dir: Option<PathBuf>,
     },
 }
 

@@ -2,9 +2,11 @@
 
 use anyhow::Context;
 use secrecy::SecretString;
+use sluice_core::repo_pipelines::Limits;
 use sluice_core::streams::StreamSettings;
 use sluice_dispatcher::forge::ForgeConfig;
 use sluice_dispatcher::recover::RecoverConfig;
+use sluice_dispatcher::repo_pipelines::RepoPipelinesConfig;
 use sluice_dispatcher::reporter::ReporterConfig;
 use sluice_dispatcher::DispatcherConfig;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +46,15 @@ pub async fn run(
             gitlab_token: a.gitlab_token,
             gitlab_api_url: a.gitlab_api_url,
             ..ForgeConfig::default()
+        },
+        repo_pipelines: RepoPipelinesConfig {
+            repos: a.repo_pipelines.clone(),
+            limits: Limits {
+                max_files: a.repo_pipelines_max_files,
+                max_file_bytes: a.repo_pipelines_max_file_bytes,
+                max_depth: a.repo_pipelines_max_depth,
+                max_pipelines: a.repo_pipelines_max_pipelines,
+            },
         },
         reporter: a.report_statuses.then(|| ReporterConfig {
             link_base_url: a.status_link_base_url.clone(),

@@ -79,6 +79,29 @@ async fn decision_for(js: &jetstream::Context, event_id: &str) -> anyhow::Result
     }
 }
 
+/// Where the repository's own pipelines came from, and what was refused.
+fn print_repo_pipelines(r: &sluice_core::run::RepoPipelinesRead) {
+    match (&r.side, &r.git_ref) {
+        (Some(side), Some(at)) => {
+            let side = match side {
+                sluice_core::repo_pipelines::Side::Head => "the event's own",
+                sluice_core::repo_pipelines::Side::Base => "the target branch's",
+            };
+            println!("repository pipelines: {side} .sluice/ at {at}");
+            println!("  why: {}", r.reason);
+            if r.pipelines.is_empty() {
+                println!("  read: none");
+            } else {
+                println!("  read: {}", r.pipelines.join(", "));
+            }
+        }
+        _ => println!("repository pipelines: not read: {}", r.reason),
+    }
+    for e in &r.errors {
+        println!("  refused: {e}");
+    }
+}
+
 async fn why(
     js: &jetstream::Context,
     event_id: &str,
@@ -120,6 +143,9 @@ async fn why(
                 r.pipeline, r.run_id, r.cluster, r.outcome
             );
         }
+    }
+    if let Some(r) = &d.repo_pipelines {
+        print_repo_pipelines(r);
     }
     println!(
         "pipelines considered: {} ({} others do not watch this repository)",

@@ -13,8 +13,11 @@ use crate::output;
 
 pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<()> {
     match command {
-        PipelinesCommand::Validate { file } => {
-            let pipelines = load(&file)?;
+        PipelinesCommand::Validate { file, dir } => {
+            if let Some(dir) = dir {
+                return validate_checkout(&dir);
+            }
+            let pipelines = load(&file.unwrap_or_default())?;
             for p in &pipelines {
                 println!("pipeline/{} is valid", p.name);
             }
@@ -167,4 +170,81 @@ fn yaml_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// `sluice pipelines validate DIR`: the checkout's `.sluice/` as the dispatcher reads
+/// it — each file on its own, the default limits — so an author sees before pushing
+/// what the `sluice/config` status and `sluice events why` would say.
+fn validate_checkout(dir: &Path) -> anyhow::Result<()> {
+    use sluice_core::repo_pipelines::{self, Limits, RepoFile, DIR};
+    let folder = if dir.file_name().is_some_and(|n| n == DIR) {
+        dir.to_owned()
+    } else {
+        dir.join(DIR)
+    };
+    if !folder.is_dir() {
+        bail!(
+            "no {DIR}/ folder in {}: repository pipelines are the files {DIR}/*.yaml and {DIR}/*.yml",
+            dir.display()
+        );
+    }
+    let limits = Limits::default();
+    let mut names = Vec::new();
+    for entry in
+        std::fs::read_dir(&folder).with_context(|| format!("cannot read {}", folder.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_file() && repo_pipelines::is_pipeline_file(&name) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    if names.is_empty() {
+        bail!("no .yaml or .yml files directly in {}", folder.display());
+    }
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    for name in names {
+        let path = format!("{DIR}/{name}");
+        let size = std::fs::metadata(folder.join(&name))?.len();
+        if size > limits.max_file_bytes as u64 {
+            errors.push(format!(
+                "{path}: the file is {size} bytes, more than the {} a repository pipeline file may have (--repo-pipelines-max-file-bytes)",
+                limits.max_file_bytes
+            ));
+            continue;
+        }
+        // Read no more than the limit allows (and one byte to tell it was more).
+        let mut text = String::new();
+        let file = std::fs::File::open(folder.join(&name))
+            .with_context(|| format!("cannot read {path}"))?;
+        match std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, limits.max_file_bytes as u64 + 1),
+            &mut text,
+        ) {
+            Ok(_) => files.push(RepoFile { path, text }),
+            Err(e) => errors.push(format!("{path}: cannot be read as UTF-8 text: {e}")),
+        }
+    }
+    // The repository's name only prefixes the pipelines' names; shown without it.
+    let parsed = repo_pipelines::parse("", &files, &limits);
+    for p in &parsed.pipelines {
+        let name = p.name.as_str();
+        println!(
+            "pipeline/{} is valid",
+            name.strip_prefix(':').unwrap_or(name)
+        );
+    }
+    errors.extend(parsed.errors.iter().map(|e| e.to_string()));
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("error: {e}");
+        }
+        bail!(
+            "{} problem(s) found: the dispatcher refuses these (failing the sluice/config status) and runs the others",
+            errors.len()
+        );
+    }
+    Ok(())
 }

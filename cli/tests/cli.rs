@@ -85,6 +85,71 @@ fn validate_reports_file_line_column_and_what_is_wrong() {
     assert_eq!(text(&out.stdout), "pipeline/app-ci is valid\n");
 }
 
+#[test]
+fn validate_checks_a_checkouts_sluice_folder_file_by_file() {
+    let checkout = tempfile::tempdir().expect("tmp");
+    let folder = checkout.path().join(".sluice");
+    std::fs::create_dir(&folder).expect("mkdir");
+    write(&folder, "app.yaml", GOOD);
+    write(
+        &folder,
+        "lint.yml",
+        "name: lint\nsteps:\n  - name: s\n    image: alpine\n    timeout: soon\n",
+    );
+    write(
+        &folder,
+        "big.yaml",
+        &format!("{GOOD}# {}\n", "x".repeat(40_000)),
+    );
+    // Not pipeline files: ignored.
+    write(&folder, "README.md", "# pipelines");
+    std::fs::create_dir(folder.join("nested")).expect("mkdir");
+    write(&folder.join("nested"), "x.yaml", "not: [valid");
+
+    for dir in [checkout.path().to_owned(), folder.clone()] {
+        let out = sluice(
+            "nats://127.0.0.1:1",
+            &["pipelines", "validate", &dir.display().to_string()],
+        );
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        // The valid file still counts, as the dispatcher would run it.
+        assert_eq!(stdout, "pipeline/app-ci is valid\n");
+        assert!(stderr.contains("error: .sluice/lint.yml:5:"), "{stderr}");
+        assert!(stderr.contains("bad duration `soon`"), "{stderr}");
+        assert!(
+            stderr.contains("error: .sluice/big.yaml: the file is")
+                && stderr.contains("--repo-pipelines-max-file-bytes"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("nested"), "{stderr}");
+        assert!(stderr.contains("2 problem(s) found"), "{stderr}");
+    }
+    std::fs::remove_file(folder.join("lint.yml")).expect("rm");
+    std::fs::remove_file(folder.join("big.yaml")).expect("rm");
+    let out = sluice(
+        "nats://127.0.0.1:1",
+        &[
+            "pipelines",
+            "validate",
+            &checkout.path().display().to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let empty = tempfile::tempdir().expect("tmp");
+    let out = sluice(
+        "nats://127.0.0.1:1",
+        &["pipelines", "validate", &empty.path().display().to_string()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no .sluice/ folder in"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn streams_apply_on_a_small_server_says_how_to_fit() {
     init_logs();

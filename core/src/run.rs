@@ -273,6 +273,30 @@ pub struct Decision {
     /// or provider.
     pub not_considered: usize,
     pub runs: Vec<PlannedRun>,
+    /// The repository's own pipelines (`.sluice/`) when the repository is opted in:
+    /// which definitions were read, where, and what was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo_pipelines: Option<RepoPipelinesRead>,
+}
+
+/// What a decision read from the repository's `.sluice/`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RepoPipelinesRead {
+    /// `head` (the event's commit) or `base` (a pull request's target branch); `None`
+    /// when nothing was read, and `reason` says why.
+    #[serde(default)]
+    pub side: Option<crate::repo_pipelines::Side>,
+    /// The commit, or branch, read.
+    #[serde(default)]
+    pub git_ref: Option<String>,
+    /// Why these definitions (or none).
+    pub reason: String,
+    /// The pipelines accepted (`<repo>:<name>`).
+    #[serde(default)]
+    pub pipelines: Vec<String>,
+    /// Files or pipelines refused: `file:line:column: message`.
+    #[serde(default)]
+    pub errors: Vec<String>,
 }
 
 /// The verdict on one pipeline.

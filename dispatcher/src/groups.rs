@@ -19,6 +19,10 @@ struct GroupState {
     group: String,
     running: Vec<Member>,
     queued: Vec<RunRequest>,
+    /// The limit the last admission applied: what a release uses when the pipeline is
+    /// not in the registry (a repository pipeline, read per event).
+    #[serde(default)]
+    max_running: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +57,7 @@ pub async fn admit(
     for _ in 0..CAS_ATTEMPTS {
         let (mut state, revision) = load(kv, &key).await?;
         state.group = group.to_owned();
+        state.max_running = conc.max_running;
         if state.running.iter().any(|m| m.run_id == req.run_id) {
             // Admitted before (a redelivery): publish again, the id deduplicates.
             return Ok(Admission::Run);
@@ -100,13 +105,15 @@ pub async fn admit(
 
 /// Frees `run_id`'s slot in `group` and publishes the queued runs that now fit.
 /// Returns the cluster of each run request this call stored (not one a retry found
-/// already stored).
+/// already stored). `max_running` is the pipeline's limit as the registry has it
+/// now, or `None` for a pipeline it does not hold (a repository pipeline): then the
+/// limit of the group's last admission.
 pub async fn release(
     bus: &Bus,
     kv: &Store,
     group: &str,
     run_id: &str,
-    max_running: Option<u32>,
+    max_running: Option<Option<u32>>,
 ) -> Result<Vec<String>> {
     let key = id_digest(group);
     let mut stored = Vec::new();
@@ -118,7 +125,9 @@ pub async fn release(
         let before = state.running.len() + state.queued.len();
         state.running.retain(|m| m.run_id != run_id);
         state.queued.retain(|q| q.run_id != run_id);
-        let limit = max_running.map_or(usize::MAX, |m| m as usize);
+        let limit = max_running
+            .unwrap_or(state.max_running)
+            .map_or(usize::MAX, |m| m as usize);
         let mut started = Vec::new();
         while state.running.len() < limit && !state.queued.is_empty() {
             let next = state.queued.remove(0);

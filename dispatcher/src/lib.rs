@@ -22,6 +22,7 @@ pub mod plan;
 pub mod recover;
 pub mod registry;
 pub mod repo_files;
+pub mod repo_pipelines;
 pub mod reporter;
 pub mod rerun;
 pub mod service;
@@ -67,6 +68,8 @@ pub struct DispatcherConfig {
     pub ack_wait: Duration,
     /// Forge API access for changed-file look-ups and commit statuses.
     pub forge: forge::ForgeConfig,
+    /// Which repositories' own `.sluice/` pipelines are read, and the limits.
+    pub repo_pipelines: repo_pipelines::RepoPipelinesConfig,
     /// Commit statuses back to the forges; off when `None`.
     pub reporter: Option<reporter::ReporterConfig>,
     /// Redeliveries of the forge deliveries that never reached `SLUICE_EVENTS`; off
@@ -90,6 +93,7 @@ impl DispatcherConfig {
             publish_timeout: PUBLISH_TIMEOUT,
             ack_wait: ACK_WAIT,
             forge: forge::ForgeConfig::default(),
+            repo_pipelines: repo_pipelines::RepoPipelinesConfig::default(),
             reporter: None,
             recover: None,
             shutdown_grace: SHUTDOWN_GRACE,
@@ -246,6 +250,21 @@ async fn run_with(
         }
         None => None,
     };
+    let repo_pipelines = if config.repo_pipelines.repos.is_empty() {
+        None
+    } else {
+        let cache = streams::bucket(&bus.js, subjects::REPO_FILES_BUCKET).await?;
+        let reports = match &config.reporter {
+            Some(_) => Some(streams::bucket(&bus.js, subjects::REPORTS_BUCKET).await?),
+            None => None,
+        };
+        Some(Arc::new(repo_pipelines::RepoPipelines::new(
+            config.repo_pipelines.clone(),
+            &config.forge,
+            Some(cache),
+            reports,
+        )?))
+    };
     let ctx = Arc::new(service::Context {
         bus,
         registry,
@@ -255,6 +274,7 @@ async fn run_with(
         ack_wait: config.ack_wait,
         changed_files,
         liveness,
+        repo_pipelines,
         metrics: config.metrics.clone(),
         hand_back: CancellationToken::new(),
     });

@@ -30,6 +30,18 @@ pub fn evaluate(
     cel: &CelEvent<'_>,
     files_note: Option<&str>,
 ) -> Evaluation {
+    evaluate_with(index, &[], event, cel, files_note)
+}
+
+/// [`evaluate`] with the event repository's own pipelines (`.sluice/`) considered
+/// after the applied ones that watch it.
+pub fn evaluate_with(
+    index: &Index,
+    repo_pipelines: &[Arc<Pipeline>],
+    event: &Event,
+    cel: &CelEvent<'_>,
+    files_note: Option<&str>,
+) -> Evaluation {
     // A manual event may name its pipeline: it runs whatever its triggers say.
     if let Some(name) = &event.pipeline {
         let (decisions, matched) = match index.get(name) {
@@ -62,7 +74,8 @@ pub fn evaluate(
     }
 
     let repo = event.repo.as_deref().unwrap_or("").to_ascii_lowercase();
-    let candidates = index.candidates(&repo);
+    let mut candidates = index.candidates(&repo);
+    candidates.extend(repo_pipelines.iter().cloned());
     let mut decisions = Vec::with_capacity(candidates.len());
     let mut matched = Vec::new();
     for pipeline in &candidates {
@@ -92,7 +105,7 @@ pub fn evaluate(
             note: None,
         });
     }
-    let not_considered = index.len() - decisions.len();
+    let not_considered = (index.len() + repo_pipelines.len()).saturating_sub(decisions.len());
     Evaluation {
         decisions,
         matched,

@@ -67,6 +67,48 @@ struct Wanted {
     run_id: String,
     state: RunState,
     description: String,
+    /// Where the status links, under the link base, instead of the run's page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    link_path: Option<String>,
+}
+
+/// The context of the status that reports a repository's `.sluice/` files refused.
+pub const CONFIG_CONTEXT: &str = "config";
+
+/// Queues a failed `sluice/config` status on `sha`: the `.sluice/` files read there
+/// were refused in part (`problems`, the first one in the description), linking to the
+/// event's decision. Sent by the reporter like run statuses, within the same budget.
+pub async fn queue_config_failure(
+    reports: &Store,
+    provider: Provider,
+    repo: &str,
+    sha: &str,
+    event_id: &str,
+    problems: &[String],
+) -> Result<()> {
+    let first = problems.first().map(String::as_str).unwrap_or_default();
+    let description = match problems.len() {
+        0 | 1 => first.to_owned(),
+        n => format!("{n} problems; {first}"),
+    };
+    let key = format!(
+        "config-{}",
+        sluice_core::run::id_digest(&format!("{provider}:{repo}:{sha}"))
+    );
+    queue(
+        reports,
+        &Wanted {
+            provider,
+            repo: repo.to_owned(),
+            sha: sha.to_owned(),
+            pipeline: CONFIG_CONTEXT.into(),
+            run_id: key,
+            state: RunState::Failed,
+            description: description.chars().take(140).collect(),
+            link_path: Some(format!("/events/{event_id}")),
+        },
+    )
+    .await
 }
 
 pub const CONSUMER: &str = subjects::REPORTER_CONSUMER;
@@ -181,6 +223,7 @@ fn wanted(payload: &[u8]) -> Option<Wanted> {
         state: u.state,
         // The forges cap descriptions (GitHub: 140 characters).
         description: description.chars().take(140).collect(),
+        link_path: None,
     })
 }
 
@@ -352,7 +395,10 @@ impl Sender {
     }
 
     async fn try_send(&self, w: &Wanted) -> Sent {
-        let link = format!("{}/runs/{}", self.link_base_url, w.run_id);
+        let link = match &w.link_path {
+            Some(path) => format!("{}{path}", self.link_base_url),
+            None => format!("{}/runs/{}", self.link_base_url, w.run_id),
+        };
         let context = format!("sluice/{}", w.pipeline);
         match w.provider {
             Provider::Github => {

@@ -40,6 +40,8 @@ pub struct Context {
     pub ack_wait: Duration,
     pub changed_files: ChangedFiles,
     pub liveness: Arc<crate::liveness::Liveness>,
+    /// Repositories' own pipelines; `None` unless `--repo-pipelines` names some.
+    pub repo_pipelines: Option<Arc<crate::repo_pipelines::RepoPipelines>>,
     pub metrics: crate::metrics::Metrics,
     /// Tripped when the shutdown grace period ends: messages still in hand are handed
     /// back instead of finished.
@@ -230,9 +232,14 @@ pub struct Dispatched {
 /// Matches, plans and publishes the runs of one event, then its decision.
 pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
     let index = ctx.registry.current();
+    let from_repo = match &ctx.repo_pipelines {
+        Some(r) => r.load(event).await?,
+        None => None,
+    };
+    let repo_pipelines = from_repo.as_ref().map_or(&[][..], |l| &l.pipelines[..]);
     let mut files_note = None;
     let mut with_files = None;
-    if needs_changed_files(&index, event) {
+    if needs_changed_files(&index, repo_pipelines, event) {
         match ctx.changed_files.pull_request(event).await {
             Ok(list) => {
                 let mut e = event.clone();
@@ -250,7 +257,8 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
     // CEL evaluation is synchronous; finish it before the first await.
     let (evaluation, planned): (matcher::Evaluation, Vec<(Arc<Pipeline>, RunRequest)>) = {
         let cel = CelEvent::new(event);
-        let evaluation = matcher::evaluate(&index, event, &cel, files_note.as_deref());
+        let evaluation =
+            matcher::evaluate_with(&index, repo_pipelines, event, &cel, files_note.as_deref());
         let planned = evaluation
             .matched
             .iter()
@@ -331,6 +339,7 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
             pipelines: evaluation.decisions,
             not_considered: evaluation.not_considered,
             runs,
+            repo_pipelines: from_repo.map(|l| l.record),
         })
         .await?;
     if let Some((parent, why)) = unstarted_child(event, &decision_runs) {
@@ -369,7 +378,11 @@ fn unstarted_child<'e>(
 
 /// A pull request event without changed files, and a candidate pipeline that filters
 /// on paths: worth asking the forge.
-fn needs_changed_files(index: &crate::registry::Index, event: &Event) -> bool {
+fn needs_changed_files(
+    index: &crate::registry::Index,
+    repo_pipelines: &[Arc<Pipeline>],
+    event: &Event,
+) -> bool {
     use sluice_core::envelope::kind;
     if event.changed_files.is_some()
         || event.pr.is_none()
@@ -382,6 +395,7 @@ fn needs_changed_files(index: &crate::registry::Index, event: &Event) -> bool {
     index
         .candidates(&repo)
         .iter()
+        .chain(repo_pipelines)
         .any(|p| p.triggers.iter().any(|t| !t.paths.is_empty()))
 }
 
@@ -450,8 +464,7 @@ async fn release_slot(ctx: &Context, payload: &[u8]) -> Result<()> {
         .registry
         .current()
         .get(&update.pipeline)
-        .and_then(|p| p.concurrency.as_ref())
-        .and_then(|c| c.max_running);
+        .map(|p| p.concurrency.as_ref().and_then(|c| c.max_running));
     let started =
         groups::release(&ctx.bus, &ctx.groups, group, &update.run_id, max_running).await?;
     for cluster in started {

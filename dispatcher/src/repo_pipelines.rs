@@ -1,0 +1,172 @@
+//! Repository pipelines at dispatch time: whether an event's repository is read at all
+//! (`--repo-pipelines`, none by default), whose definitions it runs (core's trust
+//! rule), and the pipelines read from its `.sluice/` through [`RepoFiles`].
+//!
+//! A repository pipeline is considered only for events of its own repository, beside
+//! the applied pipelines that watch it; it is named `<repo>:<name>`, so it can never
+//! shadow an applied one.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::kv::Store;
+use sluice_core::pipeline::{passes, Glob, Pipeline};
+use sluice_core::repo_pipelines::{self, Limits, Side};
+use sluice_core::run::RepoPipelinesRead;
+use sluice_core::Event;
+
+use crate::forge::ForgeConfig;
+use crate::repo_files::RepoFiles;
+use crate::reporter;
+use crate::Result;
+
+/// Which repositories' `.sluice/` the dispatcher reads, and the limits on what it reads.
+#[derive(Debug, Clone, Default)]
+pub struct RepoPipelinesConfig {
+    /// Repository globs (`acme/*`, `!acme/secret`); none reads nothing.
+    pub repos: Vec<Glob>,
+    pub limits: Limits,
+}
+
+impl RepoPipelinesConfig {
+    /// True when `repo`'s pipelines are read: a glob includes it and none excludes it.
+    pub fn opted_in(&self, repo: &str) -> bool {
+        opted_in(&self.repos, repo)
+    }
+}
+
+/// True when the globs include `repo` (compared in lower case, like triggers) and none
+/// excludes it. No globs: no repository.
+pub fn opted_in(globs: &[Glob], repo: &str) -> bool {
+    globs.iter().any(|g| !g.is_negated()) && passes(globs, &repo.to_ascii_lowercase())
+}
+
+/// An event's repository pipelines and the record of where they came from.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub pipelines: Vec<Arc<Pipeline>>,
+    pub record: RepoPipelinesRead,
+}
+
+/// Reads repositories' pipelines for events.
+#[derive(Debug)]
+pub struct RepoPipelines {
+    config: RepoPipelinesConfig,
+    files: RepoFiles,
+    /// `SLUICE_REPORTS`, with `--report-statuses`: refused files fail `sluice/config`.
+    reports: Option<Store>,
+}
+
+impl RepoPipelines {
+    /// `cache` is the `SLUICE_REPO_FILES` bucket the replicas share; `reports` the
+    /// reporter's `SLUICE_REPORTS` when commit statuses are sent.
+    pub fn new(
+        config: RepoPipelinesConfig,
+        forge: &ForgeConfig,
+        cache: Option<Store>,
+        reports: Option<Store>,
+    ) -> Result<Self> {
+        let files = RepoFiles::new(forge, cache, config.limits)?;
+        Ok(RepoPipelines {
+            config,
+            files,
+            reports,
+        })
+    }
+
+    /// Forge requests made so far.
+    pub fn requests(&self) -> u64 {
+        self.files.requests()
+    }
+
+    /// The repository pipelines `event` runs, or `None` when its repository is not
+    /// opted in (then nothing is read). A forge error is returned, for the event to be
+    /// retried and dead-lettered with the reason once its attempts are spent; files
+    /// that do not parse are in the record, and the others still count.
+    pub async fn load(&self, event: &Event) -> Result<Option<Loaded>> {
+        let Some(repo) = event.repo.as_deref() else {
+            return Ok(None);
+        };
+        if !self.config.opted_in(repo) {
+            return Ok(None);
+        }
+        let source = match repo_pipelines::source(event, None) {
+            Ok(source) => source,
+            Err(reason) => {
+                return Ok(Some(Loaded {
+                    pipelines: Vec::new(),
+                    record: RepoPipelinesRead {
+                        reason,
+                        ..RepoPipelinesRead::default()
+                    },
+                }))
+            }
+        };
+        let listing = self
+            .files
+            .read(event.provider, repo, &source.git_ref)
+            .await?;
+        let parsed = repo_pipelines::parse(repo, &listing.files, &self.config.limits);
+        let mut errors: Vec<String> = listing
+            .refused
+            .iter()
+            .map(|(path, why)| format!("{path}: {why}"))
+            .collect();
+        errors.extend(parsed.errors.iter().map(|e| e.to_string()));
+        if !errors.is_empty() {
+            tracing::warn!(event_id = %event.id, repo, git_ref = %source.git_ref, problems = errors.len(), "repository pipelines refused in part");
+            // On the author's own commit only: a base branch's errors are not theirs
+            // to fix, and the decision records them either way.
+            if let (Some(reports), Side::Head) = (&self.reports, &source.side) {
+                reporter::queue_config_failure(
+                    reports,
+                    event.provider,
+                    repo,
+                    &source.git_ref,
+                    &event.id,
+                    &errors,
+                )
+                .await?;
+            }
+        }
+        Ok(Some(Loaded {
+            record: RepoPipelinesRead {
+                side: Some(source.side),
+                git_ref: Some(source.git_ref),
+                reason: source.reason,
+                pipelines: parsed
+                    .pipelines
+                    .iter()
+                    .map(|p| p.name.to_string())
+                    .collect(),
+                errors,
+            },
+            pipelines: parsed.pipelines.into_iter().map(Arc::new).collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn globs(list: &[&str]) -> Vec<Glob> {
+        list.iter().map(|g| Glob::parse(g).unwrap()).collect()
+    }
+
+    #[test]
+    fn no_globs_read_no_repository() {
+        assert!(!opted_in(&[], "acme/app"));
+        // Exclusions alone include nothing.
+        assert!(!opted_in(&globs(&["!acme/secret"]), "acme/app"));
+    }
+
+    #[test]
+    fn globs_include_and_exclude_in_lower_case() {
+        let g = globs(&["acme/*", "!acme/secret"]);
+        assert!(opted_in(&g, "acme/app"));
+        assert!(opted_in(&g, "Acme/App"));
+        assert!(!opted_in(&g, "acme/secret"));
+        assert!(!opted_in(&g, "other/app"));
+        assert!(opted_in(&globs(&["**"]), "group/sub/project"));
+    }
+}
