@@ -41,8 +41,8 @@ pub struct Listing {
     /// Files read, in path order (`RepoFile.path` is the repository path, e.g.
     /// `.sluice/build.yaml`).
     pub files: Vec<RepoFile>,
-    /// Files seen but not read, with why: `(path, reason)`. Reasons name the flag
-    /// that sets the limit.
+    /// Files seen but not read, with why, in path order: `(path, reason)`. Reasons
+    /// name the flag that sets the limit.
     pub refused: Vec<(String, String)>,
 }
 
@@ -245,7 +245,7 @@ impl RepoFiles {
 
     /// Reads the forge, uncached.
     async fn fetch(&self, provider: Provider, repo: &str, git_ref: &str) -> Result<Listing> {
-        match provider {
+        let mut listing = match provider {
             Provider::Github => self.github(repo, git_ref).await,
             Provider::Gitlab => self.gitlab(repo, git_ref).await,
             other => Err(Error::RepoFiles {
@@ -253,7 +253,9 @@ impl RepoFiles {
                 reason: format!("{other} events have no repository to read"),
                 retryable: false,
             }),
-        }
+        }?;
+        listing.refused.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(listing)
     }
 
     /// Counts one request and bounds it, body included, by the forge timeout.

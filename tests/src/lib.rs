@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod deliveries;
 pub mod dispatcher;
+pub mod forge_files;
 pub mod gitlab_hooks;
 pub mod ingest;
 pub mod kubeapi;

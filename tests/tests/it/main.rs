@@ -19,6 +19,7 @@ mod ingest_store_refusals;
 mod nats_permissions;
 mod recover_deliveries;
 mod recover_gitlab;
+mod repo_files;
 mod reporter;
 mod runner_kubernetes;
 mod runner_local;
