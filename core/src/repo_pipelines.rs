@@ -143,6 +143,26 @@ pub fn parse(repo: &str, files: &[RepoFile], limits: &Limits) -> Parsed {
     out
 }
 
+/// What the dispatcher last read from one repository's `.sluice/`, kept in
+/// `SLUICE_REPO_FILES` under [`crate::subjects::repo_last_read_key`] (for as long as the
+/// bucket keeps entries) for `sluice pipelines list` and the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRead {
+    pub provider: Provider,
+    pub repo: String,
+    pub side: Side,
+    /// The commit (or branch) read.
+    pub git_ref: String,
+    /// The event it was read for.
+    pub event_id: String,
+    /// Pipelines accepted (`<repo>:<name>`).
+    pub pipelines: Vec<String>,
+    /// Files or pipelines refused.
+    pub errors: usize,
+    #[serde(with = "time::serde::rfc3339")]
+    pub read_at: time::OffsetDateTime,
+}
+
 // === Trust ===
 
 /// The associations a forge reports for people with write access: their pull
@@ -150,7 +170,7 @@ pub fn parse(repo: &str, files: &[RepoFile], limits: &Limits) -> Parsed {
 pub const TRUSTED_ASSOCIATIONS: [&str; 3] = ["OWNER", "MEMBER", "COLLABORATOR"];
 
 /// Whose `.sluice/` an event runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Side {
     /// The event's own commit: a push, or a trusted author's pull request.

@@ -168,6 +168,19 @@ pub fn repo_files_key(provider: &str, repo: &str, git_ref: &str) -> String {
     hex::encode(Sha256::digest(format!("{provider}:{repo}:{git_ref}")))
 }
 
+/// Prefix of the keys in [`REPO_FILES_BUCKET`] that record what was last read from
+/// each repository ([`crate::repo_pipelines::LastRead`]), beside the listings.
+pub const REPO_LAST_READ_PREFIX: &str = "last.";
+
+/// The key of a repository's [`crate::repo_pipelines::LastRead`].
+pub fn repo_last_read_key(provider: &str, repo: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!(
+        "{REPO_LAST_READ_PREFIX}{}",
+        hex::encode(Sha256::digest(format!("{provider}:{repo}")))
+    )
+}
+
 /// `(cluster, runner id)` of a [`runner_key`].
 pub fn parse_runner_key(key: &str) -> Option<(&str, &str)> {
     key.split_once('.')

@@ -12,7 +12,7 @@ use async_nats::jetstream::kv::Store;
 use sluice_core::pipeline::{passes, Glob, Pipeline};
 use sluice_core::repo_pipelines::{self, Limits, Side};
 use sluice_core::run::RepoPipelinesRead;
-use sluice_core::Event;
+use sluice_core::{subjects, Event};
 
 use crate::forge::ForgeConfig;
 use crate::repo_files::RepoFiles;
@@ -54,6 +54,8 @@ pub struct RepoPipelines {
     files: RepoFiles,
     /// `SLUICE_REPORTS`, with `--report-statuses`: refused files fail `sluice/config`.
     reports: Option<Store>,
+    /// `SLUICE_REPO_FILES`, where what was last read from each repository is noted.
+    last_read: Option<Store>,
 }
 
 impl RepoPipelines {
@@ -65,11 +67,12 @@ impl RepoPipelines {
         cache: Option<Store>,
         reports: Option<Store>,
     ) -> Result<Self> {
-        let files = RepoFiles::new(forge, cache, config.limits)?;
+        let files = RepoFiles::new(forge, cache.clone(), config.limits)?;
         Ok(RepoPipelines {
             config,
             files,
             reports,
+            last_read: cache,
         })
     }
 
@@ -112,6 +115,8 @@ impl RepoPipelines {
             .map(|(path, why)| format!("{path}: {why}"))
             .collect();
         errors.extend(parsed.errors.iter().map(|e| e.to_string()));
+        self.record_last_read(event, &source, &parsed.pipelines, errors.len())
+            .await;
         if !errors.is_empty() {
             tracing::warn!(event_id = %event.id, repo, git_ref = %source.git_ref, problems = errors.len(), "repository pipelines refused in part");
             // On the author's own commit only: a base branch's errors are not theirs
@@ -142,6 +147,44 @@ impl RepoPipelines {
             },
             pipelines: parsed.pipelines.into_iter().map(Arc::new).collect(),
         }))
+    }
+}
+
+impl RepoPipelines {
+    /// Notes what was read, for `sluice pipelines list`; best effort (a failure is
+    /// logged: the decision holds the same record).
+    async fn record_last_read(
+        &self,
+        event: &Event,
+        source: &repo_pipelines::Source,
+        pipelines: &[Pipeline],
+        errors: usize,
+    ) {
+        let (Some(cache), Some(repo)) = (&self.last_read, event.repo.as_deref()) else {
+            return;
+        };
+        let record = repo_pipelines::LastRead {
+            provider: event.provider,
+            repo: repo.to_owned(),
+            side: source.side,
+            git_ref: source.git_ref.clone(),
+            event_id: event.id.clone(),
+            pipelines: pipelines.iter().map(|p| p.name.to_string()).collect(),
+            errors,
+            read_at: time::OffsetDateTime::now_utc(),
+        };
+        let key = subjects::repo_last_read_key(event.provider.as_str(), repo);
+        let put = match serde_json::to_vec(&record) {
+            Ok(value) => cache
+                .put(&key, value.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = put {
+            tracing::warn!(repo, error = %e, "cannot record the repository pipelines read");
+        }
     }
 }
 
