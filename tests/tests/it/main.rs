@@ -20,6 +20,7 @@ mod nats_permissions;
 mod recover_deliveries;
 mod recover_gitlab;
 mod repo_files;
+mod repo_pipelines;
 mod reporter;
 mod runner_kubernetes;
 mod runner_local;
