@@ -272,7 +272,10 @@ impl RepoFiles {
         let Some(github) = &self.github else {
             return Err(crate::github::NO_CREDENTIALS);
         };
-        let client = github.client(repo).await?;
+        // With an App, the installation is looked up once per owner.
+        let client = tokio::time::timeout(self.timeout, github.client(repo))
+            .await
+            .map_err(|_| Error::ForgeTimeout(self.timeout))??;
         let get = |path: String, accept: &'static str, cap: usize| {
             let client = client.clone();
             async move {
@@ -297,7 +300,7 @@ impl RepoFiles {
                     .await;
                 Ok(Ok(match body {
                     Ok(body) => Some(body.to_bytes()),
-                    // Over the cap, or cut off: either way no whole body.
+                    // Over the cap: reading stopped there.
                     Err(e) if e.is::<http_body_util::LengthLimitError>() => None,
                     Err(e) => {
                         return Err(Error::ForgeAnswer {
@@ -321,15 +324,16 @@ impl RepoFiles {
             Err(Refusal::NotFound) => return Ok(Listing::default()),
             Err(Refusal::Error(e)) => return Err(e),
         };
-        let entries: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| Error::ForgeAnswer {
-                what: "GitHub contents listing",
-                source: e.into(),
-            })?;
-        // An object, not a list: `.sluice` is a file, not a folder.
-        let Ok(entries) = serde_json::from_value::<Vec<GitHubEntry>>(entries) else {
-            return Ok(Listing::default());
+        let unreadable = |e: serde_json::Error| Error::ForgeAnswer {
+            what: "GitHub contents listing",
+            source: e.into(),
         };
+        let entries: serde_json::Value = serde_json::from_slice(&body).map_err(unreadable)?;
+        if !entries.is_array() {
+            // An object, not a list: `.sluice` is a file (or a link), not a folder.
+            return Ok(Listing::default());
+        }
+        let entries: Vec<GitHubEntry> = serde_json::from_value(entries).map_err(unreadable)?;
         let entries = entries
             .into_iter()
             .filter(|e| e.kind == "file")
