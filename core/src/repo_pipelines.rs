@@ -265,6 +265,80 @@ pub fn source(event: &Event, trusted_author: Option<bool>) -> Result<Source, Str
     }
 }
 
+// === Approval ===
+
+/// The comment by which a trusted user runs a pull request's proposed definitions.
+pub const OK_TO_TEST: &str = "/ok-to-test";
+
+/// What an `/ok-to-test` comment asks: `None` for any other event; the pull request's
+/// number when its author may approve; why not otherwise.
+pub fn ok_to_test(event: &Event) -> Option<Result<u64, String>> {
+    let first = event.comment.as_deref()?.split_whitespace().next()?;
+    if event.kind != kind::COMMENT || first != OK_TO_TEST {
+        return None;
+    }
+    let pr = event.pr?;
+    if event.provider != Provider::Github {
+        return Some(Err(format!(
+            "{OK_TO_TEST} is accepted on GitHub only: GitLab comments carry no author association"
+        )));
+    }
+    let association = event.actor_association.as_deref().unwrap_or("");
+    if TRUSTED_ASSOCIATIONS
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(association))
+    {
+        Some(Ok(pr))
+    } else {
+        Some(Err(format!(
+            "{} is {}: only an owner, member or collaborator's {OK_TO_TEST} runs a pull request's proposed definitions",
+            event.actor.as_deref().unwrap_or("the commenter"),
+            association_shown(association, None)
+        )))
+    }
+}
+
+/// A pull request's head as the forge reports it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullHead {
+    pub sha: String,
+    pub git_ref: Option<String>,
+    pub from_fork: bool,
+    pub base_sha: Option<String>,
+    pub base_ref: Option<String>,
+}
+
+/// The event an approved `/ok-to-test` runs the proposed definitions for: the pull
+/// request's head commit, as a `pull_request` `synchronize` by the approver. Its id is
+/// derived from the repository, pull request and head commit, so the runs' ids are
+/// too: a second approval of the same commit stores nothing new (the run requests are
+/// duplicates), and a new push needs a new approval.
+pub fn approved_event(comment: &Event, head: &PullHead) -> Event {
+    let mut e = comment.clone();
+    let repo = comment.repo.as_deref().unwrap_or_default();
+    let pr = comment.pr.unwrap_or_default();
+    e.id = format!(
+        "{}:ok-to-test:{}",
+        comment.provider,
+        crate::run::id_digest(&format!("{repo}#{pr}@{}", head.sha))
+    );
+    e.kind = kind::PULL_REQUEST.into();
+    e.action = Some("synchronize".into());
+    e.sha = Some(head.sha.clone());
+    e.git_ref = head
+        .git_ref
+        .clone()
+        .or_else(|| Some(format!("refs/pull/{pr}/head")));
+    e.base_sha = head.base_sha.clone();
+    e.base_ref = head.base_ref.clone().or(e.base_ref);
+    e.from_fork = Some(head.from_fork);
+    e.comment = None;
+    e.changed_files = None;
+    e.changed_files_complete = false;
+    e.attempt = 0;
+    e
+}
+
 fn association_shown(association: &str, trusted_author: Option<bool>) -> String {
     match (association, trusted_author) {
         ("", Some(true)) => "a project member".into(),
@@ -432,6 +506,69 @@ mod tests {
         e.actor_association = None;
         assert_eq!(source(&e, Some(true)).unwrap().side, Side::Head);
         assert_eq!(source(&e, None).unwrap().side, Side::Base);
+    }
+
+    fn comment(body: &str, association: &str) -> Event {
+        let mut e = Event::new(Provider::Github, "c1", kind::COMMENT);
+        e.repo = Some("acme/app".into());
+        e.pr = Some(7);
+        e.actor = Some("alice".into());
+        e.comment = Some(body.into());
+        e.actor_association = Some(association.into());
+        e
+    }
+
+    #[test]
+    fn only_a_trusted_ok_to_test_on_a_pull_request_approves() {
+        assert_eq!(ok_to_test(&comment("/ok-to-test", "MEMBER")), Some(Ok(7)));
+        assert_eq!(
+            ok_to_test(&comment("/ok-to-test please", "owner")),
+            Some(Ok(7))
+        );
+        let refused = ok_to_test(&comment("/ok-to-test", "CONTRIBUTOR"))
+            .unwrap()
+            .unwrap_err();
+        assert!(refused.contains("alice is contributor"), "{refused}");
+        assert_eq!(ok_to_test(&comment("/retest", "MEMBER")), None);
+        assert_eq!(ok_to_test(&comment("lgtm /ok-to-test", "MEMBER")), None);
+        let mut issue = comment("/ok-to-test", "MEMBER");
+        issue.pr = None;
+        assert_eq!(ok_to_test(&issue), None);
+        let mut gitlab = comment("/ok-to-test", "MEMBER");
+        gitlab.provider = Provider::Gitlab;
+        assert!(ok_to_test(&gitlab).unwrap().is_err());
+    }
+
+    #[test]
+    fn an_approval_runs_as_the_head_commit_once_per_commit() {
+        let head = PullHead {
+            sha: "h1".into(),
+            git_ref: None,
+            from_fork: true,
+            base_sha: Some("b1".into()),
+            base_ref: Some("refs/heads/main".into()),
+        };
+        let a = approved_event(&comment("/ok-to-test", "MEMBER"), &head);
+        assert_eq!(
+            (a.kind.as_str(), a.action.as_deref()),
+            ("pull_request", Some("synchronize"))
+        );
+        assert_eq!(
+            (a.sha.as_deref(), a.git_ref.as_deref()),
+            (Some("h1"), Some("refs/pull/7/head"))
+        );
+        assert_eq!(a.from_fork, Some(true));
+        assert!(a.comment.is_none());
+        // Another comment approving the same commit: the same id; a new commit: another.
+        let mut again = comment("/ok-to-test", "OWNER");
+        again.id = "github:c2".into();
+        assert_eq!(approved_event(&again, &head).id, a.id);
+        let next = PullHead {
+            sha: "h2".into(),
+            ..head
+        };
+        assert_ne!(approved_event(&again, &next).id, a.id);
+        assert!(a.id.starts_with("github:ok-to-test:"));
     }
 
     #[test]

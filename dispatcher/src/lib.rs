@@ -184,7 +184,16 @@ async fn run_with(
     let bus = Bus::new(client.clone(), config.publish_timeout);
     let mut delay = Duration::from_millis(100);
     loop {
-        match streams::prepare(&bus.js, &config.streams, needs(config.recover.is_some())).await {
+        match streams::prepare(
+            &bus.js,
+            &config.streams,
+            needs(
+                config.recover.is_some(),
+                !config.repo_pipelines.repos.is_empty(),
+            ),
+        )
+        .await
+        {
             Ok(differences) => {
                 streams::report("dispatcher", &differences);
                 break;
@@ -368,10 +377,24 @@ async fn run_with(
 const HAND_BACK_TIME: Duration = Duration::from_secs(1);
 
 /// Everything the dispatcher reads or writes: the delivery reconciler's bucket only
-/// when it runs, so that a dispatcher without it still starts against streams applied
-/// before that bucket existed.
-fn needs(recovering: bool) -> streams::Needs {
-    const WITHOUT_DELIVERIES: [&str; 5] = [
+/// when it runs, and the repository files' only when `--repo-pipelines` names some, so
+/// that a dispatcher without them still starts against streams applied before those
+/// buckets existed.
+fn needs(recovering: bool, repo_pipelines: bool) -> streams::Needs {
+    const ALWAYS: [&str; 4] = [
+        subjects::PIPELINES_BUCKET,
+        subjects::RUNNERS_BUCKET,
+        subjects::REPORTS_BUCKET,
+        subjects::GROUPS_BUCKET,
+    ];
+    const WITH_RECOVERY: [&str; 5] = [
+        subjects::PIPELINES_BUCKET,
+        subjects::RUNNERS_BUCKET,
+        subjects::REPORTS_BUCKET,
+        subjects::GROUPS_BUCKET,
+        subjects::DELIVERIES_BUCKET,
+    ];
+    const WITH_REPO_FILES: [&str; 5] = [
         subjects::PIPELINES_BUCKET,
         subjects::RUNNERS_BUCKET,
         subjects::REPORTS_BUCKET,
@@ -380,10 +403,11 @@ fn needs(recovering: bool) -> streams::Needs {
     ];
     streams::Needs {
         streams: &subjects::STREAMS,
-        buckets: if recovering {
-            &subjects::BUCKETS
-        } else {
-            &WITHOUT_DELIVERIES
+        buckets: match (recovering, repo_pipelines) {
+            (true, true) => &subjects::BUCKETS,
+            (true, false) => &WITH_RECOVERY,
+            (false, true) => &WITH_REPO_FILES,
+            (false, false) => &ALWAYS,
         },
         object_stores: &[],
     }
@@ -394,16 +418,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_reconcilers_bucket_is_needed_only_when_it_runs() {
-        let without = needs(false).buckets;
-        assert!(!without.contains(&subjects::DELIVERIES_BUCKET));
+    fn optional_buckets_are_needed_only_when_their_feature_runs() {
+        let base = needs(false, false).buckets;
+        assert!(!base.contains(&subjects::DELIVERIES_BUCKET));
+        assert!(!base.contains(&subjects::REPO_FILES_BUCKET));
         assert_eq!(
-            without.len() + 1,
+            base.len() + 2,
             subjects::BUCKETS.len(),
             "every other bucket"
         );
-        assert!(without.iter().all(|b| subjects::BUCKETS.contains(b)));
-        assert_eq!(needs(true).buckets, subjects::BUCKETS);
+        assert!(base.iter().all(|b| subjects::BUCKETS.contains(b)));
+        let recovering = needs(true, false).buckets;
+        assert!(recovering.contains(&subjects::DELIVERIES_BUCKET));
+        assert!(!recovering.contains(&subjects::REPO_FILES_BUCKET));
+        let reading = needs(false, true).buckets;
+        assert!(reading.contains(&subjects::REPO_FILES_BUCKET));
+        assert!(!reading.contains(&subjects::DELIVERIES_BUCKET));
+        assert_eq!(needs(true, true).buckets, subjects::BUCKETS);
     }
 
     #[test]

@@ -14,10 +14,13 @@ use sluice_core::repo_pipelines::{self, Limits, Side};
 use sluice_core::run::RepoPipelinesRead;
 use sluice_core::{subjects, Event};
 
+use serde::Deserialize;
+
 use crate::forge::ForgeConfig;
+use crate::github::GitHub;
 use crate::repo_files::RepoFiles;
 use crate::reporter;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Which repositories' `.sluice/` the dispatcher reads, and the limits on what it reads.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +48,9 @@ pub fn opted_in(globs: &[Glob], repo: &str) -> bool {
 pub struct Loaded {
     pub pipelines: Vec<Arc<Pipeline>>,
     pub record: RepoPipelinesRead,
+    /// For an approved `/ok-to-test`: the event the pipelines are matched and planned
+    /// against (the pull request's head commit), instead of the comment.
+    pub as_event: Option<Event>,
 }
 
 /// Reads repositories' pipelines for events.
@@ -56,6 +62,9 @@ pub struct RepoPipelines {
     reports: Option<Store>,
     /// `SLUICE_REPO_FILES`, where what was last read from each repository is noted.
     last_read: Option<Store>,
+    /// Pull request look-ups for `/ok-to-test`.
+    github: Option<GitHub>,
+    timeout: std::time::Duration,
 }
 
 impl RepoPipelines {
@@ -68,11 +77,18 @@ impl RepoPipelines {
         reports: Option<Store>,
     ) -> Result<Self> {
         let files = RepoFiles::new(forge, cache.clone(), config.limits)?;
+        let github = GitHub::new(
+            &forge.github_api_url,
+            forge.github_token.as_ref(),
+            forge.github_app.as_ref(),
+        )?;
         Ok(RepoPipelines {
             config,
             files,
             reports,
             last_read: cache,
+            github,
+            timeout: forge.timeout,
         })
     }
 
@@ -92,18 +108,51 @@ impl RepoPipelines {
         if !self.config.opted_in(repo) {
             return Ok(None);
         }
+        let not_read = |reason| {
+            Ok(Some(Loaded {
+                record: RepoPipelinesRead {
+                    reason,
+                    ..RepoPipelinesRead::default()
+                },
+                ..Loaded::default()
+            }))
+        };
+        if let Some(approval) = repo_pipelines::ok_to_test(event) {
+            let pr = match approval {
+                Ok(pr) => pr,
+                Err(reason) => return not_read(reason),
+            };
+            let head = self.pull_head(repo, pr).await?;
+            let approved = repo_pipelines::approved_event(event, &head);
+            let source = repo_pipelines::Source {
+                side: Side::Head,
+                git_ref: head.sha.clone(),
+                reason: format!(
+                    "{}'s {} approved pull request #{pr}'s proposed definitions at {}: they run as for a push to it",
+                    event.actor.as_deref().unwrap_or("a trusted user"),
+                    repo_pipelines::OK_TO_TEST,
+                    head.sha
+                ),
+            };
+            let mut loaded = self.read(event, repo, source).await?;
+            loaded.as_event = Some(approved);
+            return Ok(Some(loaded));
+        }
         let source = match repo_pipelines::source(event, None) {
             Ok(source) => source,
-            Err(reason) => {
-                return Ok(Some(Loaded {
-                    pipelines: Vec::new(),
-                    record: RepoPipelinesRead {
-                        reason,
-                        ..RepoPipelinesRead::default()
-                    },
-                }))
-            }
+            Err(reason) => return not_read(reason),
         };
+        self.read(event, repo, source).await.map(Some)
+    }
+
+    /// Reads and parses `repo`'s `.sluice/` where `source` says, noting what was read
+    /// and failing `sluice/config` on the commit when files were refused.
+    async fn read(
+        &self,
+        event: &Event,
+        repo: &str,
+        source: repo_pipelines::Source,
+    ) -> Result<Loaded> {
         let listing = self
             .files
             .read(event.provider, repo, &source.git_ref)
@@ -133,7 +182,7 @@ impl RepoPipelines {
                 .await?;
             }
         }
-        Ok(Some(Loaded {
+        Ok(Loaded {
             record: RepoPipelinesRead {
                 side: Some(source.side),
                 git_ref: Some(source.git_ref),
@@ -146,7 +195,54 @@ impl RepoPipelines {
                 errors,
             },
             pipelines: parsed.pipelines.into_iter().map(Arc::new).collect(),
-        }))
+            as_event: None,
+        })
+    }
+
+    /// The pull request's head as GitHub reports it now: an `/ok-to-test` comment
+    /// carries no head commit.
+    async fn pull_head(&self, repo: &str, pr: u64) -> Result<repo_pipelines::PullHead> {
+        #[derive(Deserialize)]
+        struct Pull {
+            head: Branch,
+            base: Branch,
+        }
+        #[derive(Deserialize)]
+        struct Branch {
+            sha: String,
+            #[serde(rename = "ref")]
+            git_ref: Option<String>,
+            repo: Option<Repo>,
+        }
+        #[derive(Deserialize)]
+        struct Repo {
+            full_name: String,
+        }
+        let Some(github) = &self.github else {
+            return Err(crate::github::NO_CREDENTIALS);
+        };
+        let ask = async {
+            let client = github.client(repo).await?;
+            client
+                .get::<Pull, _, ()>(format!("/repos/{repo}/pulls/{pr}"), None)
+                .await
+                .map_err(Error::GitHub)
+        };
+        let pull = tokio::time::timeout(self.timeout, ask)
+            .await
+            .map_err(|_| Error::ForgeTimeout(self.timeout))??;
+        let from_fork = match (&pull.head.repo, &pull.base.repo) {
+            (Some(head), Some(base)) => !head.full_name.eq_ignore_ascii_case(&base.full_name),
+            // A deleted fork.
+            _ => true,
+        };
+        Ok(repo_pipelines::PullHead {
+            sha: pull.head.sha,
+            git_ref: None,
+            from_fork,
+            base_sha: Some(pull.base.sha),
+            base_ref: pull.base.git_ref.map(|r| format!("refs/heads/{r}")),
+        })
     }
 }
 

@@ -236,7 +236,15 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
         Some(r) => r.load(event).await?,
         None => None,
     };
-    let repo_pipelines = from_repo.as_ref().map_or(&[][..], |l| &l.pipelines[..]);
+    // An approved `/ok-to-test` matches the proposed pipelines against the pull
+    // request's head, not against the comment the applied pipelines see.
+    let (repo_pipelines, approved) = match &from_repo {
+        Some(l) => match &l.as_event {
+            Some(head) => (&[][..], Some((head, &l.pipelines[..]))),
+            None => (&l.pipelines[..], None),
+        },
+        None => (&[][..], None),
+    };
     let mut files_note = None;
     let mut with_files = None;
     if needs_changed_files(&index, repo_pipelines, event) {
@@ -257,9 +265,9 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
     // CEL evaluation is synchronous; finish it before the first await.
     let (evaluation, planned): (matcher::Evaluation, Vec<(Arc<Pipeline>, RunRequest)>) = {
         let cel = CelEvent::new(event);
-        let evaluation =
+        let mut evaluation =
             matcher::evaluate_with(&index, repo_pipelines, event, &cel, files_note.as_deref());
-        let planned = evaluation
+        let mut planned: Vec<(Arc<Pipeline>, RunRequest)> = evaluation
             .matched
             .iter()
             .map(|p| {
@@ -268,6 +276,27 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
                 (p.clone(), plan::plan(p, event, &cel, cluster))
             })
             .collect();
+        if let Some((head, pipelines)) = approved {
+            let cel = CelEvent::new(head);
+            let approved = matcher::evaluate_with(
+                &crate::registry::Index::default(),
+                pipelines,
+                head,
+                &cel,
+                None,
+            );
+            for p in &approved.matched {
+                let cluster =
+                    plan::cluster(p, head, &ctx.default_cluster, |c| ctx.liveness.is_alive(c));
+                let mut req = plan::plan(p, head, &cel, cluster);
+                // Run ids come from the head commit (one run per approved commit);
+                // the runs belong to the comment's decision.
+                req.event_id = event.id.clone();
+                planned.push((p.clone(), req));
+            }
+            evaluation.decisions.extend(approved.decisions);
+            evaluation.matched.extend(approved.matched);
+        }
         (evaluation, planned)
     };
     let mut runs = Vec::with_capacity(planned.len());

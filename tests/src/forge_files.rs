@@ -2,7 +2,8 @@
 //! files through, in their wire format: GitHub's contents API (`GET
 //! /repos/:owner/:repo/contents/:path?ref=`, a folder as a list of entries, a file as
 //! raw bytes with `Accept: application/vnd.github.raw+json` or as a JSON object with
-//! base64 content without) and GitLab's repository API (`GET
+//! base64 content without), its pull requests (`GET /repos/:owner/:repo/pulls/:n`, for
+//! `/ok-to-test`) and GitLab's repository API (`GET
 //! /api/v4/projects/:id/repository/tree?path=&ref=` and `…/files/:path/raw?ref=`).
 //!
 //! Each `(repository, ref)` serves the `.sluice/` folder it was given; anything else
@@ -61,6 +62,9 @@ enum Tree {
 #[derive(Debug, Default)]
 struct Forge {
     trees: HashMap<(String, String), Tree>,
+    /// GitHub pull requests (`GET /repos/:owner/:repo/pulls/:number`) by repository
+    /// and number.
+    pulls: HashMap<(String, u64), serde_json::Value>,
     received: Vec<Received>,
     down: bool,
 }
@@ -126,6 +130,36 @@ impl ForgeFiles {
             (repo.to_owned(), git_ref.to_owned()),
             Tree::File(content.as_bytes().to_vec()),
         );
+    }
+
+    /// GitHub's pull request `number` of `repo` has its head at `head_sha` in
+    /// `head_repo` (another name: a fork) and is based on `base_sha` of `main`.
+    pub fn set_pull(
+        &self,
+        repo: &str,
+        number: u64,
+        head_sha: &str,
+        head_repo: &str,
+        base_sha: &str,
+    ) {
+        let pull = json!({
+            "url": format!("https://api.github.com/repos/{repo}/pulls/{number}"),
+            "number": number,
+            "state": "open",
+            "head": {
+                "label": format!("{}:topic", head_repo.split('/').next().unwrap_or_default()),
+                "ref": "topic",
+                "sha": head_sha,
+                "repo": {"full_name": head_repo, "fork": head_repo != repo}
+            },
+            "base": {
+                "label": format!("{}:main", repo.split('/').next().unwrap_or_default()),
+                "ref": "main",
+                "sha": base_sha,
+                "repo": {"full_name": repo, "fork": false}
+            }
+        });
+        self.lock().pulls.insert((repo.to_owned(), number), pull);
     }
 
     /// Every request answers 503 while `down`.
@@ -203,6 +237,11 @@ async fn serve(State(forge): State<ForgeFiles>, request: Request) -> Response {
             let git_ref = query.get("ref").cloned().unwrap_or_default();
             github(&state, &forge, &repo, &git_ref, &path.join("/"), raw)
         }
+        (Api::GitHub, ["repos", owner, name, "pulls", number]) => number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| state.pulls.get(&(format!("{owner}/{name}"), n)))
+            .map(json_body),
         (Api::GitLab, ["api", "v4", "projects", project, "repository", "tree"]) => {
             let git_ref = query.get("ref").cloned().unwrap_or_default();
             let path = query.get("path").cloned().unwrap_or_default();

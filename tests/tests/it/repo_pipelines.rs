@@ -176,8 +176,20 @@ async fn each_push_runs_the_definitions_at_its_commit_beside_the_applied_ones() 
     )
     .expect("json");
     assert_eq!(
-        (last.repo.as_str(), last.git_ref.as_str(), last.side, &last.pipelines[..], last.errors),
-        ("acme/app", C1, Side::Head, &["acme/app:build".to_owned()][..], 0)
+        (
+            last.repo.as_str(),
+            last.git_ref.as_str(),
+            last.side,
+            &last.pipelines[..],
+            last.errors
+        ),
+        (
+            "acme/app",
+            C1,
+            Side::Head,
+            &["acme/app:build".to_owned()][..],
+            0
+        )
     );
 
     // A push that changes the step runs the new step at once.
@@ -437,4 +449,73 @@ async fn a_forge_down_then_back_loses_nothing_and_one_that_stays_down_dead_lette
             .all(|(_, r)| r.event_id != "github:down2"),
         "nothing planned for it"
     );
+}
+
+#[tokio::test]
+async fn ok_to_test_from_a_member_runs_the_proposal_once_per_commit_and_from_a_stranger_nothing() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let forge = ForgeFiles::start().await;
+    forge.set("acme/app", BASE, &[("build.yaml", &build("make test"))]);
+    forge.set("acme/app", HEAD, &[("build.yaml", &build("make proposed"))]);
+    forge.set_pull("acme/app", 7, HEAD, "stranger/app", BASE);
+    let _d = Dispatcher::start_with(config(&nats, &forge, &["acme/app"])).await;
+    let comment = |id: &str, association: &str| {
+        let mut e = Event::new(Provider::Github, id, "comment");
+        e.action = Some("created".into());
+        e.repo = Some("acme/app".into());
+        e.pr = Some(7);
+        e.actor = Some("reviewer".into());
+        e.actor_association = Some(association.into());
+        e.comment = Some("/ok-to-test".into());
+        e
+    };
+
+    // A stranger's approval: nothing read, nothing run, the decision says why.
+    publish_event(&js, &comment("k1", "NONE")).await;
+    let read = decided(&js, "github:k1")
+        .await
+        .repo_pipelines
+        .expect("recorded");
+    assert_eq!(read.side, None);
+    assert!(read.reason.contains("reviewer is none"), "{}", read.reason);
+    assert!(forge.received().is_empty(), "{:?}", forge.targets());
+
+    // A member's: the head is looked up and its proposal runs, as a synchronize of it.
+    publish_event(&js, &comment("k2", "MEMBER")).await;
+    let runs = runs_of(&js, "github:k2", 1).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].pipeline, "acme/app:build");
+    assert_eq!(commands(&runs[0]), ["make proposed"]);
+    assert_eq!(runs[0].sha.as_deref(), Some(HEAD));
+    assert_eq!(runs[0].git_ref.as_deref(), Some("refs/pull/7/head"));
+    let read = decided(&js, "github:k2")
+        .await
+        .repo_pipelines
+        .expect("recorded");
+    assert_eq!(
+        (read.side, read.git_ref.as_deref()),
+        (Some(Side::Head), Some(HEAD))
+    );
+    assert!(
+        read.reason.contains("/ok-to-test approved pull request #7"),
+        "{}",
+        read.reason
+    );
+    assert_eq!(forge.targets()[0], "/repos/acme/app/pulls/7");
+
+    // A second approval of the same commit stores no second run.
+    publish_event(&js, &comment("k3", "OWNER")).await;
+    let d = decided(&js, "github:k3").await;
+    assert_eq!(d.runs.len(), 1);
+    assert_eq!(d.runs[0].outcome, "duplicate");
+    assert_eq!(d.runs[0].run_id, runs[0].run_id);
+    let stored = run_requests(&js)
+        .await
+        .into_iter()
+        .filter(|(_, r)| r.pipeline == "acme/app:build")
+        .count();
+    assert_eq!(stored, 1);
 }
