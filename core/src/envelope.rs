@@ -116,6 +116,10 @@ pub struct Event {
     /// The forge's word on the actor's relation to the repository (`OWNER`, `MEMBER`,
     /// `COLLABORATOR`, …) when the payload carries it.
     pub actor_association: Option<String>,
+    /// The forge's numeric user id of the actor, when the payload has it (GitLab: what
+    /// its members API is asked about).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_id: Option<u64>,
     /// Paths touched, when the payload lists them; `None` when it does not.
     pub changed_files: Option<Vec<String>>,
     /// False when the payload's list may be cut short (the forges cap commit lists).
@@ -172,6 +176,7 @@ impl Event {
             pr_draft: None,
             actor: None,
             actor_association: None,
+            actor_id: None,
             changed_files: None,
             changed_files_complete: false,
             comment: None,

@@ -285,6 +285,7 @@ pub struct GitlabPayload {
     after: Option<String>,
     checkout_sha: Option<String>,
     user_username: Option<String>,
+    user_id: Option<u64>,
     user: Option<GlUser>,
     project: Option<GlProject>,
     commits: Option<Vec<Commit>>,
@@ -295,6 +296,7 @@ pub struct GitlabPayload {
 
 #[derive(Debug, Deserialize)]
 struct GlUser {
+    id: Option<u64>,
     username: Option<String>,
 }
 
@@ -318,6 +320,8 @@ struct GlAttributes {
     work_in_progress: Option<bool>,
     note: Option<String>,
     noteable_type: Option<String>,
+    /// A note's author (older note hooks carry no `user.id`).
+    author_id: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -387,6 +391,8 @@ pub fn gitlab(event_name: &str, delivery: &str, p: GitlabPayload) -> Event {
         .user_username
         .clone()
         .or_else(|| p.user.as_ref().and_then(|u| u.username.clone()));
+    // Pushes name the pusher in `user_id`; merge request and note hooks in `user`.
+    e.actor_id = p.user_id.or_else(|| p.user.as_ref().and_then(|u| u.id));
 
     match event_name {
         "Push Hook" | "Tag Push Hook" => {
@@ -424,6 +430,7 @@ pub fn gitlab(event_name: &str, delivery: &str, p: GitlabPayload) -> Event {
             if let Some(a) = p.object_attributes {
                 e.comment = a.note;
                 e.action = Some("created".into());
+                e.actor_id = e.actor_id.or(a.author_id);
             }
             if let Some(mr) = p.merge_request {
                 e.pr = mr.iid;
@@ -801,6 +808,7 @@ mod tests {
             "the hook does not name the target's commit"
         );
         assert_eq!(e.base_ref.as_deref(), Some("refs/heads/master"));
+        assert_eq!(e.actor_id, Some(1), "the merge request hook's `user.id`");
 
         let mut fork = mr.clone();
         fork["object_attributes"]["source_project_id"] = 15.into();
@@ -820,6 +828,17 @@ mod tests {
         assert_eq!(e.kind, "comment");
         assert_eq!(e.from_fork, Some(false), "project 5 into project 5");
         assert_eq!(e.base_sha, None);
+        assert_eq!(
+            e.sha.as_deref(),
+            Some("562e173be03b8ff2efb05345d12df18815438a4b"),
+            "the merge request's last commit"
+        );
+        assert_eq!(e.actor_id, Some(1), "the note's `author_id`: no `user.id`");
+        let mut with_id = note.clone();
+        with_id["user"]["id"] = 9.into();
+        assert_eq!(gitlab_event("Note Hook", &with_id).actor_id, Some(9));
+        let commit_note = fixture("gitlab/comment-commit-event.json");
+        assert_eq!(gitlab_event("Note Hook", &commit_note).actor_id, Some(1));
         let mut fork = note.clone();
         fork["merge_request"]["source_project_id"] = 6.into();
         assert_eq!(gitlab_event("Note Hook", &fork).from_fork, Some(true));
@@ -831,6 +850,11 @@ mod tests {
         assert_eq!((e.base_sha, e.from_fork), (None, None));
         let e = gitlab_event("Push Hook", &fixture("gitlab/push-event.json"));
         assert_eq!((e.base_sha, e.from_fork), (None, None));
+        assert_eq!(e.actor_id, Some(4), "the push hook's `user_id`");
+        let e = gitlab_event("Tag Push Hook", &fixture("gitlab/tag-event.json"));
+        assert_eq!(e.actor_id, Some(1));
+        let e = github_event("push", &fixture("github/push.with-new-branch.json"));
+        assert_eq!(e.actor_id, None, "GitHub events leave it out");
     }
 
     #[test]
