@@ -4,9 +4,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use async_nats::jetstream;
 use futures::TryStreamExt;
 use sluice_core::pipeline::{parse_documents, Pipeline};
-use sluice_core::streams;
+use sluice_core::repo_pipelines::{LastRead, Side};
+use sluice_core::{streams, subjects};
 
 use crate::args::{Global, Output, PipelinesCommand};
 use crate::output;
@@ -48,7 +50,8 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
             Ok(())
         }
         PipelinesCommand::List { output } => {
-            let kv = bucket(global).await?;
+            let js = jetstream(global).await?;
+            let kv = streams::bucket(&js, subjects::PIPELINES_BUCKET).await?;
             let mut names: Vec<String> = kv.keys().await?.try_collect().await?;
             names.sort();
             let mut pipelines = Vec::new();
@@ -59,12 +62,16 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
                     }
                 }
             }
+            // The JSON and YAML shapes stay a bare list of applied pipelines: scripts
+            // read them, and repository pipelines have no definition stored here.
             if output != Output::Table {
                 let list: Vec<&Pipeline> = pipelines.iter().map(|(p, _)| p).collect();
                 return output::structured(&list, output);
             }
+            let read = last_reads(&js).await?;
             if pipelines.is_empty() {
                 println!("No pipelines. Add one with: sluice pipelines apply -f FILE");
+                print_last_reads(&read);
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = pipelines
@@ -86,6 +93,7 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
                 })
                 .collect();
             output::table(&["NAME", "TRIGGERS", "STEPS", "CLUSTER", "REVISION"], &rows);
+            print_last_reads(&read);
             Ok(())
         }
         PipelinesCommand::Get { name, output } => {
@@ -108,10 +116,131 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
     }
 }
 
-async fn bucket(global: &Global) -> anyhow::Result<async_nats::jetstream::kv::Store> {
-    let client = crate::connect(global).await?;
-    let js = async_nats::jetstream::new(client);
-    Ok(streams::bucket(&js, sluice_core::subjects::PIPELINES_BUCKET).await?)
+async fn jetstream(global: &Global) -> anyhow::Result<jetstream::Context> {
+    Ok(jetstream::new(crate::connect(global).await?))
+}
+
+async fn bucket(global: &Global) -> anyhow::Result<jetstream::kv::Store> {
+    let js = jetstream(global).await?;
+    Ok(streams::bucket(&js, subjects::PIPELINES_BUCKET).await?)
+}
+
+// === Repository pipelines read ===
+
+/// What the dispatchers last read from each repository's `.sluice/`, by provider and
+/// repository; none when the bucket is missing (an install from before repository
+/// pipelines).
+async fn last_reads(js: &jetstream::Context) -> anyhow::Result<Vec<LastRead>> {
+    let kv = match js.get_key_value(subjects::REPO_FILES_BUCKET).await {
+        Ok(kv) => kv,
+        Err(e) if bucket_missing(&e) => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening bucket {}", subjects::REPO_FILES_BUCKET))
+        }
+    };
+    // The other keys are cached listings of commits, which this does not show.
+    let mut keys: Vec<String> = kv
+        .keys()
+        .await
+        .with_context(|| format!("listing bucket {}", subjects::REPO_FILES_BUCKET))?
+        .try_filter(|k| futures::future::ready(k.starts_with(subjects::REPO_LAST_READ_PREFIX)))
+        .try_collect()
+        .await?;
+    keys.sort();
+    let mut read = Vec::new();
+    for key in keys {
+        // Gone since the listing (its hour is up): nothing to show.
+        let Some(value) = kv
+            .get(&key)
+            .await
+            .with_context(|| format!("reading {key}"))?
+        else {
+            continue;
+        };
+        match serde_json::from_slice::<LastRead>(&value) {
+            Ok(r) => read.push(r),
+            Err(e) => eprintln!(
+                "warning: {} {key} is not a repository read record ({e})",
+                subjects::REPO_FILES_BUCKET
+            ),
+        }
+    }
+    read.sort_by(|a, b| (a.provider.as_str(), &a.repo).cmp(&(b.provider.as_str(), &b.repo)));
+    Ok(read)
+}
+
+/// JetStream answered that the bucket's stream does not exist; any other failure (a
+/// timeout, a refused permission) is not taken for an old install.
+fn bucket_missing(e: &jetstream::context::KeyValueError) -> bool {
+    use jetstream::context::{GetStreamError, GetStreamErrorKind, KeyValueErrorKind};
+    e.kind() == KeyValueErrorKind::GetBucket
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<GetStreamError>())
+            .is_some_and(|s| {
+                matches!(s.kind(), GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+            })
+}
+
+fn print_last_reads(read: &[LastRead]) {
+    if read.is_empty() {
+        return;
+    }
+    println!();
+    println!("Repository pipelines (read in the last hour):");
+    let mut rows = Vec::new();
+    for r in read {
+        let definitions = match r.side {
+            Side::Head => "head",
+            Side::Base => "base",
+        };
+        let commit = short_commit(&r.git_ref);
+        let at = r
+            .read_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        // A repository with nothing accepted still gets a row: its refusals are below.
+        let names = if r.pipelines.is_empty() {
+            vec!["(none)".to_owned()]
+        } else {
+            r.pipelines.clone()
+        };
+        for name in names {
+            rows.push(vec![
+                name,
+                r.repo.clone(),
+                definitions.to_owned(),
+                commit.clone(),
+                at.clone(),
+            ]);
+        }
+    }
+    output::table(
+        &[
+            "REPOSITORY PIPELINE",
+            "REPOSITORY",
+            "DEFINITIONS",
+            "COMMIT",
+            "READ",
+        ],
+        &rows,
+    );
+    for r in read.iter().filter(|r| r.errors > 0) {
+        println!(
+            "{}: {} file(s) or pipeline(s) refused; `sluice events why {}` lists them",
+            r.repo, r.errors, r.event_id
+        );
+    }
+}
+
+/// A commit SHA cut to 12 characters, as `git log --oneline` shows it; a branch whole.
+fn short_commit(git_ref: &str) -> String {
+    if git_ref.len() == 40 && git_ref.bytes().all(|b| b.is_ascii_hexdigit()) {
+        git_ref[..12].to_owned()
+    } else {
+        git_ref.to_owned()
+    }
 }
 
 /// Reads and validates every pipeline in a file or folder; any error refuses all.

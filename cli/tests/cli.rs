@@ -293,6 +293,112 @@ async fn apply_is_all_or_nothing_and_the_registry_round_trips() {
     );
 }
 
+/// `sluice pipelines list` adds what the dispatchers last read from repositories'
+/// `.sluice/` (the `last.` records of SLUICE_REPO_FILES, never its cached listings), and
+/// on an install from before repository pipelines (no bucket) shows the applied ones alone.
+#[tokio::test]
+async fn pipelines_list_shows_the_repository_pipelines_read_in_the_last_hour() {
+    use sluice_core::repo_pipelines::{LastRead, Side};
+    use sluice_core::subjects::{repo_files_key, repo_last_read_key, REPO_FILES_BUCKET};
+    init_logs();
+    let nats = NatsServer::start().await;
+    let url = nats.url();
+    let js = jetstream(&url).await;
+    let bucket_config = |name: &str| {
+        sluice_core::streams::StreamSettings::default()
+            .buckets()
+            .into_iter()
+            .find(|b| b.bucket == name)
+            .expect("a bucket of the install")
+    };
+    // An older install: the pipelines bucket and no SLUICE_REPO_FILES.
+    js.create_key_value(bucket_config(sluice_core::subjects::PIPELINES_BUCKET))
+        .await
+        .expect("pipelines bucket");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = write(dir.path(), "app.yaml", GOOD);
+    let out = sluice(&url, &["pipelines", "apply", "-f", &file]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let applied = "NAME    TRIGGERS  STEPS  CLUSTER    REVISION\n\
+                   app-ci  1         1      (default)  1\n";
+    let out = sluice(&url, &["pipelines", "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), applied);
+    assert_eq!(text(&out.stderr), "");
+
+    js.create_key_value(bucket_config(REPO_FILES_BUCKET))
+        .await
+        .expect("repository files bucket");
+    let kv = sluice_core::streams::bucket(&js, REPO_FILES_BUCKET)
+        .await
+        .expect("bucket");
+    let sha = "9f1c2b3a4d5e6f708192a3b4c5d6e7f809112233";
+    let put = |key: String, record: LastRead| {
+        let kv = kv.clone();
+        async move {
+            kv.put(key, serde_json::to_vec(&record).expect("json").into())
+                .await
+                .expect("put");
+        }
+    };
+    let pushed = LastRead {
+        provider: Provider::Github,
+        repo: "acme/app".into(),
+        side: Side::Head,
+        git_ref: sha.into(),
+        event_id: "github:d-7".into(),
+        pipelines: vec!["acme/app:build".into(), "acme/app:lint".into()],
+        errors: 0,
+        read_at: time::macros::datetime!(2026-12-03 11:40:00 UTC),
+    };
+    put(repo_last_read_key("github", "acme/app"), pushed.clone()).await;
+    put(
+        repo_last_read_key("gitlab", "group/svc"),
+        LastRead {
+            provider: Provider::Gitlab,
+            repo: "group/svc".into(),
+            side: Side::Base,
+            git_ref: "refs/heads/main".into(),
+            event_id: "gitlab:e-2".into(),
+            pipelines: Vec::new(),
+            errors: 2,
+            read_at: time::macros::datetime!(2026-12-03 11:55:30 UTC),
+        },
+    )
+    .await;
+    // A commit's cached listing shares the bucket: even a value that would parse is not
+    // a read record.
+    put(
+        repo_files_key("github", "acme/ghost", sha),
+        LastRead {
+            repo: "acme/ghost".into(),
+            ..pushed
+        },
+    )
+    .await;
+
+    let out = sluice(&url, &["pipelines", "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "{applied}\n\
+             Repository pipelines (read in the last hour):\n\
+             REPOSITORY PIPELINE  REPOSITORY  DEFINITIONS  COMMIT           READ\n\
+             acme/app:build       acme/app    head         9f1c2b3a4d5e     2026-12-03T11:40:00Z\n\
+             acme/app:lint        acme/app    head         9f1c2b3a4d5e     2026-12-03T11:40:00Z\n\
+             (none)               group/svc   base         refs/heads/main  2026-12-03T11:55:30Z\n\
+             group/svc: 2 file(s) or pipeline(s) refused; `sluice events why gitlab:e-2` lists them\n"
+        )
+    );
+    assert_eq!(text(&out.stderr), "");
+    // Scripts keep their shape: a bare list of the applied pipelines.
+    let out = sluice(&url, &["pipelines", "list", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["name"], "app-ci");
+}
+
 #[tokio::test]
 async fn events_why_explains_each_pipeline() {
     init_logs();

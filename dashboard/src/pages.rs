@@ -384,8 +384,12 @@ fn event_info(d: &Decision) -> EventInfo {
 
 /// The forge's page of the commit, when the event's clone URL is an `https` one.
 fn commit_link(d: &Decision) -> Option<String> {
-    let sha = d.sha.as_deref()?;
-    if !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+    commit_url(d, d.sha.as_deref()?)
+}
+
+/// The forge's page of `sha` in the event's repository; none for a branch name.
+fn commit_url(d: &Decision, sha: &str) -> Option<String> {
+    if sha.is_empty() || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
         return None;
     }
     // Only an https URL may become a link: a `javascript:` one must stay text.
@@ -454,12 +458,50 @@ async fn lines(
 struct EventPage {
     d: Decision,
     decided: String,
+    repo: Option<RepoSection>,
+}
+
+/// The decision's record of the repository's `.sluice/`: every value in it (file
+/// names, messages, pipeline names) comes from the repository, so all of it is text.
+struct RepoSection {
+    /// Whose definitions: `None` when nothing was read (`reason` says why).
+    definitions: Option<&'static str>,
+    git_ref: String,
+    git_ref_link: Option<String>,
+    reason: String,
+    /// Each pipeline read and the link to its runs.
+    pipelines: Vec<(String, String)>,
+    errors: Vec<String>,
+}
+
+impl RepoSection {
+    fn new(d: &Decision) -> Option<RepoSection> {
+        use sluice_core::repo_pipelines::Side;
+        let r = d.repo_pipelines.as_ref()?;
+        let git_ref = r.git_ref.clone().unwrap_or_default();
+        Some(RepoSection {
+            definitions: r.side.map(|side| match side {
+                Side::Head => "the event's own",
+                Side::Base => "the target branch's",
+            }),
+            git_ref_link: commit_url(d, &git_ref),
+            git_ref,
+            reason: r.reason.clone(),
+            pipelines: r
+                .pipelines
+                .iter()
+                .map(|name| (name.clone(), runs_of(name)))
+                .collect(),
+            errors: r.errors.clone(),
+        })
+    }
 }
 
 async fn event(State(s): State<AppState>, Path(event_id): Path<String>) -> Result<Response> {
     match read::decision(&s.js, &event_id).await? {
         Some(d) => page(EventPage {
             decided: timestamp(d.decided_at),
+            repo: RepoSection::new(&d),
             d,
         }),
         None => not_found(format!("a decision for event {event_id}")),
@@ -472,11 +514,52 @@ async fn event(State(s): State<AppState>, Path(event_id): Path<String>) -> Resul
 #[template(path = "pipelines.html")]
 struct PipelinesPage {
     pipelines: Vec<StoredPipeline>,
+    repo_reads: Vec<RepoReadRow>,
+}
+
+/// What was last read from one repository's `.sluice/`.
+struct RepoReadRow {
+    provider: &'static str,
+    repo: String,
+    definitions: &'static str,
+    git_ref: String,
+    event_id: String,
+    pipelines: Vec<(String, String)>,
+    errors: usize,
+    read_at: String,
+}
+
+impl RepoReadRow {
+    fn new(r: &sluice_core::repo_pipelines::LastRead) -> RepoReadRow {
+        use sluice_core::repo_pipelines::Side;
+        RepoReadRow {
+            provider: r.provider.as_str(),
+            repo: r.repo.clone(),
+            definitions: match r.side {
+                Side::Head => "head",
+                Side::Base => "base",
+            },
+            git_ref: short_ref(&r.git_ref),
+            event_id: r.event_id.clone(),
+            pipelines: r
+                .pipelines
+                .iter()
+                .map(|name| (name.clone(), runs_of(name)))
+                .collect(),
+            errors: r.errors,
+            read_at: timestamp(r.read_at),
+        }
+    }
 }
 
 async fn pipelines(State(s): State<AppState>) -> Result<Response> {
     page(PipelinesPage {
         pipelines: read::pipelines(&s.js).await?,
+        repo_reads: read::last_reads(&s.js)
+            .await?
+            .iter()
+            .map(RepoReadRow::new)
+            .collect(),
     })
 }
 
@@ -556,6 +639,24 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 
 // === Formatting ===
 
+/// The run list filtered to one pipeline.
+fn runs_of(pipeline: &str) -> String {
+    let filter = RunFilter {
+        pipeline: pipeline.to_owned(),
+        ..RunFilter::default()
+    };
+    format!("/runs?{}", query_string(&filter, None))
+}
+
+/// A commit SHA cut as [`short_sha`] cuts it; a branch name (`refs/heads/…`) whole.
+fn short_ref(git_ref: &str) -> String {
+    if git_ref.chars().all(|c| c.is_ascii_hexdigit()) {
+        short_sha(Some(git_ref))
+    } else {
+        git_ref.to_owned()
+    }
+}
+
 fn short_sha(sha: Option<&str>) -> String {
     sha.map(|s| s.chars().take(12).collect())
         .unwrap_or_default()
@@ -614,6 +715,25 @@ mod tests {
         d.clone_url = Some("https://x".into());
         d.sha = Some("\"><script>".into());
         assert_eq!(commit_link(&d), None);
+    }
+
+    #[test]
+    fn a_branch_read_is_shown_whole_and_never_linked_as_a_commit() {
+        let d: Decision = serde_json::from_value(serde_json::json!({
+            "event_id": "github:1", "provider": "github", "kind": "pull_request",
+            "action": "opened", "repo": "acme/app", "ref": "refs/heads/fix",
+            "clone_url": "https://github.com/acme/app.git",
+            "decided_at": "2024-01-01T00:00:00Z", "pipelines": [], "not_considered": 0,
+            "runs": []
+        }))
+        .expect("decision");
+        assert_eq!(commit_url(&d, "refs/heads/main"), None);
+        assert_eq!(commit_url(&d, ""), None);
+        assert_eq!(short_ref("refs/heads/main"), "refs/heads/main");
+        assert_eq!(
+            short_ref("9f1c2b3a4d5e6f708192a3b4c5d6e7f809112233"),
+            "9f1c2b3a4d5e"
+        );
     }
 
     #[test]

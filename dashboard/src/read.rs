@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, stream::LastRawMessageErrorKind};
 use futures::{StreamExt, TryStreamExt};
 use sluice_core::pipeline::Pipeline;
+use sluice_core::repo_pipelines::LastRead;
 use sluice_core::run::{Decision, Heartbeat, LogChunk};
 use sluice_core::{bus, streams, subjects};
 
@@ -74,6 +75,54 @@ async fn pipeline_in(kv: &jetstream::kv::Store, key: &str) -> Result<Option<Stor
         revision: e.revision,
         pipeline: serde_json::from_slice(&e.value).ok(),
     }))
+}
+
+/// What the dispatchers last read from each repository's `.sluice/` (the `last.`
+/// records of `SLUICE_REPO_FILES`; its other keys are cached listings), by provider and
+/// repository. None on an install from before repository pipelines, without the bucket.
+pub async fn last_reads(js: &jetstream::Context) -> Result<Vec<LastRead>> {
+    let kv = match js.get_key_value(subjects::REPO_FILES_BUCKET).await {
+        Ok(kv) => kv,
+        Err(e) if bucket_missing(&e) => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(sluice_core::Error::bus("open the repository files bucket", e).into())
+        }
+    };
+    let mut keys: Vec<String> = kv
+        .keys()
+        .await
+        .map_err(|e| sluice_core::Error::bus("list the repository files bucket", e))?
+        .try_filter(|k| std::future::ready(k.starts_with(subjects::REPO_LAST_READ_PREFIX)))
+        .try_collect()
+        .await
+        .map_err(|e| sluice_core::Error::bus("list the repository files bucket", e))?;
+    keys.sort();
+    let mut out = Vec::new();
+    for key in keys {
+        let value = kv
+            .get(&key)
+            .await
+            .map_err(|e| sluice_core::Error::bus("read a repository read record", e))?;
+        // Expired since the listing, or written by another version.
+        if let Some(r) = value.and_then(|v| serde_json::from_slice::<LastRead>(&v).ok()) {
+            out.push(r);
+        }
+    }
+    out.sort_by(|a, b| (a.provider.as_str(), &a.repo).cmp(&(b.provider.as_str(), &b.repo)));
+    Ok(out)
+}
+
+/// JetStream answered that the bucket's stream does not exist; a timeout or a refused
+/// permission is an error, not an old install.
+fn bucket_missing(e: &jetstream::context::KeyValueError) -> bool {
+    use jetstream::context::{GetStreamError, GetStreamErrorKind, KeyValueErrorKind};
+    e.kind() == KeyValueErrorKind::GetBucket
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<GetStreamError>())
+            .is_some_and(|s| {
+                matches!(s.kind(), GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+            })
 }
 
 /// One cluster as `/clusters` shows it.

@@ -187,6 +187,7 @@ fn decision() -> Decision {
             cluster: "eu-1".into(),
             outcome: "published".into(),
         }],
+        repo_pipelines: None,
     }
 }
 
@@ -327,6 +328,132 @@ async fn every_page_renders_stored_data_escaped_and_with_strict_headers() {
             "a cross-site POST ({name}) is refused"
         );
     }
+    env.stop().await;
+}
+
+/// The event page's "Repository pipelines" section: whose `.sluice/` at which commit
+/// (linked to the forge), why, the pipelines read (linked to their runs) and every
+/// refusal — file names and messages from the repository, shown as text. `/pipelines`
+/// lists what was last read from each repository.
+#[tokio::test]
+async fn the_event_page_shows_the_repository_pipelines_read_and_refusals_as_text() {
+    use sluice_core::repo_pipelines::{LastRead, Side};
+    use sluice_core::run::RepoPipelinesRead;
+    let env = Env::start().await;
+    let js = &env.js;
+    let sha = "9f1c2b3a4d5e6f708192a3b4c5d6e7f809112233";
+    let refusal =
+        ".sluice/<script>alert(1)</script>.yaml:3:7: unknown field `<script>alert(1)</script>`";
+    let read = Decision {
+        event_id: "github:d-9".into(),
+        sha: Some(sha.into()),
+        repo_pipelines: Some(RepoPipelinesRead {
+            side: Some(Side::Head),
+            git_ref: Some(sha.into()),
+            reason: "a push runs the definitions it pushed".into(),
+            pipelines: vec!["acme/app:build".into()],
+            errors: vec![refusal.into()],
+        }),
+        ..decision()
+    };
+    bus::publish_json_replacing(js, subjects::decision("github:d-9"), &read)
+        .await
+        .expect("decision stored");
+    bus::publish_json_replacing(js, subjects::decision("github:d-1"), &decision())
+        .await
+        .expect("decision stored");
+
+    let (code, _, event) = env.get("/events/github:d-9").await;
+    assert_eq!(code, 200);
+    assert!(event.contains("<h2>Repository pipelines</h2>"), "{event}");
+    assert!(
+        event.contains("the event's own") || event.contains("the event&#39;s own"),
+        "{event}"
+    );
+    assert!(
+        event.contains(&format!(
+            "<a href=\"https://github.com/acme/app/commit/{sha}\" rel=\"noreferrer\"><code>{sha}</code></a>"
+        )),
+        "the commit read links to the forge: {event}"
+    );
+    assert!(
+        event.contains("a push runs the definitions it pushed"),
+        "{event}"
+    );
+    assert!(
+        event.contains("<a href=\"/runs?pipeline=acme%2Fapp%3Abuild\">acme/app:build</a>"),
+        "each pipeline read links to its runs: {event}"
+    );
+    let escaped = |open: &str, close: &str| {
+        format!(
+            "<li><code>.sluice/{open}script{close}alert(1){open}/script{close}.yaml:3:7: unknown field `{open}script{close}alert(1){open}/script{close}`</code></li>"
+        )
+    };
+    assert!(
+        event.contains(&escaped("&lt;", "&gt;")) || event.contains(&escaped("&#60;", "&#62;")),
+        "the refusal is text: {event}"
+    );
+    assert!(!event.contains("<script>"), "{event}");
+
+    let (code, _, plain) = env.get("/events/github:d-1").await;
+    assert_eq!(code, 200);
+    assert!(
+        !plain.contains("Repository pipelines"),
+        "no section for a repository not opted in: {plain}"
+    );
+
+    let cache = sluice_core::streams::bucket(js, subjects::REPO_FILES_BUCKET)
+        .await
+        .expect("bucket");
+    let last = LastRead {
+        provider: sluice_core::Provider::Github,
+        repo: "acme/<b>app</b>".into(),
+        side: Side::Base,
+        git_ref: sha.into(),
+        event_id: "github:d-9".into(),
+        pipelines: vec!["acme/<b>app</b>:build".into()],
+        errors: 1,
+        read_at: time::macros::datetime!(2026-12-03 11:40:00 UTC),
+    };
+    cache
+        .put(
+            subjects::repo_last_read_key("github", "acme/<b>app</b>"),
+            serde_json::to_vec(&last).expect("json").into(),
+        )
+        .await
+        .expect("put");
+    // A cached listing beside it is not a read record.
+    cache
+        .put(
+            subjects::repo_files_key("github", "acme/ghost", sha),
+            serde_json::to_vec(&LastRead {
+                repo: "acme/ghost".into(),
+                ..last
+            })
+            .expect("json")
+            .into(),
+        )
+        .await
+        .expect("put");
+    let (code, _, pipelines) = env.get("/pipelines").await;
+    assert_eq!(code, 200);
+    assert!(
+        pipelines.contains("Repository pipelines (read in the last hour)"),
+        "{pipelines}"
+    );
+    assert!(
+        pipelines.contains("<td><code>9f1c2b3a4d5e</code></td>")
+            && pipelines.contains("<td>base</td>")
+            && pipelines.contains("<a href=\"/events/github:d-9\">1</a>")
+            && pipelines.contains("2026-12-03 11:40:00Z"),
+        "{pipelines}"
+    );
+    assert!(
+        pipelines.contains("href=\"/runs?pipeline=acme%2F%3Cb%3Eapp%3C%2Fb%3E%3Abuild\""),
+        "{pipelines}"
+    );
+    assert!(!pipelines.contains("<b>"), "{pipelines}");
+    assert!(!pipelines.contains("acme/ghost"), "{pipelines}");
     env.stop().await;
 }
 
