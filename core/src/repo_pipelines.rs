@@ -278,10 +278,21 @@ pub fn ok_to_test(event: &Event) -> Option<Result<u64, String>> {
         return None;
     }
     let pr = event.pr?;
-    if event.provider != Provider::Github {
-        return Some(Err(format!(
-            "{OK_TO_TEST} is accepted on GitHub only: GitLab comments carry no author association"
-        )));
+    match event.provider {
+        Provider::Github => {}
+        // GitLab comments carry no association: the dispatcher sets the one its
+        // members look-up found, and without it nobody may approve.
+        Provider::Gitlab if event.actor_association.is_none() => {
+            return Some(Err(format!(
+                "{OK_TO_TEST} on GitLab needs the commenter's project membership, looked up through the members API with --gitlab-token (read_api); it is not known"
+            )))
+        }
+        Provider::Gitlab => {}
+        other => {
+            return Some(Err(format!(
+                "{OK_TO_TEST} is accepted on GitHub and GitLab only, not on {other} events"
+            )))
+        }
     }
     let association = event.actor_association.as_deref().unwrap_or("");
     if TRUSTED_ASSOCIATIONS
@@ -534,9 +545,19 @@ mod tests {
         let mut issue = comment("/ok-to-test", "MEMBER");
         issue.pr = None;
         assert_eq!(ok_to_test(&issue), None);
+        // GitLab: the association the members look-up set, or no approval.
         let mut gitlab = comment("/ok-to-test", "MEMBER");
         gitlab.provider = Provider::Gitlab;
-        assert!(ok_to_test(&gitlab).unwrap().is_err());
+        assert_eq!(ok_to_test(&gitlab), Some(Ok(7)));
+        gitlab.actor_association = Some("NONE".into());
+        let refused = ok_to_test(&gitlab).unwrap().unwrap_err();
+        assert!(refused.contains("alice is none"), "{refused}");
+        gitlab.actor_association = None;
+        let refused = ok_to_test(&gitlab).unwrap().unwrap_err();
+        assert!(refused.contains("members API"), "{refused}");
+        let mut generic = comment("/ok-to-test", "MEMBER");
+        generic.provider = Provider::Generic;
+        assert!(ok_to_test(&generic).unwrap().is_err());
     }
 
     #[test]

@@ -166,6 +166,15 @@ pub enum Error {
         retryable: bool,
     },
 
+    /// A GitLab project membership could not be looked up. `retryable` when the forge
+    /// may answer later (down, slow, rate-limited, the request budget spent).
+    #[error("cannot look up a member of GitLab project {project}: {reason}")]
+    Members {
+        project: String,
+        reason: String,
+        retryable: bool,
+    },
+
     // === Child requests ===
     #[error("`{0}` names no cluster")]
     ChildSubject(String),
@@ -217,7 +226,7 @@ impl Error {
     /// Whether trying the same event or request again can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::RepoFiles { retryable, .. } => *retryable,
+            Error::RepoFiles { retryable, .. } | Error::Members { retryable, .. } => *retryable,
             Error::Core(_)
             | Error::Nats { .. }
             | Error::Contention(_)
@@ -285,6 +294,7 @@ impl Error {
             | Error::ForgeAnswer { .. } => "forge_api",
             Error::ForgeStatus { .. } => "forge_refused",
             Error::RepoFiles { .. } => "repo_files",
+            Error::Members { .. } => "members",
             Error::NotInstalled { .. } => "not_installed",
             Error::Installation { .. } | Error::InstallationClient { .. } => "installation",
             Error::ChildSubject(_)

@@ -16,6 +16,7 @@ pub mod github;
 pub mod groups;
 pub mod liveness;
 pub mod matcher;
+pub mod members;
 pub mod metrics;
 pub mod pending;
 pub mod plan;
@@ -221,8 +222,9 @@ async fn run_with(
         registry.clone(),
         shutdown.clone(),
     ));
-    // One GitHub and GitLab budget for the commit statuses and the delivery
-    // reconciler: they may use the same credential, and a forge's "wait" holds both.
+    // One GitHub and GitLab budget for the commit statuses, the delivery reconciler
+    // and the repository reads: they may use the same credential, and a forge's
+    // "wait" holds them all. Without statuses, nothing is limited.
     let forge_budget = config
         .reporter
         .as_ref()
@@ -248,7 +250,7 @@ async fn run_with(
             let reconciler =
                 recover::Reconciler::new(bus.js.clone(), &config.forge, r, config.metrics.clone())
                     .await?;
-            let reconciler = match forge_budget {
+            let reconciler = match forge_budget.clone() {
                 Some(budget) => reconciler.sharing(budget),
                 None => reconciler,
             };
@@ -259,6 +261,14 @@ async fn run_with(
         }
         None => None,
     };
+    // GitLab members, looked up within the same budget; one cache for merge requests
+    // and comment commands.
+    let members = members::Members::new(&config.forge)?.map(|m| {
+        Arc::new(match forge_budget.clone() {
+            Some(budget) => m.sharing(budget),
+            None => m,
+        })
+    });
     let repo_pipelines = if config.repo_pipelines.repos.is_empty() {
         None
     } else {
@@ -267,12 +277,17 @@ async fn run_with(
             Some(_) => Some(streams::bucket(&bus.js, subjects::REPORTS_BUCKET).await?),
             None => None,
         };
-        Some(Arc::new(repo_pipelines::RepoPipelines::new(
+        let reader = repo_pipelines::RepoPipelines::new(
             config.repo_pipelines.clone(),
             &config.forge,
             Some(cache),
             reports,
-        )?))
+            forge_budget.clone(),
+        )?;
+        Some(Arc::new(match &members {
+            Some(m) => reader.with_members(m.clone()),
+            None => reader,
+        }))
     };
     let ctx = Arc::new(service::Context {
         bus,
@@ -284,6 +299,7 @@ async fn run_with(
         changed_files,
         liveness,
         repo_pipelines,
+        members,
         metrics: config.metrics.clone(),
         hand_back: CancellationToken::new(),
     });

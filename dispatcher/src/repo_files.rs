@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sluice_core::repo_pipelines::{is_pipeline_file, Limits, RepoFile, DIR};
 use sluice_core::{subjects, Provider};
 
+use crate::budget::ForgeBudget;
 use crate::forge::ForgeConfig;
 use crate::github::GitHub;
 use crate::{Error, Result};
@@ -75,6 +76,9 @@ pub struct RepoFiles {
     memory: Mutex<Memory>,
     flights: Mutex<HashMap<String, Flight>>,
     requests: AtomicU64,
+    /// The forge request budget shared with the reporter; `None`: reads are not
+    /// limited.
+    budget: Option<ForgeBudget>,
 }
 
 impl std::fmt::Debug for RepoFiles {
@@ -90,6 +94,7 @@ impl std::fmt::Debug for RepoFiles {
             .field("limits", &self.limits)
             .field("shared_cache", &self.cache.is_some())
             .field("requests", &self.requests())
+            .field("budget", &self.budget.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -119,7 +124,16 @@ impl RepoFiles {
             memory: Mutex::new(Memory::default()),
             flights: Mutex::new(HashMap::new()),
             requests: AtomicU64::new(0),
+            budget: None,
         })
+    }
+
+    /// Each forge request takes one from `budget` (the one the commit status reporter
+    /// and the delivery reconciler spend from); when none is left the read fails as
+    /// retryable.
+    pub fn sharing(mut self, budget: ForgeBudget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Forge API requests this reader made so far (for tests and metrics; octocrab's
@@ -258,8 +272,20 @@ impl RepoFiles {
         Ok(listing)
     }
 
-    /// Counts one request and bounds it, body included, by the forge timeout.
-    async fn request<T>(&self, request: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    /// Takes one request from the forge budget, counts it and bounds it, body
+    /// included, by the forge timeout. With the budget spent the read fails, to be
+    /// retried with the event's backoff rather than wait holding the event.
+    async fn request<T>(
+        &self,
+        forge: Provider,
+        repo: &str,
+        request: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        if let Some(budget) = &self.budget {
+            if budget.take(forge, std::time::Instant::now()).is_err() {
+                return Err(budget_spent(repo));
+            }
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
         tokio::time::timeout(self.timeout, request)
             .await
@@ -312,11 +338,15 @@ impl RepoFiles {
             }
         };
         let listing = self
-            .request(get(
-                DIR.to_owned(),
-                "application/vnd.github+json",
-                LISTING_MAX_BYTES,
-            ))
+            .request(
+                Provider::Github,
+                repo,
+                get(
+                    DIR.to_owned(),
+                    "application/vnd.github+json",
+                    LISTING_MAX_BYTES,
+                ),
+            )
             .await?;
         let body = match listing {
             Ok(Some(body)) => body,
@@ -346,11 +376,11 @@ impl RepoFiles {
         for entry in choose(entries, &self.limits, &mut out.refused) {
             let cap = self.limits.max_file_bytes + 1;
             let answer = self
-                .request(get(
-                    entry.path.clone(),
-                    "application/vnd.github.raw+json",
-                    cap,
-                ))
+                .request(
+                    Provider::Github,
+                    repo,
+                    get(entry.path.clone(), "application/vnd.github.raw+json", cap),
+                )
                 .await?;
             self.take(&mut out, entry.path, answer)?;
         }
@@ -392,7 +422,10 @@ impl RepoFiles {
             encode(DIR),
             encode(git_ref)
         );
-        let body = match self.request(get(url, LISTING_MAX_BYTES)).await? {
+        let body = match self
+            .request(Provider::Gitlab, project, get(url, LISTING_MAX_BYTES))
+            .await?
+        {
             Ok(Some(body)) => body,
             Ok(None) => return Err(listing_too_large(project)),
             Err(Refusal::NotFound) => return Ok(Listing::default()),
@@ -419,7 +452,11 @@ impl RepoFiles {
                 encode(git_ref)
             );
             let answer = self
-                .request(get(url, self.limits.max_file_bytes + 1))
+                .request(
+                    Provider::Gitlab,
+                    project,
+                    get(url, self.limits.max_file_bytes + 1),
+                )
                 .await?;
             self.take(&mut out, entry.path, answer)?;
         }
@@ -529,6 +566,15 @@ fn too_large(size: Option<u64>, max: usize) -> String {
     format!(
         "not read: the file is {size}, more than the {max} bytes a repository pipeline file may have (--repo-pipelines-max-file-bytes)"
     )
+}
+
+/// The forge request budget has nothing left: retried later, with the event's backoff.
+pub(crate) fn budget_spent(repo: &str) -> Error {
+    Error::RepoFiles {
+        repo: repo.to_owned(),
+        reason: "forge request budget spent; retrying".to_owned(),
+        retryable: true,
+    }
 }
 
 fn listing_too_large(repo: &str) -> Error {

@@ -9,16 +9,19 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::kv::Store;
+use sluice_core::envelope::kind;
 use sluice_core::pipeline::{passes, Glob, Pipeline};
 use sluice_core::repo_pipelines::{self, Limits, Side};
 use sluice_core::run::RepoPipelinesRead;
-use sluice_core::{subjects, Event};
+use sluice_core::{subjects, Event, Provider};
 
 use serde::Deserialize;
 
+use crate::budget::ForgeBudget;
 use crate::forge::ForgeConfig;
 use crate::github::GitHub;
-use crate::repo_files::RepoFiles;
+use crate::members::{self, Members};
+use crate::repo_files::{self, RepoFiles};
 use crate::reporter;
 use crate::{Error, Result};
 
@@ -64,19 +67,29 @@ pub struct RepoPipelines {
     last_read: Option<Store>,
     /// Pull request look-ups for `/ok-to-test`.
     github: Option<GitHub>,
+    /// GitLab merge request authors' membership, with a GitLab token.
+    members: Option<Arc<Members>>,
+    /// The forge request budget shared with the reporter; `None`: not limited.
+    budget: Option<ForgeBudget>,
     timeout: std::time::Duration,
 }
 
 impl RepoPipelines {
     /// `cache` is the `SLUICE_REPO_FILES` bucket the replicas share; `reports` the
-    /// reporter's `SLUICE_REPORTS` when commit statuses are sent.
+    /// reporter's `SLUICE_REPORTS` when commit statuses are sent; `budget` the forge
+    /// request budget every forge read takes from (`None`: reads are not limited).
     pub fn new(
         config: RepoPipelinesConfig,
         forge: &ForgeConfig,
         cache: Option<Store>,
         reports: Option<Store>,
+        budget: Option<ForgeBudget>,
     ) -> Result<Self> {
         let files = RepoFiles::new(forge, cache.clone(), config.limits)?;
+        let files = match &budget {
+            Some(b) => files.sharing(b.clone()),
+            None => files,
+        };
         let github = GitHub::new(
             &forge.github_api_url,
             forge.github_token.as_ref(),
@@ -88,8 +101,17 @@ impl RepoPipelines {
             reports,
             last_read: cache,
             github,
+            members: None,
+            budget,
             timeout: forge.timeout,
         })
+    }
+
+    /// GitLab merge requests' authors are looked up in `members` (the trust rule's
+    /// `trusted_author`).
+    pub fn with_members(mut self, members: Arc<Members>) -> Self {
+        self.members = Some(members);
+        self
     }
 
     /// Forge requests made so far.
@@ -122,7 +144,18 @@ impl RepoPipelines {
                 Ok(pr) => pr,
                 Err(reason) => return not_read(reason),
             };
-            let head = self.pull_head(repo, pr).await?;
+            let head = match event.provider {
+                // The note names the merge request's head: nothing to look up.
+                Provider::Gitlab => match gitlab_head(event) {
+                    Some(head) => head,
+                    None => {
+                        return not_read(format!(
+                            "the comment on merge request !{pr} names no head commit"
+                        ))
+                    }
+                },
+                _ => self.pull_head(repo, pr).await?,
+            };
             let approved = repo_pipelines::approved_event(event, &head);
             let source = repo_pipelines::Source {
                 side: Side::Head,
@@ -138,7 +171,8 @@ impl RepoPipelines {
             loaded.as_event = Some(approved);
             return Ok(Some(loaded));
         }
-        let source = match repo_pipelines::source(event, None) {
+        let trusted = self.trusted_author(event, repo).await?;
+        let source = match repo_pipelines::source(event, trusted) {
             Ok(source) => source,
             Err(reason) => return not_read(reason),
         };
@@ -199,6 +233,24 @@ impl RepoPipelines {
         })
     }
 
+    /// A GitLab merge request author's membership, when it decides whose definitions
+    /// run (a merge request from the project itself, by an author the payload gives no
+    /// association) and can be looked up; otherwise `None`.
+    async fn trusted_author(&self, event: &Event, repo: &str) -> Result<Option<bool>> {
+        let (Some(members), Some(user_id)) = (&self.members, event.actor_id) else {
+            return Ok(None);
+        };
+        if event.provider != Provider::Gitlab
+            || event.kind != kind::PULL_REQUEST
+            || event.from_fork != Some(false)
+            || event.actor_association.is_some()
+        {
+            return Ok(None);
+        }
+        let association = members.association(repo, user_id).await?;
+        Ok(members::trusted(association))
+    }
+
     /// The pull request's head as GitHub reports it now: an `/ok-to-test` comment
     /// carries no head commit.
     async fn pull_head(&self, repo: &str, pr: u64) -> Result<repo_pipelines::PullHead> {
@@ -221,6 +273,14 @@ impl RepoPipelines {
         let Some(github) = &self.github else {
             return Err(crate::github::NO_CREDENTIALS);
         };
+        if let Some(budget) = &self.budget {
+            if budget
+                .take(Provider::Github, std::time::Instant::now())
+                .is_err()
+            {
+                return Err(repo_files::budget_spent(repo));
+            }
+        }
         let ask = async {
             let client = github.client(repo).await?;
             client
@@ -244,6 +304,19 @@ impl RepoPipelines {
             base_ref: pull.base.git_ref.map(|r| format!("refs/heads/{r}")),
         })
     }
+}
+
+/// A GitLab merge request's head as its note names it (`merge_request.last_commit`);
+/// `None` without one. A head of unknown origin counts as a fork's.
+fn gitlab_head(comment: &Event) -> Option<repo_pipelines::PullHead> {
+    let sha = comment.sha.clone().filter(|s| !s.is_empty())?;
+    Some(repo_pipelines::PullHead {
+        sha,
+        git_ref: comment.git_ref.clone(),
+        from_fork: comment.from_fork != Some(false),
+        base_sha: comment.base_sha.clone(),
+        base_ref: comment.base_ref.clone(),
+    })
 }
 
 impl RepoPipelines {
@@ -307,5 +380,28 @@ mod tests {
         assert!(!opted_in(&g, "acme/secret"));
         assert!(!opted_in(&g, "other/app"));
         assert!(opted_in(&globs(&["**"]), "group/sub/project"));
+    }
+
+    #[test]
+    fn a_gitlab_note_names_its_merge_requests_head() {
+        let mut note = Event::new(Provider::Gitlab, "n1", kind::COMMENT);
+        note.pr = Some(3);
+        note.sha = Some("abc".into());
+        note.git_ref = Some("refs/merge-requests/3/head".into());
+        note.base_ref = Some("refs/heads/main".into());
+        note.from_fork = Some(false);
+        let head = gitlab_head(&note).expect("a head");
+        assert_eq!(
+            (head.sha.as_str(), head.git_ref.as_deref(), head.from_fork),
+            ("abc", Some("refs/merge-requests/3/head"), false)
+        );
+        assert_eq!(head.base_ref.as_deref(), Some("refs/heads/main"));
+        note.from_fork = None;
+        assert!(
+            gitlab_head(&note).expect("a head").from_fork,
+            "unknown: a fork"
+        );
+        note.sha = None;
+        assert!(gitlab_head(&note).is_none());
     }
 }

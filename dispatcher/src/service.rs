@@ -42,6 +42,9 @@ pub struct Context {
     pub liveness: Arc<crate::liveness::Liveness>,
     /// Repositories' own pipelines; `None` unless `--repo-pipelines` names some.
     pub repo_pipelines: Option<Arc<crate::repo_pipelines::RepoPipelines>>,
+    /// GitLab commenters' project membership, for comment commands; `None` without a
+    /// GitLab token.
+    pub members: Option<Arc<crate::members::Members>>,
     pub metrics: crate::metrics::Metrics,
     /// Tripped when the shutdown grace period ends: messages still in hand are handed
     /// back instead of finished.
@@ -232,6 +235,17 @@ pub struct Dispatched {
 /// Matches, plans and publishes the runs of one event, then its decision.
 pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
     let index = ctx.registry.current();
+    // A GitLab comment command carries no association: the commenter's membership
+    // gives it one, for `command_authors` and `/ok-to-test`.
+    let mut with_association = None;
+    if let (Some(members), Some((project, user_id))) = (&ctx.members, asks_membership(event)) {
+        if let Some(association) = members.association(project, user_id).await? {
+            let mut e = event.clone();
+            e.actor_association = Some(association.to_owned());
+            with_association = Some(e);
+        }
+    }
+    let event = with_association.as_ref().unwrap_or(event);
     let from_repo = match &ctx.repo_pipelines {
         Some(r) => r.load(event).await?,
         None => None,
@@ -403,6 +417,24 @@ fn unstarted_child<'e>(
         event.id
     );
     Some((parent, why))
+}
+
+/// The GitLab project and user whose membership `event` needs: a comment command (a
+/// comment starting with `/`) that carries no association.
+fn asks_membership(event: &Event) -> Option<(&str, u64)> {
+    use sluice_core::envelope::kind;
+    let command = event
+        .comment
+        .as_deref()
+        .is_some_and(|c| c.trim_start().starts_with('/'));
+    if event.provider != Provider::Gitlab
+        || event.kind != kind::COMMENT
+        || !command
+        || event.actor_association.is_some()
+    {
+        return None;
+    }
+    Some((event.repo.as_deref()?, event.actor_id?))
 }
 
 /// A pull request event without changed files, and a candidate pipeline that filters
@@ -674,6 +706,27 @@ async fn refuse(ctx: &Context, subject: &str, payload: &[u8], why: &Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_gitlab_comment_commands_without_an_association_ask_for_membership() {
+        let mut e = Event::new(Provider::Gitlab, "n1", "comment");
+        e.repo = Some("group/app".into());
+        e.actor_id = Some(7);
+        e.comment = Some("/retest please".into());
+        assert_eq!(asks_membership(&e), Some(("group/app", 7)));
+        let ask = |edit: &dyn Fn(&mut Event)| {
+            let mut other = e.clone();
+            edit(&mut other);
+            asks_membership(&other).map(|(p, u)| (p.to_owned(), u))
+        };
+        assert_eq!(ask(&|e| e.comment = Some("looks good".into())), None);
+        assert_eq!(ask(&|e| e.comment = None), None);
+        assert_eq!(ask(&|e| e.actor_id = None), None);
+        assert_eq!(ask(&|e| e.repo = None), None);
+        assert_eq!(ask(&|e| e.actor_association = Some("OWNER".into())), None);
+        assert_eq!(ask(&|e| e.kind = "pull_request".into()), None);
+        assert_eq!(ask(&|e| e.provider = Provider::Github), None);
+    }
 
     #[test]
     fn unreadable_events_are_permanent_errors_with_their_cause() {
