@@ -171,8 +171,15 @@ impl RepoPipelines {
             loaded.as_event = Some(approved);
             return Ok(Some(loaded));
         }
-        let trusted = self.trusted_author(event, repo).await?;
-        let source = match repo_pipelines::source(event, trusted) {
+        let association = self.author_association(event, repo).await?;
+        // Judged with the association found, so the decision names it.
+        let with_association = association.map(|a| {
+            let mut e = event.clone();
+            e.actor_association = Some(a.to_owned());
+            e
+        });
+        let judged = with_association.as_ref().unwrap_or(event);
+        let source = match repo_pipelines::source(judged, members::trusted(association)) {
             Ok(source) => source,
             Err(reason) => return not_read(reason),
         };
@@ -233,10 +240,10 @@ impl RepoPipelines {
         })
     }
 
-    /// A GitLab merge request author's membership, when it decides whose definitions
-    /// run (a merge request from the project itself, by an author the payload gives no
-    /// association) and can be looked up; otherwise `None`.
-    async fn trusted_author(&self, event: &Event, repo: &str) -> Result<Option<bool>> {
+    /// A GitLab merge request author's association from the members API, when it
+    /// decides whose definitions run (a merge request from the project itself, by an
+    /// author the payload gives no association) and can be looked up; else `None`.
+    async fn author_association(&self, event: &Event, repo: &str) -> Result<Option<&'static str>> {
         let (Some(members), Some(user_id)) = (&self.members, event.actor_id) else {
             return Ok(None);
         };
@@ -247,8 +254,7 @@ impl RepoPipelines {
         {
             return Ok(None);
         }
-        let association = members.association(repo, user_id).await?;
-        Ok(members::trusted(association))
+        members.association(repo, user_id).await
     }
 
     /// The pull request's head as GitHub reports it now: an `/ok-to-test` comment

@@ -3,8 +3,9 @@
 //! /repos/:owner/:repo/contents/:path?ref=`, a folder as a list of entries, a file as
 //! raw bytes with `Accept: application/vnd.github.raw+json` or as a JSON object with
 //! base64 content without), its pull requests (`GET /repos/:owner/:repo/pulls/:n`, for
-//! `/ok-to-test`) and GitLab's repository API (`GET
-//! /api/v4/projects/:id/repository/tree?path=&ref=` and `…/files/:path/raw?ref=`).
+//! `/ok-to-test`), GitLab's repository API (`GET
+//! /api/v4/projects/:id/repository/tree?path=&ref=` and `…/files/:path/raw?ref=`) and
+//! its members API (`GET /api/v4/projects/:id/members/all/:user_id`).
 //!
 //! Each `(repository, ref)` serves the `.sluice/` folder it was given; anything else
 //! is a 404 as the forges answer it. Every request is recorded as it arrived (raw path
@@ -65,6 +66,8 @@ struct Forge {
     /// GitHub pull requests (`GET /repos/:owner/:repo/pulls/:number`) by repository
     /// and number.
     pulls: HashMap<(String, u64), serde_json::Value>,
+    /// GitLab project members' access levels by project path and user id.
+    members: HashMap<(String, u64), u64>,
     received: Vec<Received>,
     down: bool,
 }
@@ -162,6 +165,14 @@ impl ForgeFiles {
         self.lock().pulls.insert((repo.to_owned(), number), pull);
     }
 
+    /// GitLab user `user_id` is a member of `project` (its full path) with
+    /// `access_level` (30 Developer, 40 Maintainer, 50 Owner); anyone else is a 404.
+    pub fn set_member(&self, project: &str, user_id: u64, access_level: u64) {
+        self.lock()
+            .members
+            .insert((project.to_owned(), user_id), access_level);
+    }
+
     /// Every request answers 503 while `down`.
     pub fn set_down(&self, down: bool) {
         self.lock().down = down;
@@ -250,6 +261,21 @@ async fn serve(State(forge): State<ForgeFiles>, request: Request) -> Response {
         (Api::GitLab, ["api", "v4", "projects", project, "repository", "files", path, "raw"]) => {
             let git_ref = query.get("ref").cloned().unwrap_or_default();
             gitlab_raw(&state, project, &git_ref, path)
+        }
+        (Api::GitLab, ["api", "v4", "projects", project, "members", "all", user]) => {
+            match user.parse::<u64>() {
+                Ok(id) => match state.members.get(&((*project).to_owned(), id)) {
+                    Some(level) => Some(gitlab_member(id, *level)),
+                    None => Some(
+                        (
+                            StatusCode::NOT_FOUND,
+                            json_body(&json!({"message": "404 Not found"})),
+                        )
+                            .into_response(),
+                    ),
+                },
+                Err(_) => None,
+            }
         }
         _ => None,
     };
@@ -377,6 +403,22 @@ fn gitlab_tree(state: &Forge, project: &str, git_ref: &str, path: &str) -> Optio
         })
         .collect();
     Some(json_body(&json!(entries)))
+}
+
+/// A member as GitLab's members API answers (`GET …/members/all/:user_id`).
+fn gitlab_member(id: u64, access_level: u64) -> Response {
+    json_body(&json!({
+        "id": id,
+        "username": format!("user{id}"),
+        "name": format!("User {id}"),
+        "state": "active",
+        "avatar_url": "https://www.gravatar.com/avatar/c2525a7f58ae3776070e44c106c48e15?s=80&d=identicon",
+        "web_url": format!("http://192.168.1.8:3000/user{id}"),
+        "expires_at": null,
+        "access_level": access_level,
+        "created_at": "2012-10-22T14:13:35Z",
+        "membership_state": "active"
+    }))
 }
 
 fn gitlab_raw(state: &Forge, project: &str, git_ref: &str, path: &str) -> Option<Response> {

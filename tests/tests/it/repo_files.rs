@@ -10,6 +10,7 @@ use secrecy::SecretString;
 use sluice_core::repo_pipelines::{Limits, RepoFile};
 use sluice_core::streams::{self, Needs, StreamSettings};
 use sluice_core::{subjects, Provider};
+use sluice_dispatcher::budget::ForgeBudget;
 use sluice_dispatcher::forge::ForgeConfig;
 use sluice_dispatcher::repo_files::{Listing, RepoFiles};
 use sluice_tests::forge_files::{Api, ForgeFiles, GITHUB_TOKEN, GITLAB_TOKEN};
@@ -457,4 +458,39 @@ async fn repo_files_a_cache_that_fails_is_passed_by() {
         .await
         .expect("read");
     assert_eq!(reader.requests(), 2);
+}
+
+#[tokio::test]
+async fn repo_files_a_spent_forge_budget_refuses_the_read_as_retryable() {
+    let s = setup().await;
+    s.forge.set("acme/app", SHA_2, &[("build.yaml", BUILD_2)]);
+    // One request an hour, shared with the commit status reporter.
+    let budget = ForgeBudget::new(1);
+    let reader = s.reader(Limits::default()).sharing(budget.clone());
+    let listing = reader
+        .read(Provider::Github, "acme/none", SHA_1)
+        .await
+        .expect("the one request");
+    assert_eq!(listing, Listing::default());
+    assert_eq!(s.forge.received().len(), 1);
+
+    let e = reader
+        .read(Provider::Github, "acme/app", SHA_2)
+        .await
+        .expect_err("the budget is spent");
+    assert!(e.is_retryable(), "retried with the event's backoff: {e}");
+    assert!(e.to_string().contains("budget spent"), "{e}");
+    assert_eq!(s.forge.received().len(), 1, "nothing asked of the forge");
+    assert!(
+        budget
+            .take(Provider::Github, std::time::Instant::now())
+            .is_err(),
+        "the reporter's share is spent too"
+    );
+    // Each forge has its own budget.
+    let listing = reader
+        .read(Provider::Gitlab, "acme/none", SHA_1)
+        .await
+        .expect("GitLab's request");
+    assert_eq!(listing, Listing::default());
 }

@@ -519,3 +519,219 @@ async fn ok_to_test_from_a_member_runs_the_proposal_once_per_commit_and_from_a_s
         .count();
     assert_eq!(stored, 1);
 }
+
+/// A GitLab merge request of `group/app` from the project itself, opened by user
+/// `user_id`: GitLab's hook carries no association, and names no target commit.
+fn merge_request(id: &str, user_id: u64) -> Event {
+    let mut e = Event::new(Provider::Gitlab, id, "pull_request");
+    e.action = Some("opened".into());
+    e.repo = Some("group/app".into());
+    e.pr = Some(3);
+    e.git_ref = Some("refs/merge-requests/3/head".into());
+    e.sha = Some(HEAD.into());
+    e.base_ref = Some("refs/heads/main".into());
+    e.actor = Some(format!("user{user_id}"));
+    e.actor_id = Some(user_id);
+    e.from_fork = Some(false);
+    e
+}
+
+const DEVELOPER: u64 = 11;
+const STRANGER: u64 = 12;
+
+fn gitlab_files(git_ref: &str) -> [String; 2] {
+    let r = git_ref.replace('/', "%2F");
+    [
+        format!("/api/v4/projects/group%2Fapp/repository/tree?path=.sluice&ref={r}&per_page=100"),
+        format!("/api/v4/projects/group%2Fapp/repository/files/.sluice%2Fbuild.yaml/raw?ref={r}"),
+    ]
+}
+
+fn member_of_group_app(user_id: u64) -> String {
+    format!("/api/v4/projects/group%2Fapp/members/all/{user_id}")
+}
+
+#[tokio::test]
+async fn a_gitlab_developer_runs_the_proposal_and_a_non_member_the_target_branchs() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let forge = ForgeFiles::start().await;
+    forge.set(
+        "group/app",
+        "refs/heads/main",
+        &[("build.yaml", &build("make test"))],
+    );
+    forge.set(
+        "group/app",
+        HEAD,
+        &[("build.yaml", &build("make proposed"))],
+    );
+    forge.set_member("group/app", DEVELOPER, 30);
+    let _d = Dispatcher::start_with(config(&nats, &forge, &["group/app"])).await;
+
+    // A Developer's merge request: the members API says so, and the proposal runs.
+    publish_event(&js, &merge_request("g1", DEVELOPER)).await;
+    let runs = runs_of(&js, "gitlab:g1", 1).await;
+    assert_eq!(commands(&runs[0]), ["make proposed"]);
+    let read = decided(&js, "gitlab:g1")
+        .await
+        .repo_pipelines
+        .expect("recorded");
+    assert_eq!(
+        (read.side, read.git_ref.as_deref()),
+        (Some(Side::Head), Some(HEAD))
+    );
+    assert!(
+        read.reason.contains("the author is member"),
+        "{}",
+        read.reason
+    );
+    let received = forge.received();
+    let targets: Vec<&str> = received.iter().map(|r| r.target.as_str()).collect();
+    let mut want = vec![member_of_group_app(DEVELOPER)];
+    want.extend(gitlab_files(HEAD));
+    assert_eq!(targets, want);
+    assert!(received.iter().all(|r| r.authorized));
+
+    // A non-member (a 404): the target branch's definitions, the proposal unread.
+    forge.clear();
+    publish_event(&js, &merge_request("g2", STRANGER)).await;
+    let runs = runs_of(&js, "gitlab:g2", 1).await;
+    assert_eq!(commands(&runs[0]), ["make test"]);
+    assert_eq!(
+        runs[0].sha.as_deref(),
+        Some(HEAD),
+        "the head is still built"
+    );
+    let read = decided(&js, "gitlab:g2")
+        .await
+        .repo_pipelines
+        .expect("recorded");
+    assert_eq!(
+        (read.side, read.git_ref.as_deref()),
+        (Some(Side::Base), Some("refs/heads/main"))
+    );
+    assert!(
+        read.reason.contains("the author is none"),
+        "{}",
+        read.reason
+    );
+    let mut want = vec![member_of_group_app(STRANGER)];
+    want.extend(gitlab_files("refs/heads/main"));
+    assert_eq!(forge.targets(), want);
+
+    // The Developer again within five minutes: the membership is remembered and the
+    // commit's files are cached, so the forge is not asked at all.
+    forge.clear();
+    let mut again = merge_request("g3", DEVELOPER);
+    again.action = Some("synchronize".into());
+    publish_event(&js, &again).await;
+    let runs = runs_of(&js, "gitlab:g3", 1).await;
+    assert_eq!(commands(&runs[0]), ["make proposed"]);
+    assert!(forge.targets().is_empty(), "{:?}", forge.targets());
+}
+
+#[tokio::test]
+async fn a_gitlab_comment_command_runs_for_a_member_and_not_for_a_stranger() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    apply(
+        &js,
+        "name: retest\ntriggers:\n  - kinds: [comment]\n    command: /retest\nsteps:\n  - {name: s, image: alpine, commands: [make test]}\n",
+    )
+    .await;
+    let forge = ForgeFiles::start().await;
+    forge.set_member("group/app", DEVELOPER, 40);
+    // No repository opts in: the look-up is for the applied pipeline's command.
+    let _d = Dispatcher::start_with(config(&nats, &forge, &[])).await;
+    let comment = |id: &str, user_id: u64| {
+        let mut e = Event::new(Provider::Gitlab, id, "comment");
+        e.action = Some("created".into());
+        e.repo = Some("group/app".into());
+        e.pr = Some(3);
+        e.sha = Some(HEAD.into());
+        e.git_ref = Some("refs/merge-requests/3/head".into());
+        e.actor = Some(format!("user{user_id}"));
+        e.actor_id = Some(user_id);
+        e.comment = Some("/retest".into());
+        e
+    };
+
+    publish_event(&js, &comment("r1", DEVELOPER)).await;
+    let runs = runs_of(&js, "gitlab:r1", 1).await;
+    assert_eq!(runs[0].pipeline, "retest");
+    assert_eq!(forge.targets(), [member_of_group_app(DEVELOPER)]);
+
+    forge.clear();
+    publish_event(&js, &comment("r2", STRANGER)).await;
+    let d = decided(&js, "gitlab:r2").await;
+    assert!(d.runs.is_empty(), "{:?}", d.runs);
+    let verdict = &d.pipelines[0].triggers[0];
+    assert_eq!(verdict.failed.as_deref(), Some("command_authors"));
+    assert!(verdict.detail.contains("NONE"), "{}", verdict.detail);
+    assert_eq!(forge.targets(), [member_of_group_app(STRANGER)]);
+
+    // The member's second command within five minutes asks nothing.
+    forge.clear();
+    publish_event(&js, &comment("r3", DEVELOPER)).await;
+    runs_of(&js, "gitlab:r3", 1).await;
+    assert!(forge.targets().is_empty(), "{:?}", forge.targets());
+}
+
+#[tokio::test]
+async fn a_gitlab_members_ok_to_test_runs_the_proposal_at_the_notes_head_without_a_look_up() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let forge = ForgeFiles::start().await;
+    forge.set(
+        "group/app",
+        HEAD,
+        &[("build.yaml", &build("make proposed"))],
+    );
+    forge.set_member("group/app", DEVELOPER, 50);
+    let _d = Dispatcher::start_with(config(&nats, &forge, &["group/app"])).await;
+    // A note on a merge request from a fork: it names the head (`last_commit`).
+    let comment = |id: &str, user_id: u64| {
+        let mut e = Event::new(Provider::Gitlab, id, "comment");
+        e.action = Some("created".into());
+        e.repo = Some("group/app".into());
+        e.pr = Some(3);
+        e.sha = Some(HEAD.into());
+        e.git_ref = Some("refs/merge-requests/3/head".into());
+        e.base_ref = Some("refs/heads/main".into());
+        e.from_fork = Some(true);
+        e.actor = Some(format!("user{user_id}"));
+        e.actor_id = Some(user_id);
+        e.comment = Some("/ok-to-test".into());
+        e
+    };
+
+    publish_event(&js, &comment("k1", STRANGER)).await;
+    let read = decided(&js, "gitlab:k1")
+        .await
+        .repo_pipelines
+        .expect("recorded");
+    assert_eq!(read.side, None);
+    assert!(read.reason.contains("user12 is none"), "{}", read.reason);
+    assert_eq!(forge.targets(), [member_of_group_app(STRANGER)]);
+
+    forge.clear();
+    publish_event(&js, &comment("k2", DEVELOPER)).await;
+    let runs = runs_of(&js, "gitlab:k2", 1).await;
+    assert_eq!(commands(&runs[0]), ["make proposed"]);
+    assert_eq!(runs[0].sha.as_deref(), Some(HEAD));
+    assert_eq!(
+        runs[0].git_ref.as_deref(),
+        Some("refs/merge-requests/3/head")
+    );
+    // The membership and the files at the note's head; no merge request look-up.
+    let mut want = vec![member_of_group_app(DEVELOPER)];
+    want.extend(gitlab_files(HEAD));
+    assert_eq!(forge.targets(), want);
+}
