@@ -221,11 +221,13 @@ pub async fn serve(
         retry_after: RETRY_AFTER,
     };
     let connections = state.metrics.connections.clone();
+    let load = state.clone();
     let server = server::serve(
         listener,
         http::router(state).merge(admin.router()),
         limits,
         connections,
+        move || load.publisher.in_flight(),
         shutdown.clone(),
     );
     let grace = config.shutdown_grace;

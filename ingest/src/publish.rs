@@ -73,6 +73,15 @@ impl Publisher {
     /// and [`ANSWER_WITHIN`] from `received` (when the request arrived). Refuses at
     /// once, without publishing, when the events ahead of it would not be stored in
     /// that time (see [`behind`]): then the 503 is the truth, the event is not stored.
+    /// Publishes waiting for JetStream's acknowledgement now.
+    pub fn in_flight(&self) -> usize {
+        self.backlog
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_flight
+    }
+
     pub async fn publish(
         &self,
         mut event: Event,

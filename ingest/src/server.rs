@@ -3,10 +3,17 @@
 //! graceful drain on shutdown.
 //!
 //! A connection beyond the cap waits in a small waiting room, accepted, for
-//! `queue_wait` at most; if no slot frees by then it is answered 503 at once. Leaving
-//! it in the kernel's listen backlog instead would keep the forge waiting past its
-//! 10 s with no answer at all (in a spike of 10,000 webhooks, a few hundred were never
-//! answered), and the time spent waiting would not count against the answer's budget.
+//! `queue_wait` at most; if no slot frees by then it is answered 503 at once. With the
+//! room full too, what happens depends on what holds the slots. When at least half of
+//! them are requests being served — waiting on JetStream, which cannot keep up — a
+//! connection is accepted only to be answered 503 at once (at most as many of those at
+//! a time as the cap): left in the kernel's listen backlog it would overflow the
+//! accept queue, the kernel would drop the handshake's last step, and the client would
+//! send its request on a connection nobody accepts, unanswered until the forge gives
+//! up (in a spike of 10,000 webhooks, 258 were). When the slots are held by clients
+//! slow with their headers or idle instead (a slow-loris flood), new connections wait
+//! in the backlog, as the slow ones are cut by their timeouts and the forge's
+//! deliveries then get through rather than being refused.
 //! Each request carries when it [`Arrived`], so the handler's budget starts at accept.
 //!
 //! hyper's own `header_read_timeout` is not used: its timer also runs while a kept-alive
@@ -71,39 +78,55 @@ pub struct Arrived(pub std::time::Instant);
 enum Admission {
     Slot(OwnedSemaphorePermit),
     Waiting(OwnedSemaphorePermit),
+    /// Cap and waiting room full: answered 503 at once.
+    Refused(OwnedSemaphorePermit),
 }
 
 /// Serves `app` on `listener` until `shutdown` trips, then stops accepting, lets every
 /// connection finish the request it is serving, and returns once all are closed. The
-/// caller bounds how long that may take.
+/// caller bounds how long that may take. `store_waiting` counts the requests whose
+/// publish waits on JetStream now.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
     metrics: ConnectionMetrics,
+    store_waiting: impl Fn() -> usize,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let room = Arc::new(Semaphore::new(limits.waiting_room()));
+    // Refusals take a second or two at most (the request is drained, then 503), but
+    // each holds a file: bounded like the slots.
+    let refusing = Arc::new(Semaphore::new(limits.max_connections));
     let connections = TaskTracker::new();
-    loop {
-        let admission = if let Ok(slot) = slots.clone().try_acquire_owned() {
-            Admission::Slot(slot)
-        } else if let Ok(place) = room.clone().try_acquire_owned() {
-            Admission::Waiting(place)
-        } else {
-            // Cap and waiting room full: not accepting leaves the next client in the
-            // kernel's backlog until a slot frees, which every limit guarantees.
+    'accepting: loop {
+        let admission = loop {
+            if let Ok(slot) = slots.clone().try_acquire_owned() {
+                break Admission::Slot(slot);
+            }
+            if let Ok(place) = room.clone().try_acquire_owned() {
+                break Admission::Waiting(place);
+            }
+            if store_bound(store_waiting(), limits.max_connections) {
+                if let Ok(refusal) = refusing.clone().try_acquire_owned() {
+                    break Admission::Refused(refusal);
+                }
+            }
+            // The next client waits in the kernel's backlog until a slot frees (every
+            // limit guarantees one does), or until the store becomes what holds the
+            // slots and refusing at once is right.
             tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => break 'accepting,
                 slot = slots.clone().acquire_owned() => {
                     metrics.limited.inc();
-                    Admission::Slot(slot.expect("the semaphore is never closed"))
+                    break Admission::Slot(slot.expect("the semaphore is never closed"));
                 }
+                () = tokio::time::sleep(RECHECK) => {}
             }
         };
         let stream = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break 'accepting,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => stream,
                 Err(e) => {
@@ -118,6 +141,13 @@ pub async fn serve(
         let accepted = Instant::now();
         let (app, metrics, shutdown) = (app.clone(), metrics.clone(), shutdown.clone());
         match admission {
+            Admission::Refused(refusal) => {
+                connections.spawn(async move {
+                    metrics.refused.inc();
+                    refuse(stream, limits).await;
+                    drop(refusal);
+                });
+            }
             Admission::Slot(slot) => {
                 connections.spawn(async move {
                     serve_accepted(stream, app, limits, metrics, accepted, shutdown).await;
@@ -263,6 +293,17 @@ async fn refuse(stream: TcpStream, limits: ConnectionLimits) {
     {
         tracing::debug!("a refused connection did not send its request in time");
     }
+}
+
+/// How often a full accept loop looks again at what holds its slots.
+const RECHECK: Duration = Duration::from_millis(50);
+
+/// Whether requests waiting on the store hold at least half of the
+/// `max_connections` slots: then JetStream is what keeps them, and a connection that
+/// finds the slots and the waiting room full is refused at once rather than left in
+/// the listen backlog.
+fn store_bound(store_waiting: usize, max_connections: usize) -> bool {
+    store_waiting * 2 >= max_connections
 }
 
 struct Open<'a>(&'a ConnectionMetrics);
@@ -435,6 +476,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn refusing_at_once_needs_the_store_to_hold_half_the_slots() {
+        assert!(!store_bound(0, 900));
+        assert!(!store_bound(449, 900));
+        assert!(store_bound(450, 900));
+        assert!(store_bound(1, 1));
+        assert!(!store_bound(0, 1));
+    }
+
     use super::*;
 
     const LIMITS: ConnectionLimits = ConnectionLimits {

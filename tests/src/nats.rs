@@ -202,6 +202,23 @@ impl NatsServer {
         }
     }
 
+    /// SIGSTOP: the server hangs with its connections open, answering nothing.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`NatsServer::pause`].
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, signal).expect("signal nats-server");
+        }
+    }
+
     /// Starts the server again on the same port and store.
     pub async fn restart(&mut self) {
         self.kill();

@@ -244,3 +244,104 @@ async fn a_connection_over_the_cap_is_answered_503_when_no_slot_frees_in_time() 
         .expect("no panic")
         .expect("ingest served without error");
 }
+
+/// With the slots and the waiting room full while JetStream holds the slots (a
+/// publish waiting for its acknowledgement), a connection is accepted only to be
+/// answered 503 at once: left in the kernel's listen backlog it would overflow the
+/// accept queue in a spike, and a client whose handshake the kernel completed but
+/// ingest never accepted sends its request into silence until the forge gives up.
+/// (Slots held by slow clients instead leave new ones in the backlog: the test above.)
+#[tokio::test]
+async fn over_the_cap_and_the_waiting_room_while_the_store_is_slow_is_answered_503_at_once() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let mut config = Ingest::config(&nats.url());
+    // Two slots, a waiting room of one.
+    config.max_connections = 2;
+    config.header_timeout = Duration::from_secs(60);
+    // Both longer than the client waits below: an answer after either fails the test.
+    config.queue_wait = Duration::from_secs(8);
+    config.publish_timeout = Duration::from_secs(8);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(sluice_ingest::serve(listener, config, shutdown.clone()));
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client")
+    };
+    wait_for("ingest ready", Duration::from_secs(20), || async {
+        let r = fresh()
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+
+    let body = fixture("github/pull_request.opened.json");
+    let signed = |delivery: &str| {
+        format!(
+            "POST /webhooks/github HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+             x-github-event: pull_request\r\nx-github-delivery: {delivery}\r\n\
+             x-hub-signature-256: {}\r\ncontent-length: {}\r\n\r\n",
+            sluice_tests::sign::github_sha256(sluice_tests::ingest::GITHUB_SECRET, &body),
+            body.len()
+        )
+        .into_bytes()
+        .into_iter()
+        .chain(body.iter().copied())
+        .collect::<Vec<u8>>()
+    };
+    // JetStream stops answering: a webhook's publish waits in its slot.
+    nats.pause();
+    let mut waiting = TcpStream::connect(addr).await.expect("connect");
+    waiting
+        .write_all(&signed("held-by-the-store"))
+        .await
+        .expect("a whole request");
+    // The other slot, then the waiting room's place, held by half a request each.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"POST /webhooks/github HT")
+            .await
+            .expect("half a request line");
+        holders.push(stream);
+    }
+
+    let sent = Instant::now();
+    let mut over = TcpStream::connect(addr).await.expect("connect");
+    over.write_all(&signed("over-the-room"))
+        .await
+        .expect("a whole request");
+    let mut answer = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(4), over.read(&mut answer))
+        .await
+        .expect("answered at once, not after a slot or the room's place frees")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 10"),
+        "{answer}"
+    );
+    assert!(answer.contains("--max-connections"), "{answer}");
+    assert!(sent.elapsed() < Duration::from_secs(4));
+
+    nats.resume();
+    drop(holders);
+    drop(waiting);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), served)
+        .await
+        .expect("ingest stops")
+        .expect("no panic")
+        .expect("ingest served without error");
+}
