@@ -197,6 +197,12 @@ struct RunPage {
     ask_token: bool,
 }
 
+impl RunPage {
+    fn pipeline_href(&self, pipeline: &str) -> String {
+        pipeline_href(pipeline)
+    }
+}
+
 struct ChildRow {
     run_id: String,
     pipeline: String,
@@ -461,6 +467,12 @@ struct EventPage {
     repo: Option<RepoSection>,
 }
 
+impl EventPage {
+    fn pipeline_href(&self, pipeline: &str) -> String {
+        pipeline_href(pipeline)
+    }
+}
+
 /// The decision's record of the repository's `.sluice/`: every value in it (file
 /// names, messages, pipeline names) comes from the repository, so all of it is text.
 struct RepoSection {
@@ -638,6 +650,16 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 // === Formatting ===
+
+/// Where a pipeline's name links: its page, or for a repository pipeline
+/// (`<repo>:<name>`, read per event and not among the applied ones) its runs.
+fn pipeline_href(pipeline: &str) -> String {
+    if pipeline.contains(':') {
+        runs_of(pipeline)
+    } else {
+        format!("/pipelines/{pipeline}")
+    }
+}
 
 /// The run list filtered to one pipeline.
 fn runs_of(pipeline: &str) -> String {

@@ -354,6 +354,12 @@ async fn the_event_page_shows_the_repository_pipelines_read_and_refusals_as_text
             pipelines: vec!["acme/app:build".into()],
             errors: vec![refusal.into()],
         }),
+        pipelines: vec![sluice_core::run::PipelineDecision {
+            pipeline: "acme/app:build".into(),
+            matched: true,
+            triggers: Vec::new(),
+            note: None,
+        }],
         ..decision()
     };
     bus::publish_json_replacing(js, subjects::decision("github:d-9"), &read)
@@ -384,6 +390,16 @@ async fn the_event_page_shows_the_repository_pipelines_read_and_refusals_as_text
         event.contains("<a href=\"/runs?pipeline=acme%2Fapp%3Abuild\">acme/app:build</a>"),
         "each pipeline read links to its runs: {event}"
     );
+    // Also where it is listed among the pipelines considered: it has no page of its
+    // own (it is not applied), so its runs.
+    assert_eq!(
+        event
+            .matches("<a href=\"/runs?pipeline=acme%2Fapp%3Abuild\">acme/app:build</a>")
+            .count(),
+        2,
+        "{event}"
+    );
+    assert!(!event.contains("href=\"/pipelines/acme"), "{event}");
     let escaped = |open: &str, close: &str| {
         format!(
             "<li><code>.sluice/{open}script{close}alert(1){open}/script{close}.yaml:3:7: unknown field `{open}script{close}alert(1){open}/script{close}`</code></li>"
