@@ -294,3 +294,64 @@ async fn a_github_app_signs_commit_statuses_with_installation_tokens() {
     // Mocks' `expect` counts are verified when the server drops: one look-up per owner,
     // one token, one status, and no retry for the repository without the App.
 }
+
+/// A `.sluice/` refused in part fails `sluice/config` on its commit, linking to the
+/// event's decision rather than to a run.
+#[tokio::test]
+async fn a_config_failure_is_sent_as_sluice_config_linking_to_the_decision() {
+    init_logs();
+    let github = MockServer::start().await;
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    Mock::given(method("POST"))
+        .and(path(format!("/repos/acme/app/statuses/{sha}")))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": 1})))
+        .expect(1)
+        .mount(&github)
+        .await;
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let mut config = Dispatcher::config(&nats.url());
+    config.forge = ForgeConfig {
+        github_token: Some(secrecy::SecretString::from("gh".to_owned())),
+        github_api_url: github.uri(),
+        ..ForgeConfig::default()
+    };
+    config.reporter = Some(ReporterConfig {
+        link_base_url: "https://ci.example.com".into(),
+        interval: Duration::from_millis(100),
+        requests_per_hour: 36_000,
+    });
+    let _dispatcher = Dispatcher::start_with(config).await;
+    let reports = sluice_core::streams::bucket(&js, sluice_core::subjects::REPORTS_BUCKET)
+        .await
+        .expect("bucket");
+    sluice_dispatcher::reporter::queue_config_failure(
+        &reports,
+        sluice_core::Provider::Github,
+        "acme/app",
+        sha,
+        "github:d-7",
+        &[
+            ".sluice/lint.yaml:5:14: bad duration `soon`".into(),
+            ".sluice/b.yaml: not read".into(),
+        ],
+    )
+    .await
+    .expect("queued");
+    let body: serde_json::Value = wait_for("the status", Duration::from_secs(20), || async {
+        let requests = github.received_requests().await?;
+        serde_json::from_slice(&requests.first()?.body).ok()
+    })
+    .await;
+    assert_eq!(body["context"], "sluice/config");
+    assert_eq!(body["state"], "failure");
+    assert_eq!(
+        body["target_url"],
+        "https://ci.example.com/events/github:d-7"
+    );
+    assert_eq!(
+        body["description"],
+        "2 problems; .sluice/lint.yaml:5:14: bad duration `soon`"
+    );
+}
