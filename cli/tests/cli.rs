@@ -400,6 +400,60 @@ async fn pipelines_list_shows_the_repository_pipelines_read_in_the_last_hour() {
 }
 
 #[tokio::test]
+async fn events_why_shows_which_repository_definitions_ran_and_what_was_refused() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let url = nats.url();
+    let js = jetstream(&url).await;
+    provision(&js).await;
+    let decision = |id: &str, repo_pipelines: serde_json::Value| {
+        serde_json::json!({
+            "event_id": id, "provider": "github", "kind": "pull_request", "action": "opened",
+            "repo": "acme/app", "ref": "refs/pull/7/head", "sha": "e".repeat(40), "pr": 7,
+            "decided_at": "2026-12-03T12:00:00Z", "pipelines": [], "not_considered": 0,
+            "runs": [], "repo_pipelines": repo_pipelines
+        })
+    };
+    let base = decision(
+        "github:rp-1",
+        serde_json::json!({
+            "side": "base", "git_ref": "b".repeat(40),
+            "reason": "the pull request comes from a fork: its target branch's definitions run",
+            "pipelines": ["acme/app:build"],
+            "errors": [".sluice/lint.yaml:5:14: bad duration `soon`"]
+        }),
+    );
+    let unread = decision(
+        "github:rp-2",
+        serde_json::json!({"reason": "reviewer is none: only an owner, member or collaborator's /ok-to-test runs a pull request's proposed definitions"}),
+    );
+    for d in [&base, &unread] {
+        let subject = sluice_core::subjects::decision(d["event_id"].as_str().expect("id"));
+        js.publish(subject, serde_json::to_vec(d).expect("json").into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let out = sluice(&url, &["events", "why", "github:rp-1"]);
+    let why = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let b = "b".repeat(40);
+    assert!(
+        why.contains(&format!(
+            "repository pipelines: the target branch's .sluice/ at {b}\n  why: the pull request comes from a fork: its target branch's definitions run\n  read: acme/app:build\n  refused: .sluice/lint.yaml:5:14: bad duration `soon`\n"
+        )),
+        "{why}"
+    );
+    let out = sluice(&url, &["events", "why", "github:rp-2"]);
+    let why = text(&out.stdout);
+    assert!(
+        why.contains("repository pipelines: not read: reviewer is none: only an owner"),
+        "{why}"
+    );
+}
+
+#[tokio::test]
 async fn events_why_explains_each_pipeline() {
     init_logs();
     let nats = NatsServer::start().await;
