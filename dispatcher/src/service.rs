@@ -238,7 +238,20 @@ pub async fn dispatch(ctx: &Context, event: &Event) -> Result<Dispatched> {
     // A GitLab comment command carries no association: the commenter's membership
     // gives it one, for `command_authors` and `/ok-to-test`.
     let mut with_association = None;
-    if let (Some(members), Some((project, user_id))) = (&ctx.members, asks_membership(event)) {
+    let command_in_use = |word: &str| {
+        word == sluice_core::repo_pipelines::OK_TO_TEST
+            || index
+                .candidates(&event.repo.as_deref().unwrap_or("").to_ascii_lowercase())
+                .iter()
+                .any(|p| {
+                    p.triggers
+                        .iter()
+                        .any(|t| t.command.as_deref() == Some(word))
+                })
+    };
+    if let (Some(members), Some((project, user_id))) =
+        (&ctx.members, asks_membership(event, command_in_use))
+    {
         if let Some(association) = members.association(project, user_id).await? {
             let mut e = event.clone();
             e.actor_association = Some(association.to_owned());
@@ -419,14 +432,16 @@ fn unstarted_child<'e>(
     Some((parent, why))
 }
 
-/// The GitLab project and user whose membership `event` needs: a comment command (a
-/// comment starting with `/`) that carries no association.
-fn asks_membership(event: &Event) -> Option<(&str, u64)> {
+/// The GitLab project and user whose membership `event` needs: a comment that carries
+/// no association and starts with a command something acts on (`in_use`: a candidate
+/// pipeline's `command`, or `/ok-to-test`) — not every quick action (`/assign`).
+fn asks_membership(event: &Event, in_use: impl Fn(&str) -> bool) -> Option<(&str, u64)> {
     use sluice_core::envelope::kind;
     let command = event
         .comment
         .as_deref()
-        .is_some_and(|c| c.trim_start().starts_with('/'));
+        .and_then(|c| c.split_whitespace().next())
+        .is_some_and(|word| word.starts_with('/') && in_use(word));
     if event.provider != Provider::Gitlab
         || event.kind != kind::COMMENT
         || !command
@@ -713,12 +728,15 @@ mod tests {
         e.repo = Some("group/app".into());
         e.actor_id = Some(7);
         e.comment = Some("/retest please".into());
-        assert_eq!(asks_membership(&e), Some(("group/app", 7)));
+        let in_use = |word: &str| word == "/retest";
+        assert_eq!(asks_membership(&e, in_use), Some(("group/app", 7)));
         let ask = |edit: &dyn Fn(&mut Event)| {
             let mut other = e.clone();
             edit(&mut other);
-            asks_membership(&other).map(|(p, u)| (p.to_owned(), u))
+            asks_membership(&other, in_use).map(|(p, u)| (p.to_owned(), u))
         };
+        // A quick action nothing acts on asks nothing.
+        assert_eq!(ask(&|e| e.comment = Some("/assign @me".into())), None);
         assert_eq!(ask(&|e| e.comment = Some("looks good".into())), None);
         assert_eq!(ask(&|e| e.comment = None), None);
         assert_eq!(ask(&|e| e.actor_id = None), None);
