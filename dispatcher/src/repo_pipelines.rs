@@ -120,10 +120,30 @@ impl RepoPipelines {
     }
 
     /// The repository pipelines `event` runs, or `None` when its repository is not
-    /// opted in (then nothing is read). A forge error is returned, for the event to be
-    /// retried and dead-lettered with the reason once its attempts are spent; files
-    /// that do not parse are in the record, and the others still count.
+    /// opted in (then nothing is read). A forge error that may pass (down, slow, rate
+    /// limited) is returned, for the event to be retried and dead-lettered with the
+    /// reason once its attempts are spent. One that cannot (no credentials, refused,
+    /// the App not installed) reads nothing: the record says why and which setting to
+    /// fix, and the applied pipelines still run — dead-lettering every event of the
+    /// repository would stop those too. Files that do not parse are in the record, and
+    /// the others still count.
     pub async fn load(&self, event: &Event) -> Result<Option<Loaded>> {
+        match self.load_or_fail(event).await {
+            Err(e) if !e.is_retryable() => {
+                tracing::warn!(event_id = %event.id, repo = event.repo.as_deref().unwrap_or(""), error = %e, "repository pipelines not read");
+                Ok(Some(Loaded {
+                    record: RepoPipelinesRead {
+                        reason: format!("not read: {e}"),
+                        ..RepoPipelinesRead::default()
+                    },
+                    ..Loaded::default()
+                }))
+            }
+            other => other,
+        }
+    }
+
+    async fn load_or_fail(&self, event: &Event) -> Result<Option<Loaded>> {
         let Some(repo) = event.repo.as_deref() else {
             return Ok(None);
         };

@@ -735,3 +735,43 @@ async fn a_gitlab_members_ok_to_test_runs_the_proposal_at_the_notes_head_without
     want.extend(gitlab_files(HEAD));
     assert_eq!(forge.targets(), want);
 }
+
+#[tokio::test]
+async fn a_forge_that_refuses_for_good_reads_nothing_and_the_applied_pipelines_still_run() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    apply(
+        &js,
+        "name: applied\ntriggers:\n  - repos: [acme/app]\n    kinds: [push]\nsteps:\n  - {name: s, image: alpine, commands: [x]}\n",
+    )
+    .await;
+    let forge = ForgeFiles::start().await;
+    forge.set("acme/app", C1, &[("build.yaml", &build("echo one"))]);
+    // No GitHub credentials at all: asking again cannot help.
+    let mut config = config(&nats, &forge, &["acme/app"]);
+    config.forge.github_token = None;
+    let _d = Dispatcher::start_with(config).await;
+    publish_event(&js, &push("nc1", "acme/app", C1)).await;
+    let runs = runs_of(&js, "github:nc1", 1).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].pipeline, "applied");
+    let read = decided(&js, "github:nc1")
+        .await
+        .repo_pipelines
+        .expect("recorded");
+    assert_eq!(read.side, None);
+    assert!(
+        read.reason.starts_with("not read: ") && read.reason.contains("SLUICE_GITHUB_TOKEN"),
+        "says which setting to fix: {}",
+        read.reason
+    );
+    assert!(
+        all_messages(&js, subjects::DEADLETTER_STREAM)
+            .await
+            .is_empty(),
+        "not dead-lettered"
+    );
+    assert!(forge.received().is_empty(), "{:?}", forge.targets());
+}
