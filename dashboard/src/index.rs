@@ -25,6 +25,8 @@ pub struct RunSummary {
     pub parent: Option<ParentRef>,
     /// Its event's kind and ref, once the event's decision is read.
     pub event: Option<EventFacts>,
+    /// The index's change number when this run last changed (see `RunIndex::version`).
+    pub changed: u64,
 }
 
 /// What the decision of a run's event says about it: the kind (`push`,
@@ -93,13 +95,34 @@ struct Runs {
     last_decision: u64,
     /// Child run ids by parent run id, in the order they were first seen.
     children: HashMap<String, Vec<String>>,
+    /// How many changes have been announced: each one's number, in order.
+    version: u64,
 }
+
+impl Runs {
+    /// Numbers a change of `run_id` and stamps the run with it.
+    fn changed(&mut self, run_id: &str) -> u64 {
+        self.version += 1;
+        let v = self.version;
+        if let Some(r) = self.by_id.get_mut(run_id) {
+            r.changed = v;
+        }
+        v
+    }
+}
+
+/// A change of the index: its number and the run that changed.
+pub type Change = (u64, String);
+
+/// At most this many runs are replayed to a list that reconnects; past it, the list
+/// reloads (cheaper than thousands of rows, one event each).
+pub const MAX_REPLAY: usize = 500;
 
 /// The shared index and the channel its changes are announced on (the run's id).
 #[derive(Debug)]
 pub struct RunIndex {
     runs: RwLock<Runs>,
-    changes: broadcast::Sender<String>,
+    changes: broadcast::Sender<Change>,
 }
 
 impl Default for RunIndex {
@@ -157,6 +180,7 @@ impl RunIndex {
                             sha: u.sha.clone(),
                             parent: u.parent.clone(),
                             event,
+                            changed: 0,
                         },
                     );
                     u.parent.as_ref().map(|p| p.run_id.clone())
@@ -168,16 +192,18 @@ impl RunIndex {
                     .or_default()
                     .push(u.run_id.clone());
             }
+            let change = runs.changed(&u.run_id);
+            // Sent under the lock, so changes are received in the order of their
+            // numbers. No subscriber is not an error: nobody is watching the list.
+            let _ = self.changes.send((change, u.run_id.clone()));
         }
-        // No subscriber is not an error: nobody is watching the list.
-        let _ = self.changes.send(u.run_id.clone());
     }
 
     /// Folds one stored decision in: its event's kind and ref, for the runs it started
     /// (and any later run of the same event), each of which is announced again so a
     /// filtered live list sees it once its event is known.
     pub fn apply_decision(&self, sequence: u64, d: &Decision) {
-        let announce: Vec<String> = {
+        {
             let mut runs = self.write();
             if sequence <= runs.last_decision {
                 return;
@@ -188,19 +214,16 @@ impl RunIndex {
                 git_ref: d.git_ref.clone(),
             };
             runs.events.insert(d.event_id.clone(), facts.clone());
-            let mut announce = Vec::new();
             for planned in &d.runs {
                 if let Some(r) = runs.by_id.get_mut(&planned.run_id) {
                     if r.event.as_ref() != Some(&facts) {
                         r.event = Some(facts.clone());
-                        announce.push(planned.run_id.clone());
+                        let v = runs.changed(&planned.run_id);
+                        // Under the lock, as in `apply`.
+                        let _ = self.changes.send((v, planned.run_id.clone()));
                     }
                 }
             }
-            announce
-        };
-        for id in announce {
-            let _ = self.changes.send(id);
         }
     }
 
@@ -265,9 +288,36 @@ impl RunIndex {
         self.len() == 0
     }
 
-    /// The ids of runs as they change, from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+    /// The number of the last change folded in. A page rendered after reading it shows
+    /// at least every change up to it, so a live list that starts after it misses none.
+    pub fn version(&self) -> u64 {
+        self.read().version
+    }
+
+    /// The runs as they change, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+
+    /// The runs matching `filter` that changed after change `after`, in the order of
+    /// their last change, and the number of the last change they include; `None` when
+    /// more than `MAX_REPLAY` did. Taken after `subscribe`, a change numbered up to the
+    /// returned one that the subscription also delivers is already in here.
+    pub fn changed_since(&self, after: u64, filter: &RunFilter) -> Option<(Vec<RunSummary>, u64)> {
+        let runs = self.read();
+        let mut changed: Vec<&RunSummary> = Vec::new();
+        if after < runs.version {
+            for r in runs.by_id.values() {
+                if r.changed > after && filter.matches(r) {
+                    if changed.len() == MAX_REPLAY {
+                        return None;
+                    }
+                    changed.push(r);
+                }
+            }
+        }
+        changed.sort_by_key(|r| r.changed);
+        Some((changed.into_iter().cloned().collect(), runs.version))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Runs> {
@@ -485,6 +535,37 @@ mod tests {
         .expect("decision")
     }
 
+    #[test]
+    fn a_list_that_starts_late_gets_every_run_changed_since_its_page_once() {
+        let index = RunIndex::default();
+        index.apply(1, &update("r0", "ci", RunState::Queued));
+        index.apply(2, &update("r1", "cd", RunState::Queued));
+        // The page is rendered here; three changes happen before its live list connects.
+        let rendered = index.version();
+        index.apply(3, &update("r2", "ci", RunState::Queued));
+        index.apply(4, &update("r0", "ci", RunState::Running));
+        index.apply(5, &update("r3", "cd", RunState::Queued));
+        let ci = RunFilter {
+            pipeline: "ci".into(),
+            ..RunFilter::default()
+        };
+        let (runs, upto) = index.changed_since(rendered, &ci).expect("few changes");
+        let ids: Vec<_> = runs.iter().map(|r| r.view.run_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["r2", "r0"],
+            "in the order of their last change, filtered"
+        );
+        assert_eq!(runs[1].view.state, RunState::Running, "as they are now");
+        assert_eq!(upto, index.version());
+        assert!(index.changed_since(upto, &ci).expect("none").0.is_empty());
+        // Too many to replay: the list is told to reload instead.
+        for i in 0..=MAX_REPLAY as u64 {
+            index.apply(10 + i, &update(&format!("n{i}"), "ci", RunState::Queued));
+        }
+        assert!(index.changed_since(upto, &ci).is_none());
+    }
+
     fn ids(page: (Vec<RunSummary>, bool)) -> Vec<String> {
         page.0.into_iter().map(|r| r.view.run_id).collect()
     }
@@ -510,7 +591,7 @@ mod tests {
             &decision("e2", "pull_request", "refs/heads/fix/a b", &["r2"]),
         );
         assert_eq!(
-            changes.try_recv().ok().as_deref(),
+            changes.try_recv().ok().map(|(_, id)| id).as_deref(),
             Some("r2"),
             "announced again"
         );

@@ -20,7 +20,7 @@ use sluice_core::run::{LogChunk, RunView, StatusUpdate};
 use sluice_core::{bus, subjects};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::index::RunFilter;
+use crate::index::{RunFilter, RunSummary};
 use crate::pages::{duration, valid_token, RunRow, Times};
 use crate::{ansi, groups, AppState, Result};
 
@@ -207,31 +207,75 @@ async fn state_stream(State(s): State<AppState>, Path(run_id): Path<String>) -> 
 }
 
 /// Each change of a run that matches the page's filter, as the row it now shows.
-async fn runs_stream(State(s): State<AppState>, Query(filter): Query<RunFilter>) -> Response {
+/// Where a run list's stream starts: after the change its page was rendered at.
+#[derive(Debug, serde::Deserialize)]
+struct Since {
+    #[serde(default)]
+    after: Option<u64>,
+}
+
+/// The run list's changes. Each event's id is the change's number, and a list that
+/// names one (`?after=` from its page, `Last-Event-ID` on a reconnect) first gets the
+/// runs changed since, as they are now: a run that changes between the page and the
+/// stream's start is not missed.
+async fn runs_stream(
+    State(s): State<AppState>,
+    Query(filter): Query<RunFilter>,
+    Query(since): Query<Since>,
+    headers: HeaderMap,
+) -> Response {
+    let after = match headers.get("last-event-id") {
+        Some(v) => match v.to_str().ok().and_then(|v| v.trim().parse().ok()) {
+            Some(n) => Some(n),
+            None => return StatusCode::BAD_REQUEST.into_response(),
+        },
+        None => since.after,
+    };
+    // Subscribed before the replay is read: whatever changes meanwhile is in one or the
+    // other, and what is in both is sent once.
     let changes = s.index.subscribe();
+    let (replay, upto) = match after.map(|a| s.index.changed_since(a, &filter)) {
+        None => (Vec::new(), 0),
+        Some(Some((runs, upto))) => (runs, upto),
+        Some(None) => {
+            let reload = Event::default().event("reload").data("too many changes");
+            return sse(futures::stream::once(futures::future::ready(Ok(reload))));
+        }
+    };
+    let replay = futures::stream::iter(replay.into_iter().filter_map(|r| run_event(r.changed, &r)));
     let index = s.index.clone();
-    let events = futures::stream::unfold(changes, |mut changes| async move {
+    let live = futures::stream::unfold(changes, |mut changes| async move {
         match changes.recv().await {
-            Ok(id) => Some((Ok(id), changes)),
+            Ok(change) => Some((Ok(change), changes)),
             // A slow page missed changes: it reloads rather than show a wrong list.
             Err(RecvError::Lagged(_)) => Some((Err(()), changes)),
             Err(RecvError::Closed) => None,
         }
     })
-    .take_until(s.shutdown.clone().cancelled_owned())
     .filter_map(move |change| {
         let event = match change {
-            Ok(id) => index.get(&id).filter(|r| filter.matches(r)).and_then(|r| {
-                Event::default()
-                    .event("run")
-                    .json_data(RunRow::new(&r))
-                    .ok()
-            }),
+            Ok((n, _)) if n <= upto => None,
+            Ok((n, id)) => index
+                .get(&id)
+                .filter(|r| filter.matches(r))
+                .and_then(|r| run_event(n, &r)),
             Err(()) => Some(Event::default().event("reload").data("lagged")),
         };
-        futures::future::ready(event.map(Ok::<_, Infallible>))
+        futures::future::ready(event)
     });
+    let events = replay
+        .chain(live)
+        .take_until(s.shutdown.clone().cancelled_owned())
+        .map(Ok::<_, Infallible>);
     sse(events)
+}
+
+fn run_event(change: u64, r: &RunSummary) -> Option<Event> {
+    Event::default()
+        .event("run")
+        .id(change.to_string())
+        .json_data(RunRow::new(r))
+        .ok()
 }
 
 fn sse(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {

@@ -71,8 +71,8 @@ struct RunsPage {
     states: [&'static str; 7],
     /// The event kinds stored runs have, and the one asked for if none has it.
     kinds: Vec<String>,
-    /// The filter as a query string, for the live stream of this list.
-    query: String,
+    /// The live stream of this list: its filter, and the change the page shows.
+    live: String,
 }
 
 /// One row of the run list.
@@ -132,6 +132,13 @@ pub(crate) fn query_string(f: &RunFilter, page: Option<usize>) -> String {
         .join("&")
 }
 
+/// `/runs/live` for a list of `f` rendered at change `version`.
+fn live_url(f: &RunFilter, version: u64) -> String {
+    let filter = query_string(f, None);
+    let sep = if filter.is_empty() { "" } else { "&" };
+    format!("/runs/live?{filter}{sep}after={version}")
+}
+
 fn form_pairs(f: &RunFilter) -> Vec<(&'static str, String)> {
     vec![
         ("repo", f.repo.clone()),
@@ -155,6 +162,9 @@ fn percent(s: &str) -> String {
 }
 
 async fn runs(State(s): State<AppState>, Query(q): Query<RunsQuery>) -> Result<Response> {
+    // Read before the page: the page shows every change up to it, so the live list
+    // replaying the changes after it misses none (one shown twice is replaced).
+    let version = s.index.version();
     let (found, more) = s.index.page(&q.filter, q.page * PAGE_SIZE, PAGE_SIZE);
     let link = |p: usize| format!("/runs?{}", query_string(&q.filter, Some(p)));
     let mut kinds = s.index.kinds();
@@ -169,7 +179,7 @@ async fn runs(State(s): State<AppState>, Query(q): Query<RunsQuery>) -> Result<R
         page: q.page,
         total: s.index.len(),
         states: STATES,
-        query: query_string(&q.filter, None),
+        live: live_url(&q.filter, version),
         filter: q.filter,
     })
 }

@@ -669,6 +669,67 @@ async fn new_runs_and_state_changes_reach_the_live_run_list() {
     env.stop().await;
 }
 
+/// A run stored after the page was rendered but before its live list connected (the
+/// browser test's race) is sent first; a reconnect naming the last event's id gets only
+/// what changed after it.
+#[tokio::test]
+async fn a_live_list_that_connects_late_gets_the_runs_changed_since_its_page() {
+    let env = Env::start().await;
+    let js = &env.js;
+    publish_status(js, &status("run-old", None, RunState::Queued, None)).await;
+    let page = env.page_with("/runs", "run-old").await;
+    let live = page
+        .split("data-live=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the page names its live list")
+        .replace("&#38;", "&");
+    assert!(live.starts_with("/runs/live?after="), "{live}");
+    publish_status(js, &status("run-new", None, RunState::Queued, None)).await;
+    publish_status(js, &status("run-old", None, RunState::Running, None)).await;
+    env.page_with("/runs", "run-new").await;
+    env.page_with("/runs?state=running", "run-old").await;
+
+    let res = env
+        .http
+        .get(format!("{}{live}", env.base))
+        .send()
+        .await
+        .expect("connect");
+    assert_eq!(res.status(), 200);
+    let events = read_events(res, 2).await;
+    let rows: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).expect("json"))
+        .collect();
+    assert_eq!(rows[0]["run_id"], "run-new");
+    assert_eq!(rows[1]["run_id"], "run-old");
+    assert_eq!(rows[1]["state"], "running", "as it is now");
+    let first = events[0].id.clone().expect("an id");
+
+    // Reconnecting after the first event: only the second comes again, then live ones.
+    let res = env
+        .http
+        .get(format!("{}{live}", env.base))
+        .header("Last-Event-ID", first)
+        .send()
+        .await
+        .expect("reconnect");
+    publish_status(js, &status("run-3", None, RunState::Queued, None)).await;
+    let events = read_events(res, 2).await;
+    let ids: Vec<String> = events
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(&e.data).expect("json")["run_id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["run-old", "run-3"], "no gap and no repeat");
+    env.stop().await;
+}
+
 /// The dashboard on its own role's seed (`dashboard.nk` from `sluice nats init`) reads
 /// every page without one permission violation: the role covers what it reads.
 #[tokio::test]
@@ -855,7 +916,7 @@ async fn runs_filter_by_branch_and_event_kind_live_too_and_parents_list_their_ch
         "the form keeps the choice: {prs}"
     );
     assert!(
-        prs.contains("data-live=\"/runs/live?kind=pull_request\""),
+        prs.contains("data-live=\"/runs/live?kind=pull_request&#38;after="),
         "{prs}"
     );
     let none = env.get("/runs?branch=feature&kind=push").await.2;
