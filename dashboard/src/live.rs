@@ -206,7 +206,6 @@ async fn state_stream(State(s): State<AppState>, Path(run_id): Path<String>) -> 
     Ok(sse(events))
 }
 
-/// Each change of a run that matches the page's filter, as the row it now shows.
 /// Where a run list's stream starts: after the change its page was rendered at.
 #[derive(Debug, serde::Deserialize)]
 struct Since {
