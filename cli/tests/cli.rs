@@ -83,6 +83,27 @@ fn validate_reports_file_line_column_and_what_is_wrong() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "pipeline/app-ci is valid\n");
+
+    // A document that is a list of pipelines: each one is valid on its own line.
+    let items: String = GOOD
+        .replace("app-ci", "lint")
+        .lines()
+        .chain(GOOD.lines())
+        .map(|l| match l.starts_with("name:") {
+            true => format!("- {l}\n"),
+            false => format!("  {l}\n"),
+        })
+        .collect();
+    let list = write(dir.path(), "list.yaml", &items);
+    let out = sluice(
+        "nats://127.0.0.1:1",
+        &["pipelines", "validate", "-f", &list],
+    );
+    assert!(out.status.success(), "{items}{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "pipeline/lint is valid\npipeline/app-ci is valid\n"
+    );
 }
 
 #[test]

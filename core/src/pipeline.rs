@@ -62,7 +62,7 @@ pub fn parse_documents_limited(
         message,
     };
     crate::yaml::check_size(text).map_err(|m| refuse(0, 0, m))?;
-    let pipelines: Vec<Pipeline> =
+    let documents: Vec<Document> =
         serde_saphyr::from_multiple_with_options(text, crate::yaml::options_with_depth(max_depth))
             .map_err(|e| {
                 let message = clean_message(&e.without_snippet().to_string());
@@ -78,6 +78,7 @@ pub fn parse_documents_limited(
                 };
                 refuse(line, column, message)
             })?;
+    let pipelines: Vec<Pipeline> = documents.into_iter().flat_map(|d| d.0).collect();
     if pipelines.is_empty() {
         return Err(refuse(0, 0, "no pipeline in this file".into()));
     }
@@ -92,6 +93,31 @@ pub fn parse_documents_limited(
         }
     }
     Ok(pipelines)
+}
+
+/// One YAML document of a pipelines file: a pipeline (a mapping), or a list of them —
+/// the shape people write when they keep several pipelines in one document.
+struct Document(Vec<Pipeline>);
+
+impl<'de> Deserialize<'de> for Document {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Shape;
+        impl<'de> de::Visitor<'de> for Shape {
+            type Value = Document;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a pipeline (a mapping with `name` and `steps`) or a list of pipelines")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Document, A::Error> {
+                Pipeline::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|p| Document(vec![p]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Document, A::Error> {
+                Vec::<Pipeline>::deserialize(de::value::SeqAccessDeserializer::new(seq))
+                    .map(Document)
+            }
+        }
+        d.deserialize_any(Shape)
+    }
 }
 
 /// The parser reports errors raised by a value's own checks at the start of the
@@ -1019,6 +1045,43 @@ steps:
         let e = refused_quickly(&text);
         assert!(e.message.contains("more than the"), "{e}");
         assert_eq!(e.line, 0);
+    }
+
+    #[test]
+    fn a_document_may_be_a_list_of_pipelines() {
+        let text = "- name: lint\n  steps:\n    - {name: a, image: i}\n- name: test\n  steps:\n    - {name: b, image: i}\n---\nname: deploy\nsteps:\n  - {name: c, image: i}\n";
+        let names: Vec<String> = parse_documents("p.yaml", text)
+            .expect("valid")
+            .into_iter()
+            .map(|p| p.name.to_string())
+            .collect();
+        assert_eq!(names, ["lint", "test", "deploy"]);
+
+        // An error in the second item points into it, as in a file of one pipeline.
+        let e = err("- name: lint\n  steps:\n    - {name: a, image: i}\n- name: test\n  steps:\n    - name: b\n      image: i\n      comands: [x]\n");
+        assert_eq!((e.line, e.column), (8, 7), "{e}");
+        assert!(e.message.contains("unknown field `comands`"), "{e}");
+        let e = err("- name: lint\n  steps:\n    - {name: a, image: i}\n- name: Bad_Name\n  steps:\n    - {name: b, image: i}\n");
+        assert_eq!((e.line, e.column), (4, 9), "{e}");
+        let e = err("- name: a\n  steps: [{name: s, image: i}]\n- name: a\n  steps: [{name: s, image: i}]\n");
+        assert!(e.message.contains("`a` is defined twice"), "{e}");
+        // Neither a mapping nor a list: the message says what a document may be.
+        let e = err("just words\n");
+        assert!(e.message.contains("a list of pipelines"), "{e}");
+        let e = err("name: x\nsteps:\n  - name: a\n    commands: [make]\n");
+        assert_eq!((e.line, e.column), (3, 3), "{e}");
+    }
+
+    #[test]
+    fn a_whole_pipeline_check_points_at_the_pipeline() {
+        // The file's one pipeline: the file and the pipeline's name say where.
+        let e = err("name: x\nsteps: []\n");
+        assert!(e.message.contains("has no steps"), "{e}");
+        assert_eq!(e.line, 0, "{e}");
+        // One of a list: its item.
+        let e = err("- name: y\n  steps: [{name: s, image: i}]\n- name: x\n  steps: []\n");
+        assert!(e.message.contains("has no steps"), "{e}");
+        assert_eq!(e.line, 3, "{e}");
     }
 
     #[test]

@@ -385,6 +385,26 @@ mod tests {
     }
 
     #[test]
+    fn a_file_may_hold_a_list_of_pipelines() {
+        let list = format!(
+            "- {}\n- {}\n",
+            BUILD.trim_end().replace('\n', "\n  "),
+            BUILD
+                .trim_end()
+                .replace("name: build", "name: lint")
+                .replace('\n', "\n  ")
+        );
+        let parsed = parse(
+            "acme/app",
+            &[file(".sluice/all.yaml", &list)],
+            &Limits::default(),
+        );
+        assert!(parsed.errors.is_empty(), "{list}{:?}", parsed.errors);
+        let names: Vec<&str> = parsed.pipelines.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["acme/app:build", "acme/app:lint"]);
+    }
+
+    #[test]
     fn a_bad_file_is_refused_with_its_line_and_its_sibling_still_counts() {
         let bad = "name: lint\nsteps:\n  - name: x\n    image: alpine\n    commands: ['true']\n    timeout: soon\n";
         let parsed = parse(
