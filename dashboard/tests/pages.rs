@@ -651,8 +651,12 @@ async fn new_runs_and_state_changes_reach_the_live_run_list() {
     other.pipeline = "other".into();
     publish_status(js, &other).await;
     publish_status(js, &status("run-live", None, RunState::Queued, None)).await;
+    // Each event carries the run as it is when sent: the next state is stored only
+    // once the first was seen, or both events could say `running`.
+    let mut reader = SseReader::new(res);
+    let mut events = reader.next(1).await;
     publish_status(js, &status("run-live", None, RunState::Running, None)).await;
-    let events = read_events(res, 2).await;
+    events.extend(reader.next(1).await);
     let rows: Vec<serde_json::Value> = events
         .iter()
         .map(|e| {
