@@ -25,8 +25,41 @@ pub struct RunSummary {
     pub parent: Option<ParentRef>,
     /// Its event's kind and ref, once the event's decision is read.
     pub event: Option<EventFacts>,
-    /// The index's change number when this run last changed (see `RunIndex::version`).
-    pub changed: u64,
+    /// Where the index stood when this run last changed.
+    pub changed: Position,
+}
+
+/// How far the index has read the status and decisions streams. Both are stream
+/// sequences, so a position means the same on every replica: a page one replica
+/// rendered can be followed live from another.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub status: u64,
+    pub decisions: u64,
+}
+
+impl Position {
+    /// Whether everything read up to `other` was read up to `self` too.
+    pub fn covers(self, other: Position) -> bool {
+        other.status <= self.status && other.decisions <= self.decisions
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.status, self.decisions)
+    }
+}
+
+impl std::str::FromStr for Position {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Position, Self::Err> {
+        let (status, decisions) = s.split_once('-').unwrap_or((s, ""));
+        Ok(Position {
+            status: status.parse()?,
+            decisions: decisions.parse()?,
+        })
+    }
 }
 
 /// What the decision of a run's event says about it: the kind (`push`,
@@ -95,24 +128,28 @@ struct Runs {
     last_decision: u64,
     /// Child run ids by parent run id, in the order they were first seen.
     children: HashMap<String, Vec<String>>,
-    /// How many changes have been announced: each one's number, in order.
-    version: u64,
 }
 
 impl Runs {
-    /// Numbers a change of `run_id` and stamps the run with it.
-    fn changed(&mut self, run_id: &str) -> u64 {
-        self.version += 1;
-        let v = self.version;
-        if let Some(r) = self.by_id.get_mut(run_id) {
-            r.changed = v;
+    fn position(&self) -> Position {
+        Position {
+            status: self.last_sequence,
+            decisions: self.last_decision,
         }
-        v
+    }
+
+    /// Stamps `run_id` as changed at the current position, which it returns.
+    fn changed(&mut self, run_id: &str) -> Position {
+        let at = self.position();
+        if let Some(r) = self.by_id.get_mut(run_id) {
+            r.changed = at;
+        }
+        at
     }
 }
 
-/// A change of the index: its number and the run that changed.
-pub type Change = (u64, String);
+/// A change of the index: where it stood after it, and the run that changed.
+pub type Change = (Position, String);
 
 /// At most this many runs are replayed to a list that reconnects; past it, the list
 /// reloads (cheaper than thousands of rows, one event each).
@@ -180,7 +217,7 @@ impl RunIndex {
                             sha: u.sha.clone(),
                             parent: u.parent.clone(),
                             event,
-                            changed: 0,
+                            changed: Position::default(),
                         },
                     );
                     u.parent.as_ref().map(|p| p.run_id.clone())
@@ -194,7 +231,7 @@ impl RunIndex {
             }
             let change = runs.changed(&u.run_id);
             // Sent under the lock, so changes are received in the order of their
-            // numbers. No subscriber is not an error: nobody is watching the list.
+            // positions. No subscriber is not an error: nobody is watching the list.
             let _ = self.changes.send((change, u.run_id.clone()));
         }
     }
@@ -288,10 +325,10 @@ impl RunIndex {
         self.len() == 0
     }
 
-    /// The number of the last change folded in. A page rendered after reading it shows
-    /// at least every change up to it, so a live list that starts after it misses none.
-    pub fn version(&self) -> u64 {
-        self.read().version
+    /// Where the index stands. A page rendered after reading it shows at least every
+    /// change up to it, so a live list that starts from it misses none.
+    pub fn position(&self) -> Position {
+        self.read().position()
     }
 
     /// The runs as they change, from now on.
@@ -299,16 +336,20 @@ impl RunIndex {
         self.changes.subscribe()
     }
 
-    /// The runs matching `filter` that changed after change `after`, in the order of
-    /// their last change, and the number of the last change they include; `None` when
-    /// more than `MAX_REPLAY` did. Taken after `subscribe`, a change numbered up to the
-    /// returned one that the subscription also delivers is already in here.
-    pub fn changed_since(&self, after: u64, filter: &RunFilter) -> Option<(Vec<RunSummary>, u64)> {
+    /// The runs matching `filter` that changed after `after`, in the order of their
+    /// last change, and the position they are read at; `None` when more than
+    /// `MAX_REPLAY` did. Taken after `subscribe`, a change the subscription also
+    /// delivers is already in here when the returned position covers it.
+    pub fn changed_since(
+        &self,
+        after: Position,
+        filter: &RunFilter,
+    ) -> Option<(Vec<RunSummary>, Position)> {
         let runs = self.read();
         let mut changed: Vec<&RunSummary> = Vec::new();
-        if after < runs.version {
+        if !after.covers(runs.position()) {
             for r in runs.by_id.values() {
-                if r.changed > after && filter.matches(r) {
+                if !after.covers(r.changed) && filter.matches(r) {
                     if changed.len() == MAX_REPLAY {
                         return None;
                     }
@@ -317,7 +358,7 @@ impl RunIndex {
             }
         }
         changed.sort_by_key(|r| r.changed);
-        Some((changed.into_iter().cloned().collect(), runs.version))
+        Some((changed.into_iter().cloned().collect(), runs.position()))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Runs> {
@@ -541,7 +582,7 @@ mod tests {
         index.apply(1, &update("r0", "ci", RunState::Queued));
         index.apply(2, &update("r1", "cd", RunState::Queued));
         // The page is rendered here; three changes happen before its live list connects.
-        let rendered = index.version();
+        let rendered = index.position();
         index.apply(3, &update("r2", "ci", RunState::Queued));
         index.apply(4, &update("r0", "ci", RunState::Running));
         index.apply(5, &update("r3", "cd", RunState::Queued));
@@ -557,13 +598,36 @@ mod tests {
             "in the order of their last change, filtered"
         );
         assert_eq!(runs[1].view.state, RunState::Running, "as they are now");
-        assert_eq!(upto, index.version());
+        assert_eq!(upto, index.position());
         assert!(index.changed_since(upto, &ci).expect("none").0.is_empty());
+        // Its position as a page names it and a browser sends it back.
+        assert_eq!(upto.to_string().parse(), Ok(upto));
+        assert!("5".parse::<Position>().is_err() && "a-1".parse::<Position>().is_err());
         // Too many to replay: the list is told to reload instead.
         for i in 0..=MAX_REPLAY as u64 {
             index.apply(10 + i, &update(&format!("n{i}"), "ci", RunState::Queued));
         }
         assert!(index.changed_since(upto, &ci).is_none());
+    }
+
+    #[test]
+    fn a_page_from_one_replica_is_followed_from_another() {
+        // Two replicas read the same streams, the decision before or after the state.
+        let (a, b) = (RunIndex::default(), RunIndex::default());
+        let mut r1 = update("r1", "ci", RunState::Queued);
+        r1.event_id = Some("e1".into());
+        let d = decision("e1", "push", "refs/heads/main", &["r1"]);
+        a.apply(1, &r1);
+        a.apply_decision(1, &d);
+        b.apply_decision(1, &d);
+        b.apply(1, &r1);
+        let rendered = a.position();
+        b.apply(2, &update("r1", "ci", RunState::Running));
+        let (runs, _) = b
+            .changed_since(rendered, &RunFilter::default())
+            .expect("few");
+        let ids: Vec<_> = runs.iter().map(|r| r.view.run_id.as_str()).collect();
+        assert_eq!(ids, ["r1"], "the change after the page is sent");
     }
 
     fn ids(page: (Vec<RunSummary>, bool)) -> Vec<String> {

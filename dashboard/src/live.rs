@@ -20,7 +20,7 @@ use sluice_core::run::{LogChunk, RunView, StatusUpdate};
 use sluice_core::{bus, subjects};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::index::{RunFilter, RunSummary};
+use crate::index::{Position, RunFilter, RunSummary};
 use crate::pages::{duration, valid_token, RunRow, Times};
 use crate::{ansi, groups, AppState, Result};
 
@@ -53,12 +53,23 @@ struct LiveLine {
     group: Option<groups::Mark>,
 }
 
+/// The `Last-Event-ID` a reconnecting browser sends: `Ok(None)` without one, `Err`
+/// when it is not one this stream sent.
+fn last_event_id<T: std::str::FromStr>(headers: &HeaderMap) -> std::result::Result<Option<T>, ()> {
+    headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or(())
+        })
+        .transpose()
+}
+
 /// The sequence to resume after: the `Last-Event-ID` header, else `?after=`.
 fn resume_after(headers: &HeaderMap, query: u64) -> Option<u64> {
-    match headers.get("last-event-id") {
-        Some(v) => v.to_str().ok()?.trim().parse().ok(),
-        None => Some(query),
-    }
+    last_event_id(headers).ok().map(|h| h.unwrap_or(query))
 }
 
 async fn log_stream(
@@ -206,35 +217,35 @@ async fn state_stream(State(s): State<AppState>, Path(run_id): Path<String>) -> 
     Ok(sse(events))
 }
 
-/// Where a run list's stream starts: after the change its page was rendered at.
+/// Where a run list's stream starts: the index position its page was rendered at.
 #[derive(Debug, serde::Deserialize)]
 struct Since {
     #[serde(default)]
-    after: Option<u64>,
+    after: Option<String>,
 }
 
-/// The run list's changes. Each event's id is the change's number, and a list that
-/// names one (`?after=` from its page, `Last-Event-ID` on a reconnect) first gets the
-/// runs changed since, as they are now: a run that changes between the page and the
-/// stream's start is not missed.
+/// The run list's changes. Each event's id is the index position after its change,
+/// and a list that names one (`?after=` from its page, `Last-Event-ID` on a
+/// reconnect) first gets the runs changed since, as they are now: a run that changes
+/// between the page and the stream's start is not missed.
 async fn runs_stream(
     State(s): State<AppState>,
     Query(filter): Query<RunFilter>,
     Query(since): Query<Since>,
     headers: HeaderMap,
 ) -> Response {
-    let after = match headers.get("last-event-id") {
-        Some(v) => match v.to_str().ok().and_then(|v| v.trim().parse().ok()) {
-            Some(n) => Some(n),
-            None => return StatusCode::BAD_REQUEST.into_response(),
-        },
-        None => since.after,
+    let query = since.after.map(|a| a.parse::<Position>());
+    let after = match (last_event_id::<Position>(&headers), query) {
+        (Ok(Some(header)), _) => Some(header),
+        (Ok(None), None) => None,
+        (Ok(None), Some(Ok(query))) => Some(query),
+        (Err(()), _) | (Ok(None), Some(Err(_))) => return StatusCode::BAD_REQUEST.into_response(),
     };
     // Subscribed before the replay is read: whatever changes meanwhile is in one or the
     // other, and what is in both is sent once.
     let changes = s.index.subscribe();
     let (replay, upto) = match after.map(|a| s.index.changed_since(a, &filter)) {
-        None => (Vec::new(), 0),
+        None => (Vec::new(), Position::default()),
         Some(Some((runs, upto))) => (runs, upto),
         Some(None) => {
             let reload = Event::default().event("reload").data("too many changes");
@@ -253,7 +264,7 @@ async fn runs_stream(
     })
     .filter_map(move |change| {
         let event = match change {
-            Ok((n, _)) if n <= upto => None,
+            Ok((at, _)) if upto.covers(at) => None,
             Ok((n, id)) => index
                 .get(&id)
                 .filter(|r| filter.matches(r))
@@ -269,7 +280,7 @@ async fn runs_stream(
     sse(events)
 }
 
-fn run_event(change: u64, r: &RunSummary) -> Option<Event> {
+fn run_event(change: Position, r: &RunSummary) -> Option<Event> {
     Event::default()
         .event("run")
         .id(change.to_string())

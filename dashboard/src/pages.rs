@@ -132,11 +132,11 @@ pub(crate) fn query_string(f: &RunFilter, page: Option<usize>) -> String {
         .join("&")
 }
 
-/// `/runs/live` for a list of `f` rendered at change `version`.
-fn live_url(f: &RunFilter, version: u64) -> String {
+/// `/runs/live` for a list of `f` rendered at index position `at`.
+fn live_url(f: &RunFilter, at: crate::index::Position) -> String {
     let filter = query_string(f, None);
     let sep = if filter.is_empty() { "" } else { "&" };
-    format!("/runs/live?{filter}{sep}after={version}")
+    format!("/runs/live?{filter}{sep}after={at}")
 }
 
 fn form_pairs(f: &RunFilter) -> Vec<(&'static str, String)> {
@@ -164,7 +164,7 @@ fn percent(s: &str) -> String {
 async fn runs(State(s): State<AppState>, Query(q): Query<RunsQuery>) -> Result<Response> {
     // Read before the page: the page shows every change up to it, so the live list
     // replaying the changes after it misses none (one shown twice is replaced).
-    let version = s.index.version();
+    let position = s.index.position();
     let (found, more) = s.index.page(&q.filter, q.page * PAGE_SIZE, PAGE_SIZE);
     let link = |p: usize| format!("/runs?{}", query_string(&q.filter, Some(p)));
     let mut kinds = s.index.kinds();
@@ -179,7 +179,7 @@ async fn runs(State(s): State<AppState>, Query(q): Query<RunsQuery>) -> Result<R
         page: q.page,
         total: s.index.len(),
         states: STATES,
-        live: live_url(&q.filter, version),
+        live: live_url(&q.filter, position),
         filter: q.filter,
     })
 }
