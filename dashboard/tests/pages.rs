@@ -53,6 +53,19 @@ impl Env {
         }
     }
 
+    /// Opens the event stream at `path`, as a browser reconnecting after
+    /// `last_event_id` would when one is given.
+    async fn stream(&self, path: &str, last_event_id: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let res = req.send().await.expect("connect");
+        assert_eq!(res.status(), 200, "{path}");
+        assert_eq!(res.headers()["content-type"], "text/event-stream", "{path}");
+        res
+    }
+
     async fn get(&self, path: &str) -> (u16, reqwest::header::HeaderMap, String) {
         let res = self
             .http
@@ -579,9 +592,8 @@ async fn the_log_stream_resumes_after_last_event_id_with_no_gap_and_no_repeat() 
         ];
         sequences.push(publish_log(js, "run-9", "build", seq, lines).await);
     }
-    let url = format!("{}/runs/run-9/log/live", env.base);
-    let res = env.http.get(&url).send().await.expect("connect");
-    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let url = "/runs/run-9/log/live";
+    let res = env.stream(url, None).await;
     let first = read_events(res, 3).await;
     let ids: Vec<u64> = first
         .iter()
@@ -602,13 +614,7 @@ async fn the_log_stream_resumes_after_last_event_id_with_no_gap_and_no_repeat() 
         ];
         sequences.push(publish_log(js, "run-9", "build", seq, lines).await);
     }
-    let res = env
-        .http
-        .get(&url)
-        .header("Last-Event-ID", ids[2].to_string())
-        .send()
-        .await
-        .expect("reconnect");
+    let res = env.stream(url, Some(&ids[2].to_string())).await;
     let second = read_events(res, 2).await;
     let resumed: Vec<u64> = second
         .iter()
@@ -640,13 +646,7 @@ async fn new_runs_and_state_changes_reach_the_live_run_list() {
     let env = Env::start().await;
     let js = &env.js;
     env.page_with("/readyz", "").await;
-    let res = env
-        .http
-        .get(format!("{}/runs/live?pipeline=ci", env.base))
-        .send()
-        .await
-        .expect("connect");
-    assert_eq!(res.status(), 200);
+    let res = env.stream("/runs/live?pipeline=ci", None).await;
     let mut other = status("run-x", None, RunState::Queued, None);
     other.pipeline = "other".into();
     publish_status(js, &other).await;
@@ -694,13 +694,7 @@ async fn a_live_list_that_connects_late_gets_the_runs_changed_since_its_page() {
     env.page_with("/runs", "run-new").await;
     env.page_with("/runs?state=running", "run-old").await;
 
-    let res = env
-        .http
-        .get(format!("{}{live}", env.base))
-        .send()
-        .await
-        .expect("connect");
-    assert_eq!(res.status(), 200);
+    let res = env.stream(&live, None).await;
     let events = read_events(res, 2).await;
     let rows: Vec<serde_json::Value> = events
         .iter()
@@ -712,13 +706,7 @@ async fn a_live_list_that_connects_late_gets_the_runs_changed_since_its_page() {
     let first = events[0].id.clone().expect("an id");
 
     // Reconnecting after the first event: only the second comes again, then live ones.
-    let res = env
-        .http
-        .get(format!("{}{live}", env.base))
-        .header("Last-Event-ID", first)
-        .send()
-        .await
-        .expect("reconnect");
+    let res = env.stream(&live, Some(&first)).await;
     publish_status(js, &status("run-3", None, RunState::Queued, None)).await;
     let events = read_events(res, 2).await;
     let ids: Vec<String> = events
@@ -855,15 +843,8 @@ async fn runs_filter_by_branch_and_event_kind_live_too_and_parents_list_their_ch
     let js = &env.js;
     env.page_with("/readyz", "").await;
     let live = env
-        .http
-        .get(format!(
-            "{}/runs/live?branch=feature&kind=pull_request",
-            env.base
-        ))
-        .send()
-        .await
-        .expect("connect");
-    assert_eq!(live.status(), 200);
+        .stream("/runs/live?branch=feature&kind=pull_request", None)
+        .await;
 
     // run-a: a push to main, stored first; run-b: a pull request from `feature`, its
     // state stored before its decision (the live list sends it once the event is known).
@@ -950,13 +931,7 @@ async fn the_run_state_stream_sends_the_folded_state_then_each_change() {
         page.contains("data-state-live=\"/runs/run-s/live\""),
         "{page}"
     );
-    let res = env
-        .http
-        .get(format!("{}/runs/run-s/live", env.base))
-        .send()
-        .await
-        .expect("connect");
-    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let res = env.stream("/runs/run-s/live", None).await;
     // The stored two states come as one event; the next change as another.
     let mut reader = SseReader::new(res);
     let mut events = reader.next(1).await;
