@@ -61,22 +61,9 @@ pub async fn run(global: &Global, command: EventsCommand) -> anyhow::Result<()> 
 }
 
 async fn decision_for(js: &jetstream::Context, event_id: &str) -> anyhow::Result<Option<Decision>> {
-    let stream = js.get_stream(subjects::DECISIONS_STREAM).await.context(
-        "no SLUICE_DECISIONS stream: has `sluice dispatcher` ever run against this NATS?",
-    )?;
-    match stream
-        .get_last_raw_message_by_subject(subjects::decision(event_id).as_str())
-        .await
-    {
-        Ok(msg) => Ok(Some(serde_json::from_slice(&msg.payload)?)),
-        Err(e)
-            if e.kind()
-                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
+    sluice_core::bus::decision(js, event_id).await.context(
+        "cannot read SLUICE_DECISIONS: has `sluice streams apply` (or `sluice dispatcher`) run against this NATS?",
+    )
 }
 
 /// Where the repository's own pipelines came from, and what was refused.

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
-use sluice_core::run::{LogChunk, RunState, RunView, StatusUpdate};
+use sluice_core::run::{LogChunk, RerunAnswer, RunState, RunView, StatusUpdate};
 use sluice_core::{bus, subjects};
 
 use crate::args::{Global, Output, RunsCommand};
@@ -157,11 +157,8 @@ async fn rerun(js: &jetstream::Context, run_id: &str) -> anyhow::Result<String> 
         .await
         .context("JetStream did not store the rerun's event")?
     {
-        Some(new) => Ok(new),
-        None => bail!(
-            "event {event_id} is no longer stored in {} (events are kept for 7 days): it cannot be rerun",
-            subjects::EVENTS_STREAM
-        ),
+        RerunAnswer::Started { run_id } => Ok(run_id),
+        RerunAnswer::Refused { reason } => bail!("run {run_id} cannot be rerun: {reason}"),
     }
 }
 

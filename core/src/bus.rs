@@ -246,22 +246,62 @@ pub async fn find_event(
     Ok(None)
 }
 
+/// The decision recorded for `event_id` (what `sluice events why` prints); `None` when
+/// none is stored, or the stored one was written in a shape this version cannot read.
+pub async fn decision(
+    js: &jetstream::Context,
+    event_id: &str,
+) -> Result<Option<crate::run::Decision>> {
+    let stream = js
+        .get_stream_no_info(subjects::DECISIONS_STREAM)
+        .await
+        .map_err(|e| Error::bus("open the decisions stream", e))?;
+    match stream
+        .get_last_raw_message_by_subject(subjects::decision(event_id).as_str())
+        .await
+    {
+        Ok(msg) => Ok(serde_json::from_slice(&msg.payload).ok()),
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            Ok(None)
+        }
+        Err(e) => Err(Error::bus("read a decision", e)),
+    }
+}
+
 /// Stores the event that reruns `pipeline` for the stored event `event_id`
-/// ([`crate::run::rerun_event`]) and returns the id of the run it starts. The
-/// dispatcher plans it as a new delivery: the pipeline as it is now, commit statuses to
-/// the forge. `Ok(None)`: the event is no longer stored.
+/// ([`crate::run::rerun_event`]) and answers with the id of the run it starts, or why
+/// there is none (safe to show). The dispatcher plans it as a new delivery: an applied
+/// pipeline as it is now, a repository pipeline as its run read it
+/// ([`crate::repo_pipelines::rerun_source`]), commit statuses to the forge.
 pub async fn rerun(
     js: &jetstream::Context,
     event_id: &str,
     pipeline: &str,
     around: time::OffsetDateTime,
-) -> Result<Option<String>> {
+) -> Result<crate::run::RerunAnswer> {
+    use crate::run::RerunAnswer;
     let Some(original) = find_event(js, event_id, around).await? else {
-        return Ok(None);
+        return Ok(RerunAnswer::Refused {
+            reason: format!(
+                "event {event_id} is no longer stored (events are kept for 7 days): it cannot be rerun"
+            ),
+        });
     };
-    let event = crate::run::rerun_event(&original, pipeline, time::OffsetDateTime::now_utc());
+    let decision = if crate::repo_pipelines::is_repo_pipeline(pipeline) {
+        decision(js, &original.id).await?
+    } else {
+        None
+    };
+    let pinned = match crate::repo_pipelines::rerun_source(&original, pipeline, decision.as_ref()) {
+        Ok(pinned) => pinned,
+        Err(reason) => return Ok(RerunAnswer::Refused { reason }),
+    };
+    let mut event = crate::run::rerun_event(&original, pipeline, time::OffsetDateTime::now_utc());
+    event.repo_pipelines_at = pinned;
     publish_json(js, event.subject(), &event.id, &event).await?;
-    Ok(Some(crate::run::rerun_id(&event, pipeline)))
+    Ok(RerunAnswer::Started {
+        run_id: crate::run::rerun_id(&event, pipeline),
+    })
 }
 
 /// Asks a dispatcher to rerun a run ([`subjects::RERUN`]) and waits up to `timeout` for

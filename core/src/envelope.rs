@@ -150,6 +150,10 @@ pub struct Event {
     /// instead of the pipeline's own list: a child step's `runtime.cluster`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<String>,
+    /// Reruns of a repository pipeline only: read its definitions here, where the run
+    /// repeated read them ([`crate::repo_pipelines::rerun_source`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo_pipelines_at: Option<crate::repo_pipelines::Pinned>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -187,6 +191,7 @@ impl Event {
             parent: None,
             attempt: 0,
             clusters: Vec::new(),
+            repo_pipelines_at: None,
         }
     }
 

@@ -350,6 +350,82 @@ pub fn approved_event(comment: &Event, head: &PullHead) -> Event {
     e
 }
 
+// === Reruns ===
+
+/// Whether a pipeline name is a repository pipeline's (`<repo>:<name>`): applied
+/// pipelines' names have no `:`.
+pub fn is_repo_pipeline(name: &str) -> bool {
+    name.contains(':')
+}
+
+/// Where a rerun of a repository pipeline reads it: the side and commit its run's
+/// decision read, carried by the rerun's event ([`Event::repo_pipelines_at`]). A rerun
+/// repeats what ran; it is not judged again against whatever the pull request or its
+/// target branch say now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pinned {
+    pub side: Side,
+    /// The commit (or, for a target branch known only by name, the branch) read.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+}
+
+impl Pinned {
+    /// The [`Source`] the dispatcher reads a rerun at.
+    pub fn source(&self) -> Source {
+        Source {
+            side: self.side,
+            git_ref: self.git_ref.clone(),
+            reason: format!(
+                "a rerun reads the definitions its run read, at {}",
+                self.git_ref
+            ),
+        }
+    }
+}
+
+/// Where a rerun of `pipeline` for `original` reads its definitions: `Ok(None)` for an
+/// applied pipeline (the registry's, as it is now), the commit `decision` (the
+/// original's) read for a repository pipeline, or why it cannot be rerun. Pure: the
+/// CLI and the dispatcher both refuse with these words before anything is stored.
+pub fn rerun_source(
+    original: &Event,
+    pipeline: &str,
+    decision: Option<&crate::run::Decision>,
+) -> Result<Option<Pinned>, String> {
+    if !is_repo_pipeline(pipeline) {
+        return Ok(None);
+    }
+    // An approval runs one pull request commit's proposal; repeating it from the
+    // comment would need that commit to still be the head, which only a new approval
+    // says.
+    if ok_to_test(original).is_some() {
+        return Err(format!(
+            "{pipeline} ran because {OK_TO_TEST} approved the pull request's proposed definitions: comment {OK_TO_TEST} on the pull request again to run them again"
+        ));
+    }
+    let Some(decision) = decision else {
+        return Err(format!(
+            "the decision on event {} is no longer stored, so which commit's .sluice/ {pipeline} came from is unknown: push again to run it",
+            original.id
+        ));
+    };
+    let read = decision.repo_pipelines.as_ref();
+    match read.and_then(|r| Some((r.side?, r.git_ref.clone()?))) {
+        Some((side, git_ref)) if read.is_some_and(|r| r.pipelines.iter().any(|p| p == pipeline)) => {
+            Ok(Some(Pinned { side, git_ref }))
+        }
+        Some((_, git_ref)) => Err(format!(
+            "{pipeline} is not among the pipelines event {}'s decision read from .sluice/ at {git_ref}",
+            original.id
+        )),
+        None => Err(format!(
+            "event {}'s decision read no .sluice/, so {pipeline} has no definitions to run again",
+            original.id
+        )),
+    }
+}
+
 fn association_shown(association: &str, trusted_author: Option<bool>) -> String {
     match (association, trusted_author) {
         ("", Some(true)) => "a project member".into(),
@@ -623,5 +699,94 @@ mod tests {
         assert!(source(&comment, None).is_err());
         let manual = Event::new(Provider::Manual, "d4", kind::PUSH);
         assert!(source(&manual, None).is_err());
+    }
+
+    fn decided(read: Option<crate::run::RepoPipelinesRead>) -> crate::run::Decision {
+        crate::run::Decision {
+            event_id: "github:d1".into(),
+            provider: "github".into(),
+            kind: kind::PUSH.into(),
+            action: None,
+            repo: Some("acme/app".into()),
+            git_ref: Some("refs/heads/main".into()),
+            sha: Some("c1".into()),
+            clone_url: None,
+            pr: None,
+            decided_at: time::OffsetDateTime::UNIX_EPOCH,
+            pipelines: Vec::new(),
+            not_considered: 0,
+            runs: Vec::new(),
+            repo_pipelines: read,
+        }
+    }
+
+    #[test]
+    fn a_rerun_of_a_repository_pipeline_reads_where_its_run_read() {
+        let push = Event::new(Provider::Github, "d1", kind::PUSH);
+        let read = crate::run::RepoPipelinesRead {
+            side: Some(Side::Base),
+            git_ref: Some("b1".into()),
+            reason: "a fork".into(),
+            pipelines: vec!["acme/app:build".into()],
+            errors: Vec::new(),
+        };
+        // Applied pipelines are the registry's, as they are now.
+        assert_eq!(rerun_source(&push, "build", None), Ok(None));
+        let pinned = rerun_source(&push, "acme/app:build", Some(&decided(Some(read.clone()))))
+            .expect("rerunnable")
+            .expect("pinned");
+        assert_eq!(
+            pinned,
+            Pinned {
+                side: Side::Base,
+                git_ref: "b1".into()
+            }
+        );
+        assert_eq!(
+            (pinned.source().side, pinned.source().git_ref.as_str()),
+            (Side::Base, "b1")
+        );
+
+        let refused = |pipeline: &str, decision: Option<&crate::run::Decision>| {
+            rerun_source(&push, pipeline, decision).expect_err("refused")
+        };
+        assert!(refused("acme/app:build", None).contains("no longer stored"));
+        assert!(refused("acme/app:lint", Some(&decided(Some(read.clone()))))
+            .contains("not among the pipelines"));
+        assert!(refused("acme/app:build", Some(&decided(None))).contains("read no .sluice/"));
+        let nothing_read = crate::run::RepoPipelinesRead {
+            side: None,
+            git_ref: None,
+            ..read.clone()
+        };
+        assert!(
+            refused("acme/app:build", Some(&decided(Some(nothing_read))))
+                .contains("read no .sluice/")
+        );
+        // An approval is repeated by approving again, never from the comment.
+        let approval = comment("/ok-to-test", "MEMBER");
+        let why = rerun_source(&approval, "acme/app:build", Some(&decided(Some(read))))
+            .expect_err("refused");
+        assert!(
+            why.contains("comment /ok-to-test on the pull request again"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_pin_survives_the_event_round_trip() {
+        let mut e = Event::new(Provider::Github, "d1", kind::PUSH);
+        let json = serde_json::to_string(&e).expect("json");
+        assert!(
+            !json.contains("repo_pipelines_at"),
+            "absent unless pinned: {json}"
+        );
+        e.repo_pipelines_at = Some(Pinned {
+            side: Side::Head,
+            git_ref: "c1".into(),
+        });
+        let back: Event =
+            serde_json::from_str(&serde_json::to_string(&e).expect("json")).expect("parse");
+        assert_eq!(back.repo_pipelines_at, e.repo_pipelines_at);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy, stream::LastRawMessageErrorKind};
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::{StreamExt, TryStreamExt};
 use sluice_core::pipeline::Pipeline;
 use sluice_core::repo_pipelines::LastRead;
@@ -17,18 +17,7 @@ use crate::Result;
 
 /// The decision recorded for `event_id` (what `sluice events why` prints).
 pub async fn decision(js: &jetstream::Context, event_id: &str) -> Result<Option<Decision>> {
-    let stream = js
-        .get_stream_no_info(subjects::DECISIONS_STREAM)
-        .await
-        .map_err(|e| sluice_core::Error::bus("open the decisions stream", e))?;
-    match stream
-        .get_last_raw_message_by_subject(subjects::decision(event_id).as_str())
-        .await
-    {
-        Ok(msg) => Ok(serde_json::from_slice(&msg.payload).ok()),
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(sluice_core::Error::bus("read a decision", e).into()),
-    }
+    Ok(bus::decision(js, event_id).await?)
 }
 
 /// A stored pipeline and its revision in the bucket.

@@ -44,7 +44,10 @@ pub fn evaluate_with(
 ) -> Evaluation {
     // A manual event may name its pipeline: it runs whatever its triggers say.
     if let Some(name) = &event.pipeline {
-        let (decisions, matched) = match index.get(name) {
+        let named = index
+            .get(name)
+            .or_else(|| repo_pipelines.iter().find(|p| p.name.as_str() == name));
+        let (decisions, matched) = match named {
             Some(p) => (
                 vec![PipelineDecision {
                     pipeline: name.clone(),
@@ -59,9 +62,11 @@ pub fn evaluate_with(
                     pipeline: name.clone(),
                     matched: false,
                     triggers: Vec::new(),
-                    note: Some(format!(
-                        "the event names pipeline `{name}`, which does not exist"
-                    )),
+                    note: Some(if sluice_core::repo_pipelines::is_repo_pipeline(name) {
+                        format!("the event names pipeline `{name}`, which the repository's .sluice/ as read does not define")
+                    } else {
+                        format!("the event names pipeline `{name}`, which does not exist")
+                    }),
                 }],
                 Vec::new(),
             ),

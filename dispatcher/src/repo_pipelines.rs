@@ -147,7 +147,12 @@ impl RepoPipelines {
         let Some(repo) = event.repo.as_deref() else {
             return Ok(None);
         };
-        if !self.config.opted_in(repo) {
+        // An event that names an applied pipeline (a rerun, a child) runs that one alone.
+        if event
+            .pipeline
+            .as_deref()
+            .is_some_and(|p| !repo_pipelines::is_repo_pipeline(p))
+        {
             return Ok(None);
         }
         let not_read = |reason| {
@@ -159,6 +164,18 @@ impl RepoPipelines {
                 ..Loaded::default()
             }))
         };
+        if !self.config.opted_in(repo) {
+            return match event.repo_pipelines_at {
+                Some(_) => not_read(format!(
+                    "{repo} is no longer among --repo-pipelines: its pipelines are not read, not even for a rerun"
+                )),
+                None => Ok(None),
+            };
+        }
+        // A rerun reads what its run read, judged when it first ran.
+        if let Some(pinned) = &event.repo_pipelines_at {
+            return self.read(event, repo, pinned.source()).await.map(Some);
+        }
         if let Some(approval) = repo_pipelines::ok_to_test(event) {
             let pr = match approval {
                 Ok(pr) => pr,

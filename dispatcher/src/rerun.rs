@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use futures::StreamExt;
 use sluice_core::run::{RerunAnswer, RerunRequest};
-use sluice_core::{bus, subjects};
+use sluice_core::{bus, repo_pipelines, subjects};
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::Registry;
@@ -99,14 +99,18 @@ async fn answer(js: &jetstream::Context, registry: &Registry, payload: &[u8]) ->
     let Some(event_id) = view.event_id.clone() else {
         return refused("the run names no event to run again".into());
     };
-    if registry.current().get(&view.pipeline).is_none() {
+    // A repository pipeline is read again where its run read it; the rule and its
+    // refusals are core's (`rerun_source`), the same as `sluice runs rerun`'s.
+    if !repo_pipelines::is_repo_pipeline(&view.pipeline)
+        && registry.current().get(&view.pipeline).is_none()
+    {
         return refused(format!(
             "pipeline {} is not registered any more",
             view.pipeline
         ));
     }
     match bus::rerun(js, &event_id, &view.pipeline, view.first_seen).await {
-        Ok(Some(run_id)) => {
+        Ok(RerunAnswer::Started { run_id }) => {
             tracing::info!(
                 run = %request.run_id,
                 by = ?request.by,
@@ -115,9 +119,7 @@ async fn answer(js: &jetstream::Context, registry: &Registry, payload: &[u8]) ->
             );
             RerunAnswer::Started { run_id }
         }
-        Ok(None) => refused(format!(
-            "event {event_id} is no longer stored (events are kept for 7 days)"
-        )),
+        Ok(refusal) => refusal,
         Err(error) => {
             tracing::warn!(%error, run = %request.run_id, "cannot store a rerun's event");
             refused("the rerun's event could not be stored; try again".into())

@@ -775,3 +775,144 @@ async fn a_forge_that_refuses_for_good_reads_nothing_and_the_applied_pipelines_s
     );
     assert!(forge.received().is_empty(), "{:?}", forge.targets());
 }
+
+/// The state a runner would store for a run of `pipeline`, so it can be rerun.
+fn ran(run: &RunRequest) -> sluice_core::run::StatusUpdate {
+    sluice_core::run::StatusUpdate {
+        run_id: run.run_id.clone(),
+        pipeline: run.pipeline.clone(),
+        state: sluice_core::run::RunState::Succeeded,
+        step: None,
+        at: time::OffsetDateTime::now_utc(),
+        cluster: Some(run.cluster.clone()),
+        event_id: Some(run.event_id.clone()),
+        concurrency_group: None,
+        exit_code: Some(0),
+        message: None,
+        runner: Some("runner-1".into()),
+        repo: run.repo.clone(),
+        sha: run.sha.clone(),
+        parent: None,
+    }
+}
+
+#[tokio::test]
+async fn a_rerun_of_a_repository_pipeline_runs_what_its_run_read_and_refuses_clearly_otherwise() {
+    use sluice_core::bus;
+    use sluice_core::run::{RerunAnswer, RerunRequest};
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let forge = ForgeFiles::start().await;
+    forge.set("acme/app", C1, &[("build.yaml", &build("echo one"))]);
+    let _d = Dispatcher::start_with(config(&nats, &forge, &["acme/*"])).await;
+
+    publish_event(&js, &push("r1", "acme/app", C1)).await;
+    let first = runs_of(&js, "github:r1", 1).await.remove(0);
+    assert_eq!(first.pipeline, "acme/app:build");
+    decided(&js, "github:r1").await;
+    let status = ran(&first);
+    bus::publish_json(&js, status.subject(), &status.message_id(), &status)
+        .await
+        .expect("state");
+    let reads = forge.received().len();
+
+    // Asked of the dispatcher, as the dashboard does.
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let ask = |run_id: String| {
+        let client = client.clone();
+        async move {
+            let request = RerunRequest {
+                run_id,
+                by: "token".into(),
+            };
+            bus::request_rerun(&client, &request, Duration::from_secs(10))
+                .await
+                .expect("an answer")
+        }
+    };
+    let RerunAnswer::Started { run_id: second } = ask(first.run_id.clone()).await else {
+        panic!("the rerun was refused");
+    };
+    let rerun = wait_for("the rerun's request", Duration::from_secs(20), || async {
+        run_requests(&js)
+            .await
+            .into_iter()
+            .map(|(_, r)| r)
+            .find(|r| r.run_id == second)
+    })
+    .await;
+    assert_eq!(
+        (
+            rerun.pipeline.as_str(),
+            commands(&rerun),
+            rerun.sha.as_deref()
+        ),
+        ("acme/app:build", vec!["echo one".to_owned()], Some(C1))
+    );
+    let read = decided(&js, &rerun.event_id)
+        .await
+        .repo_pipelines
+        .expect("recorded");
+    assert_eq!(
+        (read.side, read.git_ref.as_deref()),
+        (Some(Side::Head), Some(C1))
+    );
+    assert!(read.reason.contains("a rerun reads"), "{}", read.reason);
+    assert_eq!(
+        forge.received().len(),
+        reads,
+        "the commit's files were read once, for the first run"
+    );
+
+    // A rerun of the rerun, stored directly as `sluice runs rerun` does.
+    let status = ran(&rerun);
+    bus::publish_json(&js, status.subject(), &status.message_id(), &status)
+        .await
+        .expect("state");
+    let RerunAnswer::Started { run_id: third } =
+        bus::rerun(&js, &rerun.event_id, &rerun.pipeline, status.at)
+            .await
+            .expect("stored")
+    else {
+        panic!("the rerun of a rerun was refused");
+    };
+    wait_for(
+        "the third run's request",
+        Duration::from_secs(20),
+        || async {
+            run_requests(&js)
+                .await
+                .into_iter()
+                .any(|(_, r)| r.run_id == third)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Without the first run's decision, where its definitions came from is unknown:
+    // refused before anything is stored.
+    let decisions = js
+        .get_stream(subjects::DECISIONS_STREAM)
+        .await
+        .expect("stream");
+    decisions
+        .purge()
+        .filter(subjects::decision("github:r1"))
+        .await
+        .expect("purge");
+    let events = sluice_tests::dispatcher::count(&js, subjects::EVENTS_STREAM).await;
+    let RerunAnswer::Refused { reason } = ask(first.run_id.clone()).await else {
+        panic!("a rerun without its decision started");
+    };
+    assert!(
+        reason.contains("decision on event github:r1 is no longer stored"),
+        "{reason}"
+    );
+    assert_eq!(
+        sluice_tests::dispatcher::count(&js, subjects::EVENTS_STREAM).await,
+        events,
+        "nothing stored"
+    );
+}
