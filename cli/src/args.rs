@@ -674,6 +674,11 @@ pub struct IngestArgs {
     /// Time JetStream has to acknowledge an event before the forge is answered 503.
     #[arg(long, env = "SLUICE_INGEST_PUBLISH_TIMEOUT", default_value_t = HumanDuration(sluice_ingest::PUBLISH_TIMEOUT), value_parser = positive_duration)]
     pub publish_timeout: HumanDuration,
+    /// Answer 503 at once, without sending, a request that would wait longer than this
+    /// for JetStream to store the events ahead of it (JetStream is behind the offered
+    /// rate); at most the publish timeout counts.
+    #[arg(long, env = "SLUICE_INGEST_SHED_AFTER", default_value_t = HumanDuration(sluice_ingest::SHED_AFTER), value_parser = positive_duration)]
+    pub shed_after: HumanDuration,
     /// Time a client has to send its body.
     #[arg(long, env = "SLUICE_INGEST_READ_TIMEOUT", default_value_t = HumanDuration(sluice_ingest::READ_TIMEOUT), value_parser = positive_duration)]
     pub read_timeout: HumanDuration,

@@ -26,6 +26,7 @@ pub async fn run(
         },
         max_body_bytes: a.max_body_bytes,
         publish_timeout: a.publish_timeout.0,
+        shed_after: a.shed_after.0,
         read_timeout: a.read_timeout.0,
         tolerance: a.signature_tolerance.0,
         allow_sha1: a.allow_sha1,

@@ -270,6 +270,7 @@ fn ingest_app() -> &'static (tokio::runtime::Runtime, IngestApp) {
                 publisher: sluice_ingest::publish::Publisher::new(
                     client,
                     std::time::Duration::from_millis(1),
+                    sluice_ingest::SHED_AFTER,
                 ),
                 metrics: metrics.clone(),
                 limits: sluice_ingest::http::Limits {

@@ -39,6 +39,11 @@ pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
 /// stored; the wait never goes past [`publish::ANSWER_WITHIN`] from the request's
 /// arrival.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(8);
+/// Default `--shed-after`: a request that would wait longer than this for JetStream to
+/// store the events ahead of it is answered 503 at once, unsent. Queueing that long
+/// means JetStream is behind the offered rate, not busy for a moment; answering within
+/// it keeps the forge's view of a spike (which delivery failed) immediate and exact.
+pub const SHED_AFTER: Duration = Duration::from_secs(1);
 /// Default `--read-timeout`: time a client has to send its body.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `--signature-tolerance`: Standard Webhooks' 5 minutes either way.
@@ -71,6 +76,9 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// Time allowed for JetStream to acknowledge an event before answering 503.
     pub publish_timeout: Duration,
+    /// The longest predicted wait for JetStream a request is admitted to
+    /// ([`SHED_AFTER`]).
+    pub shed_after: Duration,
     /// Time allowed to receive a request body.
     pub read_timeout: Duration,
     pub tolerance: Duration,
@@ -97,6 +105,7 @@ impl IngestConfig {
             streams: StreamSettings::default(),
             max_body_bytes: MAX_BODY_BYTES,
             publish_timeout: PUBLISH_TIMEOUT,
+            shed_after: SHED_AFTER,
             read_timeout: READ_TIMEOUT,
             tolerance: SIGNATURE_TOLERANCE,
             allow_sha1: false,
@@ -122,6 +131,9 @@ impl IngestConfig {
         }
         if self.publish_timeout.is_zero() {
             return invalid("the publish timeout", "must be longer than zero");
+        }
+        if self.shed_after.is_zero() {
+            return invalid("the shed-after wait", "must be longer than zero");
         }
         if self.read_timeout.is_zero() {
             return invalid("the read timeout", "must be longer than zero");
@@ -177,7 +189,8 @@ pub async fn serve(
         }
     }
     let client = sluice_core::nats::connect(&config.nats).await?;
-    let publisher = publish::Publisher::new(client.clone(), config.publish_timeout);
+    let publisher =
+        publish::Publisher::new(client.clone(), config.publish_timeout, config.shed_after);
     let metrics = metrics::Metrics::default();
     let mut admin = Admin::new(env!("CARGO_PKG_VERSION"));
     metrics.register(admin.registry("sluice_ingest"));

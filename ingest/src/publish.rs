@@ -36,6 +36,8 @@ pub struct Publisher {
     js: jetstream::Context,
     payloads: OnceCell<ObjectStore>,
     timeout: Duration,
+    /// The longest predicted wait a request is admitted to (`--shed-after`).
+    shed_after: Duration,
     backlog: Backlog,
 }
 
@@ -48,7 +50,7 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    pub fn new(client: async_nats::Client, timeout: Duration) -> Self {
+    pub fn new(client: async_nats::Client, timeout: Duration, shed_after: Duration) -> Self {
         // Waiting for an in-flight slot (rather than failing) is bounded by `timeout`.
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
@@ -59,6 +61,7 @@ impl Publisher {
             js,
             payloads: OnceCell::new(),
             timeout,
+            shed_after,
             backlog: Backlog::default(),
         }
     }
@@ -96,7 +99,7 @@ impl Publisher {
         let budget = self
             .timeout
             .min(ANSWER_WITHIN.saturating_sub(received.elapsed()));
-        let _waiting = self.backlog.admit(budget)?;
+        let _waiting = self.backlog.admit(budget.min(self.shed_after))?;
         let started = Instant::now();
         let deadline = tokio::time::timeout(budget, self.store(&mut event, raw)).await;
         let stored = deadline.map_err(|_| {
@@ -192,7 +195,23 @@ impl Default for BacklogState {
     }
 }
 
+/// How much of a busy window is enough to read a rate from before it ends.
+const RATE_AFTER: Duration = Duration::from_millis(250);
+
 impl BacklogState {
+    /// Acknowledgements per second: the current busy window's once it is
+    /// [`RATE_AFTER`] old (a spike into an idle ingest is otherwise predicted from no
+    /// rate for its whole first second, admitting everything sent in it), else the
+    /// last full window's.
+    fn rate_now(&self) -> f64 {
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= RATE_AFTER && self.window_acks > 0 {
+            f64::from(self.window_acks) / elapsed.as_secs_f64()
+        } else {
+            self.rate
+        }
+    }
+
     fn observe(&mut self, took: Duration) {
         self.latency = if self.latency.is_zero() {
             took
@@ -214,10 +233,10 @@ impl Drop for Waiting<'_> {
 
 impl Backlog {
     /// Counts a publish in flight, or refuses it when JetStream is too far behind to
-    /// store it within `budget`.
+    /// store it within `budget` (the shed-after wait, or less when less is left).
     fn admit(&self, budget: Duration) -> Result<Waiting<'_>, PublishError> {
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(wait) = behind(s.in_flight, s.rate, s.latency, budget) {
+        if let Some(wait) = behind(s.in_flight, s.rate_now(), s.latency, budget) {
             return Err(PublishError::Behind {
                 waiting: s.in_flight,
                 wait,
@@ -275,6 +294,7 @@ pub fn behind(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SHED_AFTER;
 
     const BUDGET: Duration = Duration::from_secs(8);
 
@@ -332,5 +352,45 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(backlog.0.lock().unwrap().in_flight, 0);
+    }
+
+    #[test]
+    fn a_spike_is_read_from_its_first_quarter_second() {
+        let backlog = Backlog::default();
+        let admitted: Vec<_> = (0..600)
+            .map(|_| backlog.admit(SHED_AFTER).expect("no rate yet: admitted"))
+            .collect();
+        {
+            // 300 ms into the spike: 90 acknowledged (300/s), each taking 400 ms.
+            let mut s = backlog.0.lock().unwrap();
+            s.window_start = Instant::now() - Duration::from_millis(300);
+            s.window_acks = 90;
+            s.latency = Duration::from_millis(400);
+        }
+        // 600 ahead at 300/s is 2 s, more than the 1 s a request may wait.
+        let Err(PublishError::Behind { waiting, wait }) = backlog.admit(SHED_AFTER) else {
+            panic!("admitted into a 2 s queue");
+        };
+        assert_eq!(waiting, 600);
+        assert!(wait > Duration::from_millis(1_900), "{wait:?}");
+        // The full publish budget would still have admitted it.
+        assert!(backlog.admit(BUDGET).is_ok());
+        drop(admitted);
+    }
+
+    #[test]
+    fn the_shed_after_wait_bounds_the_queue() {
+        // At 300 acknowledgements a second, 300 ahead is 1 s: refused; 200 is not.
+        let slow = Duration::from_millis(300);
+        assert_eq!(
+            behind(300, 300.0, slow, SHED_AFTER),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(behind(200, 300.0, slow, SHED_AFTER), None);
+        // Acknowledgements quicker than a quarter of it: not queueing, never shed.
+        assert_eq!(
+            behind(3_000, 300.0, Duration::from_millis(200), SHED_AFTER),
+            None
+        );
     }
 }
