@@ -344,6 +344,9 @@ pub fn approved_event(comment: &Event, head: &PullHead) -> Event {
     e.base_ref = head.base_ref.clone().or(e.base_ref);
     e.from_fork = Some(head.from_fork);
     e.comment = None;
+    // Matched by its triggers, never started by a name the comment carried.
+    e.pipeline = None;
+    e.repo_pipelines_at = None;
     e.changed_files = None;
     e.changed_files_complete = false;
     e.attempt = 0;

@@ -176,6 +176,14 @@ impl RepoPipelines {
         if let Some(pinned) = &event.repo_pipelines_at {
             return self.read(event, repo, pinned.source()).await.map(Some);
         }
+        // Named without that pin (stored by hand, or by an older CLI), judging the
+        // event again could run what nobody approved: an `/ok-to-test` comment would
+        // run the pull request's head as it is now.
+        if event.pipeline.is_some() {
+            return not_read(
+                "a repository pipeline is started by name only by a rerun, which carries where its run read it (`sluice runs rerun`)".into(),
+            );
+        }
         if let Some(approval) = repo_pipelines::ok_to_test(event) {
             let pr = match approval {
                 Ok(pr) => pr,

@@ -518,6 +518,45 @@ async fn ok_to_test_from_a_member_runs_the_proposal_once_per_commit_and_from_a_s
         .filter(|(_, r)| r.pipeline == "acme/app:build")
         .count();
     assert_eq!(stored, 1);
+
+    // A rerun of the approved run is refused before anything is stored: approving
+    // again is what runs a head again.
+    let refused = sluice_core::bus::rerun(
+        &js,
+        "github:k2",
+        "acme/app:build",
+        time::OffsetDateTime::now_utc(),
+    )
+    .await
+    .expect("answered");
+    let sluice_core::run::RerunAnswer::Refused { reason } = refused else {
+        panic!("a rerun of an approval started");
+    };
+    assert!(
+        reason.contains("comment /ok-to-test on the pull request again"),
+        "{reason}"
+    );
+
+    // The same comment naming the pipeline without the pin a rerun carries (stored by
+    // hand, or by a CLI from before reruns of repository pipelines): nothing runs — the
+    // pull request's head may have moved past what was approved.
+    forge.set_pull("acme/app", 7, C2, "stranger/app", BASE);
+    forge.set("acme/app", C2, &[("build.yaml", &build("make unapproved"))]);
+    let mut named = comment("k4", "MEMBER");
+    named.pipeline = Some("acme/app:build".into());
+    publish_event(&js, &named).await;
+    let d = decided(&js, "github:k4").await;
+    assert!(d.runs.is_empty(), "{:?}", d.runs);
+    let read = d.repo_pipelines.expect("recorded");
+    assert_eq!(read.side, None);
+    assert!(read.reason.contains("only by a rerun"), "{}", read.reason);
+    assert!(
+        run_requests(&js)
+            .await
+            .iter()
+            .all(|(_, r)| !commands(r).contains(&"make unapproved".to_owned())),
+        "the unapproved head never ran"
+    );
 }
 
 /// A GitLab merge request of `group/app` from the project itself, opened by user
@@ -878,18 +917,28 @@ async fn a_rerun_of_a_repository_pipeline_runs_what_its_run_read_and_refuses_cle
     else {
         panic!("the rerun of a rerun was refused");
     };
-    wait_for(
+    let third = wait_for(
         "the third run's request",
         Duration::from_secs(20),
         || async {
             run_requests(&js)
                 .await
                 .into_iter()
-                .any(|(_, r)| r.run_id == third)
-                .then_some(())
+                .map(|(_, r)| r)
+                .find(|r| r.run_id == third)
         },
     )
     .await;
+    assert_eq!(commands(&third), ["echo one"]);
+    let read = decided(&js, &third.event_id)
+        .await
+        .repo_pipelines
+        .expect("recorded");
+    assert_eq!(
+        (read.side, read.git_ref.as_deref()),
+        (Some(Side::Head), Some(C1))
+    );
+    assert!(read.reason.contains("a rerun reads"), "{}", read.reason);
 
     // Without the first run's decision, where its definitions came from is unknown:
     // refused before anything is stored.
