@@ -142,6 +142,10 @@ struct Report {
     /// Per cluster: API requests the double answered, and their rate over the same
     /// span as the Pod creates (the runners' client limit counts requests, not Pods).
     requests: Vec<(usize, f64)>,
+    /// Per cluster, within that span: Pod creates and the other requests (log reads,
+    /// deletes); and the requests after the last create. The runners' one limiter
+    /// serves all three, so Pods/s reads against the creates' share of it.
+    request_mix: Vec<(usize, usize, usize)>,
     all_final_after_last_webhook: Option<f64>,
     /// The whole path, per event that started one run: webhook sent → the run's Pod
     /// create received by the API double, and → its `scheduled` state stored.
@@ -218,6 +222,21 @@ impl Report {
             pct(0.99),
             pct(1.0)
         );
+        // Stored answers wait for JetStream; shed ones should not wait at all.
+        for status in [202, 503] {
+            let took: Vec<Duration> = self
+                .answers
+                .iter()
+                .filter(|(s, _)| *s == status)
+                .map(|(_, t)| *t)
+                .collect();
+            if !took.is_empty() {
+                println!(
+                    "| answer time of the {status}s | {} |",
+                    percentiles(&took, "answers")
+                );
+            }
+        }
         println!(
             "| events stored | {} ({} answered 2xx; {} lost, {} stored twice, {} stored although refused) |",
             self.stored_events, ok, self.lost, self.stored_twice, self.stored_but_refused
@@ -230,13 +249,22 @@ impl Report {
             "| last webhook → last run planned | {} |",
             secs(self.last_planned_after_last_webhook)
         );
-        for ((cluster, pods, rate, drained, limit), (requests, per_s)) in
-            self.clusters.iter().zip(&self.requests)
+        for (
+            ((cluster, pods, rate, drained, limit), (requests, per_s)),
+            (creates, others, after),
+        ) in self
+            .clusters
+            .iter()
+            .zip(&self.requests)
+            .zip(&self.request_mix)
         {
             println!(
                 "| {cluster}: Pods created | {pods} at {rate:.1}/s; {requests} API requests at {per_s:.1}/s ({:.1} per Pod; limit {limit:.0} requests/s: {} runners × {}); backlog drained {drained:.1} s after the last webhook |",
                 *requests as f64 / (*pods).max(1) as f64,
                 args.runners, args.kube_qps
+            );
+            println!(
+                "| {cluster}: requests between the first and the last Pod create | {creates} creates, {others} others (log reads, deletes); {after} after the last create |"
             );
         }
         println!(
@@ -247,7 +275,7 @@ impl Report {
             ("webhook sent → Pod create received", &self.to_pod_create),
             ("webhook sent → `scheduled` stored", &self.to_scheduled),
         ] {
-            println!("| {what} | {} |", percentiles(samples));
+            println!("| {what} | {} |", percentiles(samples, "runs"));
         }
         let rss = self
             .rss
@@ -612,6 +640,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         .unwrap_or_else(Instant::now);
     let mut per_cluster = Vec::new();
     let mut requests = Vec::new();
+    let mut request_mix = Vec::new();
     for (c, cluster) in CLUSTERS.iter().enumerate() {
         let mut created: Vec<Instant> = apis[c].created_at().into_values().collect();
         created.sort();
@@ -638,6 +667,16 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
             in_span as f64 / last.duration_since(first).as_secs_f64()
         });
         requests.push((answered.len(), per_s));
+        let creates = span.map_or(0, |(first, last)| {
+            answered
+                .iter()
+                .filter(|r| r.at >= first && r.at <= last && r.method == http::Method::POST)
+                .count()
+        });
+        let after = span.map_or(0, |(_, last)| {
+            answered.iter().filter(|r| r.at > last).count()
+        });
+        request_mix.push((creates, in_span - creates, after));
         per_cluster.push((
             (*cluster).to_owned(),
             created.len(),
@@ -668,6 +707,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         last_planned_after_last_webhook: last_planned.map(since_last),
         clusters: per_cluster,
         requests,
+        request_mix,
         all_final_after_last_webhook: finals.values().max().copied().map(since_last),
         to_pod_create,
         to_scheduled,
@@ -704,7 +744,7 @@ fn whole_path(
 }
 
 /// `p50 …, p99 …, max … (n)` in milliseconds.
-fn percentiles(samples: &[Duration]) -> String {
+fn percentiles(samples: &[Duration], of: &str) -> String {
     if samples.is_empty() {
         return "none".into();
     }
@@ -715,7 +755,7 @@ fn percentiles(samples: &[Duration]) -> String {
         sorted[i].as_secs_f64() * 1000.0
     };
     format!(
-        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} runs)",
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} {of})",
         at(0.5),
         at(0.99),
         at(1.0),
