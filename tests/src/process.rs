@@ -100,6 +100,17 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// CPU time `pid` has used so far, user and system, from `/proc/<pid>/stat` (in
+/// USER_HZ ticks, which the kernel ABI fixes at 100 a second).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
 /// GET `url`, the status (0 when there was no answer within `timeout`).
 pub async fn status_of(http: &reqwest::Client, url: &str, timeout: Duration) -> u16 {
     match http.get(url).timeout(timeout).send().await {
@@ -178,5 +189,26 @@ pub async fn nats_healthy(
             bail!("{url} not healthy after {deadline:?}: {}", said.trim());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_reads_this_process_and_grows_with_work() {
+        let pid = std::process::id();
+        let before = cpu_time(pid).expect("own /proc/<pid>/stat parses");
+        // Spin until the kernel has charged at least one more tick (10 ms) to us.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut x = 0u64;
+        while cpu_time(pid).expect("stat") <= before {
+            assert!(Instant::now() < deadline, "CPU time never advanced");
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        assert_eq!(cpu_time(u32::MAX), None, "no such process");
     }
 }

@@ -3,7 +3,10 @@
 //! signed webhooks through the thinnest handler that verifies and publishes (its own
 //! process: this binary with `--serve-thin`), (b) through a `sluice ingest` process end
 //! to end, the ratios, and the p50/p99 latency of each at a fixed 1,000 requests/s, and
-//! ingest's peak RSS.
+//! ingest's peak RSS. (t) and (b) run in rounds, both processes up the whole time,
+//! both streams emptied and the disk synced before each phase and the order swapped
+//! every round, so that the shared machine's drift lands on both alike; the ratio
+//! reported is the median of the rounds'.
 //!
 //! Run with `./scripts/bench-ingest` (builds the release binaries first).
 
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use async_nats::jetstream::{self, message::PublishMessage, stream::Config};
 use sluice_core::streams::StreamSettings;
+use sluice_core::subjects::EVENTS_STREAM;
 use sluice_tests::nats::{reserve_port, NatsServer};
 use sluice_tests::{fixture, sign, wait_for};
 
@@ -25,6 +29,7 @@ struct Args {
     seconds: u64,
     concurrency: usize,
     rate: u64,
+    rounds: u64,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -32,6 +37,7 @@ fn args() -> anyhow::Result<Args> {
         seconds: 10,
         concurrency: 32,
         rate: 1000,
+        rounds: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -40,7 +46,10 @@ fn args() -> anyhow::Result<Args> {
             "--seconds" => a.seconds = value.parse()?,
             "--concurrency" => a.concurrency = value.parse()?,
             "--rate" => a.rate = value.parse()?,
-            other => bail!("unknown flag {other}: use --seconds, --concurrency, --rate"),
+            "--rounds" => a.rounds = value.parse::<u64>()?.max(1),
+            other => {
+                bail!("unknown flag {other}: use --seconds, --concurrency, --rate, --rounds")
+            }
         }
     }
     Ok(a)
@@ -102,21 +111,82 @@ async fn main() -> anyhow::Result<()> {
     let raw_latencies = open_loop(args.rate, window, 10_000_000, publish).await;
     js.delete_stream("BENCH_RAW").await?;
 
-    // (t) The thinnest verify-and-publish handler, then (b) a real `sluice ingest`
+    // (t) The thinnest verify-and-publish handler and (b) a real `sluice ingest`
     // process, each on a stream of its own so neither pays for the other's messages.
     let signature = sign::github_sha256(SECRET, &body);
     let body = bytes::Bytes::from(body);
     let mut thin = Server::thin(&nats.url()).await?;
-    let (through_thin, thin_latencies) = webhooks(&args, window, &thin, &body, &signature).await;
-    thin.stop();
-    js.delete_stream(thin::STREAM).await?;
     let mut ingest = Server::ingest(&nats.url()).await?;
-    let (through_ingest, latencies) = webhooks(&args, window, &ingest, &body, &signature).await;
+    let poster = |server: &Server| Poster {
+        addr: server.addr.clone(),
+        body: body.clone(),
+        signature: signature.clone(),
+    };
+    let (thin_post, ingest_post) = (poster(&thin), poster(&ingest));
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        // Distinct delivery ids per round: a repeated id is a duplicate, answered
+        // without being stored, which would flatter whichever side got it.
+        let first_id = (round + 1) * 100_000_000;
+        let phase = |server: &Server, post: &Poster| {
+            let (js, post, pid) = (js.clone(), post.clone(), server.child.id());
+            async move {
+                for stream in [thin::STREAM, EVENTS_STREAM] {
+                    js.get_stream(stream).await?.purge().await?;
+                }
+                // Write back what the last phase left dirty, so that its disk work
+                // is not charged to this one.
+                Command::new("sync").status()?;
+                let cpu = || sluice_tests::process::cpu_time(pid).context("no /proc stat");
+                let before = cpu()?;
+                let mut through = closed_loop_conn(args.concurrency, window, first_id, post).await;
+                through.cpu = cpu()? - before;
+                anyhow::Ok(through)
+            }
+        };
+        // Alternate which goes first, so neither always follows the other.
+        let (t, b) = if round.is_multiple_of(2) {
+            let t = phase(&thin, &thin_post).await?;
+            (t, phase(&ingest, &ingest_post).await?)
+        } else {
+            let b = phase(&ingest, &ingest_post).await?;
+            (phase(&thin, &thin_post).await?, b)
+        };
+        println!(
+            "round {}: (t) {:.0} req/s ({} errors, {:.1} µs CPU each), (b) {:.0} req/s ({} errors, {:.1} µs CPU each), (b)/(t) {:.1}%",
+            round + 1,
+            t.per_sec,
+            t.errors,
+            t.cpu_per_request_us(),
+            b.per_sec,
+            b.errors,
+            b.cpu_per_request_us(),
+            b.per_sec / t.per_sec * 100.0
+        );
+        rounds.push((t, b));
+    }
+    let thin_latencies = latency(&args, window, thin_post).await;
+    let latencies = latency(&args, window, ingest_post).await;
     let rss = ingest.peak_rss_kib()?;
+    thin.stop();
     ingest.stop();
 
+    let mean = |side: fn(&(Throughput, Throughput)) -> &Throughput| Throughput {
+        per_sec: rounds.iter().map(|r| side(r).per_sec).sum::<f64>() / rounds.len() as f64,
+        errors: rounds.iter().map(|r| side(r).errors).sum(),
+        requests: rounds.iter().map(|r| side(r).requests).sum(),
+        cpu: rounds.iter().map(|r| side(r).cpu).sum(),
+    };
+    let (through_thin, through_ingest) = (mean(|r| &r.0), mean(|r| &r.1));
+    let mut round_ratios: Vec<f64> = rounds.iter().map(|(t, b)| b.per_sec / t.per_sec).collect();
+    round_ratios.sort_by(f64::total_cmp);
+    let mid = round_ratios.len() / 2;
+    let thin_ratio = if round_ratios.len().is_multiple_of(2) {
+        (round_ratios[mid - 1] + round_ratios[mid]) / 2.0
+    } else {
+        round_ratios[mid]
+    };
     let ratio = through_ingest.per_sec / raw.per_sec;
-    let thin_ratio = through_ingest.per_sec / through_thin.per_sec;
     println!();
     println!("| measure | value |");
     println!("|---|---|");
@@ -125,15 +195,29 @@ async fn main() -> anyhow::Result<()> {
         raw.per_sec, raw.errors
     );
     println!(
-        "| (b) signed webhooks through ingest | {:.0} req/s ({} errors) |",
+        "| (b) signed webhooks through ingest, mean of the rounds | {:.0} req/s ({} errors) |",
         through_ingest.per_sec, through_ingest.errors
     );
     println!(
-        "| (t) signed webhooks through the thinnest verify-and-publish handler | {:.0} req/s ({} errors) |",
+        "| (t) signed webhooks through the thinnest verify-and-publish handler, mean of the rounds | {:.0} req/s ({} errors) |",
         through_thin.per_sec, through_thin.errors
     );
+    println!(
+        "| CPU per request of the handler's process, all rounds | (t) {:.1} µs, (b) {:.1} µs |",
+        through_thin.cpu_per_request_us(),
+        through_ingest.cpu_per_request_us()
+    );
     println!("| ratio (b)/(a) | {:.1}% |", ratio * 100.0);
-    println!("| ratio (b)/(t) | {:.1}% |", thin_ratio * 100.0);
+    println!(
+        "| ratio (b)/(t), median of {} rounds | {:.1}% (rounds: {}) |",
+        round_ratios.len(),
+        thin_ratio * 100.0,
+        round_ratios
+            .iter()
+            .map(|r| format!("{:.1}%", r * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "| raw publish+ack latency at {} msg/s | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} messages, {} errors) |",
         args.rate, raw_latencies.p50_ms, raw_latencies.p99_ms, raw_latencies.max_ms, raw_latencies.count, raw_latencies.errors
@@ -153,24 +237,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Throughput (closed loop) and then latency at a fixed rate (open loop: requests
-/// start on schedule whether or not earlier ones have finished) of signed webhooks to
-/// `server`. Keep-alive connections are reused across requests, as a load balancer's.
-async fn webhooks(
-    args: &Args,
-    window: Duration,
-    server: &Server,
-    body: &bytes::Bytes,
-    signature: &str,
-) -> (Throughput, Latencies) {
-    let post = Poster {
-        addr: server.addr.clone(),
-        body: body.clone(),
-        signature: signature.to_owned(),
-    };
-    let throughput = closed_loop_conn(args.concurrency, window, post.clone()).await;
+/// Latency at a fixed rate (open loop: requests start on schedule whether or not
+/// earlier ones have finished) of signed webhooks through `post`. Keep-alive
+/// connections are reused across requests, as a load balancer's.
+async fn latency(args: &Args, window: Duration, post: Poster) -> Latencies {
     let pool: Arc<std::sync::Mutex<Vec<Conn>>> = Arc::default();
-    let latencies = open_loop(args.rate, window, 10_000_000, move |i| {
+    open_loop(args.rate, window, 10_000_000, move |i| {
         let (post, pool) = (post.clone(), pool.clone());
         async move {
             let idle = pool.lock().ok()?.pop();
@@ -185,8 +257,7 @@ async fn webhooks(
             sent
         }
     })
-    .await;
-    (throughput, latencies)
+    .await
 }
 
 /// The thinnest handler that does what any webhook receiver must before it answers:
@@ -303,9 +374,15 @@ impl Poster {
     }
 }
 
-/// `concurrency` workers, each on its own keep-alive connection, post back to back.
-async fn closed_loop_conn(concurrency: usize, window: Duration, poster: Poster) -> Throughput {
-    let next = Arc::new(AtomicU64::new(0));
+/// `concurrency` workers, each on its own keep-alive connection, post back to back,
+/// delivery ids from `first_id`.
+async fn closed_loop_conn(
+    concurrency: usize,
+    window: Duration,
+    first_id: u64,
+    poster: Poster,
+) -> Throughput {
+    let next = Arc::new(AtomicU64::new(first_id));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -346,15 +423,27 @@ async fn closed_loop_conn(concurrency: usize, window: Duration, poster: Poster) 
     for w in workers {
         let _ = w.await;
     }
+    let done = done.load(Ordering::Relaxed);
     Throughput {
-        per_sec: done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
+        per_sec: done as f64 / started.elapsed().as_secs_f64(),
         errors: errors.load(Ordering::Relaxed),
+        requests: done,
+        cpu: Duration::ZERO,
     }
 }
 
 struct Throughput {
     per_sec: f64,
     errors: u64,
+    requests: u64,
+    /// CPU time of the process under test during the window (zero when not measured).
+    cpu: Duration,
+}
+
+impl Throughput {
+    fn cpu_per_request_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
+    }
 }
 
 /// `concurrency` workers each run `op` back to back for `window`.
@@ -394,9 +483,12 @@ where
         let _ = w.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let done = done.load(Ordering::Relaxed);
     Throughput {
-        per_sec: done.load(Ordering::Relaxed) as f64 / elapsed,
+        per_sec: done as f64 / elapsed,
         errors: errors.load(Ordering::Relaxed),
+        requests: done,
+        cpu: Duration::ZERO,
     }
 }
 
