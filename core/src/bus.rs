@@ -171,14 +171,80 @@ pub async fn run_view(
 }
 
 /// The run's final state, when one is stored.
+///
+/// With the run's cluster known, the run's last stored state is read first, one direct
+/// get that any replica answers: it settles the question for a run with no state yet
+/// (every run request a runner takes) and for one whose last state is final (see
+/// [`settled_by_last`]). Only otherwise are the run's states read in full, through an
+/// ordered consumer — which costs the cluster a consumer created and deleted, and was
+/// a consumer per run started when it was the only way.
 pub async fn final_state(
     js: &jetstream::Context,
     cluster: Option<&str>,
     run_id: &str,
 ) -> Result<Option<RunState>> {
+    if let Some(cluster) = cluster {
+        if let Some(settled) = last_state(js, cluster, run_id).await {
+            return Ok(settled);
+        }
+    }
     Ok(run_view(js, cluster, run_id)
         .await?
         .and_then(|v| v.final_state()))
+}
+
+/// What the run's last stored update says of its final state, when that is enough:
+/// no update at all means no final state; a run-level final state last is the one a
+/// full read ends with too ([`RunView::apply`] lets a later final state replace an
+/// earlier one, and nothing else replace a final one). A step's update or a state
+/// that is not final may follow an earlier final state: `None`, read them all.
+pub fn settled_by_last(last: Option<&StatusUpdate>) -> Option<Option<RunState>> {
+    match last {
+        None => Some(None),
+        Some(u) if u.step.is_none() && u.state.is_final() => Some(Some(u.state)),
+        Some(_) => None,
+    }
+}
+
+/// How long a direct get may take before the full read is used instead: a credential
+/// that lacks the permission gets no answer at all.
+const DIRECT_GET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// [`settled_by_last`] of the run's last stored update; `None` when that does not
+/// settle it or the update cannot be read this way.
+async fn last_state(
+    js: &jetstream::Context,
+    cluster: &str,
+    run_id: &str,
+) -> Option<Option<RunState>> {
+    let stream = js.get_stream_no_info(subjects::STATUS_STREAM).await.ok()?;
+    let subject = subjects::status(cluster, run_id);
+    let got = tokio::time::timeout(
+        DIRECT_GET_TIMEOUT,
+        stream.direct_get_last_for_subject(subject.as_str()),
+    )
+    .await;
+    match got {
+        Ok(Ok(message)) => {
+            let update = serde_json::from_slice::<StatusUpdate>(&message.payload).ok()?;
+            settled_by_last(Some(&update))
+        }
+        Ok(Err(e)) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+            settled_by_last(None)
+        }
+        // A status stream not yet given `allow_direct` (each service's start-up report
+        // names the difference and `sluice streams apply`), a credential without the
+        // permission (the client logs the violation), a slow cluster: the full read
+        // answers instead.
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no answer within {DIRECT_GET_TIMEOUT:?}"),
+            };
+            tracing::debug!(run_id, error = %why, "run's last state not read directly; reading its states in full");
+            None
+        }
+    }
 }
 
 /// How far around the time a run was first seen its event is searched: from an hour
@@ -317,4 +383,62 @@ pub async fn request_rerun(
         .map_err(|_| Error::Timeout(timeout))?
         .map_err(|e| Error::bus("rerun request", e))?;
     serde_json::from_slice(&answer.payload).map_err(|e| Error::bus("rerun answer", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(state: RunState, step: Option<&str>) -> StatusUpdate {
+        serde_json::from_value(serde_json::json!({
+            "run_id": "r1",
+            "pipeline": "p",
+            "state": state,
+            "step": step,
+            "at": "2026-12-04T12:00:00Z",
+        }))
+        .expect("a status update")
+    }
+
+    #[test]
+    fn the_last_update_settles_a_run_without_states_or_ending_final() {
+        assert_eq!(settled_by_last(None), Some(None));
+        for state in [RunState::Succeeded, RunState::Failed, RunState::Cancelled] {
+            assert_eq!(
+                settled_by_last(Some(&update(state, None))),
+                Some(Some(state))
+            );
+        }
+    }
+
+    #[test]
+    fn a_step_or_a_state_not_final_last_needs_the_full_read() {
+        // Either may follow an earlier final state of the run.
+        assert_eq!(
+            settled_by_last(Some(&update(RunState::Running, None))),
+            None
+        );
+        assert_eq!(
+            settled_by_last(Some(&update(RunState::Succeeded, Some("test")))),
+            None
+        );
+    }
+
+    #[test]
+    fn a_full_read_ends_with_the_final_state_the_last_update_names() {
+        // What `settled_by_last` relies on: the fold of every update agrees with it
+        // whenever it answers.
+        let ups = [
+            update(RunState::Scheduled, None),
+            update(RunState::Cancelled, None),
+            update(RunState::Running, Some("test")),
+            update(RunState::Failed, None),
+        ];
+        for n in 1..=ups.len() {
+            let view = RunView::fold(&ups[..n]).and_then(|v| v.final_state());
+            if let Some(settled) = settled_by_last(ups[..n].last()) {
+                assert_eq!(settled, view, "after {n} updates");
+            }
+        }
+    }
 }

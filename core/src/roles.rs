@@ -324,6 +324,13 @@ fn runner(cluster: &str, inbox: Vec<String>) -> Permissions {
             kv_stream(subjects::RUNNERS_BUCKET)
         )),
     ];
+    // A run's last state by subject, before it starts one (the subject, in the API
+    // subject, is one of the cluster's).
+    publish_allow.push(api(format!(
+        "DIRECT.GET.{}.{}",
+        subjects::STATUS_STREAM,
+        subjects::status(cluster, ">")
+    )));
     let mut publish_deny = Vec::new();
     // Reading back its own runs' states and logs (adoption) and its control messages:
     // named consumers whose filter, in the subject, is inside the cluster's subjects.
@@ -592,6 +599,7 @@ mod tests {
                 "sluice.children.a.>",
                 "$KV.SLUICE_RUNNERS.a.>",
                 "$JS.API.STREAM.INFO.KV_SLUICE_RUNNERS",
+                "$JS.API.DIRECT.GET.SLUICE_STATUS.sluice.status.a.>",
                 "$JS.API.CONSUMER.CREATE.SLUICE_STATUS.*.sluice.status.a.>",
                 "$JS.API.CONSUMER.MSG.NEXT.SLUICE_STATUS.*",
                 "$JS.API.CONSUMER.CREATE.SLUICE_LOGS.*.sluice.logs.a.>",

@@ -193,6 +193,9 @@ impl StreamSettings {
     pub fn status(&self) -> Config {
         Config {
             max_age: self.logs_max_age,
+            // A run's last state is read by subject (`bus::final_state`, once per run a
+            // runner takes) without creating a consumer.
+            allow_direct: true,
             ..self.stream(
                 subjects::STATUS_STREAM,
                 "every run and step state change",

@@ -250,6 +250,16 @@ async fn a_runner_does_its_own_clusters_work() {
         assert_eq!(consumer.cached_info().num_pending, 1, "{filter}");
         assert_eq!(read(consumer, 1).await, [want], "{filter}");
     }
+    // A run's last state by subject, as it checks before starting the run.
+    let status = js
+        .get_stream_no_info(subjects::STATUS_STREAM)
+        .await
+        .expect("stream handle");
+    let last = status
+        .direct_get_last_for_subject(subjects::status("a", "r1"))
+        .await
+        .expect("direct get of its own run's last state");
+    assert_eq!(&last.payload[..], b"running");
     assert!(violations(&probe).is_empty(), "{:?}", violations(&probe));
 }
 
@@ -357,6 +367,20 @@ async fn a_runner_is_refused_everything_outside_its_cluster() {
                 &probe,
                 api("DIRECT.GET.KV_SLUICE_PIPELINES.$KV.SLUICE_PIPELINES.app"),
                 String::new(),
+            ),
+        ),
+        attempt(
+            "read cluster b's run state directly",
+            Some(api("DIRECT.GET.SLUICE_STATUS.sluice.status.b.r2")),
+            status.direct_get_last_for_subject(subjects::status("b", "r2")),
+        ),
+        attempt(
+            "read any run's state directly, by a body naming the subject",
+            Some(api("DIRECT.GET.SLUICE_STATUS")),
+            request(
+                &probe,
+                api("DIRECT.GET.SLUICE_STATUS"),
+                r#"{"last_by_subj":"sluice.status.b.r2"}"#.to_owned(),
             ),
         ),
         attempt(

@@ -136,3 +136,76 @@ async fn after_a_nats_restart_and_a_lost_control_consumer_runs_still_run_and_can
     let done = wait_for("the cancel", DEADLINE, || final_state(&js, "long-1")).await;
     assert_eq!(done.state, RunState::Cancelled, "{done:?}");
 }
+
+/// Stores a state of `run_id` on cluster `c1` (of one of its steps with `step`).
+async fn store_state(
+    js: &async_nats::jetstream::Context,
+    run_id: &str,
+    state: RunState,
+    step: Option<&str>,
+) {
+    let update = serde_json::json!({
+        "run_id": run_id, "pipeline": "p", "state": state, "step": step,
+        "at": "2026-12-04T12:00:00Z", "cluster": "c1",
+    });
+    js.publish(
+        subjects::status("c1", run_id),
+        serde_json::to_vec(&update).expect("json").into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+}
+
+/// Before each run it takes, a runner checks whether the run already finished (its
+/// final state stored, the ack lost). The check reads the run's last state directly:
+/// no consumer is created on SLUICE_STATUS for a new run or a finished one — on a
+/// 3-node cluster each such consumer cost a clustered create, and hundreds lingered
+/// under load. Where the last state does not settle it, or direct gets are off (a
+/// status stream from before `allow_direct`), the full read answers the same.
+#[tokio::test]
+async fn the_already_finished_check_reads_the_last_state_without_a_consumer() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let check = |run: &'static str| {
+        let js = js.clone();
+        async move {
+            sluice_core::bus::final_state(&js, Some("c1"), run)
+                .await
+                .expect("read the run's states")
+        }
+    };
+    let consumers = || async {
+        js.get_stream(subjects::STATUS_STREAM)
+            .await
+            .expect("status stream")
+            .info()
+            .await
+            .expect("info")
+            .state
+            .consumer_count
+    };
+
+    assert_eq!(check("new").await, None);
+    store_state(&js, "done", RunState::Running, None).await;
+    store_state(&js, "done", RunState::Succeeded, None).await;
+    assert_eq!(check("done").await, Some(RunState::Succeeded));
+    assert_eq!(consumers().await, 0, "the check created a consumer");
+
+    // A step's update stored after the run's final state: the full read finds it.
+    store_state(&js, "late", RunState::Cancelled, None).await;
+    store_state(&js, "late", RunState::Running, Some("test")).await;
+    assert_eq!(check("late").await, Some(RunState::Cancelled));
+    store_state(&js, "going", RunState::Running, None).await;
+    assert_eq!(check("going").await, None);
+
+    let mut config = sluice_core::streams::StreamSettings::default().status();
+    config.allow_direct = false;
+    js.update_stream(config).await.expect("direct gets off");
+    assert_eq!(check("done").await, Some(RunState::Succeeded));
+    assert_eq!(check("late").await, Some(RunState::Cancelled));
+    assert_eq!(check("new").await, None);
+}
