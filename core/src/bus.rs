@@ -198,7 +198,7 @@ pub async fn final_state(
 /// full read ends with too ([`RunView::apply`] lets a later final state replace an
 /// earlier one, and nothing else replace a final one). A step's update or a state
 /// that is not final may follow an earlier final state: `None`, read them all.
-pub fn settled_by_last(last: Option<&StatusUpdate>) -> Option<Option<RunState>> {
+fn settled_by_last(last: Option<&StatusUpdate>) -> Option<Option<RunState>> {
     match last {
         None => Some(None),
         Some(u) if u.step.is_none() && u.state.is_final() => Some(Some(u.state)),
