@@ -160,78 +160,177 @@ pub async fn run_view(
         Some(c) => subjects::status(c, run_id),
         None => subjects::status_of_run(run_id),
     };
-    let mut view: Option<RunView> = None;
+    Ok(read_view(js, subject).await?.0)
+}
+
+/// The run view of the updates stored on `subject`, with the stream sequence of the
+/// last one read (0 for none).
+async fn read_view(js: &jetstream::Context, subject: String) -> Result<(Option<RunView>, u64)> {
+    let (mut view, mut read_to): (Option<RunView>, u64) = (None, 0);
     read_subject(js, subjects::STATUS_STREAM, subject, |m| {
+        if let Ok(info) = m.info() {
+            read_to = read_to.max(info.stream_sequence);
+        }
         if let Ok(u) = serde_json::from_slice::<StatusUpdate>(&m.payload) {
             view.get_or_insert_with(|| RunView::new(&u)).apply(&u);
         }
     })
     .await?;
-    Ok(view)
+    Ok((view, read_to))
 }
 
-/// The run's final state, when one is stored.
+/// The run's final state, when one is stored: the check a runner makes before it
+/// starts a run it was handed, so that a redelivered run that already finished (its
+/// final state stored, the acknowledgement lost) is not run a second time.
 ///
-/// With the run's cluster known, the run's last stored state is read first, one direct
-/// get that any replica answers: it settles the question for a run with no state yet
-/// (every run request a runner takes) and for one whose last state is final (see
-/// [`settled_by_last`]). Only otherwise are the run's states read in full, through an
-/// ordered consumer — which costs the cluster a consumer created and deleted, and was
-/// a consumer per run started when it was the only way.
+/// Reads may be answered by any replica, and a replica catching up after a restart
+/// answers direct gets once it is 90 % synchronised: a read alone can miss a final
+/// state that was stored. So the stream leader is asked first for the sequence of the
+/// run's last update ([`subject_last_seq`]). None at all — every run a runner takes
+/// for the first time — settles it with no read. Otherwise only a read that reaches
+/// that sequence counts: the run's last update, one direct get ([`settled_by_last`]),
+/// or failing that its updates in full through an ordered consumer. A read from
+/// behind is retried until [`CONSISTENT_READ_WITHIN`] has passed; then this fails, and
+/// the caller must not take the run for unfinished.
 pub async fn final_state(
     js: &jetstream::Context,
-    cluster: Option<&str>,
+    cluster: &str,
     run_id: &str,
 ) -> Result<Option<RunState>> {
-    if let Some(cluster) = cluster {
-        if let Some(settled) = last_state(js, cluster, run_id).await {
+    let subject = subjects::status(cluster, run_id);
+    let stored = subject_last_seq(js, &subject).await?;
+    let deadline = tokio::time::Instant::now() + CONSISTENT_READ_WITHIN;
+    let mut delay = std::time::Duration::from_millis(20);
+    loop {
+        if let Some(settled) = settled_by_last(stored, last_update(js, &subject, stored).await) {
             return Ok(settled);
         }
+        let (view, read_to) = read_view(js, subject.clone()).await?;
+        if read_to >= stored {
+            return Ok(view.and_then(|v| v.final_state()));
+        }
+        if tokio::time::Instant::now() + delay > deadline {
+            return Err(Error::bus(
+                format!("read the states of run {run_id}"),
+                format!(
+                    "every read answered from behind the stream leader (at sequence {read_to}, \
+                     its last update is at {stored}) for {CONSISTENT_READ_WITHIN:?}: a NATS \
+                     node is still catching up"
+                ),
+            ));
+        }
+        tracing::debug!(run_id, read_to, stored, retry_in = ?delay, "run's states read from a replica behind the leader; reading again");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_millis(500));
     }
-    Ok(run_view(js, cluster, run_id)
-        .await?
-        .and_then(|v| v.final_state()))
 }
 
-/// What the run's last stored update says of its final state, when that is enough:
-/// no update at all means no final state; a run-level final state last is the one a
-/// full read ends with too ([`RunView::apply`] lets a later final state replace an
-/// earlier one, and nothing else replace a final one). A step's update or a state
-/// that is not final may follow an earlier final state: `None`, read them all.
-fn settled_by_last(last: Option<&StatusUpdate>) -> Option<Option<RunState>> {
-    match last {
-        None => Some(None),
-        Some(u) if u.step.is_none() && u.state.is_final() => Some(Some(u.state)),
-        Some(_) => None,
+/// How long [`final_state`] waits for a replica to catch up with the leader before it
+/// gives up: well within a run's ack wait, so the run is only delayed.
+const CONSISTENT_READ_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the run's last update, as one replica read it, says of its final state when
+/// that is enough; `stored` is the sequence the stream leader gave that update (0: the
+/// run has none). No update at all then means no final state; a run-level final state
+/// read at `stored` or later is the one a full read ends with too ([`RunView::apply`]
+/// lets a later final state replace an earlier one, and nothing else replace a final
+/// one). A read from behind `stored` — no update, or an older one — settles nothing,
+/// nor does a step's update or a state that is not final, which may follow an earlier
+/// final state: `None`, read them all.
+fn settled_by_last(stored: u64, read: Option<(u64, StatusUpdate)>) -> Option<Option<RunState>> {
+    if stored == 0 {
+        return Some(None);
     }
+    match read {
+        Some((seq, u)) if seq >= stored && u.step.is_none() && u.state.is_final() => {
+            Some(Some(u.state))
+        }
+        _ => None,
+    }
+}
+
+/// The sequence of the last message the stream leader has stored on `subject`, 0 for
+/// none. Asked as a publish expecting a last sequence no subject can have, which the
+/// leader refuses with the real one and stores nothing: only the leader decides
+/// publishes, so unlike a read the answer cannot come from a replica behind it, and it
+/// needs no permission beyond publishing on the subject (a runner may read no stream's
+/// info, which would name other clusters' runs).
+async fn subject_last_seq(js: &jetstream::Context, subject: &str) -> Result<u64> {
+    let what = || format!("ask the stream leader for the last update on {subject}");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        u64::MAX.to_string().as_str(),
+    );
+    let reply = js
+        .client()
+        .request_with_headers(subject.to_owned(), headers, Default::default())
+        .await
+        .map_err(|e| Error::bus(what(), e))?;
+    refused_last_seq(&reply.payload).ok_or_else(|| {
+        Error::bus(
+            what(),
+            format!(
+                "unexpected answer {:?}",
+                String::from_utf8_lossy(&reply.payload[..reply.payload.len().min(200)])
+            ),
+        )
+    })
+}
+
+/// The subject's last sequence from a leader's refusal of a publish that expected
+/// another ("wrong last sequence: N", JetStream error 10071); `None` for any other
+/// answer, including the refusal without a number a leader gives while another
+/// conditional publish on the subject is in flight.
+fn refused_last_seq(reply: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        error: Refusal,
+    }
+    #[derive(serde::Deserialize)]
+    struct Refusal {
+        err_code: u64,
+        description: String,
+    }
+    let refusal = serde_json::from_slice::<Reply>(reply).ok()?.error;
+    if refusal.err_code != 10071 {
+        return None;
+    }
+    refusal
+        .description
+        .strip_prefix("wrong last sequence: ")?
+        .parse()
+        .ok()
 }
 
 /// How long a direct get may take before the full read is used instead: a credential
 /// that lacks the permission gets no answer at all.
 const DIRECT_GET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// [`settled_by_last`] of the run's last stored update; `None` when that does not
-/// settle it or the update cannot be read this way.
-async fn last_state(
+/// The run's last update with its sequence, read by one direct get when the leader has
+/// one stored (`stored` > 0); `None` when there is none on the replica that answered,
+/// or it cannot be read this way.
+async fn last_update(
     js: &jetstream::Context,
-    cluster: &str,
-    run_id: &str,
-) -> Option<Option<RunState>> {
+    subject: &str,
+    stored: u64,
+) -> Option<(u64, StatusUpdate)> {
+    if stored == 0 {
+        return None;
+    }
     let stream = js.get_stream_no_info(subjects::STATUS_STREAM).await.ok()?;
-    let subject = subjects::status(cluster, run_id);
     let got = tokio::time::timeout(
         DIRECT_GET_TIMEOUT,
-        stream.direct_get_last_for_subject(subject.as_str()),
+        stream.direct_get_last_for_subject(subject),
     )
     .await;
     match got {
         Ok(Ok(message)) => {
             let update = serde_json::from_slice::<StatusUpdate>(&message.payload).ok()?;
-            settled_by_last(Some(&update))
+            Some((message.sequence, update))
         }
-        Ok(Err(e)) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
-            settled_by_last(None)
-        }
+        // A replica behind the leader.
+        Ok(Err(e)) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => None,
         // A status stream not yet given `allow_direct` (each service's start-up report
         // names the difference and `sluice streams apply`), a credential without the
         // permission (the client logs the violation), a slow cluster: the full read
@@ -241,7 +340,7 @@ async fn last_state(
                 Ok(Err(e)) => e.to_string(),
                 _ => format!("no answer within {DIRECT_GET_TIMEOUT:?}"),
             };
-            tracing::debug!(run_id, error = %why, "run's last state not read directly; reading its states in full");
+            tracing::debug!(subject, error = %why, "run's last state not read directly; reading its states in full");
             None
         }
     }
@@ -402,24 +501,36 @@ mod tests {
 
     #[test]
     fn the_last_update_settles_a_run_without_states_or_ending_final() {
-        assert_eq!(settled_by_last(None), Some(None));
+        assert_eq!(settled_by_last(0, None), Some(None));
         for state in [RunState::Succeeded, RunState::Failed, RunState::Cancelled] {
             assert_eq!(
-                settled_by_last(Some(&update(state, None))),
+                settled_by_last(7, Some((7, update(state, None)))),
                 Some(Some(state))
             );
         }
     }
 
     #[test]
+    fn a_read_from_behind_the_leader_settles_nothing() {
+        // The leader has the run's last update at 7; a replica catching up has not
+        // (the check once took "no message" for "no state", and ran a finished run
+        // again), or has only an earlier one.
+        assert_eq!(settled_by_last(7, None), None);
+        assert_eq!(
+            settled_by_last(7, Some((5, update(RunState::Succeeded, None)))),
+            None
+        );
+    }
+
+    #[test]
     fn a_step_or_a_state_not_final_last_needs_the_full_read() {
         // Either may follow an earlier final state of the run.
         assert_eq!(
-            settled_by_last(Some(&update(RunState::Running, None))),
+            settled_by_last(7, Some((7, update(RunState::Running, None)))),
             None
         );
         assert_eq!(
-            settled_by_last(Some(&update(RunState::Succeeded, Some("test")))),
+            settled_by_last(7, Some((7, update(RunState::Succeeded, Some("test"))))),
             None
         );
     }
@@ -436,9 +547,42 @@ mod tests {
         ];
         for n in 1..=ups.len() {
             let view = RunView::fold(&ups[..n]).and_then(|v| v.final_state());
-            if let Some(settled) = settled_by_last(ups[..n].last()) {
+            let last = (n as u64, ups[n - 1].clone());
+            if let Some(settled) = settled_by_last(n as u64, Some(last)) {
                 assert_eq!(settled, view, "after {n} updates");
             }
         }
+    }
+
+    #[test]
+    fn the_leaders_refusal_names_the_subjects_last_sequence() {
+        // As nats-server 2.12 answers a publish expecting another last subject sequence.
+        let refusal = |description: &str| {
+            format!(
+                r#"{{"error":{{"code":400,"err_code":10071,"description":"{description}"}},"stream":"SLUICE_STATUS","seq":0}}"#
+            )
+        };
+        assert_eq!(
+            refused_last_seq(refusal("wrong last sequence: 0").as_bytes()),
+            Some(0)
+        );
+        assert_eq!(
+            refused_last_seq(refusal("wrong last sequence: 18446744073709551614").as_bytes()),
+            Some(u64::MAX - 1)
+        );
+        // Another conditional publish on the subject in flight: no number to trust.
+        assert_eq!(
+            refused_last_seq(refusal("wrong last sequence").as_bytes()),
+            None
+        );
+        // A stored message, another refusal, no JSON: never a sequence.
+        assert_eq!(
+            refused_last_seq(br#"{"stream":"SLUICE_STATUS","seq":4}"#),
+            None
+        );
+        let other =
+            r#"{"error":{"code":503,"err_code":10077,"description":"wrong last sequence: 3"}}"#;
+        assert_eq!(refused_last_seq(other.as_bytes()), None);
+        assert_eq!(refused_last_seq(b"NATS/1.0 503"), None);
     }
 }

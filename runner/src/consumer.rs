@@ -113,7 +113,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
             let cluster = config.cluster.clone();
             kube.sweep(&config.cluster, move |run: String| {
                 let (js, cluster) = (stored.clone(), cluster.clone());
-                async move { final_state(&js, &cluster, &run).await.is_some() }
+                async move { matches!(bus::final_state(&js, &cluster, &run).await, Ok(Some(_))) }
             })
             .await;
             Some(watch)
@@ -312,12 +312,21 @@ async fn handle(
     let req = reporter.request();
 
     // A redelivery of a run that already finished (its final state was stored, the
-    // ack was lost): acknowledge and do nothing.
-    if let Some(state) = Box::pin(final_state(&js, &req.cluster, &req.run_id)).await {
-        tracing::info!(run_id = %req.run_id, state = state.as_str(), "run already finished; acknowledging");
-        running.finished(&req.run_id);
-        let _ = Box::pin(acker.double_ack()).await;
-        return;
+    // ack was lost): acknowledge and do nothing. When that cannot be told, the run is
+    // left for later rather than perhaps run twice.
+    match Box::pin(bus::final_state(&js, &req.cluster, &req.run_id)).await {
+        Ok(None) => {}
+        Ok(Some(state)) => {
+            tracing::info!(run_id = %req.run_id, state = state.as_str(), "run already finished; acknowledging");
+            running.finished(&req.run_id);
+            let _ = Box::pin(acker.double_ack()).await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(run_id = %req.run_id, error = %e, retry_in = ?UNSURE_RETRY, "cannot tell whether the run already finished; leaving it for later");
+            let _ = Box::pin(acker.ack_with(AckKind::Nak(Some(UNSURE_RETRY)))).await;
+            return;
+        }
     }
     if running.is_cancelled(&req.run_id) {
         Box::pin(reporter.status(
@@ -403,16 +412,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The run's final state, when one is already stored.
-async fn final_state(js: &jetstream::Context, cluster: &str, run_id: &str) -> Option<RunState> {
-    match bus::final_state(js, Some(cluster), run_id).await {
-        Ok(state) => state,
-        Err(e) => {
-            tracing::warn!(run_id, error = %e, "cannot read the run's stored states");
-            None
-        }
-    }
-}
+/// How long a run whose finished check failed waits before it is delivered again.
+const UNSURE_RETRY: Duration = Duration::from_secs(5);
 
 /// The cluster's consumer group, checked as it is: `sluice streams apply` creates and
 /// sizes it. Only when it is missing does the runner try to create it (and what it

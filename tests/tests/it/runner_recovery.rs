@@ -173,7 +173,7 @@ async fn the_already_finished_check_reads_the_last_state_without_a_consumer() {
     let check = |run: &'static str| {
         let js = js.clone();
         async move {
-            sluice_core::bus::final_state(&js, Some("c1"), run)
+            sluice_core::bus::final_state(&js, "c1", run)
                 .await
                 .expect("read the run's states")
         }
@@ -208,4 +208,105 @@ async fn the_already_finished_check_reads_the_last_state_without_a_consumer() {
     assert_eq!(check("done").await, Some(RunState::Succeeded));
     assert_eq!(check("late").await, Some(RunState::Cancelled));
     assert_eq!(check("new").await, None);
+}
+
+/// Answers every direct get on SLUICE_STATUS as a replica still catching up after a
+/// restart does for what it has not yet stored: "404 No Messages". Raw protocol,
+/// because a status line is not something a client library sends; the server itself
+/// answers none of these while the stream has direct gets off.
+async fn replica_without_the_run(port: u16) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut line = String::new();
+    read.read_line(&mut line).await.expect("INFO");
+    write
+        .write_all(
+            b"CONNECT {\"verbose\":false,\"headers\":true}\r\n\
+              SUB $JS.API.DIRECT.GET.SLUICE_STATUS.> 1\r\nPING\r\n",
+        )
+        .await
+        .expect("subscribe");
+    // Subscribed once the server answers the PING after the SUB.
+    loop {
+        line.clear();
+        read.read_line(&mut line).await.expect("PONG");
+        if line.starts_with("PONG") {
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        loop {
+            line.clear();
+            if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.first() {
+                Some(&"PING") => {
+                    let _ = write.write_all(b"PONG\r\n").await;
+                }
+                // MSG <subject> <sid> <reply> <size>
+                Some(&"MSG") if words.len() == 5 => {
+                    let size: usize = words[4].parse().expect("size");
+                    let mut body = vec![0; size + 2];
+                    read.read_exact(&mut body).await.expect("body");
+                    let header = "NATS/1.0 404 No Messages\r\n\r\n";
+                    let reply = format!(
+                        "HPUB {} {} {}\r\n{header}\r\n",
+                        words[3],
+                        header.len(),
+                        header.len()
+                    );
+                    let _ = write.write_all(reply.as_bytes()).await;
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// The finished check asks the stream leader for the run's last sequence before it
+/// trusts a read: a replica catching up answers "no message" for a final state it has
+/// not stored yet, and the check once took that for "not finished" — running a
+/// redelivered run, whose Pod was already deleted, a second time.
+#[tokio::test]
+async fn the_already_finished_check_does_not_trust_a_replica_behind_the_leader() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let mut config = sluice_core::streams::StreamSettings::default().status();
+    config.allow_direct = false;
+    js.update_stream(config).await.expect("direct gets off");
+    let replica = replica_without_the_run(nats.port()).await;
+
+    store_state(&js, "done", RunState::Running, None).await;
+    store_state(&js, "done", RunState::Failed, None).await;
+    // The double answers the direct get (the server would not): the check saw it.
+    let stream = js
+        .get_stream(subjects::STATUS_STREAM)
+        .await
+        .expect("stream");
+    let stale = stream
+        .direct_get_last_for_subject(subjects::status("c1", "done"))
+        .await
+        .expect_err("the double answers 404");
+    assert_eq!(
+        stale.kind(),
+        async_nats::jetstream::stream::DirectGetErrorKind::NotFound
+    );
+
+    let check = sluice_core::bus::final_state(&js, "c1", "done").await;
+    assert_eq!(check.expect("checked"), Some(RunState::Failed));
+    assert_eq!(
+        sluice_core::bus::final_state(&js, "c1", "new")
+            .await
+            .expect("checked"),
+        None
+    );
+    replica.abort();
 }
