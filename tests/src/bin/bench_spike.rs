@@ -142,16 +142,24 @@ struct Report {
     /// Per cluster: API requests the double answered, and their rate over the same
     /// span as the Pod creates (the runners' client limit counts requests, not Pods).
     requests: Vec<(usize, f64)>,
-    /// Per cluster, within that span: Pod creates and the other requests (log reads,
-    /// deletes); and the requests after the last create. The runners' one limiter
-    /// serves all three, so Pods/s reads against the creates' share of it.
-    request_mix: Vec<(usize, usize, usize)>,
+    /// Per cluster, within that span: Pod creates and the other requests by kind; and
+    /// the requests after the last create. The runners' one limiter serves them all,
+    /// so Pods/s reads against the creates' share of it.
+    request_mix: Vec<RequestMix>,
     all_final_after_last_webhook: Option<f64>,
     /// The whole path, per event that started one run: webhook sent → the run's Pod
     /// create received by the API double, and → its `scheduled` state stored.
     to_pod_create: Vec<Duration>,
     to_scheduled: Vec<Duration>,
     rss: Vec<(String, u64)>,
+}
+
+/// One cluster's API requests, told apart around its Pod creates.
+struct RequestMix {
+    creates: usize,
+    /// Every other request between the first and the last create, by kind.
+    others: Vec<(&'static str, usize)>,
+    after_last_create: usize,
 }
 
 impl Report {
@@ -251,7 +259,11 @@ impl Report {
         );
         for (
             ((cluster, pods, rate, drained, limit), (requests, per_s)),
-            (creates, others, after),
+            RequestMix {
+                creates,
+                others,
+                after_last_create: after,
+            },
         ) in self
             .clusters
             .iter()
@@ -263,8 +275,10 @@ impl Report {
                 *requests as f64 / (*pods).max(1) as f64,
                 args.runners, args.kube_qps
             );
+            let others: Vec<String> = others.iter().map(|(k, n)| format!("{n} {k}")).collect();
             println!(
-                "| {cluster}: requests between the first and the last Pod create | {creates} creates, {others} others (log reads, deletes); {after} after the last create |"
+                "| {cluster}: requests between the first and the last Pod create | {creates} creates; others: {}; {after} after the last create |",
+                if others.is_empty() { "none".to_owned() } else { others.join(", ") }
             );
         }
         println!(
@@ -565,14 +579,28 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
             break;
         }
         if progress.elapsed() > Duration::from_secs(10) {
+            // Each runner's own count of the runs it holds, beside the Pods: a runner at
+            // `--max-running` pulls nothing more, whatever its client limit allows.
+            let mut held = Vec::new();
+            for s in services.iter().filter(|s| s.name.starts_with("runner-")) {
+                let text = match http.get(format!("{}/metrics", s.admin)).send().await {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                held.push(
+                    gauge(&text, "sluice_runner_runs_in_flight")
+                        .map_or_else(|| "?".to_owned(), |v| format!("{v}")),
+                );
+            }
             eprintln!(
-                "  draining: {} events stored, {planned} runs planned, {} final, Pods {}",
+                "  draining: {} events stored, {planned} runs planned, {} final, Pods {}, runs held by each runner {}",
                 stored.len(),
                 finals.len(),
                 apis.iter()
                     .map(|a| a.created().len().to_string())
                     .collect::<Vec<_>>()
-                    .join("/")
+                    .join("/"),
+                held.join("/")
             );
             progress = Instant::now();
         }
@@ -667,16 +695,21 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
             in_span as f64 / last.duration_since(first).as_secs_f64()
         });
         requests.push((answered.len(), per_s));
-        let creates = span.map_or(0, |(first, last)| {
-            answered
-                .iter()
-                .filter(|r| r.at >= first && r.at <= last && r.method == http::Method::POST)
-                .count()
-        });
+        let mut kinds = std::collections::BTreeMap::new();
+        if let Some((first, last)) = span {
+            for r in answered.iter().filter(|r| r.at >= first && r.at <= last) {
+                *kinds.entry(request_kind(&r.method, &r.uri)).or_insert(0) += 1;
+            }
+        }
+        let creates = kinds.remove("pod create").unwrap_or(0);
         let after = span.map_or(0, |(_, last)| {
             answered.iter().filter(|r| r.at > last).count()
         });
-        request_mix.push((creates, in_span - creates, after));
+        request_mix.push(RequestMix {
+            creates,
+            others: kinds.into_iter().collect(),
+            after_last_create: after,
+        });
         per_cluster.push((
             (*cluster).to_owned(),
             created.len(),
@@ -816,6 +849,28 @@ fn build_requests(args: &Args, payload: &str) -> Vec<Request> {
 
 /// Unanswered requests grouped by cause, each with when the first and the last of them
 /// was sent (seconds from the first webhook).
+/// What a request the API double answered was for, from its method and path: the
+/// spike reads the runners' request mix from these.
+fn request_kind(method: &http::Method, uri: &str) -> &'static str {
+    let path = uri.split('?').next().unwrap_or(uri);
+    let watch = uri.contains("watch=true") || uri.contains("watch=1");
+    let pods = path.contains("/pods");
+    let named = path
+        .split("/pods/")
+        .nth(1)
+        .is_some_and(|rest| !rest.is_empty());
+    match *method {
+        http::Method::POST if pods => "pod create",
+        http::Method::DELETE if pods => "pod delete",
+        http::Method::GET if path.ends_with("/log") => "log read",
+        http::Method::GET if pods && watch => "pod watch",
+        http::Method::GET if pods && named => "pod get",
+        http::Method::GET if pods => "pod list",
+        _ if path.contains("/secrets") => "secret",
+        _ => "other",
+    }
+}
+
 fn unanswered_by_cause(answers: &[Answer]) -> Vec<(&'static str, usize, f64, f64)> {
     let Some(start) = answers.iter().map(|a| a.sent).min() else {
         return Vec::new();
@@ -1059,4 +1114,77 @@ fn cli(sluice: &Path, env: &[(String, String)], args: &[&str]) -> anyhow::Result
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The sum of a gauge's samples (every label set) in a Prometheus text exposition.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // `name{labels} value` or `name value`; not a longer name sharing the prefix.
+        let value = match rest.chars().next() {
+            Some('{') => rest.rsplit_once('}').map(|(_, v)| v),
+            Some(' ') => Some(rest),
+            _ => None,
+        };
+        if let Some(v) = value.and_then(|v| v.trim().parse::<f64>().ok()) {
+            sum = Some(sum.unwrap_or(0.0) + v);
+        }
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{gauge, request_kind};
+    use http::Method;
+
+    #[test]
+    fn a_gauge_is_summed_over_its_label_sets_and_not_confused_with_a_longer_name() {
+        let text = "# TYPE sluice_runner_runs_in_flight gauge\n\
+            sluice_runner_runs_in_flight{cluster=\"c1\"} 3\n\
+            sluice_runner_runs_in_flight{cluster=\"c2\"} 4\n\
+            sluice_runner_runs_in_flight_total 100\n";
+        assert_eq!(gauge(text, "sluice_runner_runs_in_flight"), Some(7.0));
+        assert_eq!(gauge("x 1\n", "sluice_runner_runs_in_flight"), None);
+        assert_eq!(gauge("sluice_up 1\n", "sluice_up"), Some(1.0));
+    }
+
+    #[test]
+    fn requests_are_told_apart_by_method_and_path() {
+        let ns = "/api/v1/namespaces/ci/pods";
+        assert_eq!(request_kind(&Method::POST, ns), "pod create");
+        assert_eq!(
+            request_kind(&Method::DELETE, &format!("{ns}/run-1-0")),
+            "pod delete"
+        );
+        assert_eq!(
+            request_kind(
+                &Method::GET,
+                &format!("{ns}/run-1-0/log?container=s0&follow=true")
+            ),
+            "log read"
+        );
+        assert_eq!(
+            request_kind(
+                &Method::GET,
+                &format!("{ns}?labelSelector=a%3Db&watch=true")
+            ),
+            "pod watch"
+        );
+        assert_eq!(
+            request_kind(&Method::GET, &format!("{ns}?labelSelector=a")),
+            "pod list"
+        );
+        assert_eq!(
+            request_kind(&Method::GET, &format!("{ns}/run-1-0")),
+            "pod get"
+        );
+        assert_eq!(
+            request_kind(&Method::GET, "/api/v1/namespaces/ci/secrets/s"),
+            "secret"
+        );
+    }
 }
