@@ -19,9 +19,20 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 fn fixtures(provider: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = fixtures_dir().join(provider);
-    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot read the fixtures in {}: {e}", dir.display()))
+    read_fixtures(&fixtures_dir().join(provider)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every `*.json` in `dir`, sorted by name; the error says which variable points elsewhere,
+/// since a checkout not beside `shared/` is the usual reason it fails.
+fn read_fixtures(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        format!(
+            "cannot read the fixtures in {}: {e}; set SLUICE_FIXTURES to the directory \
+             holding github/ and gitlab/ (shared/fixtures)",
+            dir.display()
+        )
+    })?;
+    let mut out: Vec<(String, Vec<u8>)> = entries
         .filter_map(|entry| {
             let path = entry.ok()?.path();
             let name = path
@@ -33,7 +44,7 @@ fn fixtures(provider: &str) -> Vec<(String, Vec<u8>)> {
         })
         .collect();
     out.sort();
-    out
+    Ok(out)
 }
 
 fn hmac256(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
@@ -276,5 +287,18 @@ fn collect_yaml(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
                 out.push((name.to_owned(), body));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_fixtures_directory_names_the_variable_that_fixes_it() {
+        let dir = std::env::temp_dir().join("sluice-no-such-fixtures-dir");
+        let err = read_fixtures(&dir).expect_err("the directory does not exist");
+        assert!(err.contains("SLUICE_FIXTURES"), "{err}");
+        assert!(err.contains("sluice-no-such-fixtures-dir"), "{err}");
     }
 }
