@@ -733,7 +733,7 @@ fn queue_wait(s: &str) -> Result<HumanDuration, String> {
     Ok(d)
 }
 
-fn human_duration(s: &str) -> Result<HumanDuration, String> {
+pub(crate) fn human_duration(s: &str) -> Result<HumanDuration, String> {
     sluice_core::duration::parse(s).map(HumanDuration)
 }
 

@@ -22,7 +22,32 @@ use anyhow::Context;
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", error_report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a failed command prints: the error and each cause, never a backtrace (anyhow
+/// adds one under `RUST_BACKTRACE`, which services' environments often set for panics;
+/// a user's mistake is told in words).
+fn error_report(e: &anyhow::Error) -> String {
+    let mut out = format!("Error: {e}");
+    let causes: Vec<String> = e.chain().skip(1).map(ToString::to_string).collect();
+    if !causes.is_empty() {
+        out.push_str("\n\nCaused by:");
+        for (i, cause) in causes.iter().enumerate() {
+            out.push_str(&format!("\n    {i}: {cause}"));
+        }
+    }
+    out
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = args::Cli::parse();
     sluice_core::telemetry::init(cli.global.log_format)?;
     let shutdown = sluice_core::shutdown::on_signal();

@@ -570,6 +570,25 @@ fn unreachable_nats_is_named_in_the_error() {
     );
 }
 
+#[test]
+fn an_error_is_told_with_its_causes_and_no_backtrace_even_under_rust_backtrace() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["pipelines", "list"])
+        .env("SLUICE_NATS_URL", "nats://127.0.0.1:1")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run sluice");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("Error: cannot reach NATS at nats://127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Caused by:\n    0: "), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    assert!(!stderr.contains("main.rs"), "{stderr}");
+}
+
 #[tokio::test]
 async fn runs_commands_show_states_logs_and_exit_codes() {
     use sluice_tests::runner::{git_repo, publish_run, run_request, step, Runner};

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use sluice_core::pipeline::HumanDuration;
 
 use super::values::{Hosts, Secret, Values};
+use crate::args::human_duration;
 
 #[derive(Debug, Args)]
 pub struct InstallArgs {
@@ -120,6 +122,10 @@ pub struct ValueFlags {
     /// Host name of the example Ingress for webhooks.
     #[arg(long, env = "SLUICE_INSTALL_INGEST_HOST")]
     pub ingest_host: Option<String>,
+    /// Ingest's --shed-after: answer 503 at once a webhook that would wait longer than
+    /// this for JetStream (default: ingest's, 1s; at most its publish timeout, 8s).
+    #[arg(long, env = "SLUICE_INSTALL_INGEST_SHED_AFTER", value_parser = human_duration)]
+    pub ingest_shed_after: Option<HumanDuration>,
     #[arg(long, env = "SLUICE_INSTALL_INGRESS_CLASS")]
     pub ingress_class: Option<String>,
     /// The dashboard's URL as users reach it (your Ingress or proxy); commit statuses
@@ -130,6 +136,11 @@ pub struct ValueFlags {
     /// sluice-dashboard-actions; `--dashboard-actions=false` turns it off.
     #[arg(long, env = "SLUICE_INSTALL_DASHBOARD_ACTIONS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub dashboard_actions: Option<bool>,
+    /// With --dashboard-actions: the header in which your authenticating proxy names
+    /// the signed-in user, e.g. X-Forwarded-User (trusted as is: only for a dashboard
+    /// nothing reaches but through that proxy).
+    #[arg(long, env = "SLUICE_INSTALL_DASHBOARD_TRUSTED_USER_HEADER")]
+    pub dashboard_trusted_user_header: Option<String>,
     /// Where runners may reach the API server (ports 443 and 6443).
     #[arg(long, env = "SLUICE_INSTALL_API_SERVER_CIDR")]
     pub api_server_cidr: Option<String>,
@@ -202,6 +213,8 @@ impl ValueFlags {
             context => context, existing_nats_url => nats_url, nats_seed => nats_seed,
             storage_class => storage_class, ingress_class => ingress_class,
             keda_monitoring_endpoint => keda_monitoring_endpoint,
+            ingest_shed_after => ingest_shed_after,
+            dashboard_trusted_user_header => dashboard_trusted_user_header,
             github_webhook_secret => github_webhook_secret,
             gitlab_webhook_token => gitlab_webhook_token,
             webhook_signing_secret => webhook_signing_secret,

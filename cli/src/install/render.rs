@@ -701,6 +701,12 @@ include "accounts.conf"
             ("SLUICE_INGEST_LISTEN", &format!("0.0.0.0:{port}")),
             ("SLUICE_STREAM_REPLICAS", &replicas),
         ]));
+        if let Some(wait) = self.v.ingest_shed_after {
+            env.extend(Self::env(&[(
+                "SLUICE_INGEST_SHED_AFTER",
+                &wait.to_string(),
+            )]));
+        }
         env.push(Self::secret_env(
             "SLUICE_GITHUB_WEBHOOK_SECRET",
             names::WEBHOOKS,
@@ -857,6 +863,12 @@ include "accounts.conf"
                     &format!("{DASHBOARD_TOKEN_DIR}/token"),
                 ),
             ]));
+            if let Some(header) = &self.v.dashboard_trusted_user_header {
+                env.extend(Self::env(&[(
+                    "SLUICE_DASHBOARD_TRUSTED_USER_HEADER",
+                    header,
+                )]));
+            }
             volumes.push(json!({
                 "name": "actions-token",
                 "secret": { "secretName": names::DASHBOARD_ACTIONS, "defaultMode": 0o400 },
@@ -1226,6 +1238,10 @@ pub fn accounts_conf(users: &[sluice_core::roles::User]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use sluice_core::pipeline::HumanDuration;
+
     use super::super::values::Hosts;
     use super::*;
 
@@ -1415,23 +1431,56 @@ mod tests {
         }
     }
 
+    /// The object `id` (`Kind/name`) among `objects`, as JSON.
+    fn find(objects: &[Object], id: &str) -> Value {
+        objects
+            .iter()
+            .find(|o| o.id() == id)
+            .unwrap_or_else(|| panic!("{id}"))
+            .to_json()
+    }
+
+    /// The value of `name` in a Deployment's first container's environment.
+    fn env(deployment: &Value, name: &str) -> Option<Value> {
+        deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    }
+
+    #[test]
+    fn ingests_shed_wait_and_the_proxys_user_header_are_set_only_when_given() {
+        let objects = render(&Values::default(), Some(&material()));
+        let ingest = find(&objects, "Deployment/sluice-ingest");
+        assert_eq!(env(&ingest, "SLUICE_INGEST_SHED_AFTER"), None);
+        let v = Values {
+            ingest_shed_after: Some(HumanDuration(Duration::from_millis(500))),
+            dashboard_actions: true,
+            dashboard_trusted_user_header: Some("X-Forwarded-User".into()),
+            ..Values::default()
+        };
+        v.validate().expect("valid");
+        let objects = render(&v, Some(&material()));
+        assert_eq!(
+            env(
+                &find(&objects, "Deployment/sluice-ingest"),
+                "SLUICE_INGEST_SHED_AFTER"
+            ),
+            Some(json!("500ms"))
+        );
+        let dashboard = find(&objects, "Deployment/sluice-dashboard");
+        assert_eq!(
+            env(&dashboard, "SLUICE_DASHBOARD_TRUSTED_USER_HEADER"),
+            Some(json!("X-Forwarded-User"))
+        );
+        // The token stays: a request that comes without the proxy's header may use it.
+        assert!(env(&dashboard, "SLUICE_DASHBOARD_ACTIONS_TOKEN_FILE").is_some());
+    }
+
     #[test]
     fn the_dashboard_reads_only_unless_actions_are_on_and_statuses_link_to_it() {
-        let find = |objects: &[Object], id: &str| {
-            objects
-                .iter()
-                .find(|o| o.id() == id)
-                .unwrap_or_else(|| panic!("{id}"))
-                .to_json()
-        };
-        let env = |deployment: &Value, name: &str| {
-            deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-                .as_array()
-                .expect("env")
-                .iter()
-                .find(|e| e["name"] == name)
-                .map(|e| e["value"].clone())
-        };
         let objects = render(&Values::default(), Some(&material()));
         let dashboard = find(&objects, "Deployment/sluice-dashboard");
         assert_eq!(dashboard["spec"]["replicas"], 2);

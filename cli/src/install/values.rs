@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use sluice_core::pipeline::HumanDuration;
 
 /// The image `scripts/build-image` builds.
 pub const DEFAULT_IMAGE: &str = "ghcr.io/sluice-ci/sluice:0.1.0";
@@ -156,6 +157,9 @@ pub struct Values {
     pub max_running: u32,
     /// Host name of the example Ingress that routes webhooks to ingest.
     pub ingest_host: String,
+    /// Ingest's `--shed-after`: a webhook that would wait longer than this for
+    /// JetStream is answered 503 at once (none: ingest's default, 1 s).
+    pub ingest_shed_after: Option<HumanDuration>,
     pub ingress_class: Option<String>,
     /// The dashboard's URL as its users reach it (your Ingress or proxy in front of the
     /// Service `sluice-dashboard`): commit statuses link to `<URL>/runs/<run id>`.
@@ -164,6 +168,10 @@ pub struct Values {
     /// Offer cancel and rerun on the dashboard's run pages to holders of the token in
     /// the Secret `sluice-dashboard-actions` (off: the dashboard only reads).
     pub dashboard_actions: bool,
+    /// With `dashboard_actions`: the header in which the authenticating proxy in front
+    /// of the dashboard names the signed-in user (`--trusted-user-header`); the
+    /// dashboard trusts it as is, so nothing may reach it but through that proxy.
+    pub dashboard_trusted_user_header: Option<String>,
     /// Where runners may reach the API server (ports 443 and 6443).
     pub api_server_cidr: String,
     /// Runner-only: where runners may reach NATS (its port only).
@@ -224,9 +232,11 @@ impl Default for Values {
             runner_replicas: DEFAULT_REPLICAS,
             max_running: DEFAULT_MAX_RUNNING,
             ingest_host: DEFAULT_INGEST_HOST.into(),
+            ingest_shed_after: None,
             ingress_class: None,
             dashboard_url: None,
             dashboard_actions: false,
+            dashboard_trusted_user_header: None,
             api_server_cidr: DEFAULT_EGRESS_CIDR.into(),
             nats_cidr: DEFAULT_EGRESS_CIDR.into(),
             stream_replicas: NATS_NODES as u32,
@@ -431,6 +441,26 @@ impl Values {
                 format!("dashboard_url `{url}`: give the URL users open the dashboard at, such as https://sluice-dashboard.example.com (--dashboard-url or `dashboard_url:`)"),
             );
         }
+        if let Some(HumanDuration(wait)) = self.ingest_shed_after {
+            check(
+                !wait.is_zero() && wait <= sluice_ingest::PUBLISH_TIMEOUT,
+                format!(
+                    "ingest_shed_after `{}`: must be longer than zero and at most {} (ingest's publish timeout), e.g. 1s (--ingest-shed-after or `ingest_shed_after:`)",
+                    HumanDuration(wait),
+                    HumanDuration(sluice_ingest::PUBLISH_TIMEOUT)
+                ),
+            );
+        }
+        if let Some(name) = &self.dashboard_trusted_user_header {
+            check(
+                is_header_name(name),
+                format!("dashboard_trusted_user_header `{name}`: give the header your proxy sets, such as X-Forwarded-User, and not one a browser sends itself (Authorization, Cookie, Host, Origin) (--dashboard-trusted-user-header or `dashboard_trusted_user_header:`)"),
+            );
+            check(
+                self.dashboard_actions,
+                "dashboard_trusted_user_header: the proxy's user only matters with dashboard actions (--dashboard-actions or `dashboard_actions: true`)".to_owned(),
+            );
+        }
         if self.hosts == Hosts::Runner {
             check(
                 self.nats_url.is_some(),
@@ -499,6 +529,18 @@ fn is_dns_label(s: &str) -> bool {
     sluice_core::pipeline::Name::parse(s).is_ok()
 }
 
+/// An HTTP field name (RFC 9110's token) other than those a browser sends itself or
+/// that carry credentials: a proxy sets the user's header, the client must not.
+fn is_header_name(s: &str) -> bool {
+    const TCHAR: &str = "!#$%&'*+-.^_`|~";
+    const REFUSED: [&str; 4] = ["authorization", "cookie", "host", "origin"];
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || TCHAR.contains(c))
+        && !REFUSED.contains(&s.to_ascii_lowercase().as_str())
+}
+
 fn is_quantity(s: &str) -> bool {
     let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let suffix = &s[digits.len()..];
@@ -561,6 +603,66 @@ mod tests {
             "nats_url: a runner-only cluster",
             "runner-default.nk from `sluice cluster add default",
         ] {
+            assert!(errors.contains(needle), "{needle} in {errors}");
+        }
+    }
+
+    #[test]
+    fn the_shed_wait_and_the_proxys_header_are_checked_with_what_to_do() {
+        let v = Values::from_yaml(
+            "v.yaml",
+            "ingest_shed_after: 500ms\ndashboard_actions: true\ndashboard_trusted_user_header: X-Forwarded-User\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            v.ingest_shed_after,
+            Some(HumanDuration(std::time::Duration::from_millis(500)))
+        );
+        v.validate().expect("valid");
+        let bad =
+            Values::from_yaml("v.yaml", "ingest_shed_after: soon\n").expect_err("no duration");
+        assert!(bad.contains("soon"), "{bad}");
+        for (v, needle) in [
+            (
+                Values {
+                    ingest_shed_after: Some(HumanDuration(std::time::Duration::ZERO)),
+                    ..Values::default()
+                },
+                "ingest_shed_after `0s`: must be longer than zero and at most 8s",
+            ),
+            (
+                Values {
+                    ingest_shed_after: Some(HumanDuration(std::time::Duration::from_secs(9))),
+                    ..Values::default()
+                },
+                "ingest_shed_after `9s`",
+            ),
+            (
+                Values {
+                    dashboard_trusted_user_header: Some("X-Forwarded-User".into()),
+                    ..Values::default()
+                },
+                "only matters with dashboard actions",
+            ),
+            (
+                Values {
+                    dashboard_actions: true,
+                    dashboard_trusted_user_header: Some("X Forwarded User".into()),
+                    ..Values::default()
+                },
+                "dashboard_trusted_user_header `X Forwarded User`: give the header your proxy sets",
+            ),
+            (
+                // A header the browser sends itself could name anyone.
+                Values {
+                    dashboard_actions: true,
+                    dashboard_trusted_user_header: Some("Cookie".into()),
+                    ..Values::default()
+                },
+                "dashboard_trusted_user_header `Cookie`",
+            ),
+        ] {
+            let errors = v.validate().expect_err(needle).join("\n");
             assert!(errors.contains(needle), "{needle} in {errors}");
         }
     }
