@@ -26,7 +26,7 @@ pub async fn run(global: &Global, command: PipelinesCommand) -> anyhow::Result<(
             Ok(())
         }
         PipelinesCommand::Apply { file } => {
-            let pipelines = load(&file)?;
+            let pipelines = load(&file).map_err(|e| anyhow::anyhow!("{e}: nothing was applied"))?;
             let kv = bucket(global).await?;
             for p in pipelines {
                 let name = p.name.to_string();
@@ -274,9 +274,17 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<Pipeline>> {
         for e in &errors {
             eprintln!("error: {e}");
         }
-        bail!("{} problem(s) found: nothing was applied", errors.len());
+        bail!("{}", problems_found(errors.len()));
     }
     Ok(pipelines)
+}
+
+/// `1 problem found`, `2 problems found`.
+fn problems_found(n: usize) -> String {
+    match n {
+        1 => "1 problem found".to_owned(),
+        n => format!("{n} problems found"),
+    }
 }
 
 fn yaml_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -371,8 +379,8 @@ fn validate_checkout(dir: &Path) -> anyhow::Result<()> {
             eprintln!("error: {e}");
         }
         bail!(
-            "{} problem(s) found: the dispatcher refuses these (failing the sluice/config status) and runs the others",
-            errors.len()
+            "{}: the dispatcher refuses these (failing the sluice/config status) and runs the others",
+            problems_found(errors.len())
         );
     }
     Ok(())

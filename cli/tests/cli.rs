@@ -74,7 +74,21 @@ fn validate_reports_file_line_column_and_what_is_wrong() {
             "{file}: {stderr}"
         );
         assert!(stderr.contains(message), "{file}: {stderr}");
-        assert!(stderr.contains("nothing was applied"), "{file}: {stderr}");
+        // Validate applies nothing, so it does not say it applied nothing.
+        assert!(
+            stderr.contains("Error: 1 problem found\n"),
+            "{file}: {stderr}"
+        );
+        assert!(!stderr.contains("applied"), "{file}: {stderr}");
+        // Apply refuses the whole file, before it connects.
+        let out = sluice("nats://127.0.0.1:1", &["pipelines", "apply", "-f", &path]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {stderr}");
+        assert!(
+            stderr.contains("Error: 1 problem found: nothing was applied"),
+            "{file}: {stderr}"
+        );
+        assert!(!stderr.contains("cannot reach NATS"), "{file}: {stderr}");
     }
     let good = write(dir.path(), "good.yaml", GOOD);
     let out = sluice(
@@ -144,7 +158,7 @@ fn validate_checks_a_checkouts_sluice_folder_file_by_file() {
             "{stderr}"
         );
         assert!(!stderr.contains("nested"), "{stderr}");
-        assert!(stderr.contains("2 problem(s) found"), "{stderr}");
+        assert!(stderr.contains("2 problems found"), "{stderr}");
     }
     std::fs::remove_file(folder.join("lint.yml")).expect("rm");
     std::fs::remove_file(folder.join("big.yaml")).expect("rm");
