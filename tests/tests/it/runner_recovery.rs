@@ -310,3 +310,59 @@ async fn the_already_finished_check_does_not_trust_a_replica_behind_the_leader()
     );
     replica.abort();
 }
+
+/// A run whose finished check cannot be answered — here the status stream is gone, so
+/// the stream leader cannot be asked — is handed back for later, never run blind: it
+/// might have finished already. Once the stream is back, it runs, once.
+#[tokio::test]
+async fn a_run_whose_finished_check_cannot_be_answered_waits_and_then_runs_once() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let js = jetstream(&nats.url()).await;
+    provision(&js).await;
+    let _runner = Runner::start(&nats.url(), "eu-1", "r1").await;
+    assert_eq!(run_to_the_end(&js, "before-1").await, RunState::Succeeded);
+
+    js.delete_stream(subjects::STATUS_STREAM)
+        .await
+        .expect("delete the status stream");
+    let marker_dir = tempfile::tempdir().expect("tmp");
+    let marker = marker_dir.path().join("ran");
+    let (repo, sha) = git_repo();
+    let command = format!("echo ran >> {}", marker.display());
+    let req = run_request(
+        "unsure-1",
+        "eu-1",
+        repo.path(),
+        &sha,
+        vec![step("mark", &[command.as_str()])],
+    );
+    publish_run(&js, &req).await;
+
+    // Taken, handed back, and taken again (after the 5 s it is left for): not run.
+    let runs = js.get_stream(subjects::RUNS_STREAM).await.expect("runs");
+    wait_for(
+        "the run to be delivered a second time",
+        DEADLINE,
+        || async {
+            let info = runs
+                .consumer_info(subjects::runner_consumer("eu-1"))
+                .await
+                .ok()?;
+            (info.delivered.consumer_sequence >= 3).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !marker.exists(),
+        "the run ran while its finished check could not be answered"
+    );
+
+    provision(&js).await;
+    let done = wait_for("the run, once the stream is back", DEADLINE, || {
+        final_state(&js, "unsure-1")
+    })
+    .await;
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "ran\n");
+}
