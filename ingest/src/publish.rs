@@ -78,11 +78,16 @@ impl Publisher {
     /// that time (see [`behind`]): then the 503 is the truth, the event is not stored.
     /// Publishes waiting for JetStream's acknowledgement now.
     pub fn in_flight(&self) -> usize {
-        self.backlog
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .in_flight
+        let s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.in_flight + s.stale
+    }
+
+    /// Connections made so far: publishes are judged by the connection they went out on.
+    fn connection(&self) -> u64 {
+        self.client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub async fn publish(
@@ -99,15 +104,17 @@ impl Publisher {
         let budget = self
             .timeout
             .min(ANSWER_WITHIN.saturating_sub(received.elapsed()));
-        let _waiting = self.backlog.admit(budget.min(self.shed_after))?;
+        let waiting = self
+            .backlog
+            .admit(budget.min(self.shed_after), self.connection())?;
         let started = Instant::now();
         let deadline = tokio::time::timeout(budget, self.store(&mut event, raw)).await;
         let stored = deadline.map_err(|_| {
-            self.backlog.timed_out(budget);
+            waiting.timed_out(budget);
             PublishError::Timeout(budget)
         })??;
         let took = started.elapsed();
-        self.backlog.acknowledged(took);
+        waiting.acknowledged(took);
         Ok((stored, took))
     }
 
@@ -174,7 +181,17 @@ struct Backlog(Mutex<BacklogState>);
 
 #[derive(Debug)]
 struct BacklogState {
+    /// The connection (the client's count of connections made) the figures below are
+    /// of. After a reconnect, what was in flight on the old connection waits for
+    /// acknowledgements that will mostly never come (a link that died without a reset
+    /// took them), so neither it nor its late answers say anything of how far behind
+    /// JetStream is now: judged by them, ingest shed a healthy new connection's
+    /// requests for the rest of the old ones' timeout.
+    connection: u64,
+    /// Publishes waiting on this connection.
     in_flight: usize,
+    /// Publishes still waiting on earlier connections.
+    stale: usize,
     window_start: Instant,
     window_acks: u32,
     /// Acknowledgements per second over the last full window.
@@ -186,7 +203,9 @@ struct BacklogState {
 impl Default for BacklogState {
     fn default() -> Self {
         BacklogState {
+            connection: 0,
             in_flight: 0,
+            stale: 0,
             window_start: Instant::now(),
             window_acks: 0,
             rate: 0.0,
@@ -221,21 +240,65 @@ impl BacklogState {
     }
 }
 
-/// One publish counted in flight until it is dropped.
-struct Waiting<'a>(&'a Backlog);
+/// One publish counted in flight, on the connection it went out on, until it is
+/// dropped.
+struct Waiting<'a> {
+    backlog: &'a Backlog,
+    connection: u64,
+}
+
+impl Waiting<'_> {
+    /// Not acknowledged within `waited`: its latency is at least that, so a JetStream
+    /// whose every acknowledgement is late still reads as behind. A publish of an
+    /// earlier connection says nothing of this one.
+    fn timed_out(&self, waited: Duration) {
+        let mut s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
+        if s.connection == self.connection {
+            s.observe(waited);
+        }
+    }
+
+    fn acknowledged(&self, took: Duration) {
+        let mut s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
+        if s.connection != self.connection {
+            return;
+        }
+        s.observe(took);
+        s.window_acks += 1;
+        let elapsed = s.window_start.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            s.rate = f64::from(s.window_acks) / elapsed.as_secs_f64();
+            s.window_acks = 0;
+            s.window_start = Instant::now();
+        }
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let mut s = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
-        s.in_flight = s.in_flight.saturating_sub(1);
+        let mut s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
+        if s.connection == self.connection {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        } else {
+            s.stale = s.stale.saturating_sub(1);
+        }
     }
 }
 
 impl Backlog {
-    /// Counts a publish in flight, or refuses it when JetStream is too far behind to
-    /// store it within `budget` (the shed-after wait, or less when less is left).
-    fn admit(&self, budget: Duration) -> Result<Waiting<'_>, PublishError> {
+    /// Counts a publish in flight on `connection`, or refuses it when JetStream is too
+    /// far behind to store it within `budget` (the shed-after wait, or less when less
+    /// is left). A new connection starts from nothing known.
+    fn admit(&self, budget: Duration, connection: u64) -> Result<Waiting<'_>, PublishError> {
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if connection > s.connection {
+            let stale = s.stale + s.in_flight;
+            *s = BacklogState {
+                connection,
+                stale,
+                ..BacklogState::default()
+            };
+        }
         if let Some(wait) = behind(s.in_flight, s.rate_now(), s.latency, budget) {
             return Err(PublishError::Behind {
                 waiting: s.in_flight,
@@ -249,26 +312,10 @@ impl Backlog {
             s.window_acks = 0;
         }
         s.in_flight += 1;
-        Ok(Waiting(self))
-    }
-
-    /// A publish not acknowledged within `waited`: its latency is at least that, so
-    /// a JetStream whose every acknowledgement is late still reads as behind.
-    fn timed_out(&self, waited: Duration) {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        s.observe(waited);
-    }
-
-    fn acknowledged(&self, took: Duration) {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        s.observe(took);
-        s.window_acks += 1;
-        let elapsed = s.window_start.elapsed();
-        if elapsed >= Duration::from_secs(1) {
-            s.rate = f64::from(s.window_acks) / elapsed.as_secs_f64();
-            s.window_acks = 0;
-            s.window_start = Instant::now();
-        }
+        Ok(Waiting {
+            backlog: self,
+            connection: s.connection,
+        })
     }
 }
 
@@ -326,28 +373,70 @@ mod tests {
     #[test]
     fn a_slow_acknowledgement_after_an_idle_hour_does_not_shed() {
         let backlog = Backlog::default();
+        // Connected an hour ago, one publish, then nothing.
+        drop(backlog.admit(BUDGET, 1).expect("admitted"));
         backlog.0.lock().unwrap().window_start = Instant::now() - Duration::from_secs(3600);
-        let first = backlog.admit(BUDGET).expect("admitted");
-        let second = backlog.admit(BUDGET).expect("admitted");
+        let first = backlog.admit(BUDGET, 1).expect("admitted");
+        let second = backlog.admit(BUDGET, 1).expect("admitted");
         // One slow acknowledgement: over the idle hour it would read as 1/3600 a second.
-        backlog.acknowledged(Duration::from_secs(3));
+        first.acknowledged(Duration::from_secs(3));
         drop(first);
-        assert!(backlog.admit(BUDGET).is_ok(), "shed after an idle hour");
+        assert!(backlog.admit(BUDGET, 1).is_ok(), "shed after an idle hour");
         drop(second);
     }
 
     #[test]
     fn late_acknowledgements_count_as_slow() {
         let backlog = Backlog::default();
-        backlog.timed_out(BUDGET);
+        backlog
+            .admit(BUDGET, 1)
+            .expect("admitted")
+            .timed_out(BUDGET);
         assert_eq!(backlog.0.lock().unwrap().latency, BUDGET);
+    }
+
+    #[test]
+    fn a_new_connection_is_not_judged_by_what_waits_on_the_old_one() {
+        let backlog = Backlog::default();
+        // The old connection's link died: 600 publishes wait, acknowledgements came
+        // back at 300/s and took 400 ms before it did.
+        let stuck: Vec<_> = (0..600)
+            .map(|_| backlog.admit(SHED_AFTER, 1).expect("admitted"))
+            .collect();
+        {
+            let mut s = backlog.0.lock().unwrap();
+            s.window_start = Instant::now() - Duration::from_millis(300);
+            s.window_acks = 90;
+            s.latency = Duration::from_millis(400);
+        }
+        assert!(
+            backlog.admit(SHED_AFTER, 1).is_err(),
+            "behind on connection 1"
+        );
+        // Reconnected: admitted, and the old publishes' timeouts change nothing.
+        let fresh = backlog
+            .admit(SHED_AFTER, 2)
+            .expect("a new connection starts afresh");
+        stuck[0].timed_out(BUDGET);
+        assert_eq!(backlog.0.lock().unwrap().latency, Duration::ZERO);
+        fresh.acknowledged(Duration::from_millis(5));
+        assert_eq!(backlog.0.lock().unwrap().latency, Duration::from_millis(5));
+        // Still counted as waiting until they end, but apart from the new connection's.
+        {
+            let s = backlog.0.lock().unwrap();
+            assert_eq!((s.in_flight, s.stale), (1, 600));
+        }
+        drop(stuck);
+        drop(fresh);
+        let s = backlog.0.lock().unwrap();
+        assert_eq!((s.in_flight, s.stale), (0, 0));
     }
 
     #[test]
     fn in_flight_counts_what_is_waiting() {
         let backlog = Backlog::default();
-        let a = backlog.admit(BUDGET).expect("admitted");
-        let b = backlog.admit(BUDGET).expect("admitted");
+        let a = backlog.admit(BUDGET, 1).expect("admitted");
+        let b = backlog.admit(BUDGET, 1).expect("admitted");
         assert_eq!(backlog.0.lock().unwrap().in_flight, 2);
         drop(a);
         drop(b);
@@ -358,7 +447,7 @@ mod tests {
     fn a_spike_is_read_from_its_first_quarter_second() {
         let backlog = Backlog::default();
         let admitted: Vec<_> = (0..600)
-            .map(|_| backlog.admit(SHED_AFTER).expect("no rate yet: admitted"))
+            .map(|_| backlog.admit(SHED_AFTER, 1).expect("no rate yet: admitted"))
             .collect();
         {
             // 300 ms into the spike: 90 acknowledged (300/s), each taking 400 ms.
@@ -368,13 +457,13 @@ mod tests {
             s.latency = Duration::from_millis(400);
         }
         // 600 ahead at 300/s is 2 s, more than the 1 s a request may wait.
-        let Err(PublishError::Behind { waiting, wait }) = backlog.admit(SHED_AFTER) else {
+        let Err(PublishError::Behind { waiting, wait }) = backlog.admit(SHED_AFTER, 1) else {
             panic!("admitted into a 2 s queue");
         };
         assert_eq!(waiting, 600);
         assert!(wait > Duration::from_millis(1_900), "{wait:?}");
         // The full publish budget would still have admitted it.
-        assert!(backlog.admit(BUDGET).is_ok());
+        assert!(backlog.admit(BUDGET, 1).is_ok());
         drop(admitted);
     }
 

@@ -321,9 +321,248 @@ fn describe_difference(seqs: &[Option<BTreeMap<String, u64>>]) -> Option<String>
     None
 }
 
+/// Once an ingest has stored a webhook sent during a fault (it has a working path to
+/// JetStream again), every later request to it in the fault must be stored too: the
+/// requests still waiting on a connection that died with its node say nothing of the
+/// new one. `Err` lists, per ingest, the requests sent after its first 2xx answer that
+/// were not answered 2xx.
+pub fn stored_after_recovery(
+    answers: &[crate::load::Answer],
+    from: Instant,
+    to: Instant,
+) -> std::result::Result<(), String> {
+    let ok = |a: &crate::load::Answer| a.status.is_some_and(|s| (200..300).contains(&s));
+    let mut failed: BTreeMap<usize, (usize, String)> = BTreeMap::new();
+    let ingests: std::collections::BTreeSet<usize> = answers.iter().map(|a| a.ingest).collect();
+    for ingest in ingests {
+        let during: Vec<&crate::load::Answer> = answers
+            .iter()
+            .filter(|a| a.ingest == ingest && a.sent >= from && a.sent < to)
+            .collect();
+        let Some(recovered) = during
+            .iter()
+            .filter(|a| ok(a))
+            .map(|a| a.sent + a.took)
+            .min()
+        else {
+            continue;
+        };
+        for a in during.iter().filter(|a| a.sent > recovered && !ok(a)) {
+            let entry = failed.entry(ingest).or_insert_with(|| (0, String::new()));
+            entry.0 += 1;
+            if entry.1.is_empty() {
+                entry.1 = format!(
+                    "{} answered {} {:.1} s after its first 2xx",
+                    a.event_id,
+                    a.status
+                        .map_or_else(|| "nothing".to_owned(), |s| s.to_string()),
+                    (a.sent - recovered).as_secs_f64()
+                );
+            }
+        }
+    }
+    if failed.is_empty() {
+        return Ok(());
+    }
+    Err(failed
+        .iter()
+        .map(|(i, (n, first))| {
+            format!(
+                "ingest-{}: {n} request(s) not stored after it stored again (first: {first})",
+                i + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+/// One `/readyz` poll of an ingest: when it was sent, which ingest, the status.
+pub type Poll = (Instant, usize, u16);
+
+/// What ingest's `/readyz` said during a fault against what the same ingest answered
+/// webhooks sent within a second of each poll: a poll said ready falsely when none of
+/// them was answered 2xx, not ready falsely when all were. Polls with no webhook near
+/// them say nothing either way.
+#[derive(Debug, Default, PartialEq)]
+pub struct Readiness {
+    pub polls: usize,
+    pub ready: usize,
+    pub false_ready: usize,
+    pub false_unready: usize,
+    /// The longest time one ingest's polls said ready falsely without a true one in
+    /// between: from the first such poll to the last, plus the interval each stands for.
+    pub longest_false_ready: Duration,
+    pub longest_false_unready: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Said {
+    True,
+    FalselyReady,
+    FalselyUnready,
+    Unknown,
+}
+
+/// [`Readiness`] of the polls sent in `[from, to)`, polled every `interval`.
+pub fn readiness(
+    polls: &[Poll],
+    answers: &[crate::load::Answer],
+    from: Instant,
+    to: Instant,
+    interval: Duration,
+) -> Readiness {
+    let mut r = Readiness::default();
+    let mut in_fault: Vec<&Poll> = polls
+        .iter()
+        .filter(|(at, _, _)| *at >= from && *at < to)
+        .collect();
+    in_fault.sort_by_key(|(at, ingest, _)| (*ingest, *at));
+    r.polls = in_fault.len();
+    r.ready = in_fault.iter().filter(|p| p.2 == 200).count();
+    // The open streak: its ingest, kind and first poll.
+    let mut streak: Option<(usize, Said, Instant)> = None;
+    for (at, ingest, status) in in_fault {
+        let near: Vec<&crate::load::Answer> = answers
+            .iter()
+            .filter(|a| {
+                a.ingest == *ingest
+                    && a.sent + Duration::from_secs(1) >= *at
+                    && a.sent <= *at + Duration::from_secs(1)
+            })
+            .collect();
+        let any_ok = near
+            .iter()
+            .any(|a| a.status.is_some_and(|s| (200..300).contains(&s)));
+        let all_ok = near
+            .iter()
+            .all(|a| a.status.is_some_and(|s| (200..300).contains(&s)));
+        let said = match (near.is_empty(), *status == 200) {
+            (true, _) => Said::Unknown,
+            (false, true) if !any_ok => Said::FalselyReady,
+            (false, false) if all_ok => Said::FalselyUnready,
+            _ => Said::True,
+        };
+        match said {
+            Said::FalselyReady => r.false_ready += 1,
+            Said::FalselyUnready => r.false_unready += 1,
+            _ => {}
+        }
+        if said == Said::Unknown {
+            continue;
+        }
+        streak = match streak {
+            Some((i, kind, first)) if i == *ingest && kind == said => Some((i, kind, first)),
+            _ => (said != Said::True).then_some((*ingest, said, *at)),
+        };
+        if let Some((_, kind, first)) = streak {
+            let long = *at - first + interval;
+            let longest = match kind {
+                Said::FalselyReady => &mut r.longest_false_ready,
+                _ => &mut r.longest_false_unready,
+            };
+            *longest = (*longest).max(long);
+        }
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
-    use super::run_requests;
+    use std::time::{Duration, Instant};
+
+    use super::{readiness, run_requests, stored_after_recovery, Readiness};
+    use crate::load::Answer;
+
+    #[test]
+    fn after_an_ingest_stores_again_every_later_request_must_be_stored() {
+        let t0 = Instant::now();
+        let answer = |ingest: usize, ms: u64, took_ms: u64, status: u16| Answer {
+            event_id: format!("e{ingest}-{ms}"),
+            ingest,
+            sent: t0 + Duration::from_millis(ms),
+            took: Duration::from_millis(took_ms),
+            status: Some(status),
+            error: None,
+        };
+        let end = t0 + Duration::from_secs(30);
+        // Stuck on the dead connection, answered 503 at the timeout after the first
+        // 2xx on the new one: not counted, they were sent before it.
+        let mut answers = vec![
+            answer(0, 1_000, 8_000, 503),
+            answer(0, 5_000, 8_000, 503),
+            answer(0, 6_500, 10, 202),
+            answer(0, 7_000, 10, 202),
+            answer(1, 7_000, 10, 202),
+        ];
+        assert_eq!(stored_after_recovery(&answers, t0, end), Ok(()));
+        // Shed after it stored again: a failure naming the first one.
+        answers.push(answer(0, 8_000, 1, 503));
+        answers.push(answer(0, 9_000, 1, 503));
+        let err = stored_after_recovery(&answers, t0, end).expect_err("shed after recovery");
+        assert!(
+            err.starts_with("ingest-1: 2 request(s) not stored after it stored again (first: e0-8000 answered 503 1.5 s after its first 2xx)"),
+            "{err}"
+        );
+        // Never stored during the fault: nothing to say.
+        let none = vec![answer(0, 1_000, 8_000, 503), answer(0, 2_000, 8_000, 503)];
+        assert_eq!(stored_after_recovery(&none, t0, end), Ok(()));
+    }
+
+    #[test]
+    fn readiness_counts_false_polls_and_their_longest_streak() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let answer = |ingest: usize, ms: u64, status: u16| Answer {
+            event_id: format!("e{ms}"),
+            ingest,
+            sent: at(ms),
+            took: Duration::from_millis(5),
+            status: Some(status),
+            error: None,
+        };
+        // Ingest 0 answers 503 from 3 s to 6 s and 2xx otherwise; ingest 1 2xx always.
+        let mut answers = Vec::new();
+        for ms in (0..10_000).step_by(250) {
+            let failing = (3_000..6_000).contains(&ms);
+            answers.push(answer(0, ms, if failing { 503 } else { 202 }));
+            answers.push(answer(1, ms, 202));
+        }
+        // Ingest 0 says ready all along but for one poll at 5 s; ingest 1 is not ready
+        // at 8 s and 8.5 s.
+        let mut polls = Vec::new();
+        for ms in (0..10_000).step_by(500) {
+            polls.push((at(ms), 0, if ms == 5_000 { 503 } else { 200 }));
+            polls.push((
+                at(ms),
+                1,
+                if ms == 8_000 || ms == 8_500 { 503 } else { 200 },
+            ));
+        }
+        let r = readiness(
+            &polls,
+            &answers,
+            at(0),
+            at(10_000),
+            Duration::from_millis(500),
+        );
+        assert_eq!(
+            r,
+            Readiness {
+                polls: 40,
+                ready: 37,
+                // The polls at 4 s and 4.5 s, whose every webhook within 1 s got 503
+                // (3.5 s still sees the 2xx at 2.75 s, 5.5 s the one at 6 s).
+                false_ready: 2,
+                false_unready: 2,
+                longest_false_ready: Duration::from_millis(1_000),
+                longest_false_unready: Duration::from_millis(1_000),
+            }
+        );
+        // No webhook near a poll: it says nothing.
+        let quiet = readiness(&polls, &[], at(0), at(10_000), Duration::from_millis(500));
+        assert_eq!((quiet.false_ready, quiet.false_unready), (0, 0));
+        assert_eq!(quiet.longest_false_ready, Duration::ZERO);
+    }
 
     #[test]
     fn a_run_request_stored_twice_is_a_note_only_when_no_pod_was_doubled() {

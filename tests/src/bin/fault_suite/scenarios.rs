@@ -137,7 +137,10 @@ impl Outcome {
     }
 }
 
-/// Polls each ingest's `/readyz` every 500 ms.
+/// How often each ingest's `/readyz` is polled.
+const READY_POLL: Duration = Duration::from_millis(500);
+
+/// Polls each ingest's `/readyz` every [`READY_POLL`].
 struct ReadyPoller {
     polls: Arc<Mutex<Vec<(Instant, usize, u16)>>>,
     stop: CancellationToken,
@@ -150,7 +153,7 @@ impl ReadyPoller {
         for (i, url) in urls.into_iter().enumerate() {
             let (polls, stop, http) = (polls.clone(), stop.clone(), http.clone());
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                let mut tick = tokio::time::interval(READY_POLL);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -310,6 +313,13 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
         during.iter().filter(|a| a.status == Some(503)).count()
     ));
     notes.push(readiness(&polls, answers, fault_start, heal));
+    if scenario == Scenario::IngestNodeCut {
+        // Its clients' pings move it to a healthy node within seconds; from then on
+        // nothing may be refused for what still waits on the dead connection.
+        if let Err(e) = check::stored_after_recovery(answers, fault_start, heal) {
+            failures.push(e);
+        }
+    }
     notes.push(ready_counts(&other_names, &other_polls, fault_start, heal));
     let mut latencies: Vec<Duration> = answers.iter().map(|a| a.took).collect();
     latencies.sort();
@@ -460,41 +470,16 @@ fn dispatch_resumed(
 
 /// What `/readyz` said during the fault, against what the same ingest answered
 /// webhooks sent within a second of each poll.
-fn readiness(
-    polls: &[(Instant, usize, u16)],
-    answers: &[Answer],
-    from: Instant,
-    to: Instant,
-) -> String {
-    let in_fault: Vec<&(Instant, usize, u16)> = polls
-        .iter()
-        .filter(|(at, _, _)| *at >= from && *at < to)
-        .collect();
-    let ready = in_fault.iter().filter(|p| p.2 == 200).count();
-    let (mut false_ready, mut false_unready) = (0, 0);
-    for (at, ingest, status) in &in_fault {
-        let near: Vec<&Answer> = answers
-            .iter()
-            .filter(|a| {
-                a.ingest == *ingest
-                    && a.sent + Duration::from_secs(1) >= *at
-                    && a.sent <= *at + Duration::from_secs(1)
-            })
-            .collect();
-        if near.is_empty() {
-            continue;
-        }
-        let any_ok = near.iter().any(|a| ok(a));
-        if *status == 200 && !any_ok {
-            false_ready += 1;
-        }
-        if *status != 200 && near.iter().all(|a| ok(a)) {
-            false_unready += 1;
-        }
-    }
+fn readiness(polls: &[check::Poll], answers: &[Answer], from: Instant, to: Instant) -> String {
+    let r = check::readiness(polls, answers, from, to, READY_POLL);
     format!(
-        "ingest /readyz during the fault: {ready} of {} polls ready; {false_ready} said ready while that ingest answered every webhook within 1 s non-2xx, {false_unready} said not ready while it answered all 2xx",
-        in_fault.len()
+        "ingest /readyz during the fault: {} of {} polls ready; {} said ready while that ingest answered every webhook within 1 s non-2xx (longest {:.1} s), {} said not ready while it answered all 2xx (longest {:.1} s)",
+        r.ready,
+        r.polls,
+        r.false_ready,
+        r.longest_false_ready.as_secs_f64(),
+        r.false_unready,
+        r.longest_false_unready.as_secs_f64()
     )
 }
 
