@@ -1,5 +1,6 @@
 //! Stores events in JetStream and waits for the acknowledgement.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -79,7 +80,7 @@ impl Publisher {
     /// Publishes waiting for JetStream's acknowledgement now.
     pub fn in_flight(&self) -> usize {
         let s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
-        s.in_flight + s.stale
+        s.pending.len() + s.stale
     }
 
     /// Connections made so far: publishes are judged by the connection they went out on.
@@ -182,15 +183,13 @@ struct Backlog(Mutex<BacklogState>);
 #[derive(Debug)]
 struct BacklogState {
     /// The connection (the client's count of connections made) the figures below are
-    /// of. After a reconnect, what was in flight on the old connection waits for
-    /// acknowledgements that will mostly never come (a link that died without a reset
-    /// took them), so neither it nor its late answers say anything of how far behind
-    /// JetStream is now: judged by them, ingest shed a healthy new connection's
-    /// requests for the rest of the old ones' timeout.
+    /// of.
     connection: u64,
-    /// Publishes waiting on this connection.
-    in_flight: usize,
-    /// Publishes still waiting on earlier connections.
+    /// The publishes the figures count, by admission number, with when each was
+    /// admitted.
+    pending: BTreeMap<u64, Instant>,
+    next: u64,
+    /// Publishes still waiting that say nothing of JetStream now (see [`STRANDED`]).
     stale: usize,
     window_start: Instant,
     window_acks: u32,
@@ -204,7 +203,8 @@ impl Default for BacklogState {
     fn default() -> Self {
         BacklogState {
             connection: 0,
-            in_flight: 0,
+            pending: BTreeMap::new(),
+            next: 0,
             stale: 0,
             window_start: Instant::now(),
             window_acks: 0,
@@ -216,6 +216,17 @@ impl Default for BacklogState {
 
 /// How much of a busy window is enough to read a rate from before it ends.
 const RATE_AFTER: Duration = Duration::from_millis(250);
+
+/// A publish still waiting when one admitted this much later is acknowledged was
+/// stranded: the stream's leader that had it went away (JetStream answers one
+/// connection's publishes to a stream in order), or, after a reconnect, the connection
+/// did. Its acknowledgement will mostly never come, so neither it nor its timeout says
+/// how far behind JetStream is now — judged by them, ingest shed every request for
+/// seconds after a leader change or a reconnect ("1 events waiting, about 1.2 s"),
+/// until they timed out. Such publishes are counted apart and the estimate starts
+/// afresh. The margin leaves room for requests admitted together but sent in another
+/// order, and for a body put in the object store before its event.
+const STRANDED: Duration = Duration::from_secs(1);
 
 impl BacklogState {
     /// Acknowledgements per second: the current busy window's once it is
@@ -238,30 +249,44 @@ impl BacklogState {
             self.latency.mul_f64(0.9) + took.mul_f64(0.1)
         };
     }
+
+    /// Sets the publishes admitted before `before` apart, and forgets what was
+    /// measured: JetStream now is not what they waited on.
+    fn start_afresh(&mut self, before: u64) {
+        let kept = self.pending.split_off(&before);
+        self.stale += std::mem::replace(&mut self.pending, kept).len();
+        self.window_start = Instant::now();
+        self.window_acks = 0;
+        self.rate = 0.0;
+        self.latency = Duration::ZERO;
+    }
 }
 
-/// One publish counted in flight, on the connection it went out on, until it is
-/// dropped.
+/// One publish counted in flight until it is dropped.
 struct Waiting<'a> {
     backlog: &'a Backlog,
-    connection: u64,
+    number: u64,
 }
 
 impl Waiting<'_> {
     /// Not acknowledged within `waited`: its latency is at least that, so a JetStream
-    /// whose every acknowledgement is late still reads as behind. A publish of an
-    /// earlier connection says nothing of this one.
+    /// whose every acknowledgement is late still reads as behind. A stranded publish
+    /// says nothing of JetStream now.
     fn timed_out(&self, waited: Duration) {
         let mut s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
-        if s.connection == self.connection {
+        if s.pending.contains_key(&self.number) {
             s.observe(waited);
         }
     }
 
     fn acknowledged(&self, took: Duration) {
         let mut s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
-        if s.connection != self.connection {
+        let Some(&admitted) = s.pending.get(&self.number) else {
             return;
+        };
+        let oldest = s.pending.first_key_value().map(|(_, at)| *at);
+        if oldest.is_some_and(|oldest| oldest + STRANDED < admitted) {
+            s.start_afresh(self.number);
         }
         s.observe(took);
         s.window_acks += 1;
@@ -277,9 +302,7 @@ impl Waiting<'_> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let mut s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
-        if s.connection == self.connection {
-            s.in_flight = s.in_flight.saturating_sub(1);
-        } else {
+        if s.pending.remove(&self.number).is_none() {
             s.stale = s.stale.saturating_sub(1);
         }
     }
@@ -288,33 +311,33 @@ impl Drop for Waiting<'_> {
 impl Backlog {
     /// Counts a publish in flight on `connection`, or refuses it when JetStream is too
     /// far behind to store it within `budget` (the shed-after wait, or less when less
-    /// is left). A new connection starts from nothing known.
+    /// is left). A new connection starts afresh: what waits on the old one is stranded.
     fn admit(&self, budget: Duration, connection: u64) -> Result<Waiting<'_>, PublishError> {
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if connection > s.connection {
-            let stale = s.stale + s.in_flight;
-            *s = BacklogState {
-                connection,
-                stale,
-                ..BacklogState::default()
-            };
+            s.connection = connection;
+            let next = s.next;
+            s.start_afresh(next);
         }
-        if let Some(wait) = behind(s.in_flight, s.rate_now(), s.latency, budget) {
+        let in_flight = s.pending.len();
+        if let Some(wait) = behind(in_flight, s.rate_now(), s.latency, budget) {
             return Err(PublishError::Behind {
-                waiting: s.in_flight,
+                waiting: in_flight,
                 wait,
             });
         }
-        if s.in_flight == 0 {
+        if in_flight == 0 {
             // The rate is measured over busy time only: an idle hour is not a slow
             // hour. The last busy window's rate stands until this one has a second.
             s.window_start = Instant::now();
             s.window_acks = 0;
         }
-        s.in_flight += 1;
+        let number = s.next;
+        s.next += 1;
+        s.pending.insert(number, Instant::now());
         Ok(Waiting {
             backlog: self,
-            connection: s.connection,
+            number,
         })
     }
 }
@@ -424,12 +447,65 @@ mod tests {
         // Still counted as waiting until they end, but apart from the new connection's.
         {
             let s = backlog.0.lock().unwrap();
-            assert_eq!((s.in_flight, s.stale), (1, 600));
+            assert_eq!((s.pending.len(), s.stale), (1, 600));
         }
         drop(stuck);
         drop(fresh);
         let s = backlog.0.lock().unwrap();
-        assert_eq!((s.in_flight, s.stale), (0, 0));
+        assert_eq!((s.pending.len(), s.stale), (0, 0));
+    }
+
+    #[test]
+    fn publishes_stranded_by_a_leader_change_do_not_shed_the_new_leaders_requests() {
+        let backlog = Backlog::default();
+        // Sent to a leader that then stopped: 2 s later still waiting, and one timed
+        // out, so acknowledgements read as slow and rare.
+        let stranded = backlog.admit(SHED_AFTER, 1).expect("admitted");
+        let timed_out = backlog.admit(SHED_AFTER, 1).expect("admitted");
+        {
+            let mut s = backlog.0.lock().unwrap();
+            for at in s.pending.values_mut() {
+                *at -= Duration::from_secs(2);
+            }
+            s.window_start = Instant::now() - Duration::from_secs(2);
+        }
+        timed_out.timed_out(BUDGET);
+        drop(timed_out);
+        // The new leader acknowledges a request admitted now, at once.
+        let fresh = backlog.admit(SHED_AFTER, 1).expect("admitted");
+        fresh.acknowledged(Duration::from_millis(3));
+        drop(fresh);
+        {
+            let s = backlog.0.lock().unwrap();
+            assert_eq!(
+                (s.pending.len(), s.stale),
+                (0, 1),
+                "the stranded one set apart"
+            );
+            assert_eq!(s.latency, Duration::from_millis(3));
+        }
+        // Its late timeout changes nothing, and the next request is admitted.
+        stranded.timed_out(BUDGET);
+        assert_eq!(backlog.0.lock().unwrap().latency, Duration::from_millis(3));
+        assert!(backlog.admit(SHED_AFTER, 1).is_ok());
+        drop(stranded);
+        assert_eq!(backlog.0.lock().unwrap().stale, 0);
+    }
+
+    #[test]
+    fn acknowledgements_in_order_or_close_together_strand_nothing() {
+        let backlog = Backlog::default();
+        let waiting: Vec<_> = (0..100)
+            .map(|_| backlog.admit(BUDGET, 1).expect("admitted"))
+            .collect();
+        // The last admitted answered first (sent in another order, within the margin).
+        waiting[99].acknowledged(Duration::from_millis(400));
+        for w in &waiting[..99] {
+            w.acknowledged(Duration::from_millis(400));
+        }
+        let s = backlog.0.lock().unwrap();
+        assert_eq!((s.pending.len(), s.stale), (100, 0));
+        assert_eq!(s.window_acks, 100);
     }
 
     #[test]
@@ -437,10 +513,10 @@ mod tests {
         let backlog = Backlog::default();
         let a = backlog.admit(BUDGET, 1).expect("admitted");
         let b = backlog.admit(BUDGET, 1).expect("admitted");
-        assert_eq!(backlog.0.lock().unwrap().in_flight, 2);
+        assert_eq!(backlog.0.lock().unwrap().pending.len(), 2);
         drop(a);
         drop(b);
-        assert_eq!(backlog.0.lock().unwrap().in_flight, 0);
+        assert_eq!(backlog.0.lock().unwrap().pending.len(), 0);
     }
 
     #[test]

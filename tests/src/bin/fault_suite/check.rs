@@ -321,11 +321,11 @@ fn describe_difference(seqs: &[Option<BTreeMap<String, u64>>]) -> Option<String>
     None
 }
 
-/// Once an ingest has stored a webhook sent during a fault (it has a working path to
-/// JetStream again), every later request to it in the fault must be stored too: the
-/// requests still waiting on a connection that died with its node say nothing of the
-/// new one. `Err` lists, per ingest, the requests sent after its first 2xx answer that
-/// were not answered 2xx.
+/// Once the fault has struck an ingest (a request sent during it failed) and the ingest
+/// has then stored one sent after that (it has a working path to JetStream again),
+/// every request sent to it later in the fault must be stored too: the requests still
+/// waiting on a leader or a connection that is gone say nothing of the new one. `Err`
+/// lists, per ingest, the requests sent after that recovery that were not answered 2xx.
 pub fn stored_after_recovery(
     answers: &[crate::load::Answer],
     from: Instant,
@@ -335,13 +335,18 @@ pub fn stored_after_recovery(
     let mut failed: BTreeMap<usize, (usize, String)> = BTreeMap::new();
     let ingests: std::collections::BTreeSet<usize> = answers.iter().map(|a| a.ingest).collect();
     for ingest in ingests {
-        let during: Vec<&crate::load::Answer> = answers
+        let mut during: Vec<&crate::load::Answer> = answers
             .iter()
             .filter(|a| a.ingest == ingest && a.sent >= from && a.sent < to)
             .collect();
+        during.sort_by_key(|a| a.sent);
+        // Requests sent in the moments before the fault took hold may be stored.
+        let Some(struck) = during.iter().find(|a| !ok(a)).map(|a| a.sent) else {
+            continue;
+        };
         let Some(recovered) = during
             .iter()
-            .filter(|a| ok(a))
+            .filter(|a| a.sent > struck && ok(a))
             .map(|a| a.sent + a.took)
             .min()
         else {
@@ -485,9 +490,11 @@ mod tests {
             error: None,
         };
         let end = t0 + Duration::from_secs(30);
-        // Stuck on the dead connection, answered 503 at the timeout after the first
-        // 2xx on the new one: not counted, they were sent before it.
+        // Stored before the fault took hold; then stuck on the dead connection and
+        // answered 503 at the timeout after the first 2xx on the new one: not
+        // counted, they were sent before it.
         let mut answers = vec![
+            answer(0, 200, 5, 202),
             answer(0, 1_000, 8_000, 503),
             answer(0, 5_000, 8_000, 503),
             answer(0, 6_500, 10, 202),

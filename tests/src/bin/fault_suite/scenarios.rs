@@ -33,6 +33,21 @@ pub enum Scenario {
     IngestNodeCut,
 }
 
+impl Scenario {
+    /// Whether the fault strikes once, at its start, and nothing more happens until the
+    /// heal (the kills at random moments and the rolling restart strike again and
+    /// again).
+    fn is_one_moment(self) -> bool {
+        matches!(
+            self,
+            Scenario::LeaderKill
+                | Scenario::LeaderPause
+                | Scenario::LeaderLinkCut
+                | Scenario::IngestNodeCut
+        )
+    }
+}
+
 pub const ALL: [Scenario; 9] = [
     Scenario::Baseline,
     Scenario::LeaderKill,
@@ -313,9 +328,10 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
         during.iter().filter(|a| a.status == Some(503)).count()
     ));
     notes.push(readiness(&polls, answers, fault_start, heal));
-    if scenario == Scenario::IngestNodeCut {
-        // Its clients' pings move it to a healthy node within seconds; from then on
-        // nothing may be refused for what still waits on the dead connection.
+    if scenario.is_one_moment() {
+        // Once the fault has struck and the cluster has found its way round it (a new
+        // leader, a healthy node for the clients), nothing may be refused for what
+        // still waits on a leader or a connection that is gone.
         if let Err(e) = check::stored_after_recovery(answers, fault_start, heal) {
             failures.push(e);
         }
