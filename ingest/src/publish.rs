@@ -286,7 +286,12 @@ impl Waiting<'_> {
         };
         let oldest = s.pending.first_key_value().map(|(_, at)| *at);
         if oldest.is_some_and(|oldest| oldest + STRANDED < admitted) {
+            let before = s.pending.len();
             s.start_afresh(self.number);
+            tracing::warn!(
+                stranded = before - s.pending.len(),
+                "publishes still waiting on a stream leader that went away are set apart"
+            );
         }
         s.observe(took);
         s.window_acks += 1;
