@@ -251,14 +251,16 @@ impl BacklogState {
     }
 
     /// Sets the publishes admitted before `before` apart, and forgets what was
-    /// measured: JetStream now is not what they waited on.
-    fn start_afresh(&mut self, before: u64) {
+    /// measured: JetStream now is not what they waited on. Returns how many.
+    fn start_afresh(&mut self, before: u64) -> usize {
         let kept = self.pending.split_off(&before);
-        self.stale += std::mem::replace(&mut self.pending, kept).len();
+        let stranded = std::mem::replace(&mut self.pending, kept).len();
+        self.stale += stranded;
         self.window_start = Instant::now();
         self.window_acks = 0;
         self.rate = 0.0;
         self.latency = Duration::ZERO;
+        stranded
     }
 }
 
@@ -285,14 +287,11 @@ impl Waiting<'_> {
             return;
         };
         let oldest = s.pending.first_key_value().map(|(_, at)| *at);
-        if oldest.is_some_and(|oldest| oldest + STRANDED < admitted) {
-            let before = s.pending.len();
-            s.start_afresh(self.number);
-            tracing::warn!(
-                stranded = before - s.pending.len(),
-                "publishes still waiting on a stream leader that went away are set apart"
-            );
-        }
+        let stranded = if oldest.is_some_and(|oldest| oldest + STRANDED < admitted) {
+            s.start_afresh(self.number)
+        } else {
+            0
+        };
         s.observe(took);
         s.window_acks += 1;
         let elapsed = s.window_start.elapsed();
@@ -300,6 +299,14 @@ impl Waiting<'_> {
             s.rate = f64::from(s.window_acks) / elapsed.as_secs_f64();
             s.window_acks = 0;
             s.window_start = Instant::now();
+        }
+        drop(s);
+        // Logged outside the lock every request takes.
+        if stranded > 0 {
+            tracing::warn!(
+                stranded,
+                "publishes acknowledged out of order by more than a second are set apart as stranded (a stream leader went away)"
+            );
         }
     }
 }
