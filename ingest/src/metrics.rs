@@ -1,5 +1,7 @@
 //! Prometheus metrics of ingest. Labels are low-cardinality: never an id or a SHA.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -39,6 +41,20 @@ pub struct ConnectionMetrics {
     pub timed_out: Family<TimeoutPhase, Counter>,
 }
 
+/// What ingest's backlog reads of JetStream, as it decides whether to shed (see
+/// `publish::behind`): the figures an operator needs to see why requests are shed.
+#[derive(Debug, Clone, Default)]
+pub struct BacklogGauges {
+    /// Publishes waiting for their acknowledgement that the estimate counts.
+    pub waiting: Gauge,
+    /// Publishes still waiting that were set apart as stranded.
+    pub stranded: Gauge,
+    /// Acknowledgements per second, as the backlog reads it now.
+    pub ack_rate: Gauge<f64, AtomicU64>,
+    /// How long recent acknowledgements took (exponentially weighted), in seconds.
+    pub ack_latency: Gauge<f64, AtomicU64>,
+}
+
 /// Every metric ingest exports; cheap to clone (each is a shared handle).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -49,6 +65,7 @@ pub struct Metrics {
     pub publish_seconds: Histogram,
     pub in_flight: Gauge,
     pub connections: ConnectionMetrics,
+    pub backlog: BacklogGauges,
 }
 
 impl Default for Metrics {
@@ -62,6 +79,7 @@ impl Default for Metrics {
             publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
             in_flight: Gauge::default(),
             connections: ConnectionMetrics::default(),
+            backlog: BacklogGauges::default(),
         }
     }
 }
@@ -119,6 +137,26 @@ impl Metrics {
             "connections_timed_out",
             "Connections closed because a request's headers or the next request did not arrive in time",
             self.connections.timed_out.clone(),
+        );
+        registry.register(
+            "backlog_waiting",
+            "Publishes waiting for JetStream's acknowledgement that the shedding estimate counts",
+            self.backlog.waiting.clone(),
+        );
+        registry.register(
+            "backlog_stranded",
+            "Publishes still waiting that were set apart as stranded (their stream leader or connection went away)",
+            self.backlog.stranded.clone(),
+        );
+        registry.register(
+            "backlog_ack_rate",
+            "JetStream acknowledgements per second, as the shedding estimate reads it",
+            self.backlog.ack_rate.clone(),
+        );
+        registry.register(
+            "backlog_ack_latency_seconds",
+            "How long recent JetStream acknowledgements took (exponentially weighted)",
+            self.backlog.ack_latency.clone(),
         );
     }
 

@@ -12,6 +12,7 @@ use sluice_core::{subjects, Event, PayloadRef};
 use tokio::sync::OnceCell;
 
 pub use crate::error::PublishError;
+use crate::metrics::BacklogGauges;
 
 /// Room left for the message's headers and protocol line inside NATS's payload limit.
 const HEADER_ROOM: usize = 4 * 1024;
@@ -51,7 +52,13 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    pub fn new(client: async_nats::Client, timeout: Duration, shed_after: Duration) -> Self {
+    /// `gauges` show what the backlog reads of JetStream as it decides to shed.
+    pub fn new(
+        client: async_nats::Client,
+        timeout: Duration,
+        shed_after: Duration,
+        gauges: BacklogGauges,
+    ) -> Self {
         // Waiting for an in-flight slot (rather than failing) is bounded by `timeout`.
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
@@ -63,7 +70,10 @@ impl Publisher {
             payloads: OnceCell::new(),
             timeout,
             shed_after,
-            backlog: Backlog::default(),
+            backlog: Backlog(Mutex::new(BacklogState {
+                gauges,
+                ..BacklogState::default()
+            })),
         }
     }
 
@@ -197,6 +207,7 @@ struct BacklogState {
     rate: f64,
     /// How long recent acknowledgements took (exponentially weighted).
     latency: Duration,
+    gauges: BacklogGauges,
 }
 
 impl Default for BacklogState {
@@ -210,6 +221,7 @@ impl Default for BacklogState {
             window_acks: 0,
             rate: 0.0,
             latency: Duration::ZERO,
+            gauges: BacklogGauges::default(),
         }
     }
 }
@@ -240,6 +252,18 @@ impl BacklogState {
         } else {
             self.rate
         }
+    }
+
+    /// Sets the gauges to what the estimate reads now: a few atomic stores, under the
+    /// lock so that they never show a mix of two moments.
+    fn show(&self) {
+        let g = &self.gauges;
+        g.waiting
+            .set(i64::try_from(self.pending.len()).unwrap_or(i64::MAX));
+        g.stranded
+            .set(i64::try_from(self.stale).unwrap_or(i64::MAX));
+        g.ack_rate.set(self.rate_now());
+        g.ack_latency.set(self.latency.as_secs_f64());
     }
 
     fn observe(&mut self, took: Duration) {
@@ -278,6 +302,7 @@ impl Waiting<'_> {
         let mut s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
         if s.pending.contains_key(&self.number) {
             s.observe(waited);
+            s.show();
         }
     }
 
@@ -300,6 +325,7 @@ impl Waiting<'_> {
             s.window_acks = 0;
             s.window_start = Instant::now();
         }
+        s.show();
         drop(s);
         // Logged outside the lock every request takes.
         if stranded > 0 {
@@ -317,6 +343,7 @@ impl Drop for Waiting<'_> {
         if s.pending.remove(&self.number).is_none() {
             s.stale = s.stale.saturating_sub(1);
         }
+        s.show();
     }
 }
 
@@ -333,6 +360,7 @@ impl Backlog {
         }
         let in_flight = s.pending.len();
         if let Some(wait) = behind(in_flight, s.rate_now(), s.latency, budget) {
+            s.show();
             return Err(PublishError::Behind {
                 waiting: in_flight,
                 wait,
@@ -347,6 +375,7 @@ impl Backlog {
         let number = s.next;
         s.next += 1;
         s.pending.insert(number, Instant::now());
+        s.show();
         Ok(Waiting {
             backlog: self,
             number,

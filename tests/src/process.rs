@@ -82,6 +82,11 @@ impl Service {
         &self.log
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The process's peak resident set (`VmHWM`) in bytes, while it runs.
     pub fn peak_rss(&self) -> Option<u64> {
         peak_rss(self.child.as_ref()?.id())

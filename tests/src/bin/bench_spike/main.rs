@@ -11,7 +11,7 @@
 //! last webhook to the last run planned, Pod creation per cluster against its limit,
 //! the time the backlog took to drain, and every process's peak RSS. A webhook
 //! answered 2xx but not stored, or stored twice, or a stored event without exactly one
-//! run, exits non-zero.
+//! run, exits non-zero. A timeline of the spike from inside follows (see [`timeline`]).
 //!
 //! Run with `./scripts/bench-spike` (docs/BENCHMARKS.md).
 
@@ -33,6 +33,8 @@ use sluice_tests::nats::{reserve_port, server_binary};
 use sluice_tests::process::{self, strings, Service};
 use sluice_tests::streams::read_from;
 use time::OffsetDateTime;
+
+mod timeline;
 
 const CLUSTERS: [&str; 3] = ["c1", "c2", "c3"];
 /// The fixture's repository, replaced per webhook so events spread over pipelines.
@@ -152,6 +154,8 @@ struct Report {
     to_pod_create: Vec<Duration>,
     to_scheduled: Vec<Duration>,
     rss: Vec<(String, u64)>,
+    /// The processes watched, and the samples taken while the spike ran.
+    timeline: (Vec<String>, Vec<timeline::Sample>),
 }
 
 /// One cluster's API requests, told apart around its Pod creates.
@@ -302,6 +306,7 @@ impl Report {
             "| correct (nothing lost or doubled) | {} |",
             if self.correct() { "yes" } else { "**NO**" }
         );
+        timeline::print(&self.timeline.0, &self.timeline.1);
     }
 }
 
@@ -487,10 +492,34 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         .await
         .map_err(anyhow::Error::msg)?;
 
+    // The timeline's scrapes go over connections opened now, before the spike fills
+    // ingest's connection slots.
+    let scrape = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()?;
+    for url in &ingest_urls {
+        scrape.get(format!("{url}/metrics")).send().await?;
+    }
+    let mut watched = timeline::Watched::new(
+        &services,
+        &nats.children.iter().map(Child::id).collect::<Vec<_>>(),
+    );
+    watched.names.push("bench (load)".into());
+    watched.pids.push(std::process::id());
+    let (stop_sampling, stopped) = tokio::sync::watch::channel(false);
+    let sampler = tokio::spawn(timeline::sample(
+        watched,
+        scrape,
+        stopped,
+        Duration::from_secs_f64(args.seconds) + Duration::from_secs(60),
+    ));
+
     // The spike.
     let requests = build_requests(args, payload);
     let started_wall = SystemTime::now();
     let (answers, send_window, last_sent) = send_all(args, &ingest_urls, requests).await?;
+    let _ = stop_sampling.send(true);
+    let timeline = sampler.await?;
     let last_sent_wall = started_wall + last_sent;
 
     // What was stored, what was planned, and the drain.
@@ -745,6 +774,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         to_pod_create,
         to_scheduled,
         rss,
+        timeline,
     })
 }
 
