@@ -176,7 +176,7 @@ async fn webhook<E: Endpoint>(
     state.metrics.in_flight.inc();
     // Decrement even if the client goes away and the handler is dropped mid-way.
     let _in_flight = InFlight(&state.metrics);
-    match E::handle(&state, &headers, body, received)
+    let response = match E::handle(&state, &headers, body, received)
         .instrument(span)
         .await
     {
@@ -185,7 +185,13 @@ async fn webhook<E: Endpoint>(
             state.metrics.request(E::PROVIDER.as_str(), reject.outcome);
             reject.into_response()
         }
-    }
+    };
+    // What the forge waits, less the network: tells a slow ingest from a slow client.
+    state
+        .metrics
+        .answer_seconds
+        .observe(received.elapsed().as_secs_f64());
+    response
 }
 
 struct InFlight<'a>(&'a Metrics);

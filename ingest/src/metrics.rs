@@ -63,6 +63,7 @@ pub struct Metrics {
     pub duplicates: Family<ProviderLabel, Counter>,
     pub by_reference: Counter,
     pub publish_seconds: Histogram,
+    pub answer_seconds: Histogram,
     pub in_flight: Gauge,
     pub connections: ConnectionMetrics,
     pub backlog: BacklogGauges,
@@ -77,6 +78,8 @@ impl Default for Metrics {
             by_reference: Counter::default(),
             // 100 µs to ~6.5 s: a healthy publish is sub-millisecond, a sick one times out.
             publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            // 1 ms to ~16 s: past the forges' 10 s, where an answer reaches no one.
+            answer_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             in_flight: Gauge::default(),
             connections: ConnectionMetrics::default(),
             backlog: BacklogGauges::default(),
@@ -117,6 +120,11 @@ impl Metrics {
             "publish_duration_seconds",
             "Time from publish to JetStream acknowledgement",
             self.publish_seconds.clone(),
+        );
+        registry.register(
+            "answer_duration_seconds",
+            "Time from a webhook request's arrival (a wait for a connection slot included) to its answer",
+            self.answer_seconds.clone(),
         );
         registry.register(
             "connections_open",

@@ -154,8 +154,8 @@ struct Report {
     to_pod_create: Vec<Duration>,
     to_scheduled: Vec<Duration>,
     rss: Vec<(String, u64)>,
-    /// The processes watched, and the samples taken while the spike ran.
-    timeline: (Vec<String>, Vec<timeline::Sample>),
+    /// What was sampled inside while the spike ran.
+    timeline: timeline::Timeline,
 }
 
 /// One cluster's API requests, told apart around its Pod creates.
@@ -306,7 +306,8 @@ impl Report {
             "| correct (nothing lost or doubled) | {} |",
             if self.correct() { "yes" } else { "**NO**" }
         );
-        timeline::print(&self.timeline.0, &self.timeline.1);
+        timeline::print_ingest_answers(&self.timeline.last_metrics);
+        timeline::print(&self.timeline);
     }
 }
 
@@ -492,34 +493,33 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
         .await
         .map_err(anyhow::Error::msg)?;
 
-    // The timeline's scrapes go over connections opened now, before the spike fills
-    // ingest's connection slots.
-    let scrape = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()?;
-    for url in &ingest_urls {
-        scrape.get(format!("{url}/metrics")).send().await?;
-    }
+    // Signed before the timeline starts, which counts the schedule from its start.
+    let requests = build_requests(args, payload);
     let mut watched = timeline::Watched::new(
         &services,
         &nats.children.iter().map(Child::id).collect::<Vec<_>>(),
     );
     watched.names.push("bench (load)".into());
     watched.pids.push(std::process::id());
-    let (stop_sampling, stopped) = tokio::sync::watch::channel(false);
-    let sampler = tokio::spawn(timeline::sample(
+    let progress = Arc::new(timeline::Progress::default());
+    let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = timeline::start(
         watched,
-        scrape,
-        stopped,
+        progress.clone(),
+        stop_sampling.clone(),
         Duration::from_secs_f64(args.seconds) + Duration::from_secs(60),
-    ));
+        args.webhooks as f64 / args.seconds,
+    )
+    .await?;
 
     // The spike.
-    let requests = build_requests(args, payload);
     let started_wall = SystemTime::now();
-    let (answers, send_window, last_sent) = send_all(args, &ingest_urls, requests).await?;
-    let _ = stop_sampling.send(true);
-    let timeline = sampler.await?;
+    let (answers, send_window, last_sent) =
+        send_all(args, &ingest_urls, requests, &progress).await?;
+    stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
+    let timeline = tokio::task::spawn_blocking(move || sampler.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the timeline's sampler panicked"))??;
     let last_sent_wall = started_wall + last_sent;
 
     // What was stored, what was planned, and the drain.
@@ -940,6 +940,7 @@ async fn send_all(
     args: &Args,
     ingests: &[String],
     requests: Vec<Request>,
+    progress: &Arc<timeline::Progress>,
 ) -> anyhow::Result<(Vec<Answer>, Duration, Duration)> {
     let client = reqwest::Client::builder()
         // Longer than any answer may take, so slow answers are measured, not cut.
@@ -957,7 +958,11 @@ async fn send_all(
         tokio::time::sleep_until(start + interval * i as u32).await;
         let client = client.clone();
         let url = urls[i % urls.len()].clone();
+        let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
+            progress
+                .sent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (sent, sent_wall) = (Instant::now(), SystemTime::now());
             let result = client
                 .post(&*url)
@@ -979,6 +984,9 @@ async fn send_all(
                 Err(e) if e.is_connect() => (0, Some("connect")),
                 Err(_) => (0, Some("reset")),
             };
+            progress
+                .answered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Answer {
                 event_id: format!("github:{}", r.delivery),
                 sent,

@@ -6,10 +6,11 @@
 //! ingest that was slow to reach its publish (starved of CPU, or waiting for a
 //! connection slot): the two read differently here.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_tests::process::{self, Service};
-use tokio::sync::watch;
 
 use crate::gauge;
 
@@ -64,12 +65,34 @@ fn labelled(text: &str, name: &str, label: &str) -> Option<f64> {
     sum
 }
 
-/// One moment: each ingest's figures, and each watched process's CPU time so far.
+/// The load generator's own count: requests it has sent (their task started) and
+/// answers it has read. What is sent and not answered is somewhere between the two
+/// processes; ingest's figures say how much of it ingest holds.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub sent: AtomicUsize,
+    pub answered: AtomicUsize,
+}
+
+/// One moment: each ingest's figures, the load generator's progress, and each watched
+/// process's CPU time so far.
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub at: Duration,
     pub ingests: Vec<IngestFigures>,
+    pub sent: usize,
+    pub answered: usize,
     pub cpu: Vec<Option<Duration>>,
+}
+
+/// What the sampler hands back: the processes watched, the samples, and each ingest's
+/// last `/metrics` text (its answer-time histogram is read from it).
+pub struct Timeline {
+    pub names: Vec<String>,
+    pub samples: Vec<Sample>,
+    pub last_metrics: Vec<String>,
+    /// The requests due per second on the schedule.
+    pub per_second: f64,
 }
 
 /// The processes whose CPU is watched, by name, and the ingest admin URLs.
@@ -106,60 +129,173 @@ impl Watched {
     }
 }
 
-/// Samples every [`PERIOD`] until `stop` says so and ingest holds nothing more, or
-/// for at most `limit`. The client is made (and its connections opened) before the
-/// spike, so a scrape is not queued behind the spike's connections for a slot.
-pub async fn sample(
+/// Starts sampling every [`PERIOD`] on a thread and runtime of its own, so that the
+/// load generator's work never delays a sample: a gap in the timeline is a stall of
+/// what was scraped, not of the scraper. Stops once `stop` is set and ingest holds
+/// nothing more, or after `limit`. The scrapes' connections are opened before the
+/// spike, so that they are not queued behind the spike's for a connection slot.
+pub async fn start(
+    watched: Watched,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+    per_second: f64,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Timeline>>> {
+    let (ready, warmed) = tokio::sync::oneshot::channel();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(1))
+                .build()?;
+            for url in &watched.ingests {
+                http.get(format!("{url}/metrics")).send().await?;
+            }
+            let _ = ready.send(());
+            sample(watched, http, progress, stop, limit, per_second).await
+        })
+    });
+    // The thread's error, if it failed before its scrapes were ready, comes with join.
+    if warmed.await.is_err() {
+        return match thread.join() {
+            Ok(Err(e)) => Err(e.context("the timeline's first scrapes")),
+            _ => anyhow::bail!("the timeline's sampler ended before it started"),
+        };
+    }
+    Ok(thread)
+}
+
+async fn sample(
     watched: Watched,
     http: reqwest::Client,
-    mut stop: watch::Receiver<bool>,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
     limit: Duration,
-) -> (Vec<String>, Vec<Sample>) {
+    per_second: f64,
+) -> anyhow::Result<Timeline> {
     let start = Instant::now();
     let mut samples = Vec::new();
+    let mut last_metrics = vec![String::new(); watched.ingests.len()];
     let mut tick = tokio::time::interval(PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let scrapes = watched.ingests.iter().map(|url| {
+            let http = http.clone();
+            async move {
+                let r = http.get(format!("{url}/metrics")).send().await.ok()?;
+                r.text().await.ok()
+            }
+        });
+        let texts = futures::future::join_all(scrapes).await;
         let mut ingests = Vec::new();
-        for url in &watched.ingests {
-            let figures = match http.get(format!("{url}/metrics")).send().await {
-                Ok(r) => match r.text().await {
-                    Ok(text) => IngestFigures::read(&text),
-                    Err(_) => IngestFigures::default(),
-                },
-                Err(_) => IngestFigures::default(),
-            };
-            ingests.push(figures);
+        for (text, last) in texts.into_iter().zip(&mut last_metrics) {
+            match text {
+                Some(text) => {
+                    ingests.push(IngestFigures::read(&text));
+                    *last = text;
+                }
+                None => ingests.push(IngestFigures::default()),
+            }
         }
         let cpu = watched.pids.iter().map(|p| process::cpu_time(*p)).collect();
+        // The scrape itself is one request in flight.
         let idle = ingests
             .iter()
             .all(|f| f.requests_in_flight.is_some_and(|n| n <= 1.0));
         samples.push(Sample {
             at: start.elapsed(),
             ingests,
+            sent: progress.sent.load(Ordering::Relaxed),
+            answered: progress.answered.load(Ordering::Relaxed),
             cpu,
         });
-        // The scrape itself is one request in flight.
-        if (*stop.borrow_and_update() && idle) || start.elapsed() > limit {
+        if (stop.load(Ordering::Relaxed) && idle) || start.elapsed() > limit {
             break;
         }
     }
-    (watched.names, samples)
+    Ok(Timeline {
+        names: watched.names,
+        samples,
+        last_metrics,
+        per_second,
+    })
+}
+
+/// Ingest's own answer times summed over the ingests'
+/// `sluice_ingest_answer_duration_seconds` histograms: each bucket's upper bound (s)
+/// with its cumulative count, in order.
+pub fn ingest_answers(texts: &[String]) -> Vec<(f64, f64)> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for text in texts {
+        for line in text.lines() {
+            let Some(rest) =
+                line.strip_prefix("sluice_ingest_answer_duration_seconds_bucket{le=\"")
+            else {
+                continue;
+            };
+            let Some((le, value)) = rest.split_once("\"}") else {
+                continue;
+            };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                match le.parse() {
+                    Ok(le) => le,
+                    Err(_) => continue,
+                }
+            };
+            let Ok(count) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            match buckets.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, c)) => *c += count,
+                None => buckets.push((le, count)),
+            }
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// Ingest's own answer times, as the share answered within each bucket bound from a
+/// quarter second to 8 s.
+pub fn print_ingest_answers(texts: &[String]) {
+    let buckets = ingest_answers(texts);
+    let total = buckets.last().map_or(0.0, |(_, c)| *c);
+    if total == 0.0 {
+        println!("| ingest's own answer times (arrival → answer) | no histogram read |");
+        return;
+    }
+    let shares: Vec<String> = buckets
+        .iter()
+        .filter(|(le, _)| (0.25..9.0).contains(le))
+        .map(|(le, c)| format!("≤ {le} s {:.1} %", c / total * 100.0))
+        .collect();
+    println!(
+        "| ingest's own answer times (arrival → answer, {total:.0} webhooks) | {} |",
+        shares.join(", ")
+    );
 }
 
 /// The timeline as a Markdown table: per ingest, its requests in flight, the
 /// backlog's waiting count, acknowledgement rate and latency, and what it accepted and
 /// shed in the period; then the CPU share (100 % = one core) of each group of
 /// processes in the period.
-pub fn print(names: &[String], samples: &[Sample]) {
+pub fn print(timeline: &Timeline) {
+    let (names, samples) = (&timeline.names, &timeline.samples);
     let groups: Vec<&str> = {
         let mut g: Vec<&str> = names.iter().map(|n| group(n)).collect();
         g.dedup();
         g
     };
     let ingests = samples.first().map_or(0, |s| s.ingests.len());
-    let mut header = vec!["t (s)".to_owned()];
+    let mut header = vec![
+        "t (s)".to_owned(),
+        "load: sent (behind schedule) / unanswered".to_owned(),
+    ];
     for i in 1..=ingests {
         header.push(format!(
             "ingest-{i}: in flight / conns / waiting (stranded) / acks/s / ack latency / +accepted / +shed"
@@ -175,7 +311,18 @@ pub fn print(names: &[String], samples: &[Sample]) {
         |v: Option<f64>, unit: &str| v.map_or_else(|| "?".to_owned(), |v| format!("{v:.0}{unit}"));
     for pair in samples.windows(2) {
         let (before, now) = (&pair[0], &pair[1]);
-        let mut row = vec![format!("{:.1}", now.at.as_secs_f64())];
+        // Due by now on the schedule, counted from the first sample (the spike's start).
+        let total = samples.iter().map(|s| s.sent).max().unwrap_or(0);
+        let due = ((now.at.as_secs_f64() * timeline.per_second) as usize).min(total);
+        let mut row = vec![
+            format!("{:.1}", now.at.as_secs_f64()),
+            format!(
+                "{} ({}) / {}",
+                now.sent,
+                due.saturating_sub(now.sent),
+                now.sent.saturating_sub(now.answered)
+            ),
+        ];
         for (b, n) in before.ingests.iter().zip(&now.ingests) {
             let delta = |a: Option<f64>, b: Option<f64>| match (a, b) {
                 (Some(a), Some(b)) => Some(b - a),
@@ -225,7 +372,7 @@ fn group(name: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::{group, labelled};
+    use super::{group, ingest_answers, labelled};
 
     #[test]
     fn a_labelled_sample_is_picked_by_one_label_among_several() {
@@ -244,6 +391,21 @@ mod tests {
         assert_eq!(
             labelled(text, "sluice_ingest_requests_total", "outcome=\"timeout\""),
             None
+        );
+    }
+
+    #[test]
+    fn ingest_answer_histograms_are_summed_bucket_by_bucket() {
+        let one = "sluice_ingest_answer_duration_seconds_bucket{le=\"0.5\"} 3\n\
+                   sluice_ingest_answer_duration_seconds_bucket{le=\"1.0\"} 5\n\
+                   sluice_ingest_answer_duration_seconds_bucket{le=\"+Inf\"} 6\n\
+                   sluice_ingest_answer_duration_seconds_count 6\n";
+        let other = "sluice_ingest_answer_duration_seconds_bucket{le=\"1.0\"} 1\n\
+                     sluice_ingest_answer_duration_seconds_bucket{le=\"0.5\"} 0\n\
+                     sluice_ingest_answer_duration_seconds_bucket{le=\"+Inf\"} 4\n";
+        assert_eq!(
+            ingest_answers(&[one.to_owned(), other.to_owned()]),
+            vec![(0.5, 3.0), (1.0, 6.0), (f64::INFINITY, 10.0)]
         );
     }
 
