@@ -1,6 +1,6 @@
 //! Stores events in JetStream and waits for the acknowledgement.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -201,9 +201,11 @@ struct BacklogState {
     next: u64,
     /// Publishes still waiting that say nothing of JetStream now (see [`STRANDED`]).
     stale: usize,
-    window_start: Instant,
-    window_acks: u32,
-    /// Acknowledgements per second over the last full window.
+    /// When the queue last went from empty to busy: the rate counts busy time only.
+    busy_since: Instant,
+    /// When each acknowledgement of the last [`RATE_WINDOW`] came, oldest first.
+    acks: VecDeque<Instant>,
+    /// The last rate read over enough busy time, for a new burst's first moments.
     rate: f64,
     /// How long recent acknowledgements took (exponentially weighted).
     latency: Duration,
@@ -217,8 +219,8 @@ impl Default for BacklogState {
             pending: BTreeMap::new(),
             next: 0,
             stale: 0,
-            window_start: Instant::now(),
-            window_acks: 0,
+            busy_since: Instant::now(),
+            acks: VecDeque::new(),
             rate: 0.0,
             latency: Duration::ZERO,
             gauges: BacklogGauges::default(),
@@ -226,7 +228,13 @@ impl Default for BacklogState {
     }
 }
 
-/// How much of a busy window is enough to read a rate from before it ends.
+/// The rate is read over the acknowledgements of this last stretch of busy time. A
+/// sliding window: JetStream acknowledges in bursts (one per batch it syncs), and a
+/// window that restarts each second read them as 12 a second one moment and 250 the
+/// next in the spike, admitting a queue twice the size the rate could drain in time.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// How much busy time is enough to read a rate from.
 const RATE_AFTER: Duration = Duration::from_millis(250);
 
 /// A publish still waiting when one admitted this much later is acknowledged was
@@ -241,16 +249,35 @@ const RATE_AFTER: Duration = Duration::from_millis(250);
 const STRANDED: Duration = Duration::from_secs(1);
 
 impl BacklogState {
-    /// Acknowledgements per second: the current busy window's once it is
-    /// [`RATE_AFTER`] old (a spike into an idle ingest is otherwise predicted from no
-    /// rate for its whole first second, admitting everything sent in it), else the
-    /// last full window's.
+    /// Acknowledgements per second over the last [`RATE_WINDOW`] of busy time, once
+    /// there is [`RATE_AFTER`] of it (a spike into an idle ingest is otherwise
+    /// predicted from no rate for its whole first second, admitting everything sent in
+    /// it); else the last rate so read.
     fn rate_now(&self) -> f64 {
-        let elapsed = self.window_start.elapsed();
-        if elapsed >= RATE_AFTER && self.window_acks > 0 {
-            f64::from(self.window_acks) / elapsed.as_secs_f64()
+        let now = Instant::now();
+        let from = now
+            .checked_sub(RATE_WINDOW)
+            .map_or(self.busy_since, |w| w.max(self.busy_since));
+        let span = now.saturating_duration_since(from);
+        let counted = self.acks.len() - self.acks.partition_point(|at| *at <= from);
+        if span >= RATE_AFTER && counted > 0 {
+            counted as f64 / span.as_secs_f64()
         } else {
             self.rate
+        }
+    }
+
+    /// Counts an acknowledgement that came now, and forgets those out of the window.
+    fn count_ack(&mut self) {
+        let now = Instant::now();
+        self.acks.push_back(now);
+        if let Some(from) = now.checked_sub(RATE_WINDOW) {
+            while self.acks.front().is_some_and(|at| *at <= from) {
+                self.acks.pop_front();
+            }
+        }
+        if now.saturating_duration_since(self.busy_since) >= RATE_AFTER {
+            self.rate = self.rate_now();
         }
     }
 
@@ -280,8 +307,8 @@ impl BacklogState {
         let kept = self.pending.split_off(&before);
         let stranded = std::mem::replace(&mut self.pending, kept).len();
         self.stale += stranded;
-        self.window_start = Instant::now();
-        self.window_acks = 0;
+        self.busy_since = Instant::now();
+        self.acks.clear();
         self.rate = 0.0;
         self.latency = Duration::ZERO;
         stranded
@@ -318,13 +345,7 @@ impl Waiting<'_> {
             0
         };
         s.observe(took);
-        s.window_acks += 1;
-        let elapsed = s.window_start.elapsed();
-        if elapsed >= Duration::from_secs(1) {
-            s.rate = f64::from(s.window_acks) / elapsed.as_secs_f64();
-            s.window_acks = 0;
-            s.window_start = Instant::now();
-        }
+        s.count_ack();
         s.show();
         drop(s);
         // Logged outside the lock every request takes.
@@ -368,9 +389,8 @@ impl Backlog {
         }
         if in_flight == 0 {
             // The rate is measured over busy time only: an idle hour is not a slow
-            // hour. The last busy window's rate stands until this one has a second.
-            s.window_start = Instant::now();
-            s.window_acks = 0;
+            // hour. The last rate read stands until this stretch has enough.
+            s.busy_since = Instant::now();
         }
         let number = s.next;
         s.next += 1;
@@ -409,6 +429,107 @@ mod tests {
 
     const BUDGET: Duration = Duration::from_secs(8);
 
+    /// Busy for `over`, with `n` acknowledgements spread evenly over it.
+    fn acknowledged_over(s: &mut BacklogState, n: u32, over: Duration) {
+        let now = Instant::now();
+        s.busy_since = now - over;
+        s.acks = (1..=n).map(|i| now - over + over * i / n).collect();
+    }
+
+    #[test]
+    fn bursts_of_acknowledgements_are_read_over_the_last_second() {
+        let backlog = Backlog::default();
+        let waiting: Vec<_> = (0..90)
+            .map(|_| backlog.admit(SHED_AFTER, 1).expect("admitted"))
+            .collect();
+        {
+            // Busy for 5 s; 25 acknowledged every 250 ms (100/s), the last burst just
+            // now, and an older burst outside the window.
+            let mut s = backlog.0.lock().unwrap();
+            let now = Instant::now();
+            s.busy_since = now - Duration::from_secs(5);
+            s.acks = [1_500, 800, 550, 300, 50]
+                .iter()
+                .flat_map(|ms| std::iter::repeat_n(now - Duration::from_millis(*ms), 25))
+                .collect();
+            s.latency = Duration::from_millis(400);
+            let rate = s.rate_now();
+            assert!((99.0..=101.0).contains(&rate), "{rate}/s");
+        }
+        // 90 ahead at 100/s is 0.9 s, over 80 % of the 1 s wait: shed. Read from the
+        // last 300 ms alone (two bursts, "167/s"), it would have been admitted.
+        assert!(matches!(
+            backlog.admit(SHED_AFTER, 1),
+            Err(PublishError::Behind { waiting: 90, .. })
+        ));
+        drop(waiting);
+    }
+
+    #[test]
+    fn a_rate_is_read_only_from_busy_time() {
+        let backlog = Backlog::default();
+        {
+            let mut s = backlog.0.lock().unwrap();
+            // Connected before: a first publish on a new connection starts afresh.
+            s.connection = 1;
+            // Busy for 100 ms only, with 10 acknowledgements: too little to read.
+            acknowledged_over(&mut s, 10, Duration::from_millis(100));
+            s.rate = 42.0;
+            assert_eq!(s.rate_now(), 42.0);
+            // Busy for 500 ms with 100: 200/s.
+            acknowledged_over(&mut s, 100, Duration::from_millis(500));
+            let rate = s.rate_now();
+            assert!((190.0..=201.0).contains(&rate), "{rate}/s");
+        }
+        // An acknowledgement keeps the reading for the next burst's first moments.
+        let w = backlog.admit(BUDGET, 1).expect("admitted");
+        backlog.0.lock().unwrap().busy_since = Instant::now() - Duration::from_millis(500);
+        w.acknowledged(Duration::from_millis(2));
+        drop(w);
+        let s = backlog.0.lock().unwrap();
+        assert!(
+            s.rate > 0.0 && s.acks.len() == 101,
+            "{} {}",
+            s.rate,
+            s.acks.len()
+        );
+    }
+
+    #[test]
+    fn a_slow_queue_acknowledged_slightly_out_of_order_strands_nothing() {
+        let backlog = Backlog::default();
+        // 300 admitted over the last 3 s, each waiting since.
+        let mut waiting: Vec<_> = (0..300)
+            .map(|_| Some(backlog.admit(BUDGET, 1).expect("admitted")))
+            .collect();
+        {
+            let mut s = backlog.0.lock().unwrap();
+            let now = Instant::now();
+            for (i, at) in s.pending.values_mut().enumerate() {
+                *at = now - Duration::from_secs(3) + Duration::from_millis(10) * i as u32;
+            }
+        }
+        // Acknowledged in order but for pairs swapped, and one 900 ms early.
+        let mut order: Vec<usize> = (0..300).collect();
+        for pair in order.chunks_mut(2) {
+            pair.swap(0, 1);
+        }
+        order.retain(|i| *i != 190);
+        order.insert(100, 190);
+        for i in order {
+            // Acknowledged, then answered (dropped), as `publish` does.
+            let w = waiting[i].take().expect("once");
+            w.acknowledged(Duration::from_millis(1_500));
+            drop(w);
+            // Set apart, they would leave the queue as stranded.
+            assert_eq!(backlog.0.lock().unwrap().stale, 0, "after {i}");
+        }
+        let s = backlog.0.lock().unwrap();
+        assert_eq!(s.pending.len(), 0);
+        // Nothing started afresh: every acknowledgement still counts towards the rate.
+        assert_eq!(s.acks.len(), 300);
+    }
+
     #[test]
     fn a_burst_into_a_fast_server_is_admitted() {
         // 5,000 in flight at an unknown rate with fast acknowledgements.
@@ -439,7 +560,7 @@ mod tests {
         let backlog = Backlog::default();
         // Connected an hour ago, one publish, then nothing.
         drop(backlog.admit(BUDGET, 1).expect("admitted"));
-        backlog.0.lock().unwrap().window_start = Instant::now() - Duration::from_secs(3600);
+        backlog.0.lock().unwrap().busy_since = Instant::now() - Duration::from_secs(3600);
         let first = backlog.admit(BUDGET, 1).expect("admitted");
         let second = backlog.admit(BUDGET, 1).expect("admitted");
         // One slow acknowledgement: over the idle hour it would read as 1/3600 a second.
@@ -469,8 +590,7 @@ mod tests {
             .collect();
         {
             let mut s = backlog.0.lock().unwrap();
-            s.window_start = Instant::now() - Duration::from_millis(300);
-            s.window_acks = 90;
+            acknowledged_over(&mut s, 90, Duration::from_millis(300));
             s.latency = Duration::from_millis(400);
         }
         assert!(
@@ -508,7 +628,7 @@ mod tests {
             for at in s.pending.values_mut() {
                 *at -= Duration::from_secs(2);
             }
-            s.window_start = Instant::now() - Duration::from_secs(2);
+            s.busy_since = Instant::now() - Duration::from_secs(2);
         }
         timed_out.timed_out(BUDGET);
         drop(timed_out);
@@ -546,7 +666,7 @@ mod tests {
         }
         let s = backlog.0.lock().unwrap();
         assert_eq!((s.pending.len(), s.stale), (100, 0));
-        assert_eq!(s.window_acks, 100);
+        assert_eq!(s.acks.len(), 100);
     }
 
     #[test]
@@ -569,8 +689,7 @@ mod tests {
         {
             // 300 ms into the spike: 90 acknowledged (300/s), each taking 400 ms.
             let mut s = backlog.0.lock().unwrap();
-            s.window_start = Instant::now() - Duration::from_millis(300);
-            s.window_acks = 90;
+            acknowledged_over(&mut s, 90, Duration::from_millis(300));
             s.latency = Duration::from_millis(400);
         }
         // 600 ahead at 300/s is 2 s, more than the 1 s a request may wait.
