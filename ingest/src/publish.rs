@@ -290,7 +290,20 @@ impl BacklogState {
         g.stranded
             .set(i64::try_from(self.stale).unwrap_or(i64::MAX));
         g.ack_rate.set(self.rate_now());
-        g.ack_latency.set(self.latency.as_secs_f64());
+        g.ack_latency.set(self.latency_now().as_secs_f64());
+    }
+
+    /// How late acknowledgements are now: the recent ones' weighted latency, or the
+    /// wait of the oldest publish still waiting when that is longer. Completed
+    /// acknowledgements alone lag: in the spike the first ones of a burst came back in
+    /// 170 ms while 470 more queued behind them, so the queue read as fast and was
+    /// admitted whole, to be answered 3 s later.
+    fn latency_now(&self) -> Duration {
+        let oldest = self
+            .pending
+            .first_key_value()
+            .map_or(Duration::ZERO, |(_, at)| at.elapsed());
+        self.latency.max(oldest)
     }
 
     fn observe(&mut self, took: Duration) {
@@ -380,7 +393,7 @@ impl Backlog {
             s.start_afresh(next);
         }
         let in_flight = s.pending.len();
-        if let Some(wait) = behind(in_flight, s.rate_now(), s.latency, budget) {
+        if let Some(wait) = behind(in_flight, s.rate_now(), s.latency_now(), budget) {
             s.show();
             return Err(PublishError::Behind {
                 waiting: in_flight,
@@ -434,6 +447,32 @@ mod tests {
         let now = Instant::now();
         s.busy_since = now - over;
         s.acks = (1..=n).map(|i| now - over + over * i / n).collect();
+    }
+
+    #[test]
+    fn a_queue_behind_fast_first_acknowledgements_is_judged_by_its_oldest() {
+        let backlog = Backlog::default();
+        let waiting: Vec<_> = (0..469)
+            .map(|_| backlog.admit(SHED_AFTER, 1).expect("no rate yet: admitted"))
+            .collect();
+        {
+            // A second into a spike: the first 31 acknowledgements took 171 ms, and
+            // what is still waiting was admitted over the last 800 ms.
+            let mut s = backlog.0.lock().unwrap();
+            acknowledged_over(&mut s, 31, Duration::from_secs(1));
+            s.latency = Duration::from_millis(171);
+            let now = Instant::now();
+            for (i, at) in s.pending.values_mut().enumerate() {
+                *at = now - Duration::from_millis(800) + Duration::from_millis(1) * i as u32;
+            }
+            assert!(s.latency_now() >= Duration::from_millis(800));
+        }
+        // 469 ahead at 31/s: refused, although completed acknowledgements were quick.
+        let Err(PublishError::Behind { waiting: 469, wait }) = backlog.admit(SHED_AFTER, 1) else {
+            panic!("admitted behind a 15 s queue");
+        };
+        assert!(wait > Duration::from_secs(10), "{wait:?}");
+        drop(waiting);
     }
 
     #[test]
