@@ -51,7 +51,8 @@ pub struct BacklogGauges {
     pub stranded: Gauge,
     /// Acknowledgements per second, as the backlog reads it now.
     pub ack_rate: Gauge<f64, AtomicU64>,
-    /// How long recent acknowledgements took (exponentially weighted), in seconds.
+    /// How late acknowledgements are (recent ones weighted, or the oldest publish still
+    /// waiting if later), in seconds.
     pub ack_latency: Gauge<f64, AtomicU64>,
 }
 
@@ -163,7 +164,7 @@ impl Metrics {
         );
         registry.register(
             "backlog_ack_latency_seconds",
-            "How long recent JetStream acknowledgements took (exponentially weighted)",
+            "How late JetStream acknowledgements are: recent ones (exponentially weighted), or the oldest publish still waiting if later",
             self.backlog.ack_latency.clone(),
         );
     }
