@@ -271,7 +271,6 @@ fn ingest_app() -> &'static (tokio::runtime::Runtime, IngestApp) {
                     client,
                     std::time::Duration::from_millis(1),
                     sluice_ingest::SHED_AFTER,
-                    metrics.backlog.clone(),
                 ),
                 metrics: metrics.clone(),
                 limits: sluice_ingest::http::Limits {

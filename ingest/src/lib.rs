@@ -189,15 +189,11 @@ pub async fn serve(
         }
     }
     let client = sluice_core::nats::connect(&config.nats).await?;
+    let publisher =
+        publish::Publisher::new(client.clone(), config.publish_timeout, config.shed_after);
     let metrics = metrics::Metrics::default();
-    let publisher = publish::Publisher::new(
-        client.clone(),
-        config.publish_timeout,
-        config.shed_after,
-        metrics.backlog.clone(),
-    );
     let mut admin = Admin::new(env!("CARGO_PKG_VERSION"));
-    metrics.register(admin.registry("sluice_ingest"));
+    metrics.register(admin.registry("sluice_ingest"), &publisher.backlog_view());
     admin.nats(client.clone());
     let provisioned = admin.check("streams", "streams not provisioned yet");
     let probe_js = publisher.jetstream().clone();

@@ -1,13 +1,14 @@
 //! Prometheus metrics of ingest. Labels are low-cardinality: never an id or a SHA.
 
-use std::sync::atomic::AtomicU64;
-
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+
+use crate::publish::{BacklogReading, BacklogView};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
@@ -41,21 +42,6 @@ pub struct ConnectionMetrics {
     pub timed_out: Family<TimeoutPhase, Counter>,
 }
 
-/// What ingest's backlog reads of JetStream, as it decides whether to shed (see
-/// `publish::behind`): the figures an operator needs to see why requests are shed.
-#[derive(Debug, Clone, Default)]
-pub struct BacklogGauges {
-    /// Publishes waiting for their acknowledgement that the estimate counts.
-    pub waiting: Gauge,
-    /// Publishes still waiting that were set apart as stranded.
-    pub stranded: Gauge,
-    /// Acknowledgements per second, as the backlog reads it now.
-    pub ack_rate: Gauge<f64, AtomicU64>,
-    /// How late acknowledgements are (recent ones weighted, or the oldest publish still
-    /// waiting if later), in seconds.
-    pub ack_latency: Gauge<f64, AtomicU64>,
-}
-
 /// Every metric ingest exports; cheap to clone (each is a shared handle).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -67,7 +53,6 @@ pub struct Metrics {
     pub answer_seconds: Histogram,
     pub in_flight: Gauge,
     pub connections: ConnectionMetrics,
-    pub backlog: BacklogGauges,
 }
 
 impl Default for Metrics {
@@ -83,15 +68,15 @@ impl Default for Metrics {
             answer_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             in_flight: Gauge::default(),
             connections: ConnectionMetrics::default(),
-            backlog: BacklogGauges::default(),
         }
     }
 }
 
 impl Metrics {
     /// Registers every metric under `registry` (the admin surface's `sluice_ingest`
-    /// prefix).
-    pub fn register(&self, registry: &mut Registry) {
+    /// prefix), the backlog's figures read through `backlog`.
+    pub fn register(&self, registry: &mut Registry, backlog: &BacklogView) {
+        Self::register_backlog(registry, backlog);
         registry.register(
             "requests",
             "Webhook requests by provider and outcome",
@@ -147,26 +132,46 @@ impl Metrics {
             "Connections closed because a request's headers or the next request did not arrive in time",
             self.connections.timed_out.clone(),
         );
-        registry.register(
-            "backlog_waiting",
-            "Publishes waiting for JetStream's acknowledgement that the shedding estimate counts",
-            self.backlog.waiting.clone(),
-        );
-        registry.register(
-            "backlog_stranded",
-            "Publishes still waiting that were set apart as stranded (their stream leader or connection went away)",
-            self.backlog.stranded.clone(),
-        );
-        registry.register(
-            "backlog_ack_rate",
-            "JetStream acknowledgements per second, as the shedding estimate reads it",
-            self.backlog.ack_rate.clone(),
-        );
-        registry.register(
-            "backlog_ack_latency_seconds",
-            "How late JetStream acknowledgements are: recent ones (exponentially weighted), or the oldest publish still waiting if later",
-            self.backlog.ack_latency.clone(),
-        );
+    }
+
+    /// Registers what the publisher's backlog reads of JetStream as it decides whether
+    /// to shed (see `publish::behind`): the figures that say why requests are shed. They
+    /// are read when scraped, not kept up to date by every request: the oldest wait and
+    /// the rate change with time alone, and a stalled JetStream answers no request to
+    /// update them.
+    fn register_backlog(registry: &mut Registry, backlog: &BacklogView) {
+        let gauges: [(&str, &str, Figure); 4] = [
+            (
+                "backlog_waiting",
+                "Publishes waiting for JetStream's acknowledgement that the shedding estimate counts",
+                |r| r.waiting as f64,
+            ),
+            (
+                "backlog_stranded",
+                "Publishes still waiting that were set apart as stranded (their stream leader or connection went away)",
+                |r| r.stranded as f64,
+            ),
+            (
+                "backlog_ack_rate",
+                "JetStream acknowledgements per second, as the shedding estimate reads it",
+                |r| r.ack_rate,
+            ),
+            (
+                "backlog_ack_latency_seconds",
+                "How late JetStream acknowledgements are: recent ones (exponentially weighted), or the oldest publish still waiting if later",
+                |r| r.ack_latency.as_secs_f64(),
+            ),
+        ];
+        for (name, help, read) in gauges {
+            registry.register(
+                name,
+                help,
+                ReadGauge {
+                    backlog: backlog.clone(),
+                    read,
+                },
+            );
+        }
     }
 
     /// Counts one answered request.
@@ -174,5 +179,25 @@ impl Metrics {
         self.requests
             .get_or_create(&Outcome { provider, outcome })
             .inc();
+    }
+}
+
+/// One figure of a backlog reading.
+type Figure = fn(BacklogReading) -> f64;
+
+/// A gauge whose value is read from the backlog when scraped.
+#[derive(Debug)]
+struct ReadGauge {
+    backlog: BacklogView,
+    read: Figure,
+}
+
+impl EncodeMetric for ReadGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&(self.read)(self.backlog.read()))
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
     }
 }

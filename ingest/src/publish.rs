@@ -1,7 +1,7 @@
 //! Stores events in JetStream and waits for the acknowledgement.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
@@ -12,7 +12,6 @@ use sluice_core::{subjects, Event, PayloadRef};
 use tokio::sync::OnceCell;
 
 pub use crate::error::PublishError;
-use crate::metrics::BacklogGauges;
 
 /// Room left for the message's headers and protocol line inside NATS's payload limit.
 const HEADER_ROOM: usize = 4 * 1024;
@@ -40,7 +39,7 @@ pub struct Publisher {
     timeout: Duration,
     /// The longest predicted wait a request is admitted to (`--shed-after`).
     shed_after: Duration,
-    backlog: Backlog,
+    backlog: Arc<Backlog>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -52,13 +51,7 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// `gauges` show what the backlog reads of JetStream as it decides to shed.
-    pub fn new(
-        client: async_nats::Client,
-        timeout: Duration,
-        shed_after: Duration,
-        gauges: BacklogGauges,
-    ) -> Self {
+    pub fn new(client: async_nats::Client, timeout: Duration, shed_after: Duration) -> Self {
         // Waiting for an in-flight slot (rather than failing) is bounded by `timeout`.
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
@@ -70,10 +63,7 @@ impl Publisher {
             payloads: OnceCell::new(),
             timeout,
             shed_after,
-            backlog: Backlog(Mutex::new(BacklogState {
-                gauges,
-                ..BacklogState::default()
-            })),
+            backlog: Arc::default(),
         }
     }
 
@@ -91,6 +81,11 @@ impl Publisher {
     pub fn in_flight(&self) -> usize {
         let s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
         s.pending.len() + s.stale
+    }
+
+    /// A handle that reads what the backlog knows of JetStream, for the metrics.
+    pub fn backlog_view(&self) -> BacklogView {
+        BacklogView(self.backlog.clone())
     }
 
     /// Connections made so far: publishes are judged by the connection they went out on.
@@ -209,7 +204,6 @@ struct BacklogState {
     rate: f64,
     /// How long recent acknowledgements took (exponentially weighted).
     latency: Duration,
-    gauges: BacklogGauges,
 }
 
 impl Default for BacklogState {
@@ -223,7 +217,6 @@ impl Default for BacklogState {
             acks: VecDeque::new(),
             rate: 0.0,
             latency: Duration::ZERO,
-            gauges: BacklogGauges::default(),
         }
     }
 }
@@ -281,18 +274,6 @@ impl BacklogState {
         }
     }
 
-    /// Sets the gauges to what the estimate reads now: a few atomic stores, under the
-    /// lock so that they never show a mix of two moments.
-    fn show(&self) {
-        let g = &self.gauges;
-        g.waiting
-            .set(i64::try_from(self.pending.len()).unwrap_or(i64::MAX));
-        g.stranded
-            .set(i64::try_from(self.stale).unwrap_or(i64::MAX));
-        g.ack_rate.set(self.rate_now());
-        g.ack_latency.set(self.latency_now().as_secs_f64());
-    }
-
     /// How late acknowledgements are now: the recent ones' weighted latency, or the
     /// wait of the oldest publish still waiting when that is longer. Completed
     /// acknowledgements alone lag: in the spike the first ones of a burst came back in
@@ -342,7 +323,6 @@ impl Waiting<'_> {
         let mut s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
         if s.pending.contains_key(&self.number) {
             s.observe(waited);
-            s.show();
         }
     }
 
@@ -359,7 +339,6 @@ impl Waiting<'_> {
         };
         s.observe(took);
         s.count_ack();
-        s.show();
         drop(s);
         // Logged outside the lock every request takes.
         if stranded > 0 {
@@ -377,7 +356,6 @@ impl Drop for Waiting<'_> {
         if s.pending.remove(&self.number).is_none() {
             s.stale = s.stale.saturating_sub(1);
         }
-        s.show();
     }
 }
 
@@ -394,7 +372,6 @@ impl Backlog {
         }
         let in_flight = s.pending.len();
         if let Some(wait) = behind(in_flight, s.rate_now(), s.latency_now(), budget) {
-            s.show();
             return Err(PublishError::Behind {
                 waiting: in_flight,
                 wait,
@@ -408,11 +385,40 @@ impl Backlog {
         let number = s.next;
         s.next += 1;
         s.pending.insert(number, Instant::now());
-        s.show();
         Ok(Waiting {
             backlog: self,
             number,
         })
+    }
+}
+
+/// What the backlog reads of JetStream at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BacklogReading {
+    /// Publishes waiting for their acknowledgement that the estimate counts.
+    pub waiting: usize,
+    /// Publishes still waiting that were set apart as stranded.
+    pub stranded: usize,
+    /// Acknowledgements per second.
+    pub ack_rate: f64,
+    /// How late acknowledgements are (see `BacklogState::latency_now`).
+    pub ack_latency: Duration,
+}
+
+/// Reads the publisher's backlog (for the metrics) without holding the publisher. The
+/// default views a backlog with nothing in it, for exporting the metrics without one.
+#[derive(Debug, Clone, Default)]
+pub struct BacklogView(Arc<Backlog>);
+
+impl BacklogView {
+    pub fn read(&self) -> BacklogReading {
+        let s = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        BacklogReading {
+            waiting: s.pending.len(),
+            stranded: s.stale,
+            ack_rate: s.rate_now(),
+            ack_latency: s.latency_now(),
+        }
     }
 }
 
@@ -447,6 +453,38 @@ mod tests {
         let now = Instant::now();
         s.busy_since = now - over;
         s.acks = (1..=n).map(|i| now - over + over * i / n).collect();
+    }
+
+    #[test]
+    fn the_backlog_gauges_are_read_when_scraped_not_when_a_request_comes() {
+        let backlog = Arc::new(Backlog::default());
+        let mut registry = prometheus_client::registry::Registry::default();
+        crate::metrics::Metrics::default().register(&mut registry, &BacklogView(backlog.clone()));
+        let scrape = || {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
+            text
+        };
+        let waiting = backlog.admit(BUDGET, 1).expect("admitted");
+        // Nothing happens for 2 s (a stalled JetStream): the oldest wait still shows.
+        backlog
+            .0
+            .lock()
+            .unwrap()
+            .pending
+            .values_mut()
+            .for_each(|at| *at -= Duration::from_secs(2));
+        let text = scrape();
+        assert!(text.contains("backlog_waiting 1.0\n"), "{text}");
+        let latency: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("backlog_ack_latency_seconds "))
+            .expect("the latency gauge")
+            .parse()
+            .expect("a number");
+        assert!(latency >= 2.0, "{text}");
+        drop(waiting);
+        assert!(scrape().contains("backlog_waiting 0.0\n"));
     }
 
     #[test]

@@ -202,7 +202,13 @@ async fn each_service_registers_exactly_its_golden_list() {
         .timed_out
         .get_or_create(&sluice_ingest::metrics::TimeoutPhase { phase: "idle" })
         .inc();
-    let exported = registered(|a| ingest.register(a.registry("sluice_ingest"))).await;
+    let exported = registered(|a| {
+        ingest.register(
+            a.registry("sluice_ingest"),
+            &sluice_ingest::publish::BacklogView::default(),
+        );
+    })
+    .await;
     assert_eq!(
         exported,
         golden("ingest"),

@@ -1156,18 +1156,30 @@ fn cli(sluice: &Path, env: &[(String, String)], args: &[&str]) -> anyhow::Result
 
 /// The sum of a gauge's samples (every label set) in a Prometheus text exposition.
 fn gauge(text: &str, name: &str) -> Option<f64> {
+    samples(text, name, None)
+}
+
+/// The sum of a metric's samples in a Prometheus text exposition, of those whose labels
+/// include `label` (`outcome="shed"`) when one is given.
+fn samples(text: &str, name: &str, label: Option<&str>) -> Option<f64> {
     let mut sum = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else {
             continue;
         };
         // `name{labels} value` or `name value`; not a longer name sharing the prefix.
-        let value = match rest.chars().next() {
-            Some('{') => rest.rsplit_once('}').map(|(_, v)| v),
-            Some(' ') => Some(rest),
-            _ => None,
+        let (labels, value) = match rest.chars().next() {
+            Some('{') => match rest[1..].rsplit_once('}') {
+                Some(split) => split,
+                None => continue,
+            },
+            Some(' ') => ("", rest),
+            _ => continue,
         };
-        if let Some(v) = value.and_then(|v| v.trim().parse::<f64>().ok()) {
+        if label.is_some_and(|l| !labels.split(',').any(|have| have == l)) {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
             sum = Some(sum.unwrap_or(0.0) + v);
         }
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sluice_tests::process::{self, Service};
 
-use crate::gauge;
+use crate::{gauge, samples};
 
 /// Time between samples.
 pub const PERIOD: Duration = Duration::from_millis(500);
@@ -39,30 +39,18 @@ impl IngestFigures {
             backlog_stranded: gauge(text, "sluice_ingest_backlog_stranded"),
             ack_rate: gauge(text, "sluice_ingest_backlog_ack_rate"),
             ack_latency: gauge(text, "sluice_ingest_backlog_ack_latency_seconds"),
-            accepted: labelled(text, "sluice_ingest_requests_total", "outcome=\"accepted\""),
-            shed: labelled(text, "sluice_ingest_requests_total", "outcome=\"shed\""),
+            accepted: samples(
+                text,
+                "sluice_ingest_requests_total",
+                Some("outcome=\"accepted\""),
+            ),
+            shed: samples(
+                text,
+                "sluice_ingest_requests_total",
+                Some("outcome=\"shed\""),
+            ),
         }
     }
-}
-
-/// The sum of a metric's samples whose labels include `label` (`outcome="shed"`).
-fn labelled(text: &str, name: &str, label: &str) -> Option<f64> {
-    let mut sum = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once('}') else {
-            continue;
-        };
-        if !labels.split(',').any(|l| l == label) {
-            continue;
-        }
-        if let Ok(v) = value.trim().parse::<f64>() {
-            sum = Some(sum.unwrap_or(0.0) + v);
-        }
-    }
-    sum
 }
 
 /// The load generator's own count: requests it has sent (their task started) and
@@ -201,10 +189,10 @@ async fn sample(
             }
         }
         let cpu = watched.pids.iter().map(|p| process::cpu_time(*p)).collect();
-        // The scrape itself is one request in flight.
+        // Webhooks only: the scrape is not counted in flight.
         let idle = ingests
             .iter()
-            .all(|f| f.requests_in_flight.is_some_and(|n| n <= 1.0));
+            .all(|f| f.requests_in_flight.is_some_and(|n| n < 0.5));
         samples.push(Sample {
             at: start.elapsed(),
             ingests,
@@ -372,7 +360,8 @@ fn group(name: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::{group, ingest_answers, labelled};
+    use super::{group, ingest_answers};
+    use crate::samples;
 
     #[test]
     fn a_labelled_sample_is_picked_by_one_label_among_several() {
@@ -381,15 +370,27 @@ mod tests {
                     sluice_ingest_requests_total{provider=\"github\",outcome=\"shed\"} 5\n\
                     sluice_ingest_requests_totals{outcome=\"accepted\"} 100\n";
         assert_eq!(
-            labelled(text, "sluice_ingest_requests_total", "outcome=\"accepted\""),
+            samples(
+                text,
+                "sluice_ingest_requests_total",
+                Some("outcome=\"accepted\"")
+            ),
             Some(9.0)
         );
         assert_eq!(
-            labelled(text, "sluice_ingest_requests_total", "outcome=\"shed\""),
+            samples(
+                text,
+                "sluice_ingest_requests_total",
+                Some("outcome=\"shed\"")
+            ),
             Some(5.0)
         );
         assert_eq!(
-            labelled(text, "sluice_ingest_requests_total", "outcome=\"timeout\""),
+            samples(
+                text,
+                "sluice_ingest_requests_total",
+                Some("outcome=\"timeout\"")
+            ),
             None
         );
     }
