@@ -72,11 +72,6 @@ impl Publisher {
         &self.js
     }
 
-    /// Stores `event` with `raw` (the validated original payload) and returns once
-    /// JetStream has acknowledged it, or fails by the earlier of the publish timeout
-    /// and [`ANSWER_WITHIN`] from `received` (when the request arrived). Refuses at
-    /// once, without publishing, when the events ahead of it would not be stored in
-    /// that time (see [`behind`]): then the 503 is the truth, the event is not stored.
     /// Publishes waiting for JetStream's acknowledgement now.
     pub fn in_flight(&self) -> usize {
         let s = self.backlog.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -96,6 +91,11 @@ impl Publisher {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Stores `event` with `raw` (the validated original payload) and returns once
+    /// JetStream has acknowledged it, or fails by the earlier of the publish timeout
+    /// and [`ANSWER_WITHIN`] from `received` (when the request arrived). Refuses at
+    /// once, without publishing, when the events ahead of it would not be stored in
+    /// that time (see [`behind`]): then the 503 is the truth, the event is not stored.
     pub async fn publish(
         &self,
         mut event: Event,
