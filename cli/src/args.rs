@@ -648,9 +648,13 @@ fn secret(s: &str) -> Result<SecretString, String> {
 
 #[derive(Debug, Args)]
 pub struct IngestArgs {
-    /// Address to listen on for webhooks, health and metrics.
+    /// Address to listen on for webhooks.
     #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value_t = sluice_ingest::LISTEN)]
     pub listen: SocketAddr,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (the kubelet's probes and
+    /// Prometheus), outside the webhooks' connection cap.
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = sluice_core::admin::DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
     /// GitHub webhook secret(s), comma-separated to rotate. Prefer the variable.
     #[arg(long, env = "SLUICE_GITHUB_WEBHOOK_SECRET", hide_env_values = true, value_parser = secret)]
     pub github_webhook_secret: Option<SecretString>,
@@ -674,9 +678,9 @@ pub struct IngestArgs {
     /// Time JetStream has to acknowledge an event before the forge is answered 503.
     #[arg(long, env = "SLUICE_INGEST_PUBLISH_TIMEOUT", default_value_t = HumanDuration(sluice_ingest::PUBLISH_TIMEOUT), value_parser = positive_duration)]
     pub publish_timeout: HumanDuration,
-    /// Answer 503 at once, without sending, a request that would wait longer than this
-    /// for JetStream to store the events ahead of it (JetStream is behind the offered
-    /// rate); at most the publish timeout counts.
+    /// Answer 503 at once, without sending, a request that would be answered later than
+    /// this after its arrival because JetStream must first store the events ahead of it
+    /// (JetStream is behind the offered rate); at most the publish timeout counts.
     #[arg(long, env = "SLUICE_INGEST_SHED_AFTER", default_value_t = HumanDuration(sluice_ingest::SHED_AFTER), value_parser = positive_duration)]
     pub shed_after: HumanDuration,
     /// Time a client has to send its body.

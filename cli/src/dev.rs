@@ -85,8 +85,10 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {} (set --listen)", a.listen))?;
+    // One port for everything in dev mode: the webhooks and ingest's admin endpoints.
     let ingest = tokio::spawn(sluice_ingest::serve(
         listener,
+        None,
         IngestConfig::new(a.listen, nats("sluice-ingest"), secrets),
         shutdown.clone(),
     ));

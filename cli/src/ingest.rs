@@ -35,6 +35,7 @@ pub async fn run(
         idle_timeout: a.idle_timeout.0,
         max_connections: a.max_connections,
         queue_wait: a.queue_wait.0,
+        admin_listen: Some(a.admin_listen),
         ..IngestConfig::new(a.listen, global.nats("sluice-ingest"), secrets)
     };
     sluice_ingest::run(config, shutdown).await?;

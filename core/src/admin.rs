@@ -158,9 +158,19 @@ impl Admin {
                 addr: listen,
                 source,
             })?;
+        self.serve_on(listener, shutdown)
+    }
+
+    /// Serves the routes on a bound `listener` until `shutdown` is cancelled, like
+    /// [`Admin::serve`].
+    pub fn serve_on(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(SocketAddr, JoinHandle<()>)> {
         let addr = listener.local_addr().map_err(|source| Error::Listen {
             what: "the admin endpoints",
-            addr: listen,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
         let router = self.router();

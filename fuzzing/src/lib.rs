@@ -281,6 +281,7 @@ fn ingest_app() -> &'static (tokio::runtime::Runtime, IngestApp) {
                     allow_sha1: true,
                     retry_after: std::time::Duration::from_secs(10),
                 },
+                refusals: Default::default(),
             });
             IngestApp {
                 router: sluice_ingest::http::router(state),

@@ -15,8 +15,9 @@ pub enum Error {
     #[error(transparent)]
     Core(#[from] sluice_core::Error),
 
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} for {what}: {source}; is another process using the port?")]
     Bind {
+        what: &'static str,
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
@@ -117,6 +118,15 @@ impl PublishError {
     /// Whether the same delivery can be stored if the forge sends it again.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, PublishError::TooLarge(_) | PublishError::Encode(_))
+    }
+
+    /// Refused before anything was sent: the event is certainly not stored, and such
+    /// refusals come by the thousand in a spike or an outage (logged as a summary).
+    pub fn is_unsent(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Behind { .. } | PublishError::Disconnected
+        )
     }
 
     /// The status the forge is answered with.

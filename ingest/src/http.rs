@@ -33,6 +33,7 @@ use tracing::Instrument;
 use crate::metrics::{Metrics, ProviderLabel, VerifyFailure};
 use crate::normalize::Malformed;
 use crate::publish::Publisher;
+use crate::refusals::RefusalLog;
 use crate::secrets::Secrets;
 use crate::server::Arrived;
 use crate::verify::Failure;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub publisher: Publisher,
     pub metrics: Metrics,
     pub limits: Limits,
+    /// Requests refused unsent, logged a line a second.
+    pub refusals: RefusalLog,
 }
 
 /// The ingest router.
@@ -365,7 +368,13 @@ async fn store(
         }
         Err(e) => {
             let status = e.status();
-            tracing::warn!(event_id = %id, error = %e, retryable = e.is_retryable(), status = status.as_u16(), "event not stored");
+            if !e.is_unsent() {
+                tracing::warn!(event_id = %id, error = %e, retryable = e.is_retryable(), status = status.as_u16(), "event not stored");
+            } else if let Some(refused) = state.refusals.count(Instant::now()) {
+                tracing::warn!(refused, error = %e, status = status.as_u16(), "events refused unsent since the last such line (each is counted in sluice_ingest_requests_total)");
+            } else {
+                tracing::debug!(event_id = %id, error = %e, status = status.as_u16(), "event not stored");
+            }
             Err(Reject {
                 retry_after: e.is_retryable().then_some(state.limits.retry_after),
                 ..Reject::new(status, e.metric_label(), e.message())

@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod normalize;
 pub mod publish;
+pub mod refusals;
 pub mod secrets;
 pub mod server;
 pub mod verify;
@@ -39,8 +40,9 @@ pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
 /// stored; the wait never goes past [`publish::ANSWER_WITHIN`] from the request's
 /// arrival.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(8);
-/// Default `--shed-after`: a request that would wait longer than this for JetStream to
-/// store the events ahead of it is answered 503 at once, unsent. Queueing that long
+/// Default `--shed-after`: a request that would be answered later than this after its
+/// arrival, because JetStream must first store the events ahead of it, is answered 503
+/// at once, unsent. Queueing that long
 /// means JetStream is behind the offered rate, not busy for a moment; answering within
 /// it keeps the forge's view of a spike (which delivery failed) immediate and exact.
 pub const SHED_AFTER: Duration = Duration::from_secs(1);
@@ -69,7 +71,13 @@ pub const QUEUE_WAIT: Duration = Duration::from_secs(3);
 /// Everything `sluice ingest` is configured with.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
+    /// Where webhooks are served, under the connection cap.
     pub listen: SocketAddr,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, outside the webhooks'
+    /// connection cap: a spike that fills every webhook slot must not fail the
+    /// kubelet's probes (a failed liveness probe restarts ingest mid-spike) or
+    /// Prometheus's scrape. `None` serves them beside the webhooks (`sluice dev`).
+    pub admin_listen: Option<SocketAddr>,
     pub nats: NatsOptions,
     pub secrets: Secrets,
     pub streams: StreamSettings,
@@ -100,6 +108,7 @@ impl IngestConfig {
     pub fn new(listen: SocketAddr, nats: NatsOptions, secrets: Secrets) -> Self {
         IngestConfig {
             listen,
+            admin_listen: None,
             nats,
             secrets,
             streams: StreamSettings::default(),
@@ -160,21 +169,29 @@ impl IngestConfig {
     }
 }
 
-/// Binds `config.listen` and serves until `shutdown` trips.
+/// Binds `config.listen` (and `config.admin_listen`) and serves until `shutdown` trips.
 pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    serve(listener, config, shutdown).await
+    // Refuse bad settings before taking the ports.
+    config.check()?;
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { what, addr, source })
+    };
+    let listener = bind("webhooks", config.listen).await?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(bind("the admin endpoints", addr).await?),
+        None => None,
+    };
+    serve(listener, admin, config, shutdown).await
 }
 
-/// Serves on `listener` until `shutdown` trips, then stops accepting, lets in-flight
+/// Serves webhooks on `listener` and the admin endpoints on `admin` (beside the
+/// webhooks when `None`) until `shutdown` trips, then stops accepting, lets in-flight
 /// requests finish their publish, and returns within `config.shutdown_grace`.
 pub async fn serve(
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     config: IngestConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -216,6 +233,7 @@ pub async fn serve(
             allow_sha1: config.allow_sha1,
             retry_after: RETRY_AFTER,
         },
+        refusals: Default::default(),
     });
     let provisioning = tokio::spawn(provision(
         state.clone(),
@@ -235,9 +253,16 @@ pub async fn serve(
     };
     let connections = state.metrics.connections.clone();
     let load = state.clone();
+    let (app, admin_task) = match admin_listener {
+        Some(l) => {
+            let (_, task) = admin.serve_on(l, shutdown.clone())?;
+            (http::router(state), Some(task))
+        }
+        None => (http::router(state).merge(admin.router()), None),
+    };
     let server = server::serve(
         listener,
-        http::router(state).merge(admin.router()),
+        app,
         limits,
         connections,
         move || load.publisher.in_flight(),
@@ -251,6 +276,10 @@ pub async fn serve(
         }
     }
     provisioning.abort();
+    if let Some(task) = admin_task {
+        // Stopped by the same token; a probe in flight finishes first.
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
     // Whatever was acknowledged is stored; flushing only settles the connection.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     tracing::info!("ingest stopped");

@@ -107,12 +107,13 @@ impl Publisher {
         if self.client.connection_state() != State::Connected {
             return Err(PublishError::Disconnected);
         }
-        let budget = self
-            .timeout
-            .min(ANSWER_WITHIN.saturating_sub(received.elapsed()));
-        let waiting = self
-            .backlog
-            .admit(budget.min(self.shed_after), self.connection())?;
+        let spent = received.elapsed();
+        let budget = self.timeout.min(ANSWER_WITHIN.saturating_sub(spent));
+        let waiting = self.backlog.admit(
+            shed_by(self.shed_after, spent, budget),
+            spent,
+            self.connection(),
+        )?;
         let started = Instant::now();
         let deadline = tokio::time::timeout(budget, self.store(&mut event, raw)).await;
         let stored = deadline.map_err(|_| {
@@ -361,9 +362,15 @@ impl Drop for Waiting<'_> {
 
 impl Backlog {
     /// Counts a publish in flight on `connection`, or refuses it when JetStream is too
-    /// far behind to store it within `budget` (the shed-after wait, or less when less
-    /// is left). A new connection starts afresh: what waits on the old one is stranded.
-    fn admit(&self, budget: Duration, connection: u64) -> Result<Waiting<'_>, PublishError> {
+    /// far behind to store it within `budget` of its arrival, `spent` ago (see
+    /// [`shed_by`]). A new connection starts afresh: what waits on the old one is
+    /// stranded.
+    fn admit(
+        &self,
+        budget: Duration,
+        spent: Duration,
+        connection: u64,
+    ) -> Result<Waiting<'_>, PublishError> {
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if connection > s.connection {
             s.connection = connection;
@@ -371,7 +378,7 @@ impl Backlog {
             s.start_afresh(next);
         }
         let in_flight = s.pending.len();
-        if let Some(wait) = behind(in_flight, s.rate_now(), s.latency_now(), budget) {
+        if let Some(wait) = behind(in_flight, s.rate_now(), s.latency_now(), budget, spent) {
             return Err(PublishError::Behind {
                 waiting: in_flight,
                 wait,
@@ -390,6 +397,15 @@ impl Backlog {
             number,
         })
     }
+}
+
+/// How long after its arrival a request may be answered before it is shed rather than
+/// published: `--shed-after`, or the publish budget (`budget`, left after `spent`) when
+/// that ends sooner. Measured from the arrival, not from here: a request that waited
+/// for a connection slot or was read slowly has spent part of the forge's wait already,
+/// and in the spike those answered past 1 s although their queue was predicted at 0.8.
+fn shed_by(shed_after: Duration, spent: Duration, budget: Duration) -> Duration {
+    shed_after.min(spent + budget)
 }
 
 /// What the backlog reads of JetStream at one moment.
@@ -422,23 +438,25 @@ impl BacklogView {
     }
 }
 
-/// Whether JetStream is too far behind to store one more event within `budget`, and
-/// if so the wait it would have: only when recent acknowledgements already take a
-/// quarter of the budget (JetStream is queueing, not just busy) and the `in_flight`
-/// events ahead, at the rate acknowledgements come back, need more than 80 % of it.
-/// A burst into an idle server is always admitted: its acknowledgements are fast, and
-/// the time left (not a guess) decides for the ones that are not.
+/// Whether JetStream is too far behind to store one more event within `budget` of the
+/// request's arrival, `spent` ago, and if so the wait it would have: only when recent
+/// acknowledgements already take a quarter of the budget (JetStream is queueing, not
+/// just busy) and the time spent plus what the `in_flight` events ahead need, at the
+/// rate acknowledgements come back, is more than 80 % of it. A burst into an idle
+/// server is always admitted, however late its requests arrive: its acknowledgements
+/// are fast, and the time left (not a guess) decides for the ones that are not.
 pub fn behind(
     in_flight: usize,
     acks_per_second: f64,
     recent_latency: Duration,
     budget: Duration,
+    spent: Duration,
 ) -> Option<Duration> {
     if recent_latency < budget / 4 || acks_per_second <= 0.0 {
         return None;
     }
     let wait = Duration::from_secs_f64(in_flight as f64 / acks_per_second);
-    (wait > budget.mul_f64(0.8)).then_some(wait)
+    (spent + wait > budget.mul_f64(0.8)).then_some(wait)
 }
 
 #[cfg(test)]
@@ -465,7 +483,7 @@ mod tests {
             prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
             text
         };
-        let waiting = backlog.admit(BUDGET, 1).expect("admitted");
+        let waiting = backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted");
         // Nothing happens for 2 s (a stalled JetStream): the oldest wait still shows.
         backlog
             .0
@@ -491,7 +509,11 @@ mod tests {
     fn a_queue_behind_fast_first_acknowledgements_is_judged_by_its_oldest() {
         let backlog = Backlog::default();
         let waiting: Vec<_> = (0..469)
-            .map(|_| backlog.admit(SHED_AFTER, 1).expect("no rate yet: admitted"))
+            .map(|_| {
+                backlog
+                    .admit(SHED_AFTER, Duration::ZERO, 1)
+                    .expect("no rate yet: admitted")
+            })
             .collect();
         {
             // A second into a spike: the first 31 acknowledgements took 171 ms, and
@@ -506,7 +528,9 @@ mod tests {
             assert!(s.latency_now() >= Duration::from_millis(800));
         }
         // 469 ahead at 31/s: refused, although completed acknowledgements were quick.
-        let Err(PublishError::Behind { waiting: 469, wait }) = backlog.admit(SHED_AFTER, 1) else {
+        let Err(PublishError::Behind { waiting: 469, wait }) =
+            backlog.admit(SHED_AFTER, Duration::ZERO, 1)
+        else {
             panic!("admitted behind a 15 s queue");
         };
         assert!(wait > Duration::from_secs(10), "{wait:?}");
@@ -517,7 +541,11 @@ mod tests {
     fn bursts_of_acknowledgements_are_read_over_the_last_second() {
         let backlog = Backlog::default();
         let waiting: Vec<_> = (0..90)
-            .map(|_| backlog.admit(SHED_AFTER, 1).expect("admitted"))
+            .map(|_| {
+                backlog
+                    .admit(SHED_AFTER, Duration::ZERO, 1)
+                    .expect("admitted")
+            })
             .collect();
         {
             // Busy for 5 s; 25 acknowledged every 250 ms (100/s), the last burst just
@@ -536,7 +564,7 @@ mod tests {
         // 90 ahead at 100/s is 0.9 s, over 80 % of the 1 s wait: shed. Read from the
         // last 300 ms alone (two bursts, "167/s"), it would have been admitted.
         assert!(matches!(
-            backlog.admit(SHED_AFTER, 1),
+            backlog.admit(SHED_AFTER, Duration::ZERO, 1),
             Err(PublishError::Behind { waiting: 90, .. })
         ));
         drop(waiting);
@@ -559,7 +587,7 @@ mod tests {
             assert!((190.0..=201.0).contains(&rate), "{rate}/s");
         }
         // An acknowledgement keeps the reading for the next burst's first moments.
-        let w = backlog.admit(BUDGET, 1).expect("admitted");
+        let w = backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted");
         backlog.0.lock().unwrap().busy_since = Instant::now() - Duration::from_millis(500);
         w.acknowledged(Duration::from_millis(2));
         drop(w);
@@ -577,7 +605,7 @@ mod tests {
         let backlog = Backlog::default();
         // 300 admitted over the last 3 s, each waiting since.
         let mut waiting: Vec<_> = (0..300)
-            .map(|_| Some(backlog.admit(BUDGET, 1).expect("admitted")))
+            .map(|_| Some(backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted")))
             .collect();
         {
             let mut s = backlog.0.lock().unwrap();
@@ -610,9 +638,18 @@ mod tests {
     #[test]
     fn a_burst_into_a_fast_server_is_admitted() {
         // 5,000 in flight at an unknown rate with fast acknowledgements.
-        assert_eq!(behind(5_000, 0.0, Duration::ZERO, BUDGET), None);
         assert_eq!(
-            behind(5_000, 500.0, Duration::from_millis(50), BUDGET),
+            behind(5_000, 0.0, Duration::ZERO, BUDGET, Duration::ZERO),
+            None
+        );
+        assert_eq!(
+            behind(
+                5_000,
+                500.0,
+                Duration::from_millis(50),
+                BUDGET,
+                Duration::ZERO
+            ),
             None
         );
     }
@@ -620,30 +657,39 @@ mod tests {
     #[test]
     fn a_queue_that_cannot_drain_in_time_is_refused() {
         // Acknowledgements take 3 s and come back at 500/s: 4,000 ahead need 8 s.
-        let wait = behind(4_000, 500.0, Duration::from_secs(3), BUDGET);
+        let wait = behind(4_000, 500.0, Duration::from_secs(3), BUDGET, Duration::ZERO);
         assert_eq!(wait, Some(Duration::from_secs(8)));
         // 3,000 ahead need 6 s, inside 80 % of the budget.
-        assert_eq!(behind(3_000, 500.0, Duration::from_secs(3), BUDGET), None);
+        assert_eq!(
+            behind(3_000, 500.0, Duration::from_secs(3), BUDGET, Duration::ZERO),
+            None
+        );
     }
 
     #[test]
     fn a_stalled_server_is_left_to_the_timeout() {
         // No acknowledgement in the last window: no rate to predict from.
-        assert_eq!(behind(10, 0.0, Duration::from_secs(5), BUDGET), None);
+        assert_eq!(
+            behind(10, 0.0, Duration::from_secs(5), BUDGET, Duration::ZERO),
+            None
+        );
     }
 
     #[test]
     fn a_slow_acknowledgement_after_an_idle_hour_does_not_shed() {
         let backlog = Backlog::default();
         // Connected an hour ago, one publish, then nothing.
-        drop(backlog.admit(BUDGET, 1).expect("admitted"));
+        drop(backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted"));
         backlog.0.lock().unwrap().busy_since = Instant::now() - Duration::from_secs(3600);
-        let first = backlog.admit(BUDGET, 1).expect("admitted");
-        let second = backlog.admit(BUDGET, 1).expect("admitted");
+        let first = backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted");
+        let second = backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted");
         // One slow acknowledgement: over the idle hour it would read as 1/3600 a second.
         first.acknowledged(Duration::from_secs(3));
         drop(first);
-        assert!(backlog.admit(BUDGET, 1).is_ok(), "shed after an idle hour");
+        assert!(
+            backlog.admit(BUDGET, Duration::ZERO, 1).is_ok(),
+            "shed after an idle hour"
+        );
         drop(second);
     }
 
@@ -651,7 +697,7 @@ mod tests {
     fn late_acknowledgements_count_as_slow() {
         let backlog = Backlog::default();
         backlog
-            .admit(BUDGET, 1)
+            .admit(BUDGET, Duration::ZERO, 1)
             .expect("admitted")
             .timed_out(BUDGET);
         assert_eq!(backlog.0.lock().unwrap().latency, BUDGET);
@@ -663,7 +709,11 @@ mod tests {
         // The old connection's link died: 600 publishes wait, acknowledgements came
         // back at 300/s and took 400 ms before it did.
         let stuck: Vec<_> = (0..600)
-            .map(|_| backlog.admit(SHED_AFTER, 1).expect("admitted"))
+            .map(|_| {
+                backlog
+                    .admit(SHED_AFTER, Duration::ZERO, 1)
+                    .expect("admitted")
+            })
             .collect();
         {
             let mut s = backlog.0.lock().unwrap();
@@ -671,12 +721,12 @@ mod tests {
             s.latency = Duration::from_millis(400);
         }
         assert!(
-            backlog.admit(SHED_AFTER, 1).is_err(),
+            backlog.admit(SHED_AFTER, Duration::ZERO, 1).is_err(),
             "behind on connection 1"
         );
         // Reconnected: admitted, and the old publishes' timeouts change nothing.
         let fresh = backlog
-            .admit(SHED_AFTER, 2)
+            .admit(SHED_AFTER, Duration::ZERO, 2)
             .expect("a new connection starts afresh");
         stuck[0].timed_out(BUDGET);
         assert_eq!(backlog.0.lock().unwrap().latency, Duration::ZERO);
@@ -698,8 +748,12 @@ mod tests {
         let backlog = Backlog::default();
         // Sent to a leader that then stopped: 2 s later still waiting, and one timed
         // out, so acknowledgements read as slow and rare.
-        let stranded = backlog.admit(SHED_AFTER, 1).expect("admitted");
-        let timed_out = backlog.admit(SHED_AFTER, 1).expect("admitted");
+        let stranded = backlog
+            .admit(SHED_AFTER, Duration::ZERO, 1)
+            .expect("admitted");
+        let timed_out = backlog
+            .admit(SHED_AFTER, Duration::ZERO, 1)
+            .expect("admitted");
         {
             let mut s = backlog.0.lock().unwrap();
             for at in s.pending.values_mut() {
@@ -710,7 +764,9 @@ mod tests {
         timed_out.timed_out(BUDGET);
         drop(timed_out);
         // The new leader acknowledges a request admitted now, at once.
-        let fresh = backlog.admit(SHED_AFTER, 1).expect("admitted");
+        let fresh = backlog
+            .admit(SHED_AFTER, Duration::ZERO, 1)
+            .expect("admitted");
         fresh.acknowledged(Duration::from_millis(3));
         drop(fresh);
         {
@@ -725,7 +781,7 @@ mod tests {
         // Its late timeout changes nothing, and the next request is admitted.
         stranded.timed_out(BUDGET);
         assert_eq!(backlog.0.lock().unwrap().latency, Duration::from_millis(3));
-        assert!(backlog.admit(SHED_AFTER, 1).is_ok());
+        assert!(backlog.admit(SHED_AFTER, Duration::ZERO, 1).is_ok());
         drop(stranded);
         assert_eq!(backlog.0.lock().unwrap().stale, 0);
     }
@@ -734,7 +790,7 @@ mod tests {
     fn acknowledgements_in_order_or_close_together_strand_nothing() {
         let backlog = Backlog::default();
         let waiting: Vec<_> = (0..100)
-            .map(|_| backlog.admit(BUDGET, 1).expect("admitted"))
+            .map(|_| backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted"))
             .collect();
         // The last admitted answered first (sent in another order, within the margin).
         waiting[99].acknowledged(Duration::from_millis(400));
@@ -749,8 +805,8 @@ mod tests {
     #[test]
     fn in_flight_counts_what_is_waiting() {
         let backlog = Backlog::default();
-        let a = backlog.admit(BUDGET, 1).expect("admitted");
-        let b = backlog.admit(BUDGET, 1).expect("admitted");
+        let a = backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted");
+        let b = backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted");
         assert_eq!(backlog.0.lock().unwrap().pending.len(), 2);
         drop(a);
         drop(b);
@@ -761,7 +817,11 @@ mod tests {
     fn a_spike_is_read_from_its_first_quarter_second() {
         let backlog = Backlog::default();
         let admitted: Vec<_> = (0..600)
-            .map(|_| backlog.admit(SHED_AFTER, 1).expect("no rate yet: admitted"))
+            .map(|_| {
+                backlog
+                    .admit(SHED_AFTER, Duration::ZERO, 1)
+                    .expect("no rate yet: admitted")
+            })
             .collect();
         {
             // 300 ms into the spike: 90 acknowledged (300/s), each taking 400 ms.
@@ -770,14 +830,70 @@ mod tests {
             s.latency = Duration::from_millis(400);
         }
         // 600 ahead at 300/s is 2 s, more than the 1 s a request may wait.
-        let Err(PublishError::Behind { waiting, wait }) = backlog.admit(SHED_AFTER, 1) else {
+        let Err(PublishError::Behind { waiting, wait }) =
+            backlog.admit(SHED_AFTER, Duration::ZERO, 1)
+        else {
             panic!("admitted into a 2 s queue");
         };
         assert_eq!(waiting, 600);
         assert!(wait > Duration::from_millis(1_900), "{wait:?}");
         // The full publish budget would still have admitted it.
-        assert!(backlog.admit(BUDGET, 1).is_ok());
+        assert!(backlog.admit(BUDGET, Duration::ZERO, 1).is_ok());
         drop(admitted);
+    }
+
+    #[test]
+    fn the_time_a_request_spent_before_publishing_counts_towards_its_wait() {
+        // At 300 acknowledgements a second 200 ahead is 0.67 s: admitted when the
+        // request has just arrived, refused when it waited 300 ms for a connection slot
+        // (it would be answered after about 1 s).
+        let slow = Duration::from_millis(300);
+        assert_eq!(behind(200, 300.0, slow, SHED_AFTER, Duration::ZERO), None);
+        let late = behind(200, 300.0, slow, SHED_AFTER, Duration::from_millis(300));
+        assert!(
+            late.is_some_and(|wait| wait < Duration::from_millis(700)),
+            "{late:?}"
+        );
+        // A fast JetStream admits it however late it arrived.
+        let fast = Duration::from_millis(20);
+        assert_eq!(
+            behind(200, 3_000.0, fast, SHED_AFTER, Duration::from_secs(3)),
+            None
+        );
+        // Through the backlog, as publishing asks it.
+        let backlog = Backlog::default();
+        let ahead: Vec<_> = (0..200)
+            .map(|_| {
+                backlog
+                    .admit(SHED_AFTER, Duration::ZERO, 1)
+                    .expect("admitted")
+            })
+            .collect();
+        {
+            let mut s = backlog.0.lock().unwrap();
+            acknowledged_over(&mut s, 300, Duration::from_secs(1));
+            s.latency = slow;
+        }
+        let spent = Duration::from_millis(300);
+        let budget = shed_by(SHED_AFTER, spent, crate::PUBLISH_TIMEOUT);
+        assert!(backlog.admit(budget, spent, 1).is_err(), "admitted late");
+        assert!(backlog.admit(budget, Duration::ZERO, 1).is_ok());
+        drop(ahead);
+    }
+
+    #[test]
+    fn a_request_is_shed_by_the_earlier_of_shed_after_and_its_publish_budget() {
+        let (shed_after, timeout) = (SHED_AFTER, crate::PUBLISH_TIMEOUT);
+        // Just arrived: the shed-after wait.
+        assert_eq!(shed_by(shed_after, Duration::ZERO, timeout), shed_after);
+        // A shed-after wait longer than a publish may take is cut to the publish's.
+        let long = Duration::from_secs(30);
+        assert_eq!(shed_by(long, Duration::ZERO, timeout), timeout);
+        // 8.5 s after arriving, 0.5 s is left of the 9 s the answer is due in.
+        let spent = Duration::from_millis(8_500);
+        let budget = timeout.min(ANSWER_WITHIN - spent);
+        assert_eq!(shed_by(long, spent, budget), ANSWER_WITHIN);
+        assert_eq!(shed_by(shed_after, spent, budget), shed_after);
     }
 
     #[test]
@@ -785,13 +901,19 @@ mod tests {
         // At 300 acknowledgements a second, 300 ahead is 1 s: refused; 200 is not.
         let slow = Duration::from_millis(300);
         assert_eq!(
-            behind(300, 300.0, slow, SHED_AFTER),
+            behind(300, 300.0, slow, SHED_AFTER, Duration::ZERO),
             Some(Duration::from_secs(1))
         );
-        assert_eq!(behind(200, 300.0, slow, SHED_AFTER), None);
+        assert_eq!(behind(200, 300.0, slow, SHED_AFTER, Duration::ZERO), None);
         // Acknowledgements quicker than a quarter of it: not queueing, never shed.
         assert_eq!(
-            behind(3_000, 300.0, Duration::from_millis(200), SHED_AFTER),
+            behind(
+                3_000,
+                300.0,
+                Duration::from_millis(200),
+                SHED_AFTER,
+                Duration::ZERO
+            ),
             None
         );
     }

@@ -36,7 +36,10 @@ pub fn test_secrets() -> Secrets {
 /// A running ingest.
 #[derive(Debug)]
 pub struct Ingest {
+    /// The webhooks.
     pub addr: SocketAddr,
+    /// `/healthz`, `/readyz` and `/metrics`, on their own listener as in production.
+    pub admin: SocketAddr,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     task: Option<JoinHandle<sluice_ingest::Result<()>>>,
@@ -59,21 +62,36 @@ impl Ingest {
         config
     }
 
-    /// Starts ingest with `config` and waits until `/readyz` says ready.
+    /// Starts ingest with `config` and waits until `/readyz` says ready. The admin
+    /// endpoints get a loopback port of their own unless `config.admin_listen` names one.
     pub async fn start_with(config: IngestConfig) -> Ingest {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let admin_listener = tokio::net::TcpListener::bind(
+            config
+                .admin_listen
+                .unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr")),
+        )
+        .await
+        .expect("bind the admin endpoints");
+        let admin = admin_listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(sluice_ingest::serve(listener, config, shutdown.clone()));
+        let task = tokio::spawn(sluice_ingest::serve(
+            listener,
+            Some(admin_listener),
+            config,
+            shutdown.clone(),
+        ));
         let ingest = Ingest {
             addr,
+            admin,
             http: reqwest::Client::new(),
             shutdown,
             task: Some(task),
         };
-        let url = ingest.url("/readyz");
+        let url = ingest.admin_url("/readyz");
         let http = ingest.http.clone();
         wait_for("ingest to be ready", Duration::from_secs(20), || {
             let (url, http) = (url.clone(), http.clone());
@@ -88,6 +106,11 @@ impl Ingest {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
     }
 
     /// Trips the shutdown token and waits for `serve` to return.

@@ -11,8 +11,10 @@ use anyhow::{bail, Context};
 #[derive(Debug)]
 pub struct Service {
     pub name: String,
-    /// `http://127.0.0.1:<port>`: health, readiness (and webhooks for ingest).
+    /// `http://127.0.0.1:<port>`: health, readiness and metrics.
     pub admin: String,
+    /// `http://127.0.0.1:<port>` of ingest's webhooks ([`Service::with_webhooks`]).
+    pub webhooks: Option<String>,
     bin: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -34,6 +36,7 @@ impl Service {
         Service {
             name: name.to_owned(),
             admin: format!("http://127.0.0.1:{port}"),
+            webhooks: None,
             bin: bin.to_owned(),
             args,
             env,
@@ -41,6 +44,20 @@ impl Service {
             child: None,
             starts: 0,
         }
+    }
+
+    /// An ingest's: its webhooks on `port` (its admin endpoints on the one given to
+    /// [`Service::new`]).
+    pub fn with_webhooks(mut self, port: u16) -> Service {
+        self.webhooks = Some(format!("http://127.0.0.1:{port}"));
+        self
+    }
+
+    /// The webhooks' base URL of an ingest.
+    pub fn webhooks(&self) -> &str {
+        self.webhooks
+            .as_deref()
+            .unwrap_or_else(|| panic!("{} serves no webhooks", self.name))
     }
 
     pub fn spawn(&mut self) -> anyhow::Result<()> {

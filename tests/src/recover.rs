@@ -41,7 +41,7 @@ pub async fn record(js: &jetstream::Context, forge: &str, guid: &str) -> Option<
 
 /// Until ingest is ready again (after NATS came back).
 pub async fn ingest_ready(ingest: &Ingest) {
-    let ready = ingest.url("/readyz");
+    let ready = ingest.admin_url("/readyz");
     wait_for("ingest to reconnect", Duration::from_secs(30), || async {
         let r = reqwest::get(&ready).await.ok()?;
         r.status().is_success().then_some(())

@@ -122,8 +122,9 @@ pub struct ValueFlags {
     /// Host name of the example Ingress for webhooks.
     #[arg(long, env = "SLUICE_INSTALL_INGEST_HOST")]
     pub ingest_host: Option<String>,
-    /// Ingest's --shed-after: answer 503 at once a webhook that would wait longer than
-    /// this for JetStream (default: ingest's, 1s; at most its publish timeout, 8s).
+    /// Ingest's --shed-after: answer 503 at once a webhook that JetStream's backlog would
+    /// leave unanswered longer than this after its arrival (default: ingest's, 1s; at
+    /// most its publish timeout, 8s).
     #[arg(long, env = "SLUICE_INSTALL_INGEST_SHED_AFTER", value_parser = human_duration)]
     pub ingest_shed_after: Option<HumanDuration>,
     #[arg(long, env = "SLUICE_INSTALL_INGRESS_CLASS")]

@@ -31,7 +31,7 @@ const NKEY_DIR: &str = "/var/run/secrets/sluice-nats";
 /// Where the dashboard's actions token is mounted.
 const DASHBOARD_TOKEN_DIR: &str = "/var/run/secrets/sluice-dashboard";
 
-/// The admin endpoints' port of the dispatcher and runner.
+/// The admin endpoints' port of ingest, the dispatcher and the runner.
 pub fn admin_port() -> u16 {
     sluice_core::admin::DEFAULT_ADMIN_LISTEN
         .rsplit_once(':')
@@ -699,6 +699,10 @@ include "accounts.conf"
         let mut env = self.nats_env();
         env.extend(Self::env(&[
             ("SLUICE_INGEST_LISTEN", &format!("0.0.0.0:{port}")),
+            (
+                "SLUICE_ADMIN_LISTEN",
+                sluice_core::admin::DEFAULT_ADMIN_LISTEN,
+            ),
             ("SLUICE_STREAM_REPLICAS", &replicas),
         ]));
         if let Some(wait) = self.v.ingest_shed_after {
@@ -724,9 +728,14 @@ include "accounts.conf"
         ));
         let (volume, mount) = self.seed_volume("ingest");
         let mut container = self.sluice_container("ingest", &["ingest"], env);
-        container["ports"] = json!([{ "name": "http", "containerPort": INGEST_PORT }]);
-        container["livenessProbe"] = Self::http_probe("/healthz", "http", 10, 3);
-        container["readinessProbe"] = Self::http_probe("/readyz", "http", 5, 2);
+        // The probes and Prometheus on their own port, outside the webhooks' connection
+        // cap: a spike that fills every slot must not fail them (and restart ingest).
+        container["ports"] = json!([
+            { "name": "http", "containerPort": INGEST_PORT },
+            { "name": "admin", "containerPort": admin_port() },
+        ]);
+        container["livenessProbe"] = Self::http_probe("/healthz", "admin", 10, 3);
+        container["readinessProbe"] = Self::http_probe("/readyz", "admin", 5, 2);
         container["resources"] = self.resources("100m", "64Mi", "1", "256Mi");
         container["volumeMounts"] = json!([mount]);
         let mut ingress = json!({
@@ -762,7 +771,10 @@ include "accounts.conf"
             .into(),
             self.network_policy(
                 component,
-                vec![json!({ "ports": [{ "protocol": "TCP", "port": INGEST_PORT }] })],
+                vec![json!({ "ports": [
+                    { "protocol": "TCP", "port": INGEST_PORT },
+                    { "protocol": "TCP", "port": admin_port() },
+                ] })],
                 vec![self.nats_egress(), Self::dns_egress()],
             ),
             self.pdb("sluice-ingest", component),
@@ -1448,6 +1460,44 @@ mod tests {
             .iter()
             .find(|e| e["name"] == name)
             .map(|e| e["value"].clone())
+    }
+
+    #[test]
+    fn ingests_probes_and_metrics_are_on_the_admin_port_its_service_does_not_expose() {
+        let objects = render(&Values::default(), Some(&material()));
+        let ingest = find(&objects, "Deployment/sluice-ingest");
+        let c = &ingest["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
+        assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
+        assert_eq!(
+            c["ports"],
+            json!([
+                { "name": "http", "containerPort": INGEST_PORT },
+                { "name": "admin", "containerPort": admin_port() },
+            ])
+        );
+        assert_eq!(
+            env(&ingest, "SLUICE_ADMIN_LISTEN"),
+            Some(json!(sluice_core::admin::DEFAULT_ADMIN_LISTEN))
+        );
+        // The Service (behind the Ingress) carries webhooks only.
+        let service = find(&objects, "Service/sluice-ingest");
+        let ports: Vec<&Value> = service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0]["name"], "http");
+        // The policy lets the kubelet's probes and Prometheus in.
+        let policy = find(&objects, "NetworkPolicy/sluice-ingest");
+        let allowed: Vec<&Value> = policy["spec"]["ingress"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| &p["port"])
+            .collect();
+        assert_eq!(allowed, [&json!(INGEST_PORT), &json!(admin_port())]);
     }
 
     #[test]

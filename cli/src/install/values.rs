@@ -157,8 +157,9 @@ pub struct Values {
     pub max_running: u32,
     /// Host name of the example Ingress that routes webhooks to ingest.
     pub ingest_host: String,
-    /// Ingest's `--shed-after`: a webhook that would wait longer than this for
-    /// JetStream is answered 503 at once (none: ingest's default, 1 s).
+    /// Ingest's `--shed-after`: a webhook that JetStream's backlog would leave
+    /// unanswered longer than this after its arrival is answered 503 at once (none:
+    /// ingest's default, 1 s).
     pub ingest_shed_after: Option<HumanDuration>,
     pub ingress_class: Option<String>,
     /// The dashboard's URL as its users reach it (your Ingress or proxy in front of the

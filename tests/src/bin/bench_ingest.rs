@@ -554,29 +554,38 @@ impl Server {
     async fn ingest(nats_url: &str) -> anyhow::Result<Self> {
         let bin = sibling_binary("sluice")?;
         let addr = format!("127.0.0.1:{}", reserve_port());
+        let admin = format!("127.0.0.1:{}", reserve_port());
         let mut command = Command::new(&bin);
         command
             .arg("ingest")
             .env("SLUICE_INGEST_LISTEN", &addr)
+            .env("SLUICE_ADMIN_LISTEN", &admin)
             .env("SLUICE_NATS_URL", nats_url)
             .env("SLUICE_GITHUB_WEBHOOK_SECRET", SECRET);
-        Server::start(command, addr, "ingest").await
+        Server::start(command, addr, &admin, "ingest").await
     }
 
     async fn thin(nats_url: &str) -> anyhow::Result<Self> {
         let addr = format!("127.0.0.1:{}", reserve_port());
         let mut command = Command::new(std::env::current_exe()?);
         command.args(["--serve-thin", &addr, nats_url]);
-        Server::start(command, addr, "the thin handler").await
+        let ready_at = addr.clone();
+        Server::start(command, addr, &ready_at, "the thin handler").await
     }
 
-    async fn start(mut command: Command, addr: String, what: &str) -> anyhow::Result<Self> {
+    /// Starts `command`, serving webhooks on `addr`, and waits for `/readyz` on `admin`.
+    async fn start(
+        mut command: Command,
+        addr: String,
+        admin: &str,
+        what: &str,
+    ) -> anyhow::Result<Self> {
         let child = command
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {what}"))?;
-        let ready = format!("http://{addr}/readyz");
+        let ready = format!("http://{admin}/readyz");
         wait_for(
             &format!("{what} to be ready"),
             Duration::from_secs(20),

@@ -263,9 +263,10 @@ async fn each_service_registers_exactly_its_golden_list() {
 }
 
 /// A real ingest's `/metrics`, on its own port beside the webhooks: the families every
-/// service has, and nothing outside its golden list.
+/// service has, and nothing outside its golden list. The webhooks' port, which an
+/// Ingress exposes, serves none of the admin endpoints.
 #[tokio::test]
-async fn ingest_serves_the_admin_surface_beside_its_webhooks() {
+async fn ingest_serves_the_admin_surface_on_its_own_port() {
     init_logs();
     let nats = NatsServer::start().await;
     let ingest = sluice_tests::ingest::Ingest::start(&nats.url()).await;
@@ -279,7 +280,7 @@ async fn ingest_serves_the_admin_surface_beside_its_webhooks() {
     assert_eq!(answer.status().as_u16(), 202);
     let metrics = ingest
         .http
-        .get(ingest.url("/metrics"))
+        .get(ingest.admin_url("/metrics"))
         .send()
         .await
         .expect("/metrics")
@@ -301,6 +302,14 @@ async fn ingest_serves_the_admin_surface_beside_its_webhooks() {
         unknown.is_empty(),
         "not in tests/golden/metrics/ingest.txt: {unknown:?}"
     );
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        let answer = ingest.http.get(ingest.url(path)).send().await.expect(path);
+        assert_eq!(
+            answer.status().as_u16(),
+            404,
+            "{path} on the webhooks' port"
+        );
+    }
 }
 
 /// The dispatcher counts what it does on the real path: an event dispatched, the run it

@@ -27,7 +27,7 @@ async fn closed_by_server(mut stream: TcpStream) -> Instant {
 async fn sample(ingest: &Ingest, name: &str) -> Option<u64> {
     let text = ingest
         .http
-        .get(ingest.url("/metrics"))
+        .get(ingest.admin_url("/metrics"))
         .send()
         .await
         .ok()?
@@ -116,20 +116,22 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout_not_before() {
     config.idle_timeout = Duration::from_millis(2500);
     let ingest = Ingest::start_with(config).await;
 
-    // One request on a kept-alive connection, then silence.
+    // One request on a kept-alive connection (answered without a body), then silence.
     let mut stream = TcpStream::connect(ingest.addr).await.expect("connect");
     stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: ingest\r\n\r\n")
+        .write_all(b"GET /webhooks/github HTTP/1.1\r\nhost: ingest\r\n\r\n")
         .await
         .expect("request");
     let mut answer = Vec::new();
     let mut buf = [0u8; 1024];
-    while !answer.ends_with(b"ok\n") {
+    while !answer.ends_with(b"\r\n\r\n") {
         let n = stream.read(&mut buf).await.expect("answer");
         assert!(n > 0, "closed before answering");
         answer.extend_from_slice(&buf[..n]);
     }
-    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    let head = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 405"), "{head}");
+    assert!(head.contains("content-length: 0"), "{head}");
     let answered = Instant::now();
     let closed = tokio::time::timeout(Duration::from_secs(20), closed_by_server(stream))
         .await
@@ -178,13 +180,8 @@ async fn a_connection_over_the_cap_is_answered_503_when_no_slot_frees_in_time() 
     // The one slot stays taken for the whole test unless the client lets go of it.
     config.header_timeout = Duration::from_secs(60);
     config.queue_wait = Duration::from_millis(500);
-    // Served without the harness: its readiness poll would hold the one slot itself.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let served = tokio::spawn(sluice_ingest::serve(listener, config, shutdown.clone()));
+    let ingest = Ingest::start_with(config).await;
+    let addr = ingest.addr;
 
     // The backlog hands connections over in order: this one takes the slot.
     let mut holder = TcpStream::connect(addr).await.expect("connect");
@@ -193,8 +190,22 @@ async fn a_connection_over_the_cap_is_answered_503_when_no_slot_frees_in_time() 
         .await
         .expect("half a request line");
 
-    let body = fixture("github/pull_request.opened.json");
+    // The admin endpoints are outside the cap: the kubelet's probes and Prometheus are
+    // answered at once while every webhook slot is taken (on the webhooks' port a
+    // probe would wait for a slot, fail, and a liveness probe restart ingest).
     let http = reqwest::Client::new();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            http.get(ingest.admin_url(path)).send(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{path} waited behind the webhooks' connection cap"))
+        .expect("an answer");
+        assert_eq!(answer.status().as_u16(), 200, "{path}");
+    }
+
+    let body = fixture("github/pull_request.opened.json");
     let answer = tokio::time::timeout(
         Duration::from_secs(20),
         http.post(format!("http://{addr}/webhooks/github"))
@@ -224,7 +235,7 @@ async fn a_connection_over_the_cap_is_answered_503_when_no_slot_frees_in_time() 
 
     // Let go of the slot: the refusal was counted and nothing was stored.
     drop(holder);
-    let metrics = format!("http://{addr}/metrics");
+    let metrics = ingest.admin_url("/metrics");
     wait_for("the refusal to be counted", Duration::from_secs(20), || {
         let (http, metrics) = (http.clone(), metrics.clone());
         async move {
@@ -237,12 +248,7 @@ async fn a_connection_over_the_cap_is_answered_503_when_no_slot_frees_in_time() 
     .await;
     let js = jetstream(&nats.url()).await;
     assert_eq!(stored_count(&js).await, 0);
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), served)
-        .await
-        .expect("ingest stops")
-        .expect("no panic")
-        .expect("ingest served without error");
+    ingest.stop().await.expect("ingest served without error");
 }
 
 /// With the slots and the waiting room full while JetStream holds the slots (a
@@ -262,27 +268,8 @@ async fn over_the_cap_and_the_waiting_room_while_the_store_is_slow_is_answered_5
     // Both longer than the client waits below: an answer after either fails the test.
     config.queue_wait = Duration::from_secs(8);
     config.publish_timeout = Duration::from_secs(8);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let served = tokio::spawn(sluice_ingest::serve(listener, config, shutdown.clone()));
-    let fresh = || {
-        reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .expect("client")
-    };
-    wait_for("ingest ready", Duration::from_secs(20), || async {
-        let r = fresh()
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
+    let ingest = Ingest::start_with(config).await;
+    let addr = ingest.addr;
 
     let body = fixture("github/pull_request.opened.json");
     let signed = |delivery: &str| {
@@ -338,10 +325,5 @@ async fn over_the_cap_and_the_waiting_room_while_the_store_is_slow_is_answered_5
     nats.resume();
     drop(holders);
     drop(waiting);
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), served)
-        .await
-        .expect("ingest stops")
-        .expect("no panic")
-        .expect("ingest served without error");
+    ingest.stop().await.expect("ingest served without error");
 }

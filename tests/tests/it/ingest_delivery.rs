@@ -55,7 +55,7 @@ async fn the_same_delivery_is_one_event_even_after_an_ingest_restart() {
     assert_eq!(config.duplicate_window, Duration::from_secs(72 * 3600));
     let metrics = ingest
         .http
-        .get(ingest.url("/metrics"))
+        .get(ingest.admin_url("/metrics"))
         .send()
         .await
         .expect("m")

@@ -14,7 +14,7 @@ async fn readiness_follows_the_streams() {
     let mut nats = NatsServer::start().await;
     let ingest = Ingest::start(&nats.url()).await;
     let get = |path: &str| {
-        let req = ingest.http.get(ingest.url(path)).send();
+        let req = ingest.http.get(ingest.admin_url(path)).send();
         async move { req.await.expect("sent").status().as_u16() }
     };
     assert_eq!(get("/healthz").await, 200);
@@ -63,18 +63,13 @@ async fn shutdown_finishes_in_flight_requests_then_stops_accepting() {
         .body(reqwest::Body::wrap_stream(stream))
         .send();
     let in_flight = tokio::spawn(request);
-    let addr = ingest.addr;
+    let (addr, metrics) = (ingest.addr, ingest.admin_url("/metrics"));
     // The request is in the server's hands once the connection is accepted.
     wait_for(
         "the request to reach ingest",
         Duration::from_secs(5),
         || async {
-            let m = reqwest::get(format!("http://{addr}/metrics"))
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
+            let m = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
             m.contains("sluice_ingest_requests_in_flight 1")
                 .then_some(())
         },
@@ -129,17 +124,12 @@ async fn shutdown_is_bounded_by_the_grace_period() {
             .body(reqwest::Body::wrap_stream(stream))
             .send(),
     );
-    let addr = ingest.addr;
+    let metrics = ingest.admin_url("/metrics");
     wait_for(
         "the stuck request to reach ingest",
         Duration::from_secs(5),
         || async {
-            let m = reqwest::get(format!("http://{addr}/metrics"))
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
+            let m = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
             m.contains("sluice_ingest_requests_in_flight 1")
                 .then_some(())
         },
@@ -237,7 +227,7 @@ async fn readiness_follows_the_events_streams_quorum() {
     config.publish_timeout = Duration::from_secs(2);
     let ingest = Ingest::start_with(config).await;
     let readyz = || {
-        let req = ingest.http.get(ingest.url("/readyz")).send();
+        let req = ingest.http.get(ingest.admin_url("/readyz")).send();
         async move {
             let answer = req.await.ok()?;
             let code = answer.status().as_u16();

@@ -239,7 +239,7 @@ async fn refused_deliveries_get_the_right_status_and_store_nothing() {
 
     let metrics = ingest
         .http
-        .get(ingest.url("/metrics"))
+        .get(ingest.admin_url("/metrics"))
         .send()
         .await
         .expect("metrics")

@@ -46,7 +46,7 @@ async fn an_event_larger_than_the_events_stream_takes_is_answered_413_without_re
 
     let metrics = ingest
         .http
-        .get(ingest.url("/metrics"))
+        .get(ingest.admin_url("/metrics"))
         .send()
         .await
         .expect("metrics")

@@ -410,28 +410,32 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
     let mut services = Vec::new();
     let mut ingest_urls = Vec::new();
     for i in 1..=2 {
-        let port = reserve_port();
+        let (port, admin_port) = (reserve_port(), reserve_port());
         let mut env = role_env(&Role::Ingest);
         env.push((
             "SLUICE_GITHUB_WEBHOOK_SECRET".into(),
             sluice_tests::ingest::GITHUB_SECRET.into(),
         ));
         let listen = format!("127.0.0.1:{port}");
+        let admin = format!("127.0.0.1:{admin_port}");
         let s = Service::new(
             &format!("ingest-{i}"),
             sluice,
-            port,
+            admin_port,
             strings(&[
                 "ingest",
                 "--listen",
                 &listen,
+                "--admin-listen",
+                &admin,
                 "--stream-replicas",
                 &replicas,
             ]),
             env,
             &logs,
-        );
-        ingest_urls.push(s.admin.clone());
+        )
+        .with_webhooks(port);
+        ingest_urls.push(s.webhooks().to_owned());
         services.push(s);
     }
     for i in 1..=2 {

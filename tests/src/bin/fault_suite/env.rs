@@ -173,7 +173,7 @@ impl Env {
         };
         let mut ingests = Vec::new();
         for i in 1..=2 {
-            let port = reserve_port();
+            let (port, admin_port) = (reserve_port(), reserve_port());
             let mut env = service_env(&Role::Ingest);
             env.push((
                 "SLUICE_GITHUB_WEBHOOK_SECRET".into(),
@@ -183,20 +183,25 @@ impl Env {
                 "SLUICE_GITLAB_WEBHOOK_TOKEN".into(),
                 sluice_tests::ingest::GITLAB_TOKEN.into(),
             ));
-            ingests.push(Service::new(
-                &format!("ingest-{i}"),
-                &sluice,
-                port,
-                services::strings(&[
-                    "ingest",
-                    "--listen",
-                    &format!("127.0.0.1:{port}"),
-                    "--stream-replicas",
-                    "3",
-                ]),
-                env,
-                &logs,
-            ));
+            ingests.push(
+                Service::new(
+                    &format!("ingest-{i}"),
+                    &sluice,
+                    admin_port,
+                    services::strings(&[
+                        "ingest",
+                        "--listen",
+                        &format!("127.0.0.1:{port}"),
+                        "--admin-listen",
+                        &format!("127.0.0.1:{admin_port}"),
+                        "--stream-replicas",
+                        "3",
+                    ]),
+                    env,
+                    &logs,
+                )
+                .with_webhooks(port),
+            );
         }
         let mut dispatchers = Vec::new();
         for i in 1..=2 {
@@ -283,7 +288,16 @@ impl Env {
             .chain(&mut self.runners)
     }
 
+    /// Each ingest's webhooks.
     pub fn ingest_urls(&self) -> Vec<String> {
+        self.ingests
+            .iter()
+            .map(|s| s.webhooks().to_owned())
+            .collect()
+    }
+
+    /// Each ingest's admin endpoints (`/readyz`).
+    pub fn ingest_admin_urls(&self) -> Vec<String> {
         self.ingests.iter().map(|s| s.admin.clone()).collect()
     }
 

@@ -247,7 +247,7 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
         RATE,
         &format!("fs-{name}-{}", std::process::id()),
     );
-    let poller = ReadyPoller::start(env.http.clone(), env.ingest_urls());
+    let poller = ReadyPoller::start(env.http.clone(), env.ingest_admin_urls());
     // The other services' readiness, as a Kubernetes probe would see it.
     let (other_names, other_urls): (Vec<String>, Vec<String>) = env
         .dispatchers
