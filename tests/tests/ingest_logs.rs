@@ -82,9 +82,56 @@ async fn secrets_and_bodies_never_appear_in_logs() {
             .as_u16(),
         202
     );
+
+    // NATS gone: every delivery is refused unsent, and logged as a line a second at most
+    // with the count, not one warning each (a spike or an outage sends thousands).
+    let mut nats = nats;
+    nats.kill();
+    let ready = ingest.admin_url("/readyz");
+    sluice_tests::wait_for(
+        "ingest to see NATS gone",
+        std::time::Duration::from_secs(10),
+        || async {
+            let r = reqwest::get(&ready).await.ok()?;
+            (r.status().as_u16() == 503).then_some(())
+        },
+    )
+    .await;
+    let refused_from = std::time::Instant::now();
+    const REFUSED: usize = 30;
+    for i in 0..REFUSED {
+        let answer = ingest
+            .post_github("ping", &format!("log-refused-{i}"), body.as_bytes())
+            .await;
+        assert_eq!(answer.status().as_u16(), 503, "refusal {i}");
+    }
+    let seconds = refused_from.elapsed().as_secs() as usize;
     ingest.stop().await.expect("stop");
 
     let logs = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf8");
+    let refusals: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("log-refused-"))
+        .collect();
+    let summaries = refusals
+        .iter()
+        .filter(|l| l.contains(" WARN ") && l.contains("events refused unsent"))
+        .count();
+    assert!(
+        (1..=seconds + 1).contains(&summaries),
+        "{summaries} summary lines for {REFUSED} refusals in {seconds} s:\n{logs}"
+    );
+    assert!(
+        !refusals
+            .iter()
+            .any(|l| l.contains(" WARN ") && l.contains("event not stored")),
+        "a warning per refused delivery:\n{logs}"
+    );
+    for i in 0..REFUSED {
+        // Each is still there at debug level (or in its summary line's span).
+        let id = format!("delivery_id=\"log-refused-{i}\"");
+        assert!(logs.contains(&id), "{id} not logged:\n{logs}");
+    }
     assert!(
         logs.contains("log-ok-1"),
         "accepted deliveries are logged with their id:\n{logs}"
