@@ -89,7 +89,10 @@ pub async fn run(global: &Global, a: DevArgs, shutdown: CancellationToken) -> an
     let ingest = tokio::spawn(sluice_ingest::serve(
         listener,
         None,
-        IngestConfig::new(a.listen, nats("sluice-ingest"), secrets),
+        IngestConfig {
+            admin_listen: None,
+            ..IngestConfig::new(a.listen, nats("sluice-ingest"), secrets)
+        },
         shutdown.clone(),
     ));
     // The dashboard before the dispatcher: commit statuses link to where it listens.

@@ -151,28 +151,24 @@ impl Admin {
         listen: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<(SocketAddr, JoinHandle<()>)> {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|source| Error::Listen {
-                what: "the admin endpoints",
-                addr: listen,
-                source,
-            })?;
-        self.serve_on(listener, shutdown)
+        let fail = |source| Error::Listen {
+            what: "the admin endpoints",
+            addr: listen,
+            source,
+        };
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(fail)?;
+        let addr = listener.local_addr().map_err(fail)?;
+        Ok((addr, self.serve_on(listener, addr, shutdown)))
     }
 
-    /// Serves the routes on a bound `listener` until `shutdown` is cancelled, like
-    /// [`Admin::serve`].
+    /// Serves the routes on `listener`, bound at `addr`, until `shutdown` is cancelled;
+    /// the server's task.
     pub fn serve_on(
         self,
         listener: tokio::net::TcpListener,
+        addr: SocketAddr,
         shutdown: CancellationToken,
-    ) -> Result<(SocketAddr, JoinHandle<()>)> {
-        let addr = listener.local_addr().map_err(|source| Error::Listen {
-            what: "the admin endpoints",
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
+    ) -> JoinHandle<()> {
         let router = self.router();
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, router)
@@ -183,7 +179,7 @@ impl Admin {
             }
         });
         tracing::info!(%addr, "admin endpoints (/healthz, /readyz, /metrics) listening");
-        Ok((addr, task))
+        task
     }
 }
 

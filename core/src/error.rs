@@ -49,7 +49,7 @@ pub enum Error {
         source: BoxError,
     },
 
-    #[error("cannot listen on {addr} for {what}: {source}; is another process using the port?")]
+    #[error("cannot listen on {addr} for {what}: {source}{}", in_use_hint(.source))]
     Listen {
         what: &'static str,
         addr: std::net::SocketAddr,
@@ -95,3 +95,13 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to check when binding failed because the address is taken; nothing otherwise
+/// (a permission or a missing interface is not another process).
+pub fn in_use_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        "; is another process using the port?"
+    } else {
+        ""
+    }
+}

@@ -15,7 +15,7 @@ pub enum Error {
     #[error(transparent)]
     Core(#[from] sluice_core::Error),
 
-    #[error("cannot listen on {addr} for {what}: {source}; is another process using the port?")]
+    #[error("cannot listen on {addr} for {what}: {source}{}", sluice_core::error::in_use_hint(.source))]
     Bind {
         what: &'static str,
         addr: std::net::SocketAddr,
@@ -72,8 +72,18 @@ pub enum PublishError {
     Timeout(Duration),
 
     /// Refused before publishing: the events ahead would not be stored in time.
-    #[error("JetStream is behind: {waiting} events waiting, about {wait:?} to store them")]
-    Behind { waiting: usize, wait: Duration },
+    #[error("JetStream is behind: {waiting} events waiting, this one would be answered about {wait:?} after it arrived")]
+    Behind {
+        waiting: usize,
+        /// The predicted time from the request's arrival to its answer.
+        wait: Duration,
+    },
+
+    /// Refused before publishing: the request took so long to arrive (a wait for a
+    /// connection slot, a slow body) that no time is left to wait for JetStream before
+    /// the answer is due.
+    #[error("the request arrived {0:?} ago: no time left to store it before the answer is due")]
+    Late(Duration),
 
     /// JetStream did not store the event now (no stream yet, no leader, too many in
     /// flight, a lost connection).
@@ -120,15 +130,6 @@ impl PublishError {
         !matches!(self, PublishError::TooLarge(_) | PublishError::Encode(_))
     }
 
-    /// Refused before anything was sent: the event is certainly not stored, and such
-    /// refusals come by the thousand in a spike or an outage (logged as a summary).
-    pub fn is_unsent(&self) -> bool {
-        matches!(
-            self,
-            PublishError::Behind { .. } | PublishError::Disconnected
-        )
-    }
-
     /// The status the forge is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -137,6 +138,7 @@ impl PublishError {
             PublishError::Disconnected
             | PublishError::Timeout(_)
             | PublishError::Behind { .. }
+            | PublishError::Late(_)
             | PublishError::Refused(_)
             | PublishError::PayloadStore(_)
             | PublishError::Payload(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -151,6 +153,9 @@ impl PublishError {
             PublishError::Behind { .. } => {
                 "too many events are waiting to be stored; this one was not stored, retry later"
             }
+            PublishError::Late(_) => {
+                "the request took too long to arrive; this one was not stored, retry later"
+            }
             _ => "the event could not be stored; retry later",
         }
     }
@@ -158,7 +163,7 @@ impl PublishError {
     /// A short, fixed label for metrics: the request's outcome.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            PublishError::Timeout(_) => "timeout",
+            PublishError::Timeout(_) | PublishError::Late(_) => "timeout",
             PublishError::Behind { .. } => "shed",
             PublishError::TooLarge(_) => "too_large",
             PublishError::Encode(_) => "internal",

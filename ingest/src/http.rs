@@ -60,7 +60,7 @@ pub struct AppState {
     pub publisher: Publisher,
     pub metrics: Metrics,
     pub limits: Limits,
-    /// Requests refused unsent, logged a line a second.
+    /// Requests refused unsent, counted for the line a second that reports them.
     pub refusals: RefusalLog,
 }
 
@@ -368,12 +368,11 @@ async fn store(
         }
         Err(e) => {
             let status = e.status();
-            if !e.is_unsent() {
-                tracing::warn!(event_id = %id, error = %e, retryable = e.is_retryable(), status = status.as_u16(), "event not stored");
-            } else if let Some(refused) = state.refusals.count(Instant::now()) {
-                tracing::warn!(refused, error = %e, status = status.as_u16(), "events refused unsent since the last such line (each is counted in sluice_ingest_requests_total)");
-            } else {
+            if state.refusals.count(&e) {
+                // Counted, and reported once a second (a spike sheds thousands).
                 tracing::debug!(event_id = %id, error = %e, status = status.as_u16(), "event not stored");
+            } else {
+                tracing::warn!(event_id = %id, error = %e, retryable = e.is_retryable(), status = status.as_u16(), "event not stored");
             }
             Err(Reject {
                 retry_after: e.is_retryable().then_some(state.limits.retry_after),

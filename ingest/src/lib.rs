@@ -42,9 +42,9 @@ pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(8);
 /// Default `--shed-after`: a request that would be answered later than this after its
 /// arrival, because JetStream must first store the events ahead of it, is answered 503
-/// at once, unsent. Queueing that long
-/// means JetStream is behind the offered rate, not busy for a moment; answering within
-/// it keeps the forge's view of a spike (which delivery failed) immediate and exact.
+/// at once, unsent. Queueing that long means JetStream is behind the offered rate, not
+/// busy for a moment; answering within it keeps the forge's view of a spike (which
+/// delivery failed) immediate and exact.
 pub const SHED_AFTER: Duration = Duration::from_secs(1);
 /// Default `--read-timeout`: time a client has to send its body.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,10 +73,11 @@ pub const QUEUE_WAIT: Duration = Duration::from_secs(3);
 pub struct IngestConfig {
     /// Where webhooks are served, under the connection cap.
     pub listen: SocketAddr,
-    /// Where `/healthz`, `/readyz` and `/metrics` are served, outside the webhooks'
+    /// Where [`run`] serves `/healthz`, `/readyz` and `/metrics`
+    /// (`sluice_core::admin::DEFAULT_ADMIN_LISTEN` by default), outside the webhooks'
     /// connection cap: a spike that fills every webhook slot must not fail the
     /// kubelet's probes (a failed liveness probe restarts ingest mid-spike) or
-    /// Prometheus's scrape. `None` serves them beside the webhooks (`sluice dev`).
+    /// Prometheus's scrape. `None` serves them beside the webhooks.
     pub admin_listen: Option<SocketAddr>,
     pub nats: NatsOptions,
     pub secrets: Secrets,
@@ -108,7 +109,11 @@ impl IngestConfig {
     pub fn new(listen: SocketAddr, nats: NatsOptions, secrets: Secrets) -> Self {
         IngestConfig {
             listen,
-            admin_listen: None,
+            admin_listen: Some(
+                sluice_core::admin::DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .expect("the default admin address parses"),
+            ),
             nats,
             secrets,
             streams: StreamSettings::default(),
@@ -235,14 +240,31 @@ pub async fn serve(
         },
         refusals: Default::default(),
     });
+
+    let addr = listener.local_addr().map_err(Error::Serve)?;
+    // The admin endpoints and the refusals' report outlive the drain after `shutdown`
+    // (its timeouts and in-flight figures stay scrapeable); stopped after it.
+    let after_drain = CancellationToken::new();
+    let (admin_task, admin_beside) = match admin_listener {
+        Some(l) => {
+            let admin_addr = l.local_addr().map_err(Error::Serve)?;
+            (
+                Some(admin.serve_on(l, admin_addr, after_drain.clone())),
+                None,
+            )
+        }
+        None => (None, Some(admin.router())),
+    };
+    let report = {
+        let (state, stop) = (state.clone(), after_drain.clone());
+        tokio::spawn(async move { refusals::report_every_second(&state.refusals, stop).await })
+    };
     let provisioning = tokio::spawn(provision(
         state.clone(),
         provisioned,
         config.streams,
         shutdown.clone(),
     ));
-
-    let addr = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(%addr, nats = %config.nats.url, "ingest listening");
     let limits = server::ConnectionLimits {
         header_timeout: config.header_timeout,
@@ -253,12 +275,9 @@ pub async fn serve(
     };
     let connections = state.metrics.connections.clone();
     let load = state.clone();
-    let (app, admin_task) = match admin_listener {
-        Some(l) => {
-            let (_, task) = admin.serve_on(l, shutdown.clone())?;
-            (http::router(state), Some(task))
-        }
-        None => (http::router(state).merge(admin.router()), None),
+    let app = match admin_beside {
+        Some(routes) => http::router(state).merge(routes),
+        None => http::router(state),
     };
     let server = server::serve(
         listener,
@@ -276,8 +295,10 @@ pub async fn serve(
         }
     }
     provisioning.abort();
+    after_drain.cancel();
+    // The last refusals reported; a probe or scrape in flight finishes.
+    let _ = tokio::time::timeout(Duration::from_secs(1), report).await;
     if let Some(task) = admin_task {
-        // Stopped by the same token; a probe in flight finishes first.
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
     }
     // Whatever was acknowledged is stored; flushing only settles the connection.

@@ -1,44 +1,79 @@
-//! How requests refused unsent are logged: a line a second at most, with how many
-//! there were. A request shed because JetStream is behind, or refused while NATS is
-//! disconnected, is known not stored and counted in `sluice_ingest_requests_total`; in
-//! the spike ingest sheds thousands a second, and a warning each buried the log (about
-//! 8,000 lines a spike) and cost the CPU the spike is short of. Each is still logged at
-//! debug level with its event id.
+//! How requests refused unsent are logged: counted, and reported once a second by
+//! [`report_every_second`] with how many there were of each kind, not one warning each.
+//! A request shed because JetStream is behind, or refused while NATS is disconnected,
+//! is known not stored and counted in `sluice_ingest_requests_total`; in the spike
+//! ingest sheds thousands a second, and a warning each buried the log (about 8,000
+//! lines a spike) and cost the CPU the spike is short of. Each is still logged at debug
+//! level with its event id.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// At most one summary line in this time.
+use tokio_util::sync::CancellationToken;
+
+use crate::PublishError;
+
+/// How often what was counted is reported.
 const EVERY: Duration = Duration::from_secs(1);
 
-/// Counts refusals between the lines that report them.
+/// Refusals not yet reported.
 #[derive(Debug, Default)]
-pub struct RefusalLog(Mutex<Since>);
+pub struct RefusalLog(Mutex<Refused>);
 
-#[derive(Debug, Default)]
-struct Since {
-    /// When the last line was written.
-    logged: Option<Instant>,
-    /// Refusals since, not yet in a line.
-    unlogged: u64,
+/// Refusals of each kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// JetStream too far behind (`outcome="shed"`).
+    pub shed: u64,
+    /// NATS disconnected (`outcome="unavailable"`).
+    pub disconnected: u64,
+}
+
+impl Refused {
+    fn is_empty(&self) -> bool {
+        self.shed == 0 && self.disconnected == 0
+    }
 }
 
 impl RefusalLog {
-    /// Counts a refusal at `now`; returns how many a line written now reports (this one
-    /// and those since the last line), or `None` while a line was written less than
-    /// [`EVERY`] ago. The first refusal after a quiet second is reported at once; the
-    /// last ones of a stretch are reported by the next line, or only by the metric.
-    pub fn count(&self, now: Instant) -> Option<u64> {
-        let mut since = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        since.unlogged += 1;
-        let due = since
-            .logged
-            .is_none_or(|at| now.saturating_duration_since(at) >= EVERY);
-        if !due {
-            return None;
+    /// Counts `e` if it refused an event unsent; says whether it did.
+    pub fn count(&self, e: &PublishError) -> bool {
+        let mut refused = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match e {
+            PublishError::Behind { .. } => refused.shed += 1,
+            PublishError::Disconnected => refused.disconnected += 1,
+            _ => return false,
         }
-        since.logged = Some(now);
-        Some(std::mem::take(&mut since.unlogged))
+        true
+    }
+
+    /// What was counted since the last call.
+    pub fn take(&self) -> Refused {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Reports what `log` counted every second until `stop` trips, then once more, so the
+/// last refusals before a shutdown are reported too.
+pub async fn report_every_second(log: &RefusalLog, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => report(log.take()),
+        }
+    }
+    report(log.take());
+}
+
+fn report(refused: Refused) {
+    if !refused.is_empty() {
+        tracing::warn!(
+            shed = refused.shed,
+            disconnected = refused.disconnected,
+            "webhooks refused without being sent, answered 503 (shed: JetStream behind; disconnected: NATS); each is counted in sluice_ingest_requests_total"
+        );
     }
 }
 
@@ -47,21 +82,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_line_a_second_reports_every_refusal_since_the_last() {
+    fn refusals_unsent_are_counted_by_kind_until_taken() {
         let log = RefusalLog::default();
-        let start = Instant::now();
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        // The first is reported at once.
-        assert_eq!(log.count(at(0)), Some(1));
-        // 999 more within the second: no line.
-        for i in 1..1_000 {
-            assert_eq!(log.count(at(i)), None, "a line at {i} ms");
+        let behind = PublishError::Behind {
+            waiting: 9,
+            wait: Duration::from_secs(2),
+        };
+        for _ in 0..3 {
+            assert!(log.count(&behind));
         }
-        // The first after the second reports them with itself.
-        assert_eq!(log.count(at(1_000)), Some(1_000));
-        assert_eq!(log.count(at(1_500)), None);
-        // After a quiet minute, at once again.
-        assert_eq!(log.count(at(61_500)), Some(2));
-        assert_eq!(log.count(at(61_501)), None);
+        assert!(log.count(&PublishError::Disconnected));
+        // A publish that timed out may be stored: logged on its own, not counted here.
+        assert!(!log.count(&PublishError::Timeout(Duration::from_secs(8))));
+        assert_eq!(
+            log.take(),
+            Refused {
+                shed: 3,
+                disconnected: 1
+            }
+        );
+        assert_eq!(log.take(), Refused::default());
     }
 }

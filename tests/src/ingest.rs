@@ -59,6 +59,8 @@ impl Ingest {
             test_secrets(),
         );
         config.shutdown_grace = Duration::from_secs(5);
+        // A port of its own per test (the default, 9464, would be shared).
+        config.admin_listen = Some("127.0.0.1:0".parse().expect("addr"));
         config
     }
 

@@ -14,7 +14,7 @@ pub struct Service {
     /// `http://127.0.0.1:<port>`: health, readiness and metrics.
     pub admin: String,
     /// `http://127.0.0.1:<port>` of ingest's webhooks ([`Service::with_webhooks`]).
-    pub webhooks: Option<String>,
+    webhooks: Option<String>,
     bin: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,

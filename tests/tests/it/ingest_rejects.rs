@@ -356,6 +356,65 @@ async fn a_body_that_never_finishes_is_answered_in_time() {
     drop(tx);
 }
 
+/// A request whose body arrives only when the answer is due (9 s after the request
+/// began) is answered 503 without being sent: sent then, its publish would time out at
+/// once and might be stored behind an answer that says it failed.
+#[tokio::test]
+async fn a_request_with_no_time_left_is_refused_unsent() {
+    init_logs();
+    let nats = NatsServer::start().await;
+    let mut config = Ingest::config(&nats.url());
+    config.read_timeout = Duration::from_secs(30);
+    let ingest = Ingest::start_with(config).await;
+    let body = fixture("github/pull_request.opened.json");
+    let (head, tail) = body.split_at(100);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    tx.send(Ok(head.to_vec())).await.expect("head");
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let late = tokio::spawn(
+        ingest
+            .http
+            .post(ingest.url("/webhooks/github"))
+            .header("content-type", "application/json")
+            .header("x-github-event", "pull_request")
+            .header("x-github-delivery", "late-1")
+            .header(
+                "x-hub-signature-256",
+                sign::github_sha256(GITHUB_SECRET, &body),
+            )
+            .body(reqwest::Body::wrap_stream(stream))
+            .send(),
+    );
+    // The client is that slow: the rest of the body comes when the answer is due.
+    tokio::time::sleep(sluice_ingest::publish::ANSWER_WITHIN).await;
+    tx.send(Ok(tail.to_vec())).await.expect("tail");
+    drop(tx);
+    let answer = late.await.expect("task").expect("answered");
+    assert_eq!(answer.status().as_u16(), 503);
+    let text = answer.text().await.expect("body");
+    assert!(text.contains("took too long to arrive"), "{text}");
+
+    // Publishes are stored in order: once a later delivery is, the late one would be.
+    let on_time = ingest.post_github("pull_request", "on-time-1", &body).await;
+    assert_eq!(on_time.status().as_u16(), 202);
+    let js = jetstream(&nats.url()).await;
+    assert_eq!(stored_count(&js).await, 1, "the late delivery was stored");
+    let metrics = ingest
+        .http
+        .get(ingest.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains(r#"sluice_ingest_requests_total{provider="github",outcome="timeout"} 1"#),
+        "{metrics}"
+    );
+}
+
 fn header_map(headers: Vec<(&'static str, String)>) -> reqwest::header::HeaderMap {
     headers
         .into_iter()

@@ -120,8 +120,8 @@ impl Watched {
 /// Starts sampling every [`PERIOD`] on a thread and runtime of its own, so that the
 /// load generator's work never delays a sample: a gap in the timeline is a stall of
 /// what was scraped, not of the scraper. Stops once `stop` is set and ingest holds
-/// nothing more, or after `limit`. The scrapes' connections are opened before the
-/// spike, so that they are not queued behind the spike's for a connection slot.
+/// nothing more, or after `limit`. Ingest is scraped on its admin port, outside the
+/// webhooks' connection cap.
 pub async fn start(
     watched: Watched,
     progress: Arc<Progress>,
