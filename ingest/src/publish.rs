@@ -472,6 +472,17 @@ mod tests {
     const BUDGET: Duration = Duration::from_secs(8);
 
     /// Busy for `over`, with `n` acknowledgements spread evenly over it.
+    /// `n` publishes admitted on connection 1 just after their requests arrived.
+    fn admitted(backlog: &Backlog, budget: Duration, n: usize) -> Vec<Waiting<'_>> {
+        (0..n)
+            .map(|i| {
+                backlog
+                    .admit(budget, Duration::ZERO, 1)
+                    .unwrap_or_else(|e| panic!("publish {i} refused: {e}"))
+            })
+            .collect()
+    }
+
     fn acknowledged_over(s: &mut BacklogState, n: u32, over: Duration) {
         let now = Instant::now();
         s.busy_since = now - over;
@@ -513,13 +524,7 @@ mod tests {
     #[test]
     fn a_queue_behind_fast_first_acknowledgements_is_judged_by_its_oldest() {
         let backlog = Backlog::default();
-        let waiting: Vec<_> = (0..469)
-            .map(|_| {
-                backlog
-                    .admit(SHED_AFTER, Duration::ZERO, 1)
-                    .expect("no rate yet: admitted")
-            })
-            .collect();
+        let waiting: Vec<_> = admitted(&backlog, SHED_AFTER, 469);
         {
             // A second into a spike: the first 31 acknowledgements took 171 ms, and
             // what is still waiting was admitted over the last 800 ms.
@@ -545,13 +550,7 @@ mod tests {
     #[test]
     fn bursts_of_acknowledgements_are_read_over_the_last_second() {
         let backlog = Backlog::default();
-        let waiting: Vec<_> = (0..90)
-            .map(|_| {
-                backlog
-                    .admit(SHED_AFTER, Duration::ZERO, 1)
-                    .expect("admitted")
-            })
-            .collect();
+        let waiting: Vec<_> = admitted(&backlog, SHED_AFTER, 90);
         {
             // Busy for 5 s; 25 acknowledged every 250 ms (100/s), the last burst just
             // now, and an older burst outside the window.
@@ -713,13 +712,7 @@ mod tests {
         let backlog = Backlog::default();
         // The old connection's link died: 600 publishes wait, acknowledgements came
         // back at 300/s and took 400 ms before it did.
-        let stuck: Vec<_> = (0..600)
-            .map(|_| {
-                backlog
-                    .admit(SHED_AFTER, Duration::ZERO, 1)
-                    .expect("admitted")
-            })
-            .collect();
+        let stuck: Vec<_> = admitted(&backlog, SHED_AFTER, 600);
         {
             let mut s = backlog.0.lock().unwrap();
             acknowledged_over(&mut s, 90, Duration::from_millis(300));
@@ -794,9 +787,7 @@ mod tests {
     #[test]
     fn acknowledgements_in_order_or_close_together_strand_nothing() {
         let backlog = Backlog::default();
-        let waiting: Vec<_> = (0..100)
-            .map(|_| backlog.admit(BUDGET, Duration::ZERO, 1).expect("admitted"))
-            .collect();
+        let waiting: Vec<_> = admitted(&backlog, BUDGET, 100);
         // The last admitted answered first (sent in another order, within the margin).
         waiting[99].acknowledged(Duration::from_millis(400));
         for w in &waiting[..99] {
@@ -821,13 +812,7 @@ mod tests {
     #[test]
     fn a_spike_is_read_from_its_first_quarter_second() {
         let backlog = Backlog::default();
-        let admitted: Vec<_> = (0..600)
-            .map(|_| {
-                backlog
-                    .admit(SHED_AFTER, Duration::ZERO, 1)
-                    .expect("no rate yet: admitted")
-            })
-            .collect();
+        let admitted: Vec<_> = admitted(&backlog, SHED_AFTER, 600);
         {
             // 300 ms into the spike: 90 acknowledged (300/s), each taking 400 ms.
             let mut s = backlog.0.lock().unwrap();
@@ -868,13 +853,7 @@ mod tests {
         );
         // Through the backlog, as publishing asks it.
         let backlog = Backlog::default();
-        let ahead: Vec<_> = (0..200)
-            .map(|_| {
-                backlog
-                    .admit(SHED_AFTER, Duration::ZERO, 1)
-                    .expect("admitted")
-            })
-            .collect();
+        let ahead: Vec<_> = admitted(&backlog, SHED_AFTER, 200);
         {
             let mut s = backlog.0.lock().unwrap();
             acknowledged_over(&mut s, 300, Duration::from_secs(1));

@@ -115,6 +115,18 @@ impl Ingest {
         format!("http://{}{path}", self.admin)
     }
 
+    /// The text of `/metrics` now.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("/metrics body")
+    }
+
     /// Trips the shutdown token and waits for `serve` to return.
     pub async fn stop(mut self) -> sluice_ingest::Result<()> {
         self.shutdown.cancel();

@@ -278,15 +278,7 @@ async fn ingest_serves_the_admin_surface_on_its_own_port() {
         )
         .await;
     assert_eq!(answer.status().as_u16(), 202);
-    let metrics = ingest
-        .http
-        .get(ingest.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("/metrics")
-        .text()
-        .await
-        .expect("body");
+    let metrics = ingest.metrics().await;
     assert!(metrics.contains("sluice_build_info{version="), "{metrics}");
     assert!(metrics.contains("sluice_nats_connected 1"), "{metrics}");
     assert!(

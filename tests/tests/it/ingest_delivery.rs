@@ -53,15 +53,7 @@ async fn the_same_delivery_is_one_event_even_after_an_ingest_restart() {
         .expect("stream");
     let config = stream.info().await.expect("info").config.clone();
     assert_eq!(config.duplicate_window, Duration::from_secs(72 * 3600));
-    let metrics = ingest
-        .http
-        .get(ingest.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("m")
-        .text()
-        .await
-        .expect("t");
+    let metrics = ingest.metrics().await;
     assert!(
         metrics.contains(r#"sluice_ingest_duplicates_total{provider="github"} 1"#),
         "{metrics}"

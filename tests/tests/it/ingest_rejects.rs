@@ -237,15 +237,7 @@ async fn refused_deliveries_get_the_right_status_and_store_nothing() {
     }
     assert_eq!(stored_count(&js).await, 0, "nothing refused was stored");
 
-    let metrics = ingest
-        .http
-        .get(ingest.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = ingest.metrics().await;
     assert!(
         metrics.contains(
             r#"sluice_ingest_verification_failures_total{provider="github",reason="mismatch"} 3"#
@@ -400,15 +392,7 @@ async fn a_request_with_no_time_left_is_refused_unsent() {
     assert_eq!(on_time.status().as_u16(), 202);
     let js = jetstream(&nats.url()).await;
     assert_eq!(stored_count(&js).await, 1, "the late delivery was stored");
-    let metrics = ingest
-        .http
-        .get(ingest.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("/metrics")
-        .text()
-        .await
-        .expect("body");
+    let metrics = ingest.metrics().await;
     assert!(
         metrics.contains(r#"sluice_ingest_requests_total{provider="github",outcome="timeout"} 1"#),
         "{metrics}"

@@ -44,15 +44,7 @@ async fn an_event_larger_than_the_events_stream_takes_is_answered_413_without_re
     assert_eq!(r.status().as_u16(), 202);
     assert_eq!(stored_count(&js).await, 1);
 
-    let metrics = ingest
-        .http
-        .get(ingest.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = ingest.metrics().await;
     assert!(
         metrics
             .contains(r#"sluice_ingest_requests_total{provider="github",outcome="too_large"} 1"#),
