@@ -209,6 +209,10 @@ struct BacklogState {
     rate: f64,
     /// How long recent acknowledgements took (exponentially weighted).
     latency: Duration,
+    /// When the last acknowledgement came (or the backlog began).
+    last_ack: Instant,
+    /// When a request was last admitted as a probe while shedding (see [`probe_due`]).
+    last_probe: Option<Instant>,
 }
 
 impl Default for BacklogState {
@@ -222,6 +226,8 @@ impl Default for BacklogState {
             acks: VecDeque::new(),
             rate: 0.0,
             latency: Duration::ZERO,
+            last_ack: Instant::now(),
+            last_probe: None,
         }
     }
 }
@@ -268,6 +274,7 @@ impl BacklogState {
     /// Counts an acknowledgement that came now, and forgets those out of the window.
     fn count_ack(&mut self) {
         let now = Instant::now();
+        self.last_ack = now;
         self.acks.push_back(now);
         if let Some(from) = now.checked_sub(RATE_WINDOW) {
             while self.acks.front().is_some_and(|at| *at <= from) {
@@ -383,10 +390,20 @@ impl Backlog {
         }
         let in_flight = s.pending.len();
         if let Some(wait) = behind(in_flight, s.rate_now(), s.latency_now(), budget, spent) {
-            return Err(PublishError::Behind {
-                waiting: in_flight,
-                wait,
-            });
+            let now = Instant::now();
+            let quiet = now.saturating_duration_since(s.last_ack.max(s.busy_since));
+            let since_probe = s.last_probe.map(|at| now.saturating_duration_since(at));
+            if !probe_due(quiet, since_probe) {
+                return Err(PublishError::Behind {
+                    waiting: in_flight,
+                    wait,
+                });
+            }
+            s.last_probe = Some(now);
+            tracing::debug!(
+                waiting = in_flight,
+                "no acknowledgement for a second while shedding: one request admitted to see whether JetStream stores again"
+            );
         }
         if in_flight == 0 {
             // The rate is measured over busy time only: an idle hour is not a slow
@@ -401,6 +418,23 @@ impl Backlog {
             number,
         })
     }
+}
+
+/// While shedding, one request is admitted once no acknowledgement has come for this
+/// long, and once a second after that. Shedding counts what waits; when what waits was
+/// stranded on a stream leader that stopped, its acknowledgements never come, and only
+/// an acknowledgement of a later publish shows it stranded (see [`STRANDED`]). Shedding
+/// everything, ingest admitted no later publish: after a leader paused in the fault
+/// suite, it refused every request for the 8 s until the stranded ones timed out,
+/// while the new leader could store them. A request admitted into a real stall waits
+/// out its budget like those ahead of it: one a second, not the flood shedding spares.
+const PROBE_AFTER: Duration = STRANDED;
+
+/// Whether a request that would be shed is admitted as a probe instead: no
+/// acknowledgement for `quiet` (JetStream is stalled or what waits is stranded, not
+/// merely slow: a slow JetStream still acknowledges) and no probe for `since_probe`.
+fn probe_due(quiet: Duration, since_probe: Option<Duration>) -> bool {
+    quiet >= PROBE_AFTER && since_probe.is_none_or(|d| d >= PROBE_AFTER)
 }
 
 /// How long after its arrival a request may be answered before it is shed rather than
@@ -487,6 +521,72 @@ mod tests {
         let now = Instant::now();
         s.busy_since = now - over;
         s.acks = (1..=n).map(|i| now - over + over * i / n).collect();
+        s.last_ack = now;
+    }
+
+    #[test]
+    fn a_shedding_ingest_admits_one_request_a_second_to_find_a_new_leader() {
+        // As in the fault suite's leader pause: 22 publishes went to the leader before
+        // it stopped and wait 5 s later; the one acknowledgement since (a publish the
+        // leader had replicated) came 1.2 s ago, having taken 4.5 s. At the last rate
+        // read, 25/s, 22 ahead is 0.88 s: every request is shed, and without a later
+        // publish acknowledged nothing shows the 22 stranded.
+        let backlog = Backlog::default();
+        let stranded: Vec<_> = admitted(&backlog, SHED_AFTER, 22);
+        let quiet_since = {
+            let mut s = backlog.0.lock().unwrap();
+            let now = Instant::now();
+            s.pending
+                .values_mut()
+                .for_each(|at| *at = now - Duration::from_secs(5));
+            s.busy_since = now - Duration::from_secs(5);
+            s.rate = 25.0;
+            s.latency = Duration::from_millis(4_500);
+            s.last_ack = now - Duration::from_millis(1_200);
+            assert!(behind(
+                22,
+                s.rate_now(),
+                s.latency_now(),
+                SHED_AFTER,
+                Duration::ZERO
+            )
+            .is_some());
+            s.last_ack
+        };
+        let probe = backlog
+            .admit(SHED_AFTER, Duration::ZERO, 1)
+            .expect("a probe after a second without an acknowledgement");
+        // One a second: the next is shed.
+        assert!(matches!(
+            backlog.admit(SHED_AFTER, Duration::ZERO, 1),
+            Err(PublishError::Behind { waiting: 23, .. })
+        ));
+        // The new leader stores it at once: the 22 are set apart, requests admitted.
+        probe.acknowledged(Duration::from_millis(4));
+        drop(probe);
+        {
+            let s = backlog.0.lock().unwrap();
+            assert_eq!((s.pending.len(), s.stale), (0, 22));
+            assert!(s.last_ack > quiet_since);
+        }
+        assert!(backlog.admit(SHED_AFTER, Duration::ZERO, 1).is_ok());
+        drop(stranded);
+    }
+
+    #[test]
+    fn a_probe_only_when_acknowledgements_have_stopped() {
+        // A slow JetStream still acknowledging is shed, not probed.
+        assert!(!probe_due(Duration::from_millis(300), None));
+        assert!(probe_due(Duration::from_secs(1), None));
+        // Once a second.
+        assert!(!probe_due(
+            Duration::from_secs(3),
+            Some(Duration::from_millis(400))
+        ));
+        assert!(probe_due(
+            Duration::from_secs(3),
+            Some(Duration::from_secs(1))
+        ));
     }
 
     #[test]

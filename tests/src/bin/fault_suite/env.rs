@@ -326,6 +326,60 @@ impl Env {
     }
 }
 
+/// How a node's `/healthz` stood once it was waited for after a fault.
+pub enum Healed {
+    /// It answered 200 this long after the wait began.
+    Healthy(Duration),
+    /// It kept saying this, a complaint the caller tolerates, for [`TOLERATED_FOR`].
+    Tolerated(String),
+}
+
+/// How long a tolerated complaint must hold before the wait gives up on a 200: NATS
+/// keeps one about a consumer it lost for good, and waiting out the whole deadline for
+/// it cost a minute of the suite each time.
+const TOLERATED_FOR: Duration = Duration::from_secs(5);
+
+/// Waits until the node's `/healthz` answers 200, or has said only what `tolerated`
+/// accepts for [`TOLERATED_FOR`]; fails after `deadline` with what it said last.
+pub async fn wait_healed(
+    http: &reqwest::Client,
+    node: &Node,
+    deadline: Duration,
+    tolerated: fn(&str) -> bool,
+) -> anyhow::Result<Healed> {
+    let start = Instant::now();
+    let url = format!("{}/healthz", node.monitor());
+    let mut tolerated_since: Option<Instant> = None;
+    loop {
+        let answer = http.get(&url).timeout(Duration::from_secs(2)).send().await;
+        let said = match answer {
+            Ok(r) if r.status() == 200 => return Ok(Healed::Healthy(start.elapsed())),
+            Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => e.to_string(),
+        };
+        let said = said.trim().to_owned();
+        if tolerated(&said) {
+            let since = *tolerated_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= TOLERATED_FOR {
+                return Ok(Healed::Tolerated(format!(
+                    "{} /healthz said for {:.0} s: {said}",
+                    node.name,
+                    TOLERATED_FOR.as_secs_f64()
+                )));
+            }
+        } else {
+            tolerated_since = None;
+        }
+        if start.elapsed() > deadline {
+            bail!(
+                "{} not healthy: {url} after {deadline:?}: {said}",
+                node.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until the node's `/healthz` answers 200: its JetStream is up and current.
 pub async fn wait_healthy(
     http: &reqwest::Client,
