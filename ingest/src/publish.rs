@@ -209,8 +209,6 @@ struct BacklogState {
     rate: f64,
     /// How long recent acknowledgements took (exponentially weighted).
     latency: Duration,
-    /// When the last acknowledgement came (or the backlog began).
-    last_ack: Instant,
     /// When a request was last admitted as a probe while shedding (see [`probe_due`]).
     last_probe: Option<Instant>,
 }
@@ -226,7 +224,6 @@ impl Default for BacklogState {
             acks: VecDeque::new(),
             rate: 0.0,
             latency: Duration::ZERO,
-            last_ack: Instant::now(),
             last_probe: None,
         }
     }
@@ -274,7 +271,6 @@ impl BacklogState {
     /// Counts an acknowledgement that came now, and forgets those out of the window.
     fn count_ack(&mut self) {
         let now = Instant::now();
-        self.last_ack = now;
         self.acks.push_back(now);
         if let Some(from) = now.checked_sub(RATE_WINDOW) {
             while self.acks.front().is_some_and(|at| *at <= from) {
@@ -297,6 +293,16 @@ impl BacklogState {
             .first_key_value()
             .map_or(Duration::ZERO, |(_, at)| at.elapsed());
         self.latency.max(oldest)
+    }
+
+    /// How long since the last acknowledgement, or since this stretch of busy time
+    /// began when none has come in it (the window keeps the last one until the next).
+    fn quiet(&self, now: Instant) -> Duration {
+        let last = self
+            .acks
+            .back()
+            .map_or(self.busy_since, |at| (*at).max(self.busy_since));
+        now.saturating_duration_since(last)
     }
 
     fn observe(&mut self, took: Duration) {
@@ -391,19 +397,14 @@ impl Backlog {
         let in_flight = s.pending.len();
         if let Some(wait) = behind(in_flight, s.rate_now(), s.latency_now(), budget, spent) {
             let now = Instant::now();
-            let quiet = now.saturating_duration_since(s.last_ack.max(s.busy_since));
             let since_probe = s.last_probe.map(|at| now.saturating_duration_since(at));
-            if !probe_due(quiet, since_probe) {
+            if !probe_due(s.quiet(now), since_probe) {
                 return Err(PublishError::Behind {
                     waiting: in_flight,
                     wait,
                 });
             }
             s.last_probe = Some(now);
-            tracing::debug!(
-                waiting = in_flight,
-                "no acknowledgement for a second while shedding: one request admitted to see whether JetStream stores again"
-            );
         }
         if in_flight == 0 {
             // The rate is measured over busy time only: an idle hour is not a slow
@@ -505,7 +506,6 @@ mod tests {
 
     const BUDGET: Duration = Duration::from_secs(8);
 
-    /// Busy for `over`, with `n` acknowledgements spread evenly over it.
     /// `n` publishes admitted on connection 1 just after their requests arrived.
     fn admitted(backlog: &Backlog, budget: Duration, n: usize) -> Vec<Waiting<'_>> {
         (0..n)
@@ -517,11 +517,11 @@ mod tests {
             .collect()
     }
 
+    /// Busy for `over`, with `n` acknowledgements spread evenly over it.
     fn acknowledged_over(s: &mut BacklogState, n: u32, over: Duration) {
         let now = Instant::now();
         s.busy_since = now - over;
         s.acks = (1..=n).map(|i| now - over + over * i / n).collect();
-        s.last_ack = now;
     }
 
     #[test]
@@ -533,7 +533,7 @@ mod tests {
         // publish acknowledged nothing shows the 22 stranded.
         let backlog = Backlog::default();
         let stranded: Vec<_> = admitted(&backlog, SHED_AFTER, 22);
-        let quiet_since = {
+        {
             let mut s = backlog.0.lock().unwrap();
             let now = Instant::now();
             s.pending
@@ -542,7 +542,7 @@ mod tests {
             s.busy_since = now - Duration::from_secs(5);
             s.rate = 25.0;
             s.latency = Duration::from_millis(4_500);
-            s.last_ack = now - Duration::from_millis(1_200);
+            s.acks = VecDeque::from([now - Duration::from_millis(1_200)]);
             assert!(behind(
                 22,
                 s.rate_now(),
@@ -551,8 +551,7 @@ mod tests {
                 Duration::ZERO
             )
             .is_some());
-            s.last_ack
-        };
+        }
         let probe = backlog
             .admit(SHED_AFTER, Duration::ZERO, 1)
             .expect("a probe after a second without an acknowledgement");
@@ -567,7 +566,7 @@ mod tests {
         {
             let s = backlog.0.lock().unwrap();
             assert_eq!((s.pending.len(), s.stale), (0, 22));
-            assert!(s.last_ack > quiet_since);
+            assert!(s.quiet(Instant::now()) < PROBE_AFTER);
         }
         assert!(backlog.admit(SHED_AFTER, Duration::ZERO, 1).is_ok());
         drop(stranded);

@@ -9,7 +9,7 @@ use sluice_core::subjects;
 use tokio_util::sync::CancellationToken;
 
 use crate::check;
-use crate::env::{wait_healed, wait_healthy, Env, Healed};
+use crate::env::{wait_healed, wait_healthy, Env};
 use crate::load::{Answer, Load};
 use crate::net;
 use sluice_tests::process::{self as services, Service};
@@ -287,13 +287,17 @@ pub async fn run(env: &mut Env, scenario: Scenario) -> Outcome {
         )
         .await
         {
-            Ok(Healed::Healthy(d)) if d > Duration::from_millis(500) => notes.push(format!(
-                "{} healthy (/healthz) {:.1} s after the heal",
-                node.name,
-                (Instant::now() - heal).as_secs_f64()
-            )),
-            Ok(Healed::Healthy(_)) => {}
-            Ok(Healed::Tolerated(said)) => notes.push(format!("NATS: {said}")),
+            Ok(services::Health::Healthy(d)) if d > Duration::from_millis(500) => {
+                notes.push(format!(
+                    "{} healthy (/healthz) {:.1} s after the heal",
+                    node.name,
+                    (Instant::now() - heal).as_secs_f64()
+                ))
+            }
+            Ok(services::Health::Healthy(_)) => {}
+            Ok(services::Health::Tolerated(said)) => {
+                notes.push(format!("NATS: {} {said}", node.name))
+            }
             Err(e) => failures.push(format!("{e:#}")),
         }
     }
