@@ -49,6 +49,8 @@ struct Args {
     kube_qps: u32,
     /// How long each simulated container runs.
     run_for: Duration,
+    /// The load generator's nice value (see [`send_from_own_thread`]).
+    load_nice: i32,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -60,6 +62,7 @@ fn args() -> anyhow::Result<Args> {
         runners: 2,
         kube_qps: sluice_runner::kubernetes::QPS,
         run_for: Duration::from_millis(200),
+        load_nice: LOAD_NICE,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,8 +82,9 @@ fn args() -> anyhow::Result<Args> {
             }
             "--runners" => a.runners = value.parse()?,
             "--kube-qps" => a.kube_qps = value.parse()?,
+            "--load-nice" => a.load_nice = value.parse()?,
             other => bail!(
-                "unknown flag {other}: use --webhooks, --seconds, --pipelines, --nodes, --runners, --kube-qps"
+                "unknown flag {other}: use --webhooks, --seconds, --pipelines, --nodes, --runners, --kube-qps, --load-nice"
             ),
         }
     }
@@ -97,14 +101,15 @@ async fn main() -> anyhow::Result<()> {
     let sluice = process::sluice_bin()?;
     let payload = String::from_utf8(sluice_tests::fixture("github/pull_request.opened.json"))?;
     println!(
-        "{} signed pull_request webhooks ({} bytes each) in {} s to 2 ingest; 2 dispatchers, {} pipelines; {} clusters x {} runners at {} Kubernetes requests/s each",
+        "{} signed pull_request webhooks ({} bytes each) in {} s to 2 ingest; 2 dispatchers, {} pipelines; {} clusters x {} runners at {} Kubernetes requests/s each; the load generator at nice {}",
         args.webhooks,
         payload.len(),
         args.seconds,
         args.pipelines,
         CLUSTERS.len(),
         args.runners,
-        args.kube_qps
+        args.kube_qps,
+        args.load_nice
     );
     let mut failed = false;
     for nodes in &args.nodes {
@@ -519,7 +524,7 @@ async fn spike(args: &Args, nodes: usize, sluice: &Path, payload: &str) -> anyho
     // The spike.
     let started_wall = SystemTime::now();
     let (answers, send_window, last_sent) =
-        send_all(args, &ingest_urls, requests, &progress).await?;
+        send_from_own_thread(args, &ingest_urls, requests, &progress).await?;
     stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
     let timeline = tokio::task::spawn_blocking(move || sampler.join())
         .await?
@@ -937,12 +942,73 @@ struct Answer {
     unanswered: Option<&'static str>,
 }
 
-/// Sends every request on its schedule (open loop), alternating between the ingest
-/// processes; returns the answers, the time sending took and when the last was sent
-/// (from the start).
-async fn send_all(
+/// The load generator's default nice value: above the services' (0), like a forge that
+/// is not on these cores.
+const LOAD_NICE: i32 = -5;
+
+/// Runs [`send_all`] on a thread of its own, with a single-threaded runtime of its own,
+/// at the nice value `args.load_nice`. The load generator shares the two cores with
+/// everything it measures; at the services' priority it fell up to 1,800 requests
+/// behind its schedule in some spikes and then sent them at once, so those runs
+/// measured the generator's stall as much as ingest. `--load-nice 0` gives the runs
+/// before this setting (to 2026-12-07).
+async fn send_from_own_thread(
     args: &Args,
     ingests: &[String],
+    requests: Vec<Request>,
+    progress: &Arc<timeline::Progress>,
+) -> anyhow::Result<(Vec<Answer>, Duration, Duration)> {
+    let interval = Duration::from_secs_f64(args.seconds / args.webhooks as f64);
+    let urls: Vec<Arc<str>> = ingests
+        .iter()
+        .map(|u| Arc::from(format!("{u}/webhooks/github")))
+        .collect();
+    let (nice, progress) = (args.load_nice, progress.clone());
+    let (done, answers) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("load".into())
+        .spawn(move || {
+            let sent = renice_this_thread(nice).and_then(|()| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(send_all(interval, &urls, requests, &progress))
+            });
+            let _ = done.send(sent);
+        })
+        .context("start the load generator's thread")?;
+    answers
+        .await
+        .context("the load generator's thread panicked")?
+}
+
+/// Sets the calling thread's nice value (Linux keeps one per thread; the process's
+/// other threads and children keep theirs) with util-linux's `renice`.
+fn renice_this_thread(nice: i32) -> anyhow::Result<()> {
+    let link = std::fs::read_link("/proc/thread-self").context("read /proc/thread-self")?;
+    let tid = link
+        .file_name()
+        .and_then(|t| t.to_str())
+        .context("/proc/thread-self names no thread id")?
+        .to_owned();
+    let out = Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p", &tid])
+        .output()
+        .context("run renice (util-linux) to set the load generator's priority")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "renice -n {nice} of the load generator's thread failed ({}): a negative value needs root; pass --load-nice 0 to run at the services' priority",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Sends every request on its schedule, one each `interval` (open loop), alternating
+/// between the ingest URLs; returns the answers, the time sending took and when the
+/// last was sent (from the start).
+async fn send_all(
+    interval: Duration,
+    urls: &[Arc<str>],
     requests: Vec<Request>,
     progress: &Arc<timeline::Progress>,
 ) -> anyhow::Result<(Vec<Answer>, Duration, Duration)> {
@@ -951,13 +1017,8 @@ async fn send_all(
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(1024)
         .build()?;
-    let interval = Duration::from_secs_f64(args.seconds / args.webhooks as f64);
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(requests.len());
-    let urls: Vec<Arc<str>> = ingests
-        .iter()
-        .map(|u| Arc::from(format!("{u}/webhooks/github")))
-        .collect();
     for (i, r) in requests.into_iter().enumerate() {
         tokio::time::sleep_until(start + interval * i as u32).await;
         let client = client.clone();
@@ -1192,8 +1253,39 @@ fn samples(text: &str, name: &str, label: Option<&str>) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{gauge, request_kind};
+    use super::{gauge, renice_this_thread, request_kind};
     use http::Method;
+
+    /// The nice value of thread `tid` of this process, from `/proc`.
+    fn nice_of(tid: &str) -> i64 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // Field 19 counts from the pid; the command name before it may hold spaces.
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        after_name.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    fn this_thread() -> String {
+        let link = std::fs::read_link("/proc/thread-self").unwrap();
+        link.file_name().unwrap().to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn only_the_load_generators_thread_is_reniced() {
+        // A positive step needs no privilege, so this runs anywhere.
+        let main = this_thread();
+        let before = nice_of(&main);
+        let (tid, nice) = std::thread::spawn(move || {
+            renice_this_thread(i32::try_from(before).unwrap() + 3).unwrap();
+            let tid = this_thread();
+            let nice = nice_of(&tid);
+            (tid, nice)
+        })
+        .join()
+        .unwrap();
+        assert_ne!(tid, main);
+        assert_eq!(nice, before + 3);
+        assert_eq!(nice_of(&main), before, "the other threads keep theirs");
+    }
 
     #[test]
     fn a_gauge_is_summed_over_its_label_sets_and_not_confused_with_a_longer_name() {
