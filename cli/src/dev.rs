@@ -354,8 +354,7 @@ async fn start_nats(data: &Path, port: u16) -> anyhow::Result<(String, tokio::pr
     let opts = NatsOptions::new(&url, "sluice-dev");
     let until = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        if let Ok(client) = sluice_core::nats::connect_once(&opts, Duration::from_millis(500)).await
-        {
+        if let Ok(client) = sluice_core::nats::connect_once(&opts, Duration::from_secs(2)).await {
             if async_nats::jetstream::new(client)
                 .query_account()
                 .await

@@ -48,6 +48,10 @@ impl NatsOptions {
 /// the two others could store them (the fault suite's `ingest-node-cut`).
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long a service's connection attempt to one server may take, handshake
+/// included, before the next URL is tried.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Connects, retrying forever with backoff: a service that starts before NATS, or
 /// outlives a NATS restart, keeps running and reconnects on its own.
 ///
@@ -55,6 +59,7 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// case requests fail or wait until it is up.
 pub async fn connect(opts: &NatsOptions) -> Result<Client> {
     let connect = ConnectOptions::new()
+        .connection_timeout(CONNECTION_TIMEOUT)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(backoff);
@@ -77,10 +82,10 @@ pub async fn connect_once(opts: &NatsOptions, timeout: Duration) -> Result<Clien
 }
 
 async fn connect_with(opts: &NatsOptions, connect: ConnectOptions) -> Result<Client> {
-    let mut connect = connect
-        .name(&opts.name)
-        .connection_timeout(Duration::from_secs(5))
-        .ping_interval(PING_INTERVAL);
+    // The connection timeout is the caller's: set here, it overrode `connect_once`'s,
+    // whose shorter timeout then ended as "JetStream did not answer" instead of naming
+    // the server that did not.
+    let mut connect = connect.name(&opts.name).ping_interval(PING_INTERVAL);
     if let Some(path) = &opts.creds_file {
         connect = connect
             .credentials_file(path)
@@ -136,6 +141,28 @@ fn backoff(attempt: usize) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn connecting_once_fails_within_its_own_timeout_naming_the_server() {
+        // Accepts the TCP connection and never sends NATS's INFO, like a paused server.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("nats://{}", listener.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                open.push(stream);
+            }
+        });
+        let opts = NatsOptions::new(url.clone(), "test");
+        let err = connect_once(&opts, Duration::from_millis(300))
+            .await
+            .expect_err("nothing answers");
+        assert!(
+            matches!(&err, Error::Connect { url: u, .. } if *u == url),
+            "{err}"
+        );
+        held.abort();
+    }
 
     #[test]
     fn backoff_grows_then_caps() {

@@ -61,10 +61,9 @@ impl AuthNats {
             || {
                 let admin = admin.clone();
                 async move {
-                    let client =
-                        sluice_core::nats::connect_once(&admin, Duration::from_millis(500))
-                            .await
-                            .ok()?;
+                    let client = sluice_core::nats::connect_once(&admin, Duration::from_secs(2))
+                        .await
+                        .ok()?;
                     async_nats::jetstream::new(client)
                         .query_account()
                         .await

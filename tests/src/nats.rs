@@ -418,7 +418,7 @@ async fn wait_jetstream(what: &str, options: &sluice_core::nats::NatsOptions) {
         &format!("{what} to serve JetStream"),
         Duration::from_secs(20),
         || async {
-            let client = sluice_core::nats::connect_once(options, Duration::from_millis(500))
+            let client = sluice_core::nats::connect_once(options, Duration::from_secs(2))
                 .await
                 .ok()?;
             let js = async_nats::jetstream::new(client);
