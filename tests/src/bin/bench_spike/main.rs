@@ -985,12 +985,7 @@ async fn send_from_own_thread(
 /// Sets the calling thread's nice value (Linux keeps one per thread; the process's
 /// other threads and children keep theirs) with util-linux's `renice`.
 fn renice_this_thread(nice: i32) -> anyhow::Result<()> {
-    let link = std::fs::read_link("/proc/thread-self").context("read /proc/thread-self")?;
-    let tid = link
-        .file_name()
-        .and_then(|t| t.to_str())
-        .context("/proc/thread-self names no thread id")?
-        .to_owned();
+    let tid = this_thread_id()?;
     let out = Command::new("renice")
         .args(["-n", &nice.to_string(), "-p", &tid])
         .output()
@@ -1001,6 +996,15 @@ fn renice_this_thread(nice: i32) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+/// The calling thread's id (its TID), from `/proc/thread-self`.
+fn this_thread_id() -> anyhow::Result<String> {
+    let link = std::fs::read_link("/proc/thread-self").context("read /proc/thread-self")?;
+    link.file_name()
+        .and_then(|t| t.to_str())
+        .map(str::to_owned)
+        .context("/proc/thread-self names no thread id")
 }
 
 /// Sends every request on its schedule, one each `interval` (open loop), alternating
@@ -1253,7 +1257,7 @@ fn samples(text: &str, name: &str, label: Option<&str>) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{gauge, renice_this_thread, request_kind};
+    use super::{gauge, renice_this_thread, request_kind, this_thread_id};
     use http::Method;
 
     /// The nice value of thread `tid` of this process, from `/proc`.
@@ -1264,19 +1268,14 @@ mod tests {
         after_name.split(' ').nth(16).unwrap().parse().unwrap()
     }
 
-    fn this_thread() -> String {
-        let link = std::fs::read_link("/proc/thread-self").unwrap();
-        link.file_name().unwrap().to_str().unwrap().to_owned()
-    }
-
     #[test]
     fn only_the_load_generators_thread_is_reniced() {
         // A positive step needs no privilege, so this runs anywhere.
-        let main = this_thread();
+        let main = this_thread_id().unwrap();
         let before = nice_of(&main);
         let (tid, nice) = std::thread::spawn(move || {
             renice_this_thread(i32::try_from(before).unwrap() + 3).unwrap();
-            let tid = this_thread();
+            let tid = this_thread_id().unwrap();
             let nice = nice_of(&tid);
             (tid, nice)
         })
